@@ -1,0 +1,70 @@
+// GPU checks (label gpu): the CUDA device Kokkos runs on, and an NCCL
+// all-reduce through the communicator moka::Runtime created. Skipped where
+// MoKA was built without CUDA/NCCL.
+#include <moka/CommCheck.hpp>
+#include <moka/Runtime.hpp>
+
+#include <gtest/gtest.h>
+
+#ifdef MOKA_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+#include <sstream>
+
+namespace {
+int world_size() {
+  int s = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &s);
+  return s;
+}
+}  // namespace
+
+TEST(GPU, KokkosRunsOnCuda) {
+#ifndef MOKA_HAVE_CUDA
+  GTEST_SKIP() << "built without CUDA";
+#else
+  EXPECT_STREQ(Kokkos::DefaultExecutionSpace::name(), "Cuda");
+  int argc = 1;
+  char name[] = "gpu";
+  char* args[] = {name, nullptr};
+  char** argv = args;
+  moka::RuntimeOptions opts;
+  opts.init_nccl = false;
+  moka::Runtime rt(argc, argv, opts);
+  std::ostringstream os;
+  rt.print_configuration(os);
+  if (rt.rank() == 0) {
+    std::cout << os.str();
+    EXPECT_NE(os.str().find("CUDA device"), std::string::npos);
+  }
+  // Each rank on its own GPU where there are enough of them.
+  const int dev = Kokkos::Cuda().cuda_device();
+  int ndev = 0;
+  cudaGetDeviceCount(&ndev);
+  EXPECT_EQ(dev, rt.local_rank() % ndev);
+#endif
+}
+
+TEST(GPU, NcclAllReduceThroughRuntime) {
+#ifndef MOKA_HAVE_NCCL
+  GTEST_SKIP() << "built without NCCL";
+#else
+  // The test main's Runtime created the NCCL communicator.
+  int argc = 1;
+  char name[] = "gpu";
+  char* args[] = {name, nullptr};
+  char** argv = args;
+  moka::RuntimeOptions opts;
+  opts.init_nccl = true;  // a second communicator over the same ranks
+  moka::Runtime rt(argc, argv, opts);
+  ASSERT_TRUE(rt.has_nccl());
+  EXPECT_EQ(rt.nccl().size(), world_size());
+  const auto r = moka::check_communication(rt, 1 << 22);
+  EXPECT_TRUE(r.mpi_ok);
+  EXPECT_TRUE(r.nccl_ran);
+  EXPECT_TRUE(r.nccl_ok) << r.summary();
+  EXPECT_EQ(r.nccl_bad, 0);
+  if (rt.rank() == 0) std::cout << r.summary() << " on " << world_size() << " ranks\n";
+#endif
+}

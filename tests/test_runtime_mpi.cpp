@@ -1,0 +1,129 @@
+// The runtime guard, logging, timers and the communication check, at 1, 2
+// and 4 ranks.
+#include <moka/CommCheck.hpp>
+#include <moka/Log.hpp>
+#include <moka/Profiling.hpp>
+#include <moka/Runtime.hpp>
+
+#include <gtest/gtest.h>
+
+#include <sstream>
+
+namespace {
+int world_rank() {
+  int r = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  return r;
+}
+int world_size() {
+  int s = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &s);
+  return s;
+}
+}  // namespace
+
+TEST(Runtime, KokkosAndMpiAreUp) {
+  int init = 0;
+  MPI_Initialized(&init);
+  EXPECT_TRUE(init);
+  EXPECT_TRUE(Kokkos::is_initialized());
+  EXPECT_EQ(moka::log::rank(), world_rank());
+}
+
+TEST(Runtime, NestedGuardDoesNotReinitialise) {
+  // An embedding code that already started MPI and Kokkos can still make a
+  // Runtime; it must neither re-initialise nor finalise them.
+  int argc = 1;
+  char name[] = "nested";
+  char* args[] = {name, nullptr};
+  char** argv = args;
+  {
+    moka::RuntimeOptions opts;
+    opts.init_nccl = false;
+    moka::Runtime inner(argc, argv, opts);
+    EXPECT_FALSE(inner.owns_mpi());
+    EXPECT_FALSE(inner.owns_kokkos());
+    EXPECT_EQ(inner.rank(), world_rank());
+    EXPECT_EQ(inner.size(), world_size());
+    EXPECT_FALSE(inner.has_nccl());
+    EXPECT_THROW(inner.nccl(), moka::Error);
+  }
+  EXPECT_TRUE(Kokkos::is_initialized());
+  int fin = 0;
+  MPI_Finalized(&fin);
+  EXPECT_FALSE(fin);
+}
+
+TEST(Runtime, CommCheckMpi) {
+  int argc = 1;
+  char name[] = "check";
+  char* args[] = {name, nullptr};
+  char** argv = args;
+  moka::RuntimeOptions opts;
+  opts.init_nccl = false;
+  moka::Runtime rt(argc, argv, opts);
+  const auto r = moka::check_communication(rt, 1024);
+  EXPECT_TRUE(r.mpi_ok);
+  EXPECT_FALSE(r.nccl_ran);
+  EXPECT_NE(r.summary().find("MPI all-reduce ok"), std::string::npos);
+}
+
+TEST(Runtime, ConfigurationNamesTheBackends) {
+  int argc = 1;
+  char name[] = "cfg";
+  char* args[] = {name, nullptr};
+  char** argv = args;
+  moka::RuntimeOptions opts;
+  opts.init_nccl = false;
+  moka::Runtime rt(argc, argv, opts);
+  std::ostringstream os;
+  rt.print_configuration(os);
+  if (world_rank() == 0) {
+    const std::string s = os.str();
+    EXPECT_NE(s.find("MoKA " MOKA_VERSION_STRING), std::string::npos) << s;
+    EXPECT_NE(s.find("MPI: " + std::to_string(world_size()) + " rank"), std::string::npos) << s;
+    EXPECT_NE(s.find(Kokkos::DefaultExecutionSpace::name()), std::string::npos) << s;
+    EXPECT_NE(s.find("HDF5"), std::string::npos) << s;
+  } else {
+    EXPECT_TRUE(os.str().empty());
+  }
+}
+
+TEST(Timers, RegionsAccumulateAndReportOverRanks) {
+  moka::TimerTable::instance().clear();
+  for (int i = 0; i < 3; ++i) {
+    moka::ScopedRegion r("test::region");
+  }
+  { moka::ScopedRegion r("test::other"); }
+  auto snap = moka::TimerTable::instance().snapshot();
+  ASSERT_EQ(snap.count("test::region"), 1u);
+  EXPECT_EQ(snap["test::region"].calls, 3);
+  EXPECT_GE(snap["test::region"].seconds, 0.0);
+  std::ostringstream os;
+  moka::TimerTable::instance().report(MPI_COMM_WORLD, os);
+  if (world_rank() == 0) {
+    EXPECT_NE(os.str().find("test::region"), std::string::npos) << os.str();
+    EXPECT_NE(os.str().find(std::to_string(world_size()) + " rank"), std::string::npos) << os.str();
+  } else {
+    EXPECT_TRUE(os.str().empty());
+  }
+  moka::TimerTable::instance().clear();
+}
+
+TEST(Log, OnlyRankZeroPrintsInfo) {
+  testing::internal::CaptureStdout();
+  moka::log::info("hello from ", world_rank());
+  const std::string out = testing::internal::GetCapturedStdout();
+  if (world_rank() == 0) {
+    EXPECT_EQ(out, "hello from 0\n");
+  } else {
+    EXPECT_TRUE(out.empty()) << out;
+  }
+  EXPECT_THROW(moka::log::level_from_string("verbose"), moka::Error);
+  const auto old = moka::log::level();
+  moka::log::set_level(moka::log::Level::error);
+  testing::internal::CaptureStdout();
+  moka::log::info("suppressed");
+  EXPECT_TRUE(testing::internal::GetCapturedStdout().empty());
+  moka::log::set_level(old);
+}
