@@ -56,6 +56,7 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) {
     MPI_Comm node;
     MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, m_rank, MPI_INFO_NULL, &node);
     MPI_Comm_rank(node, &m_local_rank);
+    MPI_Comm_size(node, &m_local_size);
     MPI_Comm_free(&node);
   }
   log::set_comm(MPI_COMM_WORLD);
@@ -77,7 +78,17 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) {
 
 #ifdef MOKA_HAVE_NCCL
   if (options.init_nccl) {
-    m_nccl = std::make_unique<NcclContext>(MPI_COMM_WORLD);
+    // NCCL needs a GPU of its own for every rank of a communicator; where
+    // ranks share GPUs (tests oversubscribing a node) it is left out, the
+    // same way on every rank.
+    int enough = visible_cuda_devices() >= m_local_size ? 1 : 0, all_enough = 0;
+    MPI_Allreduce(&enough, &all_enough, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    if (all_enough) {
+      m_nccl = std::make_unique<NcclContext>(MPI_COMM_WORLD);
+    } else {
+      log::warn("NCCL not initialised: ", m_local_size, " ranks on a node share ", visible_cuda_devices(),
+                " GPU(s), and NCCL needs one GPU per rank");
+    }
   }
 #else
   (void)options;

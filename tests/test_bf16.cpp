@@ -32,14 +32,16 @@ float reference_round(float f) {
 }
 }  // namespace
 
-TEST(BFloat16, ExactValuesRoundTrip) {
+// nvcc cannot compile device lambdas inside TEST bodies (private member
+// functions), so each test body is a free function.
+void bfloat16_ExactValuesRoundTrip() {
   for (float f : {0.0f, -0.0f, 1.0f, -2.0f, 0.5f, 3.0f, 1024.0f, -0.15625f}) {
     EXPECT_EQ(float(moka::bf16(f)), f);
   }
   EXPECT_TRUE(std::signbit(float(moka::bf16(-0.0f))));
 }
 
-TEST(BFloat16, RoundsToNearestEven) {
+void bfloat16_RoundsToNearestEven() {
   // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties to even -> 1.
   EXPECT_EQ(float(moka::bf16(1.0f + std::ldexp(1.0f, -8))), 1.0f);
   // 1 + 3*2^-8 lies halfway between 1+2^-7 (odd) and 1+2^-6 (even) -> 1+2^-6.
@@ -62,7 +64,7 @@ TEST(BFloat16, RoundsToNearestEven) {
   }
 }
 
-TEST(BFloat16, SpecialValues) {
+void bfloat16_SpecialValues() {
   const float inf = std::numeric_limits<float>::infinity();
   EXPECT_EQ(float(moka::bf16(inf)), inf);
   EXPECT_EQ(float(moka::bf16(-inf)), -inf);
@@ -74,7 +76,7 @@ TEST(BFloat16, SpecialValues) {
   EXPECT_EQ(float(moka::bf16(1e-40f)), reference_round(1e-40f));  // subnormal
 }
 
-TEST(BFloat16, DeviceMatchesHost) {
+void bfloat16_DeviceMatchesHost() {
   // The same conversion in a kernel on the default execution space.
   const int n = 4096;
   Kokkos::View<float*> in("in", n);
@@ -94,3 +96,8 @@ TEST(BFloat16, DeviceMatchesHost) {
     ASSERT_EQ(h_out(i).bits, moka::bf16(h_in(i)).bits) << i;
   }
 }
+
+TEST(BFloat16, ExactValuesRoundTrip) { bfloat16_ExactValuesRoundTrip(); }
+TEST(BFloat16, RoundsToNearestEven) { bfloat16_RoundsToNearestEven(); }
+TEST(BFloat16, SpecialValues) { bfloat16_SpecialValues(); }
+TEST(BFloat16, DeviceMatchesHost) { bfloat16_DeviceMatchesHost(); }

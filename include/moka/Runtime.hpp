@@ -61,7 +61,10 @@ class Runtime {
   bool owns_mpi() const { return m_owns_mpi; }
   /// \brief Whether this guard called Kokkos::initialize.
   bool owns_kokkos() const { return m_owns_kokkos; }
-  /// \brief Whether an NCCL communicator was created.
+  /// \brief Number of processes on this node.
+  int local_size() const { return m_local_size; }
+  /// \brief Whether an NCCL communicator was created (NCCL builds with
+  /// at least one GPU per rank on every node).
   bool has_nccl() const { return static_cast<bool>(m_nccl); }
   /// \brief The NCCL communicator; throws moka::Error if there is none.
   NcclContext& nccl() const;
@@ -81,6 +84,7 @@ class Runtime {
   int m_rank         = 0;
   int m_size         = 1;
   int m_local_rank   = 0;
+  int m_local_size   = 1;
   std::unique_ptr<NcclContext> m_nccl;
 };
 
