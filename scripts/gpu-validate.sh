@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU proof, in one command on a GPU node (docs/gpu-validation.md):
+# environment, MoKA CUDA build from the bundle, the MoKA test suite (GPU
+# tests included), moka-train on 1 and 2 GPUs, and the upstream Kokkos /
+# Kokkos Kernels unit tests of the features MoKA uses (built concurrently).
+#
+#   scripts/gpu-validate.sh [bundle] [log-dir]
+set -uo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/.." && pwd)
+bundle=$(cd "${1:-$root/.bundle}" && pwd)
+logs=${2:-${OUT:-/tmp/moka-gpu-logs}}
+mkdir -p "$logs"
+jobs=${MOKA_JOBS:-$(nproc)}
+kokkos=$bundle/kokkos-cuda
+export PATH=${CUDA_HOME:-/usr/local/cuda}/bin:$PATH CUDA_ROOT=${CUDA_HOME:-/usr/local/cuda}
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_PROC_BIND=false OMP_NUM_THREADS=4
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+
+{
+  stamp "environment"
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+  nvcc --version | tail -2
+  cmake --version | head -1; ninja --version; mpirun --version | head -1
+  ls -d ${CUDA_HOME:-/usr/local/cuda}/lib* 2>&1
+  env | grep -E '^NCCL_' || true
+} > "$logs/env.txt" 2>&1
+cat "$logs/env.txt"
+
+stamp "build MoKA (CUDA) from the bundle"
+MOKA_SKIP_TESTS=1 MOKA_JOBS=$jobs "$here/gpu-node-build.sh" "$bundle" "$root/build-gpu" > "$logs/build.log" 2>&1 \
+  || { tail -60 "$logs/build.log"; echo "BUILD FAILED"; exit 1; }
+tail -3 "$logs/build.log"
+
+stamp "start the upstream Kokkos tests build in the background"
+( cmake -S "$here/kokkos-upstream-tests" -B "$root/build-upstream" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_CXX_COMPILER="$kokkos/bin/nvcc_wrapper" -DKokkos_ROOT="$kokkos" -DKokkosKernels_ROOT="$kokkos" \
+    -DKOKKOS_SRC="$bundle/src/kokkos" -DKK_SRC="$bundle/src/kokkos-kernels" -DTAG=Cuda \
+  && cmake --build "$root/build-upstream" -j "$jobs" ) > "$logs/upstream-build.log" 2>&1 &
+upstream_pid=$!
+
+stamp "MoKA ctest (all labels)"
+(cd "$root/build-gpu" && ctest --output-on-failure --timeout 300) > "$logs/ctest.log" 2>&1
+ctest_rc=$?
+grep -E "tests passed|tests failed|Test +#|Skipped|Failed" "$logs/ctest.log" | tail -40
+stamp "GPU test output"
+(cd "$root/build-gpu" && ./tests/test_gpu --gtest_brief=0 2>&1 | grep -E "CUDA device|comm check|OK|FAIL" ) | tee "$logs/test_gpu_np1.txt"
+(cd "$root/build-gpu" && mpirun -n 2 ./tests/test_gpu 2>&1 | grep -E "CUDA device|comm check|OK|FAIL|PASSED" ) | tee "$logs/test_gpu_np2.txt"
+
+for n in 1 2; do
+  stamp "moka-train on $n rank(s)"
+  mpirun -n $n "$root/build-gpu/drivers/moka-train" "$root/input_decks/quickstart.deck" > "$logs/moka-train-np$n.txt" 2>&1
+  echo "rc=$?" >> "$logs/moka-train-np$n.txt"
+  grep -vE "^\s*$" "$logs/moka-train-np$n.txt" | grep -E "MoKA|MPI:|Kokkos|CUDA device|NCCL|HDF5|comm check|done|rc=|error"
+done
+
+stamp "wait for the upstream build"
+wait $upstream_pid; up_rc=$?
+tail -3 "$logs/upstream-build.log"
+if [ $up_rc = 0 ]; then
+  stamp "upstream Kokkos / Kokkos Kernels unit tests"
+  (cd "$root/build-upstream" && ctest --output-on-failure --timeout 600) > "$logs/upstream-ctest.log" 2>&1
+  grep -E "tests passed|tests failed|Test +#" "$logs/upstream-ctest.log"
+  grep -E "\[==========\] .* ran|\[  PASSED  \]|\[  FAILED  \]|\[  SKIPPED \]" "$logs/upstream-ctest.log"
+else
+  echo "UPSTREAM BUILD FAILED"; grep -E "error" -A3 "$logs/upstream-build.log" | head -40
+fi
+stamp "done (MoKA ctest rc=$ctest_rc, upstream build rc=$up_rc)"
