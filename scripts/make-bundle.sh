@@ -28,9 +28,25 @@ for f in $(grep -rl "$src\|$tree" "$dest/kokkos-cuda/lib/cmake" || true); do
   sed -i -e "s|$tree/kokkos/bin/nvcc_wrapper|\${CMAKE_CURRENT_LIST_DIR}/../../../bin/nvcc_wrapper|g" \
          -e "s|$src|\${CMAKE_CURRENT_LIST_DIR}/../../..|g" "$f"
 done
-if grep -rq "$prefix_root" "$dest/kokkos-cuda/lib/cmake"; then
+# The CUDA toolkit: found on the node where it is (CMake's CUDAToolkit),
+# not where it was on the build machine.
+cuda_home=${CUDA_HOME:-/usr/local/cuda}
+preamble='# MoKA bundle: locate the CUDA toolkit on this machine.
+if(NOT DEFINED _MOKA_CUDA_LIBDIR)
+  find_package(CUDAToolkit REQUIRED)
+  set(_MOKA_CUDA_LIBDIR "${CUDAToolkit_LIBRARY_DIR}")
+  set(_MOKA_CUDA_INCDIR "${CUDAToolkit_INCLUDE_DIRS}")
+endif()'
+for f in "$dest/kokkos-cuda/lib/cmake/Kokkos/KokkosConfig.cmake" "$dest/kokkos-cuda/lib/cmake/KokkosKernels/KokkosKernelsConfig.cmake"; do
+  { echo "$preamble"; cat "$f"; } > "$f.new" && mv "$f.new" "$f"
+done
+for f in $(grep -rl "$cuda_home" "$dest/kokkos-cuda/lib/cmake" || true); do
+  sed -i -e "s|\"$cuda_home/lib64/|\"\${_MOKA_CUDA_LIBDIR}/|g" -e "s|\"$cuda_home/lib/|\"\${_MOKA_CUDA_LIBDIR}/|g" \
+         -e "s|\"$cuda_home/include\"|\"\${_MOKA_CUDA_INCDIR}\"|g" "$f"
+done
+if grep -rq "$prefix_root\|$cuda_home" "$dest/kokkos-cuda/lib/cmake"; then
   echo "make-bundle: absolute build paths left in the CMake files:" >&2
-  grep -rn "$prefix_root" "$dest/kokkos-cuda/lib/cmake" >&2
+  grep -rn "$prefix_root\|$cuda_home" "$dest/kokkos-cuda/lib/cmake" >&2
   exit 1
 fi
 # Upstream unit-test sources (headers and mains only; a few MB).

@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 namespace fs = std::filesystem;
 
@@ -246,4 +247,19 @@ TEST(InputDeck, ExampleDecksValidate) {
     ++n;
   }
   EXPECT_GE(n, 1);
+}
+
+TEST(InputDeck, DocumentedReferenceMatchesSchema) {
+  // docs/input-decks.md carries the output of `moka-train --deck-reference`.
+  std::ifstream f(fs::path(MOKA_SOURCE_DIR) / "docs" / "input-decks.md");
+  ASSERT_TRUE(f) << "docs/input-decks.md missing";
+  std::stringstream ss;
+  ss << f.rdbuf();
+  const std::string doc = ss.str();
+  const std::string begin = "<!-- deck-reference:begin -->\n", end = "<!-- deck-reference:end -->";
+  const auto b = doc.find(begin), e = doc.find(end);
+  ASSERT_NE(b, std::string::npos);
+  ASSERT_NE(e, std::string::npos);
+  EXPECT_EQ(doc.substr(b + begin.size(), e - b - begin.size()), moka::RunConfig::schema().markdown())
+      << "regenerate the table with: moka-train --deck-reference";
 }

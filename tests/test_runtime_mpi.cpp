@@ -8,6 +8,8 @@
 #include <gtest/gtest.h>
 
 #include <sstream>
+#include <string>
+#include <vector>
 
 namespace {
 int world_rank() {
@@ -126,4 +128,30 @@ TEST(Log, OnlyRankZeroPrintsInfo) {
   moka::log::info("suppressed");
   EXPECT_TRUE(testing::internal::GetCapturedStdout().empty());
   moka::log::set_level(old);
+}
+
+namespace {
+std::vector<std::string> g_regions;
+int g_pops = 0;
+void record_push(const char* name) { g_regions.emplace_back(name); }
+void record_pop() { ++g_pops; }
+}  // namespace
+
+TEST(Timers, RegionsAreVisibleToKokkosTools) {
+  // A Kokkos tool sees MoKA's regions through the profiling callbacks.
+  g_regions.clear();
+  g_pops = 0;
+  Kokkos::Tools::Experimental::set_push_region_callback(record_push);
+  Kokkos::Tools::Experimental::set_pop_region_callback(record_pop);
+  {
+    moka::ScopedRegion outer("moka::test::outer");
+    moka::ScopedRegion inner("moka::test::inner");
+  }
+  Kokkos::Tools::Experimental::set_push_region_callback(nullptr);
+  Kokkos::Tools::Experimental::set_pop_region_callback(nullptr);
+  ASSERT_EQ(g_regions.size(), 2u);
+  EXPECT_EQ(g_regions[0], "moka::test::outer");
+  EXPECT_EQ(g_regions[1], "moka::test::inner");
+  EXPECT_EQ(g_pops, 2);
+  moka::TimerTable::instance().clear();
 }

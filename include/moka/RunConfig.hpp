@@ -12,7 +12,7 @@ namespace moka {
 
 /// \brief Run-level settings read from the deck.
 struct RunConfig {
-  std::string name = "moka";         ///< run.name: label for output files
+  std::string name = "moka";         ///< run.name: label of the run
   long seed        = 1234;           ///< run.seed: seed of every random stream
   log::Level log_level = log::Level::info;  ///< run.log_level
   bool comm_check  = true;           ///< run.comm_check: check MPI/NCCL all-reduce at start
