@@ -4,6 +4,8 @@
 #include <moka/CommCheck.hpp>
 #include <moka/Runtime.hpp>
 
+#include "TestHelpers.hpp"
+
 #include <gtest/gtest.h>
 
 #ifdef MOKA_HAVE_CUDA
@@ -12,26 +14,15 @@
 
 #include <sstream>
 
-namespace {
-int world_size() {
-  int s = 0;
-  MPI_Comm_size(MPI_COMM_WORLD, &s);
-  return s;
-}
-}  // namespace
+using moka_test::world_size;
 
 TEST(GPU, KokkosRunsOnCuda) {
 #ifndef MOKA_HAVE_CUDA
   GTEST_SKIP() << "built without CUDA";
 #else
   EXPECT_STREQ(Kokkos::DefaultExecutionSpace::name(), "Cuda");
-  int argc = 1;
-  char name[] = "gpu";
-  char* args[] = {name, nullptr};
-  char** argv = args;
-  moka::RuntimeOptions opts;
-  opts.init_nccl = false;
-  moka::Runtime rt(argc, argv, opts);
+  auto rt_ptr = moka_test::nested_runtime(false);
+  const moka::Runtime& rt = *rt_ptr;
   std::ostringstream os;
   rt.print_configuration(os);
   if (rt.rank() == 0) {
@@ -50,14 +41,9 @@ TEST(GPU, NcclAllReduceThroughRuntime) {
 #ifndef MOKA_HAVE_NCCL
   GTEST_SKIP() << "built without NCCL";
 #else
-  // The test main's Runtime created the NCCL communicator.
-  int argc = 1;
-  char name[] = "gpu";
-  char* args[] = {name, nullptr};
-  char** argv = args;
-  moka::RuntimeOptions opts;
-  opts.init_nccl = true;  // a second communicator over the same ranks
-  moka::Runtime rt(argc, argv, opts);
+  // A second NCCL communicator over the same ranks, made by a nested guard.
+  auto rt_ptr = moka_test::nested_runtime(true);
+  const moka::Runtime& rt = *rt_ptr;
   int ndev = 0;
   cudaGetDeviceCount(&ndev);
   if (ndev < rt.local_size()) {

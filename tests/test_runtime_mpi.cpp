@@ -5,24 +5,16 @@
 #include <moka/Profiling.hpp>
 #include <moka/Runtime.hpp>
 
+#include "TestHelpers.hpp"
+
 #include <gtest/gtest.h>
 
 #include <sstream>
 #include <string>
 #include <vector>
 
-namespace {
-int world_rank() {
-  int r = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
-int world_size() {
-  int s = 0;
-  MPI_Comm_size(MPI_COMM_WORLD, &s);
-  return s;
-}
-}  // namespace
+using moka_test::world_rank;
+using moka_test::world_size;
 
 TEST(Runtime, KokkosAndMpiAreUp) {
   int init = 0;
@@ -35,14 +27,9 @@ TEST(Runtime, KokkosAndMpiAreUp) {
 TEST(Runtime, NestedGuardDoesNotReinitialise) {
   // An embedding code that already started MPI and Kokkos can still make a
   // Runtime; it must neither re-initialise nor finalise them.
-  int argc = 1;
-  char name[] = "nested";
-  char* args[] = {name, nullptr};
-  char** argv = args;
   {
-    moka::RuntimeOptions opts;
-    opts.init_nccl = false;
-    moka::Runtime inner(argc, argv, opts);
+    auto inner_ptr = moka_test::nested_runtime(false);
+    const moka::Runtime& inner = *inner_ptr;
     EXPECT_FALSE(inner.owns_mpi());
     EXPECT_FALSE(inner.owns_kokkos());
     EXPECT_EQ(inner.rank(), world_rank());
@@ -57,29 +44,17 @@ TEST(Runtime, NestedGuardDoesNotReinitialise) {
 }
 
 TEST(Runtime, CommCheckMpi) {
-  int argc = 1;
-  char name[] = "check";
-  char* args[] = {name, nullptr};
-  char** argv = args;
-  moka::RuntimeOptions opts;
-  opts.init_nccl = false;
-  moka::Runtime rt(argc, argv, opts);
-  const auto r = moka::check_communication(rt, 1024);
+  auto rt = moka_test::nested_runtime(false);
+  const auto r = moka::check_communication(*rt, 1024);
   EXPECT_TRUE(r.mpi_ok);
   EXPECT_FALSE(r.nccl_ran);
   EXPECT_NE(r.summary().find("MPI all-reduce ok"), std::string::npos);
 }
 
 TEST(Runtime, ConfigurationNamesTheBackends) {
-  int argc = 1;
-  char name[] = "cfg";
-  char* args[] = {name, nullptr};
-  char** argv = args;
-  moka::RuntimeOptions opts;
-  opts.init_nccl = false;
-  moka::Runtime rt(argc, argv, opts);
+  auto rt = moka_test::nested_runtime(false);
   std::ostringstream os;
-  rt.print_configuration(os);
+  rt->print_configuration(os);
   if (world_rank() == 0) {
     const std::string s = os.str();
     EXPECT_NE(s.find("MoKA " MOKA_VERSION_STRING), std::string::npos) << s;
