@@ -1,0 +1,108 @@
+#pragma once
+/// \file MoELayer.hpp
+/// \brief moka::MoELayer: gate, capacity, dispatch, expert FFNs, combine,
+/// and the backward of all of them, on one rank.
+///
+/// Data flow of forward (T tokens of width d, E experts, top-k):
+///   logits[T,E] = x Wg;  gate -> idx[T,k], score[T,k]
+///   capacity / drop -> slot[T,k] (row in the expert-ordered buffer, or -1)
+///   dispatch: xs[rows,d] = x[row_token]            (the exchange step: a local copy on one rank)
+///   experts:  h = act(xs_e W1_e + b1_e), ys_e = h W2_e + b2_e    (one GEMM pair per expert)
+///   combine:  y[t] = sum_j score[t,j] ys[slot[t,j]]
+/// Rows of an expert keep token order, so results do not depend on where
+/// an expert lives, and no floating-point atomics are used: the same inputs
+/// give bitwise the same outputs on the same backend.
+///
+/// backward(dy) gives dx and accumulates (+=) the parameter gradients;
+/// zero_grad() clears them.
+
+#include <moka/Core.hpp>
+#include <moka/MoEConfig.hpp>
+#include <moka/Profiling.hpp>
+#include <moka/impl/MoEKernels.hpp>
+
+#include <cstdint>
+
+namespace moka {
+
+/// \brief The trainable tensors of an MoE layer (or their gradients).
+template <class Scalar, class MemorySpace>
+struct MoEParams {
+  using matrix  = Kokkos::View<Scalar**, Kokkos::LayoutRight, MemorySpace>;
+  using tensor3 = Kokkos::View<Scalar***, Kokkos::LayoutRight, MemorySpace>;
+  matrix gate_w;  ///< Wg [d, E]
+  tensor3 w1;     ///< W1 [E, d, d_ff_in]
+  matrix b1;      ///< b1 [E, d_ff_in] (extent 0 rows without biases)
+  tensor3 w2;     ///< W2 [E, d_ff, d]
+  matrix b2;      ///< b2 [E, d]
+
+  /// \brief Allocates zero-filled tensors for \p cfg, labelled with \p prefix.
+  MoEParams(const MoEConfig& cfg, const std::string& prefix);
+  MoEParams() = default;
+};
+
+/// \brief One Mixture-of-Experts layer, templated on the scalar type
+/// (double, float) and the memory space of its Views.
+template <class Scalar, class MemorySpace = memory_space>
+class MoELayer {
+  static_assert(Kokkos::is_memory_space<MemorySpace>::value, "MoELayer needs a Kokkos memory space");
+
+ public:
+  using execution_space = typename MemorySpace::execution_space;
+  using matrix          = Kokkos::View<Scalar**, Kokkos::LayoutRight, MemorySpace>;
+  using index_matrix    = Kokkos::View<int**, Kokkos::LayoutRight, MemorySpace>;
+  using index_vector    = Kokkos::View<int*, MemorySpace>;
+  using params_type     = MoEParams<Scalar, MemorySpace>;
+
+  /// \brief Allocates parameters (zero) and gradients; throws moka::Error on a bad config.
+  explicit MoELayer(const MoEConfig& config);
+
+  /// \brief The configuration.
+  const MoEConfig& config() const { return m_cfg; }
+  /// \brief Parameters.
+  params_type& params() { return m_params; }
+  const params_type& params() const { return m_params; }
+  /// \brief Accumulated gradients.
+  params_type& grads() { return m_grads; }
+  const params_type& grads() const { return m_grads; }
+
+  /// \brief Deterministic initialisation from \p seed (the same numbers on
+  /// every backend): uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights, zero biases.
+  void init_parameters(std::uint64_t seed);
+  /// \brief Sets every gradient to zero.
+  void zero_grad(const execution_space& space);
+
+  /// \brief y = MoE(x). x and y are [T, d]; keeps what backward needs.
+  void forward(const execution_space& space, const matrix& x, const matrix& y);
+  /// \brief dx = dMoE/dx^T dy, and parameter gradients += their part.
+  /// Needs the forward of the same x just before.
+  void backward(const execution_space& space, const matrix& dy, const matrix& dx);
+
+  /// \brief Expert of each (token, choice) of the last forward, [T, k].
+  const index_matrix& expert_index() const { return m_idx; }
+  /// \brief Gate score of each (token, choice), [T, k].
+  const matrix& scores() const { return m_score; }
+  /// \brief Row of each (token, choice) in the expert buffer, or -1 if dropped, [T, k].
+  const index_matrix& slots() const { return m_slot; }
+  /// \brief Kept assignments per expert, [E].
+  const index_vector& expert_counts() const { return m_counts; }
+  /// \brief Capacity used by the last forward (T * k when dropless).
+  long capacity() const { return m_capacity; }
+
+ private:
+  void ensure_workspace(int T);
+
+  MoEConfig m_cfg;
+  params_type m_params, m_grads;
+  // Saved by forward for backward.
+  matrix m_x, m_logits, m_probs, m_score, m_xs, m_hpre, m_h, m_ys;
+  index_matrix m_idx, m_slot;
+  index_vector m_counts, m_offsets, m_rank_tmp, m_group_tmp, m_row_token, m_row_choice;
+  std::vector<int> m_h_offsets;  // host copy of the expert offsets
+  long m_rows = 0, m_capacity = 0;
+  int m_T = -1;
+};
+
+}  // namespace moka
+
+#include <moka/impl/MoELayer_impl.hpp>

@@ -1,0 +1,348 @@
+#pragma once
+/// \file MoEKernels.hpp
+/// \brief Kokkos kernels of the MoE layer (gating, top-k, capacity,
+/// dispatch, activation, combine) and their backward. Internal: use
+/// moka::MoELayer.
+///
+/// Kernels are free functions (nvcc does not compile device lambdas inside
+/// private member functions) that take the execution-space instance first.
+/// None uses atomics on floating-point data, so results are bitwise
+/// reproducible on a given backend.
+
+#include <moka/Core.hpp>
+#include <moka/MoEConfig.hpp>
+
+#include <KokkosBlas1_scal.hpp>
+#include <KokkosBlas3_gemm.hpp>
+
+#include <cmath>
+
+namespace moka {
+namespace impl {
+
+template <class S, class M>
+using mat = Kokkos::View<S**, Kokkos::LayoutRight, M>;
+template <class S, class M>
+using vec = Kokkos::View<S*, Kokkos::LayoutRight, M>;
+
+// The math functions moved from Kokkos::Experimental (3.x) to Kokkos (4.x).
+#if KOKKOS_VERSION >= 40000
+using Kokkos::erf;
+using Kokkos::exp;
+using Kokkos::tanh;
+#else
+using Kokkos::Experimental::erf;
+using Kokkos::Experimental::exp;
+using Kokkos::Experimental::tanh;
+#endif
+
+// ------------------------------------------------------------ activations
+template <class S>
+KOKKOS_INLINE_FUNCTION S sigmoid(S x) {
+  return S(1) / (S(1) + impl::exp(-x));
+}
+
+/// act(x) for the elementwise activations (swiglu uses silu on its gate half).
+template <class S>
+KOKKOS_INLINE_FUNCTION S activate(Activation a, S x) {
+  switch (a) {
+    case Activation::gelu_erf: return S(0.5) * x * (S(1) + impl::erf(x * S(0.70710678118654752440)));
+    case Activation::gelu_tanh: {
+      const S c = S(0.79788456080286535588);  // sqrt(2/pi)
+      return S(0.5) * x * (S(1) + impl::tanh(c * (x + S(0.044715) * x * x * x)));
+    }
+    case Activation::relu: return x > S(0) ? x : S(0);
+    case Activation::silu:
+    case Activation::swiglu: return x * sigmoid(x);
+  }
+  return x;
+}
+
+/// d act / dx.
+template <class S>
+KOKKOS_INLINE_FUNCTION S activate_grad(Activation a, S x) {
+  switch (a) {
+    case Activation::gelu_erf: {
+      const S cdf = S(0.5) * (S(1) + impl::erf(x * S(0.70710678118654752440)));
+      const S pdf = S(0.39894228040143267794) * impl::exp(S(-0.5) * x * x);
+      return cdf + x * pdf;
+    }
+    case Activation::gelu_tanh: {
+      const S c = S(0.79788456080286535588);
+      const S u = c * (x + S(0.044715) * x * x * x);
+      const S th = impl::tanh(u);
+      return S(0.5) * (S(1) + th) + S(0.5) * x * (S(1) - th * th) * c * (S(1) + S(3 * 0.044715) * x * x);
+    }
+    case Activation::relu: return x > S(0) ? S(1) : S(0);
+    case Activation::silu:
+    case Activation::swiglu: {
+      const S sg = sigmoid(x);
+      return sg * (S(1) + x * (S(1) - sg));
+    }
+  }
+  return S(1);
+}
+
+// ------------------------------------------------------------------ GEMM
+/// C = alpha op(A) op(B) + beta C through Kokkos Kernels (cuBLAS on CUDA).
+/// Skips empty products (an expert with no rows), where beta still applies.
+/// \note Kokkos Kernels 3.4's gemm has no execution-space argument: it runs
+/// on the default instance, so callers fence their instance before it.
+template <class S, class M>
+void gemm(const char* ta, const char* tb, S alpha, const mat<S, M>& A, const mat<S, M>& B, S beta,
+          const mat<S, M>& C) {
+  if (C.extent(0) == 0 || C.extent(1) == 0) return;
+  const std::size_t inner = (ta[0] == 'N') ? A.extent(1) : A.extent(0);
+  if (inner == 0) {
+    if (beta == S(0)) Kokkos::deep_copy(C, S(0));
+    else if (beta != S(1)) KokkosBlas::scal(C, beta, C);
+    return;
+  }
+  KokkosBlas::gemm(ta, tb, alpha, A, B, beta, C);
+}
+
+// ----------------------------------------------------------------- gating
+/// Top-k selection and scores. logits[T,E] -> idx[T,k], score[T,k]; for the
+/// softmax gate also probs[T,E]. Ties go to the lower expert index.
+template <class Exec, class S, class M>
+void gate_forward(const Exec& space, GateType gate, bool renormalize, const mat<S, M>& logits,
+                  const Kokkos::View<int**, Kokkos::LayoutRight, M>& idx, const mat<S, M>& score,
+                  const mat<S, M>& probs) {
+  const int T = static_cast<int>(logits.extent(0));
+  const int E = static_cast<int>(logits.extent(1));
+  const int k = static_cast<int>(idx.extent(1));
+  Kokkos::parallel_for(
+      "moka::gate_forward", Kokkos::RangePolicy<Exec>(space, 0, T), KOKKOS_LAMBDA(int t) {
+        if (gate == GateType::zero) {
+          for (int j = 0; j < k; ++j) {
+            idx(t, j)   = 0;
+            score(t, j) = S(1) / S(k);
+          }
+          return;
+        }
+        // k passes over E: the j-th largest logit not yet taken.
+        for (int j = 0; j < k; ++j) {
+          int best = -1;
+          for (int e = 0; e < E; ++e) {
+            bool taken = false;
+            for (int i = 0; i < j; ++i) taken = taken || idx(t, i) == e;
+            if (!taken && (best < 0 || logits(t, e) > logits(t, best))) best = e;
+          }
+          idx(t, j) = best;
+        }
+        if (gate == GateType::topk) {
+          const S m = logits(t, idx(t, 0));
+          S sum     = 0;
+          for (int j = 0; j < k; ++j) sum += impl::exp(logits(t, idx(t, j)) - m);
+          for (int j = 0; j < k; ++j) score(t, j) = impl::exp(logits(t, idx(t, j)) - m) / sum;
+        } else {  // softmax over all experts
+          S m = logits(t, 0);
+          for (int e = 1; e < E; ++e) m = logits(t, e) > m ? logits(t, e) : m;
+          S sum = 0;
+          for (int e = 0; e < E; ++e) {
+            probs(t, e) = impl::exp(logits(t, e) - m);
+            sum += probs(t, e);
+          }
+          for (int e = 0; e < E; ++e) probs(t, e) /= sum;
+          S sel = 0;
+          for (int j = 0; j < k; ++j) sel += probs(t, idx(t, j));
+          for (int j = 0; j < k; ++j) score(t, j) = renormalize ? probs(t, idx(t, j)) / sel : probs(t, idx(t, j));
+        }
+      });
+}
+
+/// dscore[T,k] -> dlogits[T,E] (overwritten).
+template <class Exec, class S, class M>
+void gate_backward(const Exec& space, GateType gate, bool renormalize, const mat<S, M>& probs,
+                   const Kokkos::View<int**, Kokkos::LayoutRight, M>& idx, const mat<S, M>& score,
+                   const mat<S, M>& dscore, const mat<S, M>& dlogits) {
+  const int T = static_cast<int>(dlogits.extent(0));
+  const int E = static_cast<int>(dlogits.extent(1));
+  const int k = static_cast<int>(idx.extent(1));
+  Kokkos::parallel_for(
+      "moka::gate_backward", Kokkos::RangePolicy<Exec>(space, 0, T), KOKKOS_LAMBDA(int t) {
+        for (int e = 0; e < E; ++e) dlogits(t, e) = S(0);
+        if (gate == GateType::zero) return;
+        if (gate == GateType::topk) {
+          // s = softmax over the selected logits: dl_j = s_j (ds_j - sum_i s_i ds_i).
+          S dot = 0;
+          for (int j = 0; j < k; ++j) dot += score(t, j) * dscore(t, j);
+          for (int j = 0; j < k; ++j) dlogits(t, idx(t, j)) = score(t, j) * (dscore(t, j) - dot);
+          return;
+        }
+        // softmax gate: first dp for the selected experts, then through the softmax.
+        S sel = 0, dot_sel = 0;
+        for (int j = 0; j < k; ++j) {
+          sel += probs(t, idx(t, j));
+          dot_sel += dscore(t, j) * score(t, j);
+        }
+        for (int j = 0; j < k; ++j) {
+          // dp_e stored in dlogits for now.
+          dlogits(t, idx(t, j)) = renormalize ? (dscore(t, j) - dot_sel) / sel : dscore(t, j);
+        }
+        S dot = 0;
+        for (int e = 0; e < E; ++e) dot += probs(t, e) * dlogits(t, e);
+        for (int e = 0; e < E; ++e) dlogits(t, e) = probs(t, e) * (dlogits(t, e) - dot);
+      });
+}
+
+// --------------------------------------------------- capacity and slots
+/// Turns the routing idx[T,k] (and score, for the score policy) into slots:
+/// slot(t,j) = row of assignment (t,j) in the expert-ordered buffer, or -1
+/// if dropped. Rows of an expert keep token order (t, then j). counts[E]
+/// and offsets[E+1] describe the buffer; row_token / row_choice invert it.
+/// Returns the number of kept assignments (a fence of \p space).
+template <class Exec, class S, class M>
+long assign_slots(const Exec& space, DropPolicy policy, long capacity,
+                  const Kokkos::View<int**, Kokkos::LayoutRight, M>& idx, const mat<S, M>& score,
+                  const Kokkos::View<int*, M>& counts, const Kokkos::View<int*, M>& offsets,
+                  const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const Kokkos::View<int*, M>& rank_tmp,
+                  const Kokkos::View<int*, M>& group_tmp, Kokkos::View<int*, M>& row_token,
+                  Kokkos::View<int*, M>& row_choice) {
+  using team_policy = Kokkos::TeamPolicy<Exec>;
+  using member      = typename team_policy::member_type;
+  const int T = static_cast<int>(idx.extent(0));
+  const int k = static_cast<int>(idx.extent(1));
+  const int N = T * k;
+  const int E = static_cast<int>(counts.extent(0));
+  // 1. rank of each assignment among all assignments to its expert, in token
+  //    order, and the expert's total; one team per expert scans the tokens.
+  Kokkos::View<int*, M> all_counts("moka::all_counts", E), all_offsets("moka::all_offsets", E + 1);
+  Kokkos::parallel_for(
+      "moka::rank_by_position", team_policy(space, E, Kokkos::AUTO), KOKKOS_LAMBDA(const member& team) {
+        const int e = team.league_rank();
+        Kokkos::parallel_scan(Kokkos::TeamThreadRange(team, N), [&](int i, int& partial, bool final) {
+          const bool mine = idx(i / k, i % k) == e;
+          if (final && mine) rank_tmp(i) = partial;
+          partial += mine ? 1 : 0;
+        });
+        int total = 0;
+        Kokkos::parallel_reduce(
+            Kokkos::TeamThreadRange(team, N), [&](int i, int& c) { c += idx(i / k, i % k) == e ? 1 : 0; }, total);
+        Kokkos::single(Kokkos::PerTeam(team), [&]() { all_counts(e) = total; });
+      });
+  Kokkos::parallel_scan(
+      "moka::offsets_all", Kokkos::RangePolicy<Exec>(space, 0, E), KOKKOS_LAMBDA(int e, int& partial, bool final) {
+        if (final) all_offsets(e) = partial;
+        partial += all_counts(e);
+        if (final && e == E - 1) all_offsets(E) = partial;
+      });
+  // group_tmp: assignments grouped by expert, token order inside a group.
+  Kokkos::parallel_for(
+      "moka::group", Kokkos::RangePolicy<Exec>(space, 0, N), KOKKOS_LAMBDA(int i) {
+        group_tmp(all_offsets(idx(i / k, i % k)) + rank_tmp(i)) = i;
+      });
+  // 2. keep: rank < capacity, the rank by position or by score (within the group).
+  Kokkos::View<int*, M> keep("moka::keep", N);
+  Kokkos::parallel_for(
+      "moka::keep", Kokkos::RangePolicy<Exec>(space, 0, N), KOKKOS_LAMBDA(int i) {
+        const int t = i / k, j = i % k;
+        long r      = rank_tmp(i);
+        if (policy == DropPolicy::score) {
+          const int e = idx(t, j);
+          const S s   = score(t, j);
+          r           = 0;
+          for (int g = all_offsets(e); g < all_offsets(e + 1); ++g) {
+            const int o = group_tmp(g);
+            const S so  = score(o / k, o % k);
+            if (so > s || (so == s && o < i)) ++r;
+          }
+        }
+        keep(i) = r < capacity ? 1 : 0;
+      });
+  // 3. kept rank inside each group (token order), kept counts, offsets, slots.
+  Kokkos::parallel_for(
+      "moka::kept_rank", team_policy(space, E, Kokkos::AUTO), KOKKOS_LAMBDA(const member& team) {
+        const int e = team.league_rank();
+        const int b = all_offsets(e), n = all_offsets(e + 1) - b;
+        Kokkos::parallel_scan(Kokkos::TeamThreadRange(team, n), [&](int g, int& partial, bool final) {
+          const int i = group_tmp(b + g);
+          if (final) rank_tmp(i) = keep(i) ? partial : -1;
+          partial += keep(i);
+        });
+        int total = 0;
+        Kokkos::parallel_reduce(
+            Kokkos::TeamThreadRange(team, n), [&](int g, int& c) { c += keep(group_tmp(b + g)); }, total);
+        Kokkos::single(Kokkos::PerTeam(team), [&]() { counts(e) = total; });
+      });
+  Kokkos::parallel_scan(
+      "moka::offsets", Kokkos::RangePolicy<Exec>(space, 0, E), KOKKOS_LAMBDA(int e, int& partial, bool final) {
+        if (final) offsets(e) = partial;
+        partial += counts(e);
+        if (final && e == E - 1) offsets(E) = partial;
+      });
+  space.fence();
+  const auto h_total =
+      Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), Kokkos::subview(offsets, std::make_pair(E, E + 1)));
+  const int kept = h_total(0);
+  if (static_cast<long>(row_token.extent(0)) < kept) {
+    row_token  = Kokkos::View<int*, M>(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::row_token"), kept);
+    row_choice = Kokkos::View<int*, M>(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::row_choice"), kept);
+  }
+  auto rt = row_token;
+  auto rc = row_choice;
+  Kokkos::parallel_for(
+      "moka::slots", Kokkos::RangePolicy<Exec>(space, 0, N), KOKKOS_LAMBDA(int i) {
+        const int t = i / k, j = i % k;
+        const int r = rank_tmp(i);
+        if (r < 0) {
+          slot(t, j) = -1;
+        } else {
+          const int row = offsets(idx(t, j)) + r;
+          slot(t, j)    = row;
+          rt(row)       = t;
+          rc(row)       = j;
+        }
+      });
+  return kept;
+}
+
+// ----------------------------------------------------- dispatch / combine
+/// xs(r,:) = x(row_token(r),:) for r < rows.
+template <class Exec, class S, class M>
+void gather_rows(const Exec& space, long rows, const mat<S, M>& x, const Kokkos::View<int*, M>& row_token,
+                 const mat<S, M>& xs) {
+  const int d = static_cast<int>(x.extent(1));
+  Kokkos::parallel_for(
+      "moka::dispatch", Kokkos::MDRangePolicy<Exec, Kokkos::Rank<2>>(space, {0, 0}, {rows, long(d)}),
+      KOKKOS_LAMBDA(long r, long c) { xs(r, c) = x(row_token(r), c); });
+}
+
+/// y(t,:) = sum_j [slot >= 0] w(t,j) ys(slot(t,j),:), j in order (deterministic).
+template <class Exec, class S, class M>
+void combine_rows(const Exec& space, const mat<S, M>& ys, const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot,
+                  const mat<S, M>& w, const mat<S, M>& y) {
+  const int T = static_cast<int>(y.extent(0)), d = static_cast<int>(y.extent(1));
+  const int k = static_cast<int>(slot.extent(1));
+  Kokkos::parallel_for(
+      "moka::combine", Kokkos::MDRangePolicy<Exec, Kokkos::Rank<2>>(space, {0, 0}, {T, d}),
+      KOKKOS_LAMBDA(int t, int c) {
+        S acc = 0;
+        for (int j = 0; j < k; ++j) {
+          const int r = slot(t, j);
+          if (r >= 0) acc += w(t, j) * ys(r, c);
+        }
+        y(t, c) = acc;
+      });
+}
+
+/// dx(t,:) += sum_j [slot >= 0] dxs(slot(t,j),:).
+template <class Exec, class S, class M>
+void scatter_add_rows(const Exec& space, const mat<S, M>& dxs, const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot,
+                      const mat<S, M>& dx) {
+  const int T = static_cast<int>(dx.extent(0)), d = static_cast<int>(dx.extent(1));
+  const int k = static_cast<int>(slot.extent(1));
+  Kokkos::parallel_for(
+      "moka::undispatch", Kokkos::MDRangePolicy<Exec, Kokkos::Rank<2>>(space, {0, 0}, {T, d}),
+      KOKKOS_LAMBDA(int t, int c) {
+        S acc = dx(t, c);
+        for (int j = 0; j < k; ++j) {
+          const int r = slot(t, j);
+          if (r >= 0) acc += dxs(r, c);
+        }
+        dx(t, c) = acc;
+      });
+}
+
+}  // namespace impl
+}  // namespace moka
