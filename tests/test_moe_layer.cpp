@@ -1,0 +1,391 @@
+// The MoE layer against the double-precision reference (tests/MoEReference.hpp)
+// for every gate x activation x capacity mode: outputs, routing, drops, and
+// every gradient against central finite differences of the reference.
+
+#include <moka/MoELayer.hpp>
+
+#include <gtest/gtest.h>
+
+#include "MoEReference.hpp"
+
+#include <random>
+#include <sstream>
+
+using moka_test::RefParams;
+using moka_test::RefRouting;
+
+namespace {
+
+template <class S>
+using HostLayer = moka::MoELayer<S, Kokkos::HostSpace>;
+template <class S>
+using DevLayer = moka::MoELayer<S, moka::memory_space>;
+
+struct Case {
+  moka::GateType gate;
+  bool renorm;
+  moka::Activation act;
+  bool dropless;
+  moka::DropPolicy policy;
+  bool bias;
+  std::string name() const {
+    std::ostringstream os;
+    os << moka::to_string(gate) << (renorm ? "+renorm" : "") << "/" << moka::to_string(act) << "/"
+       << (dropless ? "dropless" : std::string("cap:") + moka::to_string(policy)) << (bias ? "" : "/nobias");
+    return os.str();
+  }
+};
+
+// gtest prints parameters with this (instead of their bytes).
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name(); }
+
+moka::MoEConfig make_config(const Case& c) {
+  moka::MoEConfig cfg;
+  cfg.d_model = 6;
+  cfg.d_ff = 5;
+  cfg.num_experts = 4;
+  cfg.top_k = 2;
+  cfg.gate = c.gate;
+  cfg.renormalize = c.renorm;
+  cfg.activation = c.act;
+  cfg.dropless = c.dropless;
+  cfg.capacity_factor = 0.75;  // ceil(0.75 * 12 * 2 / 4) = 5: drops happen
+  cfg.drop_policy = c.policy;
+  cfg.expert_bias = c.bias;
+  return cfg;
+}
+
+std::vector<Case> all_cases() {
+  std::vector<Case> cases;
+  const std::pair<moka::GateType, bool> gates[] = {{moka::GateType::topk, false},
+                                                   {moka::GateType::softmax, false},
+                                                   {moka::GateType::softmax, true},
+                                                   {moka::GateType::zero, false}};
+  const moka::Activation acts[] = {moka::Activation::gelu_erf, moka::Activation::gelu_tanh, moka::Activation::relu,
+                                   moka::Activation::silu, moka::Activation::swiglu};
+  for (auto g : gates)
+    for (auto a : acts) {
+      cases.push_back({g.first, g.second, a, true, moka::DropPolicy::position, true});
+      cases.push_back({g.first, g.second, a, false, moka::DropPolicy::position, true});
+      cases.push_back({g.first, g.second, a, false, moka::DropPolicy::score, true});
+    }
+  cases.push_back({moka::GateType::topk, false, moka::Activation::gelu_erf, false, moka::DropPolicy::score, false});
+  return cases;
+}
+
+template <class View>
+std::vector<double> to_vec(const View& v) {
+  auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), v);
+  std::vector<double> out(h.size());
+  for (std::size_t i = 0; i < h.size(); ++i) out[i] = static_cast<double>(h.data()[i]);
+  return out;
+}
+
+template <class View>
+void from_vec(const View& v, const std::vector<double>& src) {
+  auto h = Kokkos::create_mirror_view(Kokkos::HostSpace(), v);
+  for (std::size_t i = 0; i < h.size(); ++i) h.data()[i] = static_cast<typename View::non_const_value_type>(src[i]);
+  Kokkos::deep_copy(v, h);
+}
+
+template <class Layer>
+RefParams params_of(const Layer& L) {
+  const auto& p = L.params();
+  return RefParams{to_vec(p.gate_w), to_vec(p.w1), to_vec(p.b1), to_vec(p.w2), to_vec(p.b2)};
+}
+
+template <class Layer>
+void set_params(Layer& L, const RefParams& r) {
+  auto& p = L.params();
+  from_vec(p.gate_w, r.wg);
+  from_vec(p.w1, r.w1);
+  from_vec(p.b1, r.b1);
+  from_vec(p.w2, r.w2);
+  from_vec(p.b2, r.b2);
+}
+
+std::vector<double> random_vec(std::size_t n, std::mt19937_64& rng, double scale = 1.0) {
+  std::uniform_real_distribution<double> u(-scale, scale);
+  std::vector<double> v(n);
+  for (auto& x : v) x = u(rng);
+  return v;
+}
+
+double max_rel_err(const std::vector<double>& a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    num = std::max(num, std::fabs(a[i] - b[i]));
+    den = std::max(den, std::fabs(b[i]));
+  }
+  return num / std::max(den, 1e-300);
+}
+
+// Runs forward + backward of a layer<S> on (x, G) and returns y and all gradients.
+template <class Layer>
+struct Run {
+  std::vector<double> y, dx, dwg, dw1, db1, dw2, db2;
+  RefRouting routing;
+  std::vector<int> counts;
+};
+
+template <class Layer>
+Run<Layer> run_layer(Layer& L, int T, const std::vector<double>& x, const std::vector<double>& G) {
+  using matrix = typename Layer::matrix;
+  const int d = L.config().d_model;
+  typename Layer::execution_space space;
+  matrix X("x", T, d), Y("y", T, d), DY("dy", T, d), DX("dx", T, d);
+  from_vec(X, x);
+  from_vec(DY, G);
+  L.zero_grad(space);
+  L.forward(space, X, Y);
+  L.backward(space, DY, DX);
+  space.fence();
+  Run<Layer> r;
+  r.y = to_vec(Y);
+  r.dx = to_vec(DX);
+  const auto& g = L.grads();
+  r.dwg = to_vec(g.gate_w);
+  r.dw1 = to_vec(g.w1);
+  r.db1 = to_vec(g.b1);
+  r.dw2 = to_vec(g.w2);
+  r.db2 = to_vec(g.b2);
+  auto idx = to_vec(L.expert_index());
+  auto slot = to_vec(L.slots());
+  r.routing.idx.assign(idx.begin(), idx.end());
+  r.routing.score = to_vec(L.scores());
+  for (double s : slot) r.routing.kept.push_back(s >= 0 ? 1 : 0);
+  auto c = to_vec(L.expert_counts());
+  r.counts.assign(c.begin(), c.end());
+  return r;
+}
+
+double loss(const std::vector<double>& y, const std::vector<double>& G) {
+  double s = 0;
+  for (std::size_t i = 0; i < y.size(); ++i) s += y[i] * G[i];
+  return s;
+}
+
+// Central differences of the reference loss sum(y * G) with respect to one
+// input vector: x itself, or one parameter tensor.
+enum class Wrt { x, wg, w1, b1, w2, b2 };
+std::vector<double> fd_grad(const moka::MoEConfig& cfg, int T, std::vector<double> x, RefParams p,
+                            const std::vector<double>& G, Wrt wrt) {
+  const double h = 1e-6;
+  std::vector<double>* v = nullptr;
+  switch (wrt) {
+    case Wrt::x: v = &x; break;
+    case Wrt::wg: v = &p.wg; break;
+    case Wrt::w1: v = &p.w1; break;
+    case Wrt::b1: v = &p.b1; break;
+    case Wrt::w2: v = &p.w2; break;
+    case Wrt::b2: v = &p.b2; break;
+  }
+  std::vector<double> g(v->size());
+  for (std::size_t i = 0; i < v->size(); ++i) {
+    const double save = (*v)[i];
+    (*v)[i] = save + h;
+    const double lp = loss(moka_test::ref_forward(cfg, T, x, p), G);
+    (*v)[i] = save - h;
+    const double lm = loss(moka_test::ref_forward(cfg, T, x, p), G);
+    (*v)[i] = save;
+    g[i] = (lp - lm) / (2 * h);
+  }
+  return g;
+}
+
+void expect_close(const std::vector<double>& got, const std::vector<double>& want, double atol, double rtol,
+                  const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    ASSERT_NEAR(got[i], want[i], atol + rtol * std::fabs(want[i])) << what << " element " << i;
+  }
+}
+
+}  // namespace
+
+class MoELayerCases : public ::testing::TestWithParam<Case> {};
+
+TEST_P(MoELayerCases, Fp64MatchesReferenceAndFiniteDifferences) {
+  const Case c = GetParam();
+  const moka::MoEConfig cfg = make_config(c);
+  const int T = 12;
+  std::mt19937_64 rng(42);
+  HostLayer<double> L(cfg);
+  L.init_parameters(7);
+  RefParams p = params_of(L);
+  if (c.bias) {  // non-zero biases, so their use is checked too
+    p.b1 = random_vec(p.b1.size(), rng, 0.3);
+    p.b2 = random_vec(p.b2.size(), rng, 0.3);
+    set_params(L, p);
+  }
+  const auto x = random_vec(T * cfg.d_model, rng, 1.5);
+  const auto G = random_vec(T * cfg.d_model, rng);
+  RefRouting ref_routing;
+  const auto y_ref = moka_test::ref_forward(cfg, T, x, p, &ref_routing);
+  const auto r = run_layer(L, T, x, G);
+  SCOPED_TRACE(c.name());
+
+  // Forward and routing.
+  EXPECT_LT(max_rel_err(r.y, y_ref), 1e-13);
+  EXPECT_EQ(r.routing.idx, ref_routing.idx);
+  EXPECT_EQ(r.routing.kept, ref_routing.kept);
+  expect_close(r.routing.score, ref_routing.score, 1e-15, 1e-13, "scores");
+  const long cap = cfg.capacity(T);
+  long kept_total = 0;
+  for (int e = 0; e < cfg.num_experts; ++e) {
+    EXPECT_LE(r.counts[e], cap) << "expert " << e;
+    kept_total += r.counts[e];
+  }
+  EXPECT_EQ(kept_total, std::count(ref_routing.kept.begin(), ref_routing.kept.end(), 1));
+  if (!c.dropless && c.gate != moka::GateType::zero) EXPECT_LT(kept_total, T * cfg.top_k) << "no drops";
+
+  // Gradients against central differences of the reference.
+  const double atol = 2e-8, rtol = 1e-6;
+  expect_close(r.dx, fd_grad(cfg, T, x, p, G, Wrt::x), atol, rtol, "dx");
+  expect_close(r.dwg, fd_grad(cfg, T, x, p, G, Wrt::wg), atol, rtol, "dWg");
+  expect_close(r.dw1, fd_grad(cfg, T, x, p, G, Wrt::w1), atol, rtol, "dW1");
+  expect_close(r.dw2, fd_grad(cfg, T, x, p, G, Wrt::w2), atol, rtol, "dW2");
+  if (c.bias) {
+    expect_close(r.db1, fd_grad(cfg, T, x, p, G, Wrt::b1), atol, rtol, "db1");
+    expect_close(r.db2, fd_grad(cfg, T, x, p, G, Wrt::b2), atol, rtol, "db2");
+  } else {
+    EXPECT_TRUE(r.db1.empty() && r.db2.empty());
+  }
+}
+
+TEST_P(MoELayerCases, DefaultSpaceMatchesReference) {
+  // The same case on the default execution space (the GPU on CUDA builds),
+  // in fp64 and fp32.
+  const Case c = GetParam();
+  const moka::MoEConfig cfg = make_config(c);
+  const int T = 12;
+  std::mt19937_64 rng(43);
+  DevLayer<double> L64(cfg);
+  DevLayer<float> L32(cfg);
+  L64.init_parameters(9);
+  L32.init_parameters(9);
+  RefParams p = params_of(L64);
+  const auto x = random_vec(T * cfg.d_model, rng, 1.5);
+  const auto G = random_vec(T * cfg.d_model, rng);
+  RefRouting ref_routing;
+  const auto y_ref = moka_test::ref_forward(cfg, T, x, p, &ref_routing);
+  SCOPED_TRACE(c.name());
+  const auto r64 = run_layer(L64, T, x, G);
+  EXPECT_LT(max_rel_err(r64.y, y_ref), 1e-13);
+  EXPECT_EQ(r64.routing.kept, ref_routing.kept);
+  // fp32: same routing on this data; outputs to float round-off.
+  const auto r32 = run_layer(L32, T, x, G);
+  EXPECT_EQ(r32.routing.idx, ref_routing.idx);
+  EXPECT_LT(max_rel_err(r32.y, y_ref), 2e-6);
+  EXPECT_LT(max_rel_err(r32.dx, r64.dx), 2e-5);
+  EXPECT_LT(max_rel_err(r32.dw1, r64.dw1), 2e-5);
+  EXPECT_LT(max_rel_err(r32.dwg, r64.dwg), 2e-5);
+}
+
+INSTANTIATE_TEST_SUITE_P(AllGatesActivationsCapacities, MoELayerCases, ::testing::ValuesIn(all_cases()),
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           std::string n = info.param.name();
+                           for (auto& ch : n)
+                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+                           return n;
+                         });
+
+TEST(MoELayer, DeterministicAcrossRuns) {
+  moka::MoEConfig cfg;
+  cfg.d_model = 16;
+  cfg.d_ff = 24;
+  cfg.num_experts = 8;
+  cfg.top_k = 2;
+  cfg.dropless = false;
+  cfg.capacity_factor = 1.0;
+  DevLayer<float> L(cfg);
+  L.init_parameters(1);
+  std::mt19937_64 rng(5);
+  const int T = 300;
+  const auto x = random_vec(T * cfg.d_model, rng);
+  const auto G = random_vec(T * cfg.d_model, rng);
+  const auto a = run_layer(L, T, x, G);
+  const auto b = run_layer(L, T, x, G);
+  EXPECT_EQ(a.y, b.y);  // bitwise
+  EXPECT_EQ(a.dx, b.dx);
+  EXPECT_EQ(a.dw1, b.dw1);
+  EXPECT_EQ(a.dwg, b.dwg);
+}
+
+TEST(MoELayer, ExpertWithNoTokens) {
+  // The zero gate sends everything to expert 0: the other experts get no
+  // rows, and their gradients stay zero.
+  moka::MoEConfig cfg;
+  cfg.d_model = 4;
+  cfg.d_ff = 3;
+  cfg.num_experts = 3;
+  cfg.top_k = 1;
+  cfg.gate = moka::GateType::zero;
+  HostLayer<double> L(cfg);
+  L.init_parameters(3);
+  std::mt19937_64 rng(1);
+  const auto r = run_layer(L, 5, random_vec(20, rng), random_vec(20, rng));
+  EXPECT_EQ(r.counts, (std::vector<int>{5, 0, 0}));
+  for (std::size_t i = cfg.d_model * cfg.d_ff; i < r.dw1.size(); ++i) EXPECT_EQ(r.dw1[i], 0.0);
+}
+
+TEST(MoELayer, BadInputIsAClearError) {
+  moka::MoEConfig cfg;
+  cfg.num_experts = 4;
+  cfg.top_k = 5;
+  try {
+    HostLayer<double> L(cfg);
+    FAIL() << "no throw";
+  } catch (const moka::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("moe.top_k = 5 exceeds moe.num_experts = 4"), std::string::npos) << e.what();
+  }
+  cfg.top_k = 2;
+  cfg.capacity_factor = 0;
+  EXPECT_THROW(HostLayer<double>{cfg}, moka::Error);
+  cfg.capacity_factor = -1;
+  EXPECT_THROW(cfg.validate(), moka::Error);
+  cfg.capacity_factor = 1;
+  EXPECT_THROW(moka::gate_type_from_string("expert_choice"), moka::Error);
+  EXPECT_THROW(moka::activation_from_string("tanh"), moka::Error);
+  try {
+    moka::activation_from_string("tanh");
+  } catch (const moka::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("unknown activation 'tanh'"), std::string::npos) << e.what();
+  }
+  // Wrong shapes.
+  HostLayer<double> L(cfg);
+  Kokkos::DefaultHostExecutionSpace space;
+  HostLayer<double>::matrix x("x", 10, cfg.d_model + 1), y("y", 10, cfg.d_model);
+  try {
+    L.forward(space, x, y);
+    FAIL() << "no throw";
+  } catch (const moka::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("moka::MoELayer::forward: 'x' has 65 columns, expected 64 (x)"),
+              std::string::npos)
+        << e.what();
+  }
+  HostLayer<double>::matrix x2("x", 10, cfg.d_model), y2("y", 9, cfg.d_model);
+  EXPECT_THROW(L.forward(space, x2, y2), moka::Error);
+  HostLayer<double>::matrix dy("dy", 10, cfg.d_model), dx("dx", 10, cfg.d_model);
+  EXPECT_THROW(L.backward(space, dy, dx), moka::Error);  // no forward yet
+}
+
+TEST(MoEConfig, FromDeck) {
+  auto deck = moka::InputDeck::parse_string(
+      "moe.num_experts = 16\nmoe.top_k = 1\ngate.type = softmax\ngate.renormalize = true\n"
+      "expert.activation = swiglu\ngate.dropless = false\ngate.capacity_factor = 1.5\ngate.drop_policy = score\n",
+      "moe.deck");
+  deck.validate(moka::MoEConfig::schema());
+  const auto c = moka::MoEConfig::from_deck(deck);
+  EXPECT_EQ(c.num_experts, 16);
+  EXPECT_EQ(c.top_k, 1);
+  EXPECT_EQ(c.gate, moka::GateType::softmax);
+  EXPECT_TRUE(c.renormalize);
+  EXPECT_EQ(c.activation, moka::Activation::swiglu);
+  EXPECT_EQ(c.d_ff_in(), 2 * c.d_ff);
+  EXPECT_EQ(c.capacity(100), 10);  // ceil(1.5 * 100 * 1 / 16)
+  EXPECT_EQ(c.drop_policy, moka::DropPolicy::score);
+  auto bad = moka::InputDeck::parse_string("moe.num_experts = 2\nmoe.top_k = 3\n", "bad.deck");
+  bad.validate(moka::MoEConfig::schema());
+  EXPECT_THROW(moka::MoEConfig::from_deck(bad), moka::Error);
+}
