@@ -11,6 +11,7 @@
 
 #include <moka/Core.hpp>
 #include <moka/MoEConfig.hpp>
+#include <moka/impl/Math.hpp>
 
 #include <KokkosBlas1_scal.hpp>
 #include <KokkosBlas3_gemm.hpp>
@@ -24,17 +25,6 @@ template <class S, class M>
 using mat = Kokkos::View<S**, Kokkos::LayoutRight, M>;
 template <class S, class M>
 using vec = Kokkos::View<S*, Kokkos::LayoutRight, M>;
-
-// The math functions moved from Kokkos::Experimental (3.x) to Kokkos (4.x).
-#if KOKKOS_VERSION >= 40000
-using Kokkos::erf;
-using Kokkos::exp;
-using Kokkos::tanh;
-#else
-using Kokkos::Experimental::erf;
-using Kokkos::Experimental::exp;
-using Kokkos::Experimental::tanh;
-#endif
 
 // ------------------------------------------------------------ activations
 template <class S>

@@ -1,0 +1,144 @@
+// Optimizers against steps worked out by hand, clipping, the schedule.
+#include <moka/Optimizer.hpp>
+
+#include <gtest/gtest.h>
+
+namespace {
+
+using View1 = Kokkos::View<double*, moka::memory_space>;
+
+struct Pair {
+  View1 p, g;
+};
+
+Pair make(std::vector<double> p, std::vector<double> g) {
+  Pair r{View1("p", p.size()), View1("g", g.size())};
+  auto hp = Kokkos::create_mirror_view(r.p);
+  auto hg = Kokkos::create_mirror_view(r.g);
+  for (std::size_t i = 0; i < p.size(); ++i) {
+    hp(i) = p[i];
+    hg(i) = g[i];
+  }
+  Kokkos::deep_copy(r.p, hp);
+  Kokkos::deep_copy(r.g, hg);
+  return r;
+}
+
+std::vector<double> values(const View1& v) {
+  auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), v);
+  return std::vector<double>(h.data(), h.data() + h.size());
+}
+
+moka::OptimizerConfig constant_lr(moka::OptimizerType type, double lr) {
+  moka::OptimizerConfig c;
+  c.type = type;
+  c.lr = lr;
+  c.min_lr_ratio = 1.0;  // constant learning rate
+  c.total_steps = 100;
+  return c;
+}
+
+}  // namespace
+
+TEST(Optimizer, SgdMomentumWithWeightDecay) {
+  auto c = constant_lr(moka::OptimizerType::sgd, 0.1);
+  c.momentum = 0.9;
+  c.weight_decay = 0.01;
+  auto t = make({1.0, -2.0}, {0.5, 1.0});
+  moka::Optimizer<double> opt(c);
+  opt.add(t.p, t.g);
+  moka::execution_space space;
+  opt.step(space);
+  // g' = g + 0.01 p = (0.51, 0.98); buf = g'; p -= 0.1 buf
+  auto p = values(t.p);
+  EXPECT_NEAR(p[0], 0.949, 1e-15);
+  EXPECT_NEAR(p[1], -2.098, 1e-15);
+  opt.step(space);
+  // g' = (0.50949, 0.97902); buf = 0.9 (0.51, 0.98) + g' = (0.96849, 1.86102)
+  p = values(t.p);
+  EXPECT_NEAR(p[0], 0.852151, 1e-15);
+  EXPECT_NEAR(p[1], -2.284102, 1e-15);
+}
+
+TEST(Optimizer, AdamBiasCorrection) {
+  auto c = constant_lr(moka::OptimizerType::adam, 0.1);
+  auto t = make({1.0}, {0.5});
+  moka::Optimizer<double> opt(c);
+  opt.add(t.p, t.g);
+  moka::execution_space space;
+  opt.step(space);
+  // m = 0.05, v = 0.00025, mhat = 0.5, vhat = 0.25: p = 1 - 0.1 * 0.5 / (0.5 + 1e-8)
+  EXPECT_NEAR(values(t.p)[0], 1.0 - 0.1 * 0.5 / (0.5 + 1e-8), 1e-15);
+  opt.step(space);
+  // m = 0.095, v = 0.00049975, corrections 0.19 and 0.001999: again mhat = 0.5, vhat = 0.25
+  EXPECT_NEAR(values(t.p)[0], 1.0 - 2 * 0.1 * 0.5 / (0.5 + 1e-8), 1e-14);
+}
+
+TEST(Optimizer, AdamL2AndAdamWDecoupledDecay) {
+  moka::execution_space space;
+  {
+    auto c = constant_lr(moka::OptimizerType::adam, 0.1);
+    c.weight_decay = 0.1;
+    auto t = make({1.0}, {0.5});
+    moka::Optimizer<double> opt(c);
+    opt.add(t.p, t.g);
+    opt.step(space);
+    // g' = 0.6: mhat = 0.6, vhat = 0.36
+    EXPECT_NEAR(values(t.p)[0], 1.0 - 0.1 * 0.6 / (0.6 + 1e-8), 1e-15);
+  }
+  {
+    auto c = constant_lr(moka::OptimizerType::adamw, 0.1);
+    c.weight_decay = 0.1;
+    auto t = make({1.0}, {0.5});
+    moka::Optimizer<double> opt(c);
+    opt.add(t.p, t.g);
+    opt.step(space);
+    // p = 1 - 0.1 * 0.1 * 1 = 0.99, then the Adam step of g = 0.5
+    EXPECT_NEAR(values(t.p)[0], 0.99 - 0.1 * 0.5 / (0.5 + 1e-8), 1e-15);
+  }
+}
+
+TEST(Optimizer, GlobalNormClipping) {
+  auto c = constant_lr(moka::OptimizerType::sgd, 1.0);
+  c.momentum = 0;
+  c.clip_norm = 1.0;
+  auto a = make({0.0}, {3.0});
+  auto b = make({0.0}, {4.0});  // the norm spans tensors: sqrt(9 + 16) = 5
+  moka::Optimizer<double> opt(c);
+  opt.add(a.p, a.g);
+  opt.add(b.p, b.g);
+  moka::execution_space space;
+  EXPECT_DOUBLE_EQ(opt.grad_norm(space), 5.0);
+  EXPECT_DOUBLE_EQ(opt.step(space), 5.0);
+  EXPECT_NEAR(values(a.p)[0], -0.6, 1e-6);
+  EXPECT_NEAR(values(b.p)[0], -0.8, 1e-6);
+}
+
+TEST(Optimizer, WarmupCosineSchedule) {
+  moka::OptimizerConfig c;
+  c.lr = 1.0;
+  c.warmup_steps = 10;
+  c.total_steps = 110;
+  c.min_lr_ratio = 0.1;
+  EXPECT_DOUBLE_EQ(c.learning_rate(0), 0.1);
+  EXPECT_DOUBLE_EQ(c.learning_rate(4), 0.5);
+  EXPECT_DOUBLE_EQ(c.learning_rate(9), 1.0);
+  EXPECT_DOUBLE_EQ(c.learning_rate(10), 1.0);
+  EXPECT_NEAR(c.learning_rate(60), 0.55, 1e-15);
+  EXPECT_NEAR(c.learning_rate(110), 0.1, 1e-15);
+  EXPECT_NEAR(c.learning_rate(500), 0.1, 1e-15);
+}
+
+TEST(Optimizer, BadConfigurations) {
+  moka::OptimizerConfig c;
+  c.lr = 0;
+  EXPECT_THROW(c.validate(), moka::Error);
+  c.lr = 1e-3;
+  c.beta2 = 1.0;
+  EXPECT_THROW(moka::Optimizer<double>{c}, moka::Error);
+  c.beta2 = 0.999;
+  EXPECT_THROW(moka::optimizer_type_from_string("lamb"), moka::Error);
+  moka::Optimizer<double> opt(c);
+  View1 p("p", 3), g("g", 4);
+  EXPECT_THROW(opt.add(p, g), moka::Error);
+}
