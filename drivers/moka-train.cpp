@@ -1,6 +1,6 @@
 // moka-train: reads an input deck, echoes the resolved configuration and the
-// MPI / Kokkos / NCCL / HDF5 set-up, checks the communicators, and (as the
-// library grows) trains the model the deck describes.
+// MPI / Kokkos / NCCL / HDF5 set-up, checks the communicators, and trains
+// the MoE model the deck describes on the regime task.
 //
 //   moka-train <deck> [key=value ...]
 //   moka-train --deck-reference      # the deck keys, as a Markdown table
@@ -11,6 +11,7 @@
 #include <moka/Profiling.hpp>
 #include <moka/RunConfig.hpp>
 #include <moka/Runtime.hpp>
+#include <moka/Trainer.hpp>
 
 #include <cstring>
 #include <iostream>
@@ -25,7 +26,7 @@ const char* usage =
     "Reads the input deck, applies the key=value overrides (they win over the\n"
     "file), prints the resolved configuration and runs the job.\n";
 
-moka::DeckSchema train_schema() { return moka::RunConfig::schema(); }
+moka::DeckSchema train_schema() { return moka::train_schema(); }
 
 }  // namespace
 
@@ -68,6 +69,7 @@ int main(int argc, char* argv[]) {
         throw moka::Error("communication check failed: " + c.summary());
       }
     }
+    moka::train_regime_model(runtime.comm(), deck, std::cout);
     moka::log::info("run '", run.name, "' done");
   } catch (const std::exception& e) {
     moka::Runtime::abort(program, e);

@@ -1,5 +1,6 @@
 #include <moka/InputDeck.hpp>
 #include <moka/RunConfig.hpp>
+#include <moka/Trainer.hpp>
 
 #include <gtest/gtest.h>
 
@@ -243,7 +244,7 @@ TEST(InputDeck, ExampleDecksValidate) {
   for (const auto& entry : fs::directory_iterator(fs::path(MOKA_SOURCE_DIR) / "input_decks")) {
     if (entry.path().extension() != ".deck") continue;
     auto d = moka::InputDeck::parse_file(entry.path().string());
-    EXPECT_NO_THROW(d.validate(moka::RunConfig::schema())) << entry.path();
+    EXPECT_NO_THROW(d.validate(moka::train_schema())) << entry.path();
     ++n;
   }
   EXPECT_GE(n, 1);
@@ -260,6 +261,6 @@ TEST(InputDeck, DocumentedReferenceMatchesSchema) {
   const auto b = doc.find(begin), e = doc.find(end);
   ASSERT_NE(b, std::string::npos);
   ASSERT_NE(e, std::string::npos);
-  EXPECT_EQ(doc.substr(b + begin.size(), e - b - begin.size()), moka::RunConfig::schema().markdown())
+  EXPECT_EQ(doc.substr(b + begin.size(), e - b - begin.size()), moka::train_schema().markdown())
       << "regenerate the table with: moka-train --deck-reference";
 }

@@ -1,6 +1,8 @@
 #pragma once
 // Template bodies of moka::MoELayer (included by MoELayer.hpp).
 
+#include <moka/impl/Init.hpp>
+
 #include <cmath>
 #include <string>
 #include <vector>
@@ -16,29 +18,6 @@ MoEParams<Scalar, MemorySpace>::MoEParams(const MoEConfig& cfg, const std::strin
       b2(prefix + "b2", cfg.expert_bias ? cfg.num_experts : 0, cfg.d_model) {}
 
 namespace impl {
-
-/// splitmix64: a small, portable generator, so parameters are the same
-/// numbers on every backend and compiler.
-struct SplitMix64 {
-  std::uint64_t state;
-  std::uint64_t next() {
-    std::uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-    z               = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z               = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  /// Uniform in [-a, a).
-  double uniform(double a) { return a * (2.0 * (static_cast<double>(next() >> 11) * 0x1.0p-53) - 1.0); }
-};
-
-template <class View>
-void fill_uniform(const View& v, SplitMix64& rng, double bound) {
-  auto h = Kokkos::create_mirror_view(Kokkos::HostSpace(), v);
-  auto flat = Kokkos::View<typename View::non_const_value_type*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>>(
-      h.data(), h.size());
-  for (std::size_t i = 0; i < flat.extent(0); ++i) flat(i) = static_cast<typename View::non_const_value_type>(rng.uniform(bound));
-  Kokkos::deep_copy(v, h);
-}
 
 /// The rows [b, e) of a row-major matrix, as the same View type.
 template <class S, class M>
