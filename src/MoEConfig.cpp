@@ -23,7 +23,9 @@ const char* enum_name(E v, const std::pair<const char*, E> (&table)[N]) {
   return "?";
 }
 const std::pair<const char*, GateType> gate_names[] = {
-    {"topk", GateType::topk}, {"softmax", GateType::softmax}, {"zero", GateType::zero}};
+    {"topk", GateType::topk},     {"softmax", GateType::softmax}, {"noisy", GateType::noisy},
+    {"gshard", GateType::gshard}, {"switch", GateType::switch_top1}, {"zero", GateType::zero},
+    {"trace", GateType::trace}};
 const std::pair<const char*, Activation> activation_names[] = {{"gelu", Activation::gelu_erf},
                                                                {"gelu_tanh", Activation::gelu_tanh},
                                                                {"relu", Activation::relu},
@@ -40,9 +42,10 @@ const char* to_string(GateType g) { return enum_name(g, gate_names); }
 const char* to_string(Activation a) { return enum_name(a, activation_names); }
 const char* to_string(DropPolicy p) { return enum_name(p, drop_names); }
 
-long MoEConfig::capacity(long tokens) const {
+long MoEConfig::capacity(long tokens, bool training) const {
   if (dropless) return tokens * top_k;
-  return static_cast<long>(std::ceil(capacity_factor * static_cast<double>(tokens) * top_k / num_experts));
+  const double f = training ? capacity_factor : capacity_factor_eval;
+  return static_cast<long>(std::ceil(f * static_cast<double>(tokens) * top_k / num_experts));
 }
 
 void MoEConfig::validate() const {
@@ -53,8 +56,24 @@ void MoEConfig::validate() const {
   MOKA_REQUIRE(top_k <= num_experts, "moe.top_k = ", top_k, " exceeds moe.num_experts = ", num_experts);
   MOKA_REQUIRE(capacity_factor > 0 && std::isfinite(capacity_factor), "gate.capacity_factor = ", capacity_factor,
                " must be positive");
+  MOKA_REQUIRE(capacity_factor_eval > 0 && std::isfinite(capacity_factor_eval), "gate.capacity_factor_eval = ",
+               capacity_factor_eval, " must be positive");
   MOKA_REQUIRE(!renormalize || gate == GateType::softmax,
                "gate.renormalize applies to gate.type = softmax only (gate.type = ", to_string(gate), ")");
+  MOKA_REQUIRE(gate != GateType::gshard || top_k == 2, "gate.type = gshard routes to 2 experts, moe.top_k = ", top_k);
+  MOKA_REQUIRE(gate != GateType::switch_top1 || top_k == 1, "gate.type = switch routes to 1 expert, moe.top_k = ",
+               top_k);
+  MOKA_REQUIRE(gate != GateType::noisy || top_k < num_experts, "gate.type = noisy needs moe.top_k < moe.num_experts",
+               " (its load estimate uses the (k+1)-th logit), got ", top_k, " of ", num_experts);
+  MOKA_REQUIRE(balance_weight >= 0, "gate.balance_weight = ", balance_weight, " must be >= 0");
+  MOKA_REQUIRE(z_loss_weight >= 0, "gate.z_loss_weight = ", z_loss_weight, " must be >= 0");
+  MOKA_REQUIRE(jitter_eps >= 0 && jitter_eps < 1, "gate.jitter_eps = ", jitter_eps, " must be in [0, 1)");
+  MOKA_REQUIRE(!bias_balance || gate == GateType::topk || gate == GateType::softmax || gate == GateType::gshard ||
+                   gate == GateType::switch_top1,
+               "gate.bias_balance applies to the topk, softmax, gshard and switch gates (gate.type = ", to_string(gate),
+               ")");
+  MOKA_REQUIRE(bias_update_rate >= 0, "gate.bias_update_rate = ", bias_update_rate, " must be >= 0");
+  MOKA_REQUIRE(gate != GateType::trace || !trace_file.empty(), "gate.type = trace needs gate.trace_file");
 }
 
 DeckSchema MoEConfig::schema() {
@@ -70,9 +89,11 @@ DeckSchema MoEConfig::schema() {
   s.add("expert.bias", DeckType::boolean).set_default("true").set_doc("Experts have biases b1, b2.");
   s.add("gate.type", DeckType::string)
       .set_default("topk")
-      .set_choices({"topk", "softmax", "zero"})
+      .set_choices({"topk", "softmax", "noisy", "gshard", "switch", "zero", "trace"})
       .set_doc("topk: softmax over the k largest logits; softmax: softmax over all experts, then top-k; "
-               "zero: all to expert 0 (tests).");
+               "noisy: noisy top-k with importance and load losses; gshard: top-2 with random routing and balance "
+               "loss; switch: top-1 with input jitter and balance loss; zero: all to expert 0 (tests); trace: "
+               "replay recorded expert counts (docs/gates.md).");
   s.add("gate.renormalize", DeckType::boolean)
       .set_default("false")
       .set_doc("softmax gate: rescale the k scores of a token to sum to 1.");
@@ -80,6 +101,26 @@ DeckSchema MoEConfig::schema() {
       .set_default("1.25")
       .set_min(0)
       .set_doc("Capacity per expert = ceil(factor * T * k / E) when not dropless; must be > 0.");
+  s.add("gate.capacity_factor_eval", DeckType::real)
+      .set_default("2.0")
+      .set_min(0)
+      .set_doc("Capacity factor in evaluation (GShard uses a larger one than in training).");
+  s.add("gate.balance_weight", DeckType::real).set_default("0.01").set_min(0)
+      .set_doc("Weight of the balance loss of the noisy, gshard and switch gates.");
+  s.add("gate.z_loss_weight", DeckType::real).set_default("0").set_min(0)
+      .set_doc("Weight of the router z-loss mean_t (logsumexp_e logits)^2.");
+  s.add("gate.jitter_eps", DeckType::real).set_default("0.01").set_min(0).set_max(0.999)
+      .set_doc("Switch gate: multiply the gate input by U(1-eps, 1+eps) in training.");
+  s.add("gate.random_routing", DeckType::boolean).set_default("true")
+      .set_doc("GShard gate: in training, drop the second expert when 2 * score2 < U(0,1).");
+  s.add("gate.bias_balance", DeckType::boolean).set_default("false")
+      .set_doc("DeepSeek-V3 auxiliary-loss-free balancing: a per-expert bias added to the logits for selection only.");
+  s.add("gate.bias_update_rate", DeckType::real).set_default("1e-3").set_min(0)
+      .set_doc("Step of the selection bias: bias_e += rate * sign(mean load - load_e) after each training forward.");
+  s.add("gate.trace_file", DeckType::string).set_default("").set_doc("Trace gate: HDF5 file with /counts.");
+  s.add("gate.trace_layer", DeckType::integer).set_default("0").set_min(0).set_doc("Trace gate: layer index.");
+  s.add("gate.trace_iteration", DeckType::integer).set_default("-1").set_min(-1)
+      .set_doc("Trace gate: row of the trace's iteration axis (-1: the last).");
   s.add("gate.dropless", DeckType::boolean).set_default("true").set_doc("No capacity limit.");
   s.add("gate.drop_policy", DeckType::string)
       .set_default("position")
@@ -101,6 +142,16 @@ MoEConfig MoEConfig::from_deck(const InputDeck& deck) {
   c.capacity_factor = deck.get<double>("gate.capacity_factor");
   c.dropless        = deck.get<bool>("gate.dropless");
   c.drop_policy     = drop_policy_from_string(deck.get<std::string>("gate.drop_policy"));
+  c.capacity_factor_eval = deck.get<double>("gate.capacity_factor_eval");
+  c.balance_weight   = deck.get<double>("gate.balance_weight");
+  c.z_loss_weight    = deck.get<double>("gate.z_loss_weight");
+  c.jitter_eps       = deck.get<double>("gate.jitter_eps");
+  c.random_routing   = deck.get<bool>("gate.random_routing");
+  c.bias_balance     = deck.get<bool>("gate.bias_balance");
+  c.bias_update_rate = deck.get<double>("gate.bias_update_rate");
+  c.trace_file       = deck.get<std::string>("gate.trace_file");
+  c.trace_layer      = deck.get<int>("gate.trace_layer");
+  c.trace_iteration  = deck.get<int>("gate.trace_iteration");
   c.validate();
   return c;
 }

@@ -171,14 +171,17 @@ TEST(Trainer, LossFallsOnTheTask) {
   auto deck = moka::InputDeck::parse_string(
       "run.name = trainer_test\nio.metrics_file = none\ntask.train_size = 2048\ntask.test_size = 512\n"
       "model.blocks = 1\nmoe.d_model = 16\nmoe.d_ff = 32\nmoe.num_experts = 4\nmoe.top_k = 2\n"
-      "train.steps = 300\ntrain.batch_size = 128\ntrain.lr = 3e-3\ntrain.warmup_steps = 10\n"
-      "io.log_every = 100\nio.eval_every = 300\n",
+      "train.steps = 800\ntrain.batch_size = 128\ntrain.lr = 3e-3\ntrain.warmup_steps = 10\n"
+      "io.log_every = 100\nio.eval_every = 800\n",
       "trainer_test.deck");
   deck.validate(moka::train_schema());
   std::ostringstream log;
   const auto r = moka::train_regime_model(MPI_COMM_WORLD, deck, log);
-  EXPECT_EQ(r.steps, 300);
-  EXPECT_LT(r.final_test_loss, 0.25 * r.initial_test_loss) << log.str();
+  EXPECT_EQ(r.steps, 800);
+  EXPECT_LT(r.final_test_loss, 0.2 * r.initial_test_loss) << log.str();  // 6.3x measured
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  if (rank == 0) std::cout << "held-out loss " << r.initial_test_loss << " -> " << r.final_test_loss << "\n";
   EXPECT_GT(r.initial_test_loss, 0.1);
 }
 

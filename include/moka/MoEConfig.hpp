@@ -14,7 +14,11 @@ namespace moka {
 enum class GateType {
   topk,     ///< top-k of the logits, softmax over the k selected (FastMoE NaiveGate)
   softmax,  ///< softmax over all E experts, then top-k (GShard / Mixtral), optional renormalisation
-  zero      ///< every assignment to expert 0 with score 1/k (for tests)
+  noisy,    ///< noisy top-k (Shazeer et al.): trainable noise, importance and load cv^2 losses
+  gshard,   ///< GShard top-2: renormalised top-2 of the softmax, random routing, balance loss
+  switch_top1,  ///< Switch top-1: input jitter, softmax probability of the top expert, balance loss
+  zero,     ///< every assignment to expert 0 with score 1/k (for tests)
+  trace     ///< replays recorded per-expert counts from an HDF5 trace
 };
 
 /// \brief Expert activation.
@@ -42,14 +46,25 @@ struct MoEConfig {
   Activation activation = Activation::gelu_erf;  ///< expert.activation
   GateType gate = GateType::topk;                ///< gate.type
   bool renormalize = false;       ///< gate.renormalize: softmax gate, scores of the k sum to 1
-  double capacity_factor = 1.25;  ///< gate.capacity_factor (> 0)
+  double capacity_factor = 1.25;  ///< gate.capacity_factor (> 0), in training
+  double capacity_factor_eval = 2.0;  ///< gate.capacity_factor_eval (> 0), in evaluation
+  double balance_weight = 0.01;   ///< gate.balance_weight: weight of the gate's balance loss
+  double z_loss_weight  = 0.0;    ///< gate.z_loss_weight: router z-loss weight
+  double jitter_eps     = 0.01;   ///< gate.jitter_eps: Switch input jitter U(1-eps, 1+eps)
+  bool random_routing   = true;   ///< gate.random_routing: GShard drops the 2nd expert when 2 p2 < U(0,1)
+  bool bias_balance     = false;  ///< gate.bias_balance: DeepSeek-V3 auxiliary-loss-free bias
+  double bias_update_rate = 1e-3; ///< gate.bias_update_rate
+  std::string trace_file;         ///< gate.trace_file: HDF5 trace (trace gate)
+  int trace_layer     = 0;        ///< gate.trace_layer: index on the trace's layer axis
+  int trace_iteration = -1;       ///< gate.trace_iteration: row of the trace (-1: the last)
   bool dropless = true;           ///< gate.dropless: no capacity limit
   DropPolicy drop_policy = DropPolicy::position;  ///< gate.drop_policy
 
   /// \brief Width of W1's output: d_ff, or 2 d_ff for SwiGLU.
   int d_ff_in() const { return activation == Activation::swiglu ? 2 * d_ff : d_ff; }
-  /// \brief ceil(capacity_factor * T * k / E), or T * k when dropless.
-  long capacity(long tokens) const;
+  /// \brief ceil(factor * T * k / E) with the training or evaluation factor,
+  /// or T * k when dropless.
+  long capacity(long tokens, bool training = true) const;
   /// \brief Throws moka::Error naming the first inconsistent setting.
   void validate() const;
 
@@ -59,7 +74,7 @@ struct MoEConfig {
   static MoEConfig from_deck(const InputDeck& deck);
 };
 
-/// \brief Parses a gate name ("topk", "softmax", "zero"); throws moka::Error otherwise.
+/// \brief Parses a gate name (topk, softmax, noisy, gshard, switch, zero, trace); throws moka::Error otherwise.
 GateType gate_type_from_string(const std::string& s);
 /// \brief Parses an activation name; throws moka::Error otherwise.
 Activation activation_from_string(const std::string& s);

@@ -13,8 +13,14 @@
 /// an expert lives, and no floating-point atomics are used: the same inputs
 /// give bitwise the same outputs on the same backend.
 ///
-/// backward(dy) gives dx and accumulates (+=) the parameter gradients;
-/// zero_grad() clears them.
+/// backward(dy) gives dx and accumulates (+=) the parameter gradients,
+/// including those of the gate's auxiliary losses (aux_loss(): balance
+/// loss + z-loss, to be added to the model's loss); zero_grad() clears them.
+///
+/// Training mode (the default) turns on the random parts of the gates
+/// (noise, jitter, random routing), the training capacity factor and the
+/// bias-balancing updates. Random numbers come from a counter-based stream
+/// of (seed, forward count, position): reproducible on every backend.
 
 #include <moka/Core.hpp>
 #include <moka/MoEConfig.hpp>
@@ -31,6 +37,7 @@ struct MoEParams {
   using matrix  = Kokkos::View<Scalar**, Kokkos::LayoutRight, MemorySpace>;
   using tensor3 = Kokkos::View<Scalar***, Kokkos::LayoutRight, MemorySpace>;
   matrix gate_w;  ///< Wg [d, E]
+  matrix noise_w; ///< noise weights Wn [d, E] (noisy gate; 0 x 0 otherwise)
   tensor3 w1;     ///< W1 [E, d, d_ff_in]
   matrix b1;      ///< b1 [E, d_ff_in] (extent 0 rows without biases)
   tensor3 w2;     ///< W2 [E, d_ff, d]
@@ -78,8 +85,28 @@ class MoELayer {
   /// Needs the forward of the same x just before.
   void backward(const execution_space& space, const matrix& dy, const matrix& dx);
 
+  /// \brief Training (noise, jitter, random routing, bias updates) or evaluation.
+  void set_training(bool training) { m_training = training; }
+  bool training() const { return m_training; }
+  /// \brief Gate balance loss + z-loss of the last forward (already weighted).
+  double aux_loss() const { return m_balance_loss + m_z_loss; }
+  /// \brief The weighted balance loss of the last forward.
+  double balance_loss() const { return m_balance_loss; }
+  /// \brief The weighted z-loss of the last forward.
+  double z_loss() const { return m_z_loss; }
+
   /// \brief Expert of each (token, choice) of the last forward, [T, k].
   const index_matrix& expert_index() const { return m_idx; }
+  /// \brief As expert_index(), with -1 where random routing dropped a choice.
+  const index_matrix& routed_index() const { return m_route; }
+  /// \brief Standard-normal noise of the noisy gate in the last forward, [T, E].
+  const matrix& gate_noise() const { return m_noise; }
+  /// \brief Switch jitter factors of the last forward, [T, d] (empty when off).
+  const matrix& gate_jitter() const { return m_jitter; }
+  /// \brief Uniforms of GShard random routing in the last forward, [T].
+  const Kokkos::View<Scalar*, MemorySpace>& routing_uniforms() const { return m_rr; }
+  /// \brief Per-expert selection bias (bias balancing), [E].
+  const Kokkos::View<Scalar*, MemorySpace>& selection_bias() const { return m_sel_bias; }
   /// \brief Gate score of each (token, choice), [T, k].
   const matrix& scores() const { return m_score; }
   /// \brief Row of each (token, choice) in the expert buffer, or -1 if dropped, [T, k].
@@ -92,11 +119,20 @@ class MoELayer {
  private:
   void ensure_workspace(int T);
 
+  void gate_forward(const execution_space& space, const matrix& x);
+  void gate_backward(const execution_space& space, const matrix& dscore, const matrix& dx);
+
   MoEConfig m_cfg;
   params_type m_params, m_grads;
   // Saved by forward for backward.
-  matrix m_x, m_logits, m_probs, m_score, m_xs, m_hpre, m_h, m_ys;
-  index_matrix m_idx, m_slot;
+  matrix m_x, m_gin, m_jitter, m_clean, m_raw, m_std, m_noise, m_logits, m_probs, m_score, m_xs, m_hpre, m_h, m_ys;
+  index_matrix m_idx, m_route, m_slot, m_thr;
+  Kokkos::View<Scalar*, MemorySpace> m_rr, m_sel_bias, m_bal_grad, m_imp_grad, m_load_grad;
+  index_vector m_trace_cum;
+  std::vector<long> m_trace_counts;
+  bool m_training = true;
+  std::uint64_t m_seed = 0, m_counter = 0;
+  double m_balance_loss = 0, m_z_loss = 0;
   index_vector m_counts, m_offsets, m_rank_tmp, m_group_tmp, m_row_token, m_row_choice;
   std::vector<int> m_h_offsets;  // host copy of the expert offsets
   long m_rows = 0, m_capacity = 0;

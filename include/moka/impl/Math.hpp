@@ -7,12 +7,14 @@
 namespace moka {
 namespace impl {
 #if KOKKOS_VERSION >= 40000
+using Kokkos::cos;
 using Kokkos::erf;
 using Kokkos::exp;
 using Kokkos::log;
 using Kokkos::sqrt;
 using Kokkos::tanh;
 #else
+using Kokkos::Experimental::cos;
 using Kokkos::Experimental::erf;
 using Kokkos::Experimental::exp;
 using Kokkos::Experimental::log;

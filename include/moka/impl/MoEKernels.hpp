@@ -91,95 +91,10 @@ void gemm(const char* ta, const char* tb, S alpha, const mat<S, M>& A, const mat
   KokkosBlas::gemm(ta, tb, alpha, A, B, beta, C);
 }
 
-// ----------------------------------------------------------------- gating
-/// Top-k selection and scores. logits[T,E] -> idx[T,k], score[T,k]; for the
-/// softmax gate also probs[T,E]. Ties go to the lower expert index.
-template <class Exec, class S, class M>
-void gate_forward(const Exec& space, GateType gate, bool renormalize, const mat<S, M>& logits,
-                  const Kokkos::View<int**, Kokkos::LayoutRight, M>& idx, const mat<S, M>& score,
-                  const mat<S, M>& probs) {
-  const int T = static_cast<int>(logits.extent(0));
-  const int E = static_cast<int>(logits.extent(1));
-  const int k = static_cast<int>(idx.extent(1));
-  Kokkos::parallel_for(
-      "moka::gate_forward", Kokkos::RangePolicy<Exec>(space, 0, T), KOKKOS_LAMBDA(int t) {
-        if (gate == GateType::zero) {
-          for (int j = 0; j < k; ++j) {
-            idx(t, j)   = 0;
-            score(t, j) = S(1) / S(k);
-          }
-          return;
-        }
-        // k passes over E: the j-th largest logit not yet taken.
-        for (int j = 0; j < k; ++j) {
-          int best = -1;
-          for (int e = 0; e < E; ++e) {
-            bool taken = false;
-            for (int i = 0; i < j; ++i) taken = taken || idx(t, i) == e;
-            if (!taken && (best < 0 || logits(t, e) > logits(t, best))) best = e;
-          }
-          idx(t, j) = best;
-        }
-        if (gate == GateType::topk) {
-          const S m = logits(t, idx(t, 0));
-          S sum     = 0;
-          for (int j = 0; j < k; ++j) sum += impl::exp(logits(t, idx(t, j)) - m);
-          for (int j = 0; j < k; ++j) score(t, j) = impl::exp(logits(t, idx(t, j)) - m) / sum;
-        } else {  // softmax over all experts
-          S m = logits(t, 0);
-          for (int e = 1; e < E; ++e) m = logits(t, e) > m ? logits(t, e) : m;
-          S sum = 0;
-          for (int e = 0; e < E; ++e) {
-            probs(t, e) = impl::exp(logits(t, e) - m);
-            sum += probs(t, e);
-          }
-          for (int e = 0; e < E; ++e) probs(t, e) /= sum;
-          S sel = 0;
-          for (int j = 0; j < k; ++j) sel += probs(t, idx(t, j));
-          for (int j = 0; j < k; ++j) score(t, j) = renormalize ? probs(t, idx(t, j)) / sel : probs(t, idx(t, j));
-        }
-      });
-}
-
-/// dscore[T,k] -> dlogits[T,E] (overwritten).
-template <class Exec, class S, class M>
-void gate_backward(const Exec& space, GateType gate, bool renormalize, const mat<S, M>& probs,
-                   const Kokkos::View<int**, Kokkos::LayoutRight, M>& idx, const mat<S, M>& score,
-                   const mat<S, M>& dscore, const mat<S, M>& dlogits) {
-  const int T = static_cast<int>(dlogits.extent(0));
-  const int E = static_cast<int>(dlogits.extent(1));
-  const int k = static_cast<int>(idx.extent(1));
-  Kokkos::parallel_for(
-      "moka::gate_backward", Kokkos::RangePolicy<Exec>(space, 0, T), KOKKOS_LAMBDA(int t) {
-        for (int e = 0; e < E; ++e) dlogits(t, e) = S(0);
-        if (gate == GateType::zero) return;
-        if (gate == GateType::topk) {
-          // s = softmax over the selected logits: dl_j = s_j (ds_j - sum_i s_i ds_i).
-          S dot = 0;
-          for (int j = 0; j < k; ++j) dot += score(t, j) * dscore(t, j);
-          for (int j = 0; j < k; ++j) dlogits(t, idx(t, j)) = score(t, j) * (dscore(t, j) - dot);
-          return;
-        }
-        // softmax gate: first dp for the selected experts, then through the softmax.
-        S sel = 0, dot_sel = 0;
-        for (int j = 0; j < k; ++j) {
-          sel += probs(t, idx(t, j));
-          dot_sel += dscore(t, j) * score(t, j);
-        }
-        for (int j = 0; j < k; ++j) {
-          // dp_e stored in dlogits for now.
-          dlogits(t, idx(t, j)) = renormalize ? (dscore(t, j) - dot_sel) / sel : dscore(t, j);
-        }
-        S dot = 0;
-        for (int e = 0; e < E; ++e) dot += probs(t, e) * dlogits(t, e);
-        for (int e = 0; e < E; ++e) dlogits(t, e) = probs(t, e) * (dlogits(t, e) - dot);
-      });
-}
-
 // --------------------------------------------------- capacity and slots
 /// Turns the routing idx[T,k] (and score, for the score policy) into slots:
 /// slot(t,j) = row of assignment (t,j) in the expert-ordered buffer, or -1
-/// if dropped. Rows of an expert keep token order (t, then j). counts[E]
+/// if dropped (over capacity, or not routed: idx = -1). Rows of an expert keep token order (t, then j). counts[E]
 /// and offsets[E+1] describe the buffer; row_token / row_choice invert it.
 /// Returns the number of kept assignments (a fence of \p space).
 template <class Exec, class S, class M>
@@ -220,14 +135,19 @@ long assign_slots(const Exec& space, DropPolicy policy, long capacity,
   // group_tmp: assignments grouped by expert, token order inside a group.
   Kokkos::parallel_for(
       "moka::group", Kokkos::RangePolicy<Exec>(space, 0, N), KOKKOS_LAMBDA(int i) {
-        group_tmp(all_offsets(idx(i / k, i % k)) + rank_tmp(i)) = i;
+        const int e = idx(i / k, i % k);
+        if (e >= 0) group_tmp(all_offsets(e) + rank_tmp(i)) = i;
       });
   // 2. keep: rank < capacity, the rank by position or by score (within the group).
   Kokkos::View<int*, M> keep("moka::keep", N);
   Kokkos::parallel_for(
       "moka::keep", Kokkos::RangePolicy<Exec>(space, 0, N), KOKKOS_LAMBDA(int i) {
         const int t = i / k, j = i % k;
-        long r      = rank_tmp(i);
+        if (idx(t, j) < 0) {
+          keep(i) = 0;
+          return;
+        }
+        long r = rank_tmp(i);
         if (policy == DropPolicy::score) {
           const int e = idx(t, j);
           const S s   = score(t, j);
@@ -274,7 +194,7 @@ long assign_slots(const Exec& space, DropPolicy policy, long capacity,
   Kokkos::parallel_for(
       "moka::slots", Kokkos::RangePolicy<Exec>(space, 0, N), KOKKOS_LAMBDA(int i) {
         const int t = i / k, j = i % k;
-        const int r = rank_tmp(i);
+        const int r = idx(t, j) < 0 ? -1 : rank_tmp(i);
         if (r < 0) {
           slot(t, j) = -1;
         } else {

@@ -1,6 +1,8 @@
 #pragma once
 // Template bodies of moka::MoELayer (included by MoELayer.hpp).
 
+#include <moka/RoutingTrace.hpp>
+#include <moka/impl/GateKernels.hpp>
 #include <moka/impl/Init.hpp>
 
 #include <cmath>
@@ -12,6 +14,8 @@ namespace moka {
 template <class Scalar, class MemorySpace>
 MoEParams<Scalar, MemorySpace>::MoEParams(const MoEConfig& cfg, const std::string& prefix)
     : gate_w(prefix + "gate_w", cfg.d_model, cfg.num_experts),
+      noise_w(prefix + "noise_w", cfg.gate == GateType::noisy ? cfg.d_model : 0,
+              cfg.gate == GateType::noisy ? cfg.num_experts : 0),
       w1(prefix + "w1", cfg.num_experts, cfg.d_model, cfg.d_ff_in()),
       b1(prefix + "b1", cfg.expert_bias ? cfg.num_experts : 0, cfg.d_ff_in()),
       w2(prefix + "w2", cfg.num_experts, cfg.d_ff, cfg.d_model),
@@ -36,23 +40,40 @@ mat<S, M> expert_of(const Kokkos::View<S***, Kokkos::LayoutRight, M>& w, int e) 
 template <class Scalar, class MemorySpace>
 MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config)
     : m_cfg((config.validate(), config)), m_params(config, "moka::moe::"), m_grads(config, "moka::moe::grad_") {
-  m_counts  = index_vector("moka::moe::counts", config.num_experts);
-  m_offsets = index_vector("moka::moe::offsets", config.num_experts + 1);
+  m_counts    = index_vector("moka::moe::counts", config.num_experts);
+  m_offsets   = index_vector("moka::moe::offsets", config.num_experts + 1);
+  m_sel_bias  = Kokkos::View<Scalar*, MemorySpace>("moka::moe::selection_bias", config.num_experts);
+  m_bal_grad  = Kokkos::View<Scalar*, MemorySpace>("moka::moe::balance_grad", config.num_experts);
+  m_imp_grad  = Kokkos::View<Scalar*, MemorySpace>("moka::moe::importance_grad", config.num_experts);
+  m_load_grad = Kokkos::View<Scalar*, MemorySpace>("moka::moe::load_grad", config.num_experts);
+  m_trace_cum = index_vector("moka::moe::trace_cum", config.num_experts + 1);
+  if (config.gate == GateType::trace) {
+    const RoutingTrace trace = read_routing_trace(config.trace_file);
+    MOKA_REQUIRE(trace.n_experts == config.num_experts, "gate.trace_file '", config.trace_file, "' has ",
+                 trace.n_experts, " experts, moe.num_experts = ", config.num_experts);
+    m_trace_counts = trace.expert_counts(config.trace_iteration, config.trace_layer);
+  }
 }
 
 template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::init_parameters(std::uint64_t seed) {
   impl::SplitMix64 rng{seed};
   impl::fill_uniform(m_params.gate_w, rng, 1.0 / std::sqrt(double(m_cfg.d_model)));
+  if (m_params.noise_w.size()) impl::fill_uniform(m_params.noise_w, rng, 1.0 / std::sqrt(double(m_cfg.d_model)));
   impl::fill_uniform(m_params.w1, rng, 1.0 / std::sqrt(double(m_cfg.d_model)));
   impl::fill_uniform(m_params.w2, rng, 1.0 / std::sqrt(double(m_cfg.d_ff)));
   Kokkos::deep_copy(m_params.b1, Scalar(0));
   Kokkos::deep_copy(m_params.b2, Scalar(0));
+  // The gates' random streams (noise, jitter, random routing) start here.
+  m_seed    = rng.next();
+  m_counter = 0;
+  Kokkos::deep_copy(m_sel_bias, Scalar(0));
 }
 
 template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::zero_grad(const execution_space& space) {
   Kokkos::deep_copy(space, m_grads.gate_w, Scalar(0));
+  Kokkos::deep_copy(space, m_grads.noise_w, Scalar(0));
   Kokkos::deep_copy(space, m_grads.w1, Scalar(0));
   Kokkos::deep_copy(space, m_grads.b1, Scalar(0));
   Kokkos::deep_copy(space, m_grads.w2, Scalar(0));
@@ -67,10 +88,19 @@ void MoELayer<Scalar, MemorySpace>::ensure_workspace(int T) {
   auto alloc = [](const char* label, long m, long n) {
     return matrix(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("moka::moe::") + label), m, n);
   };
-  m_logits = alloc("logits", T, E);
-  m_probs  = m_cfg.gate == GateType::softmax ? alloc("probs", T, E) : matrix();
+  const bool noisy = m_cfg.gate == GateType::noisy;
+  m_clean  = alloc("clean_logits", T, E);
+  m_logits = noisy ? alloc("logits", T, E) : m_clean;
+  m_raw    = noisy ? alloc("noise_raw", T, E) : matrix();
+  m_std    = noisy ? alloc("noise_std", T, E) : matrix();
+  m_noise  = noisy ? matrix("moka::moe::noise", T, E) : matrix();
+  m_thr    = noisy ? index_matrix("moka::moe::thresholds", T, 2) : index_matrix();
+  m_jitter = m_cfg.gate == GateType::switch_top1 ? alloc("jitter", T, d) : matrix();
+  m_probs  = alloc("probs", T, E);
+  m_rr     = Kokkos::View<Scalar*, MemorySpace>("moka::moe::routing_uniforms", T);
   m_score  = alloc("score", T, k);
   m_idx    = index_matrix("moka::moe::expert_index", T, k);
+  m_route  = index_matrix("moka::moe::routed_index", T, k);
   m_slot   = index_matrix("moka::moe::slot", T, k);
   m_rank_tmp  = index_vector("moka::moe::rank", N);
   m_group_tmp = index_vector("moka::moe::group", N);
@@ -93,16 +123,12 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
   ensure_workspace(T);
   m_x = x;
 
-  // Gate.
-  space.fence();
-  impl::gemm("N", "N", Scalar(1), x, m_params.gate_w, Scalar(0), m_logits);
-  execution_space().fence();
-  impl::gate_forward(space, m_cfg.gate, m_cfg.renormalize, m_logits, m_idx, m_score, m_probs);
+  gate_forward(space, x);
 
   // Capacity, slots and the expert-ordered buffer (the exchange step is a
   // local copy on one rank).
-  m_capacity = m_cfg.capacity(T);
-  m_rows = impl::assign_slots(space, m_cfg.drop_policy, m_capacity, m_idx, m_score, m_counts, m_offsets, m_slot,
+  m_capacity = m_cfg.capacity(T, m_training);
+  m_rows = impl::assign_slots(space, m_cfg.drop_policy, m_capacity, m_route, m_score, m_counts, m_offsets, m_slot,
                               m_rank_tmp, m_group_tmp, m_row_token, m_row_choice);
   {
     auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), m_offsets);
@@ -171,7 +197,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   auto alloc = [](const char* label, long m, long n) {
     return matrix(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("moka::moe::") + label), m, n);
   };
-  matrix dscore = alloc("dscore", T, k), dlogits = alloc("dlogits", T, E);
+  matrix dscore = alloc("dscore", T, k);
   matrix dys = alloc("dys", rows, d), dh = alloc("dh", rows, dff), dhpre = alloc("dhpre", rows, dff_in);
   matrix dxs = alloc("dxs", rows, d);
   auto slot = m_slot, score = m_score, ys = m_ys, hpre = m_hpre, idx = m_idx;
@@ -246,13 +272,275 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   }
   execution_space().fence();
 
-  // Gate backward, then dx = dlogits Wg^T + the expert rows of each token.
-  impl::gate_backward(space, m_cfg.gate, m_cfg.renormalize, m_probs, idx, score, dscore, dlogits);
-  space.fence();
-  impl::gemm("N", "T", Scalar(1), dlogits, m_params.gate_w, Scalar(0), dx);
-  impl::gemm("T", "N", Scalar(1), m_x, dlogits, Scalar(1), m_grads.gate_w);
-  execution_space().fence();
+  // Gate backward (into dx), then the expert rows of each token.
+  gate_backward(space, dscore, dx);
   impl::scatter_add_rows(space, dxs, m_slot, dx);
+}
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, const matrix& x) {
+  const int T = static_cast<int>(x.extent(0)), E = m_cfg.num_experts, k = m_cfg.top_k, d = m_cfg.d_model;
+  const bool training = m_training;
+  const std::uint64_t seed = m_seed, counter = m_counter;
+  if (training) ++m_counter;
+  const GateType type = m_cfg.gate;
+
+  // Gate input: x, or x times the Switch jitter U(1-eps, 1+eps) in training.
+  m_gin = x;
+  if (type == GateType::switch_top1 && training && m_cfg.jitter_eps > 0) {
+    auto jit = m_jitter;
+    matrix gin(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::moe::gate_in"), T, d);
+    const Scalar eps = Scalar(m_cfg.jitter_eps);
+    Kokkos::parallel_for(
+        "moka::gate_jitter", Kokkos::MDRangePolicy<execution_space, Kokkos::Rank<2>>(space, {0, 0}, {T, d}),
+        KOKKOS_LAMBDA(int t, int c) {
+          const double u = impl::hash_uniform(seed ^ 0x6a09e667f3bcc909ull, (counter * T + t) * d + c);
+          jit(t, c)      = Scalar(1) + eps * Scalar(2 * u - 1);
+          gin(t, c)      = x(t, c) * jit(t, c);
+        });
+    m_gin = gin;
+  } else if (m_jitter.extent(0) > 0) {
+    Kokkos::deep_copy(space, m_jitter, Scalar(1));
+  }
+
+  // Logits (noisy gate: clean + N(0,1) * (softplus(x Wn) + 0.01) in training).
+  space.fence();
+  impl::gemm("N", "N", Scalar(1), m_gin, m_params.gate_w, Scalar(0), m_clean);
+  if (type == GateType::noisy) impl::gemm("N", "N", Scalar(1), m_gin, m_params.noise_w, Scalar(0), m_raw);
+  execution_space().fence();
+  if (type == GateType::noisy) {
+    auto clean = m_clean, raw = m_raw, sd = m_std, noise = m_noise, logits = m_logits;
+    Kokkos::parallel_for(
+        "moka::gate_noise", Kokkos::MDRangePolicy<execution_space, Kokkos::Rank<2>>(space, {0, 0}, {T, E}),
+        KOKKOS_LAMBDA(int t, int e) {
+          sd(t, e)     = impl::softplus(raw(t, e)) + Scalar(1e-2);
+          noise(t, e)  = training ? Scalar(impl::hash_normal(seed ^ 0xbb67ae8584caa73bull, (counter * T + t) * E + e))
+                                  : Scalar(0);
+          logits(t, e) = clean(t, e) + noise(t, e) * sd(t, e);
+        });
+  }
+
+  // Selection and scores.
+  if (type == GateType::trace) {
+    const std::vector<long> scaled = scale_counts(m_trace_counts, long(T) * k);
+    auto h = Kokkos::create_mirror_view(m_trace_cum);
+    h(0)   = 0;
+    for (int e = 0; e < E; ++e) h(e + 1) = h(e) + static_cast<int>(scaled[e]);
+    Kokkos::deep_copy(m_trace_cum, h);
+  }
+  impl::GateArgs args{type, m_cfg.renormalize, training && m_cfg.random_routing, m_cfg.bias_balance, seed ^ 0x3c6ef372fe94f82bull,
+                      counter};
+  impl::gate_select(space, args, m_logits, m_sel_bias, m_probs, m_idx, m_score, m_route, m_thr, m_rr);
+  if (type == GateType::trace) {
+    // Assignment i = j T + t goes to the expert whose share of [0, T k) holds i.
+    auto idx = m_idx, route = m_route, score = m_score;
+    auto cum = m_trace_cum;
+    Kokkos::parallel_for(
+        "moka::gate_trace", Kokkos::RangePolicy<execution_space>(space, 0, T * k), KOKKOS_LAMBDA(int i) {
+          const int j = i / T, t = i % T;
+          int e       = 0;
+          while (e + 1 < E && cum(e + 1) <= i) ++e;
+          idx(t, j)   = e;
+          route(t, j) = e;
+          score(t, j) = Scalar(1) / Scalar(k);
+        });
+  }
+
+  // Auxiliary losses, and the per-expert factors of their gradients.
+  m_balance_loss = 0;
+  m_z_loss       = 0;
+  auto probs = m_probs, logits = m_logits, score = m_score;
+  auto idx = m_idx, route = m_route;
+  if (m_cfg.z_loss_weight > 0) {
+    double zsum = 0;
+    Kokkos::parallel_reduce(
+        "moka::z_loss", Kokkos::RangePolicy<execution_space>(space, 0, T),
+        KOKKOS_LAMBDA(int t, double& acc) {
+          Scalar m = logits(t, 0);
+          for (int e = 1; e < E; ++e) m = logits(t, e) > m ? logits(t, e) : m;
+          Scalar s = 0;
+          for (int e = 0; e < E; ++e) s += impl::exp(logits(t, e) - m);
+          const double lse = double(m + impl::log(s));
+          acc += lse * lse;
+        },
+        zsum);
+    m_z_loss = m_cfg.z_loss_weight * zsum / T;
+  }
+  const double w = m_cfg.balance_weight;
+  if (w > 0 && (type == GateType::gshard || type == GateType::switch_top1)) {
+    // E * sum_e f_e m_e: f_e fraction of tokens whose first choice is e,
+    // m_e mean gate probability (1 at perfect balance; FastMoE scales the
+    // mean over experts by E^2, which is the same number).
+    Kokkos::View<double*, MemorySpace> f("moka::moe::first_fraction", E), mp("moka::moe::mean_prob", E);
+    Kokkos::parallel_for(
+        "moka::balance_stats", Kokkos::RangePolicy<execution_space>(space, 0, E), KOKKOS_LAMBDA(int e) {
+          double cnt = 0, p = 0;
+          for (int t = 0; t < T; ++t) {
+            cnt += idx(t, 0) == e ? 1.0 : 0.0;
+            p += double(probs(t, e));
+          }
+          f(e)  = cnt / T;
+          mp(e) = p / T;
+        });
+    auto hf = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), f);
+    auto hm = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), mp);
+    auto hg = Kokkos::create_mirror_view(m_bal_grad);
+    double l = 0;
+    for (int e = 0; e < E; ++e) {
+      l += hf(e) * hm(e);
+      hg(e) = Scalar(w * E * hf(e) / T);  // d loss / d p(t, e)
+    }
+    m_balance_loss = w * E * l;
+    Kokkos::deep_copy(m_bal_grad, hg);
+  }
+  if (w > 0 && type == GateType::noisy) {
+    // cv^2(importance) + cv^2(load): importance = summed scores per expert;
+    // load = expected selections under the noise (Shazeer et al.), or the
+    // selection counts when there is no noise (evaluation).
+    Kokkos::View<double*, MemorySpace> imp("moka::moe::importance", E), load("moka::moe::load", E);
+    auto clean = m_clean, sd = m_std;
+    auto thr = m_thr;
+    Kokkos::parallel_for(
+        "moka::noisy_stats", Kokkos::RangePolicy<execution_space>(space, 0, E), KOKKOS_LAMBDA(int e) {
+          double im = 0, ld = 0;
+          for (int t = 0; t < T; ++t) {
+            bool in = false;
+            for (int j = 0; j < k; ++j)
+              if (idx(t, j) == e) {
+                im += double(score(t, j));
+                in = true;
+              }
+            if (training) {
+              const Scalar th = logits(t, in ? thr(t, 0) : thr(t, 1));
+              ld += impl::normal_cdf(double((clean(t, e) - th) / sd(t, e)));
+            } else {
+              ld += in ? 1.0 : 0.0;
+            }
+          }
+          imp(e)  = im;
+          load(e) = ld;
+        });
+    auto hi = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), imp);
+    auto hl = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), load);
+    std::vector<double> vi(hi.data(), hi.data() + E), vl(hl.data(), hl.data() + E), gi, gl;
+    m_balance_loss = w * (impl::cv_squared(vi, &gi) + impl::cv_squared(vl, &gl));
+    auto hgi = Kokkos::create_mirror_view(m_imp_grad);
+    auto hgl = Kokkos::create_mirror_view(m_load_grad);
+    for (int e = 0; e < E; ++e) {
+      hgi(e) = Scalar(w * gi[e]);
+      hgl(e) = training ? Scalar(w * gl[e]) : Scalar(0);
+    }
+    Kokkos::deep_copy(m_imp_grad, hgi);
+    Kokkos::deep_copy(m_load_grad, hgl);
+  }
+
+  // Auxiliary-loss-free balancing (DeepSeek-V3): after routing, move each
+  // expert's selection bias toward the mean load.
+  if (training && m_cfg.bias_balance) {
+    Kokkos::View<long*, MemorySpace> sel("moka::moe::selections", E);
+    Kokkos::parallel_for(
+        "moka::bias_load", Kokkos::RangePolicy<execution_space>(space, 0, E), KOKKOS_LAMBDA(int e) {
+          long c = 0;
+          for (int t = 0; t < T; ++t)
+            for (int j = 0; j < k; ++j) c += route(t, j) == e ? 1 : 0;
+          sel(e) = c;
+        });
+    auto hs = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), sel);
+    auto hb = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), m_sel_bias);
+    double mean = 0;
+    for (int e = 0; e < E; ++e) mean += double(hs(e)) / E;
+    for (int e = 0; e < E; ++e) {
+      const double err = mean - double(hs(e));
+      hb(e) += Scalar(m_cfg.bias_update_rate * (err > 0 ? 1.0 : (err < 0 ? -1.0 : 0.0)));
+    }
+    Kokkos::deep_copy(m_sel_bias, hb);
+  }
+}
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::gate_backward(const execution_space& space, const matrix& dscore,
+                                                  const matrix& dx) {
+  const int T = m_T, E = m_cfg.num_experts, k = m_cfg.top_k, d = m_cfg.d_model;
+  const GateType type = m_cfg.gate;
+  const double w = m_cfg.balance_weight;
+  auto idx = m_idx;
+  auto alloc = [](const char* label, long m, long n) {
+    return matrix(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("moka::moe::") + label), m, n);
+  };
+  // Importance part of the noisy gate's loss acts on the scores.
+  if (w > 0 && type == GateType::noisy) {
+    auto gi = m_imp_grad;
+    Kokkos::parallel_for(
+        "moka::importance_backward", Kokkos::RangePolicy<execution_space>(space, 0, T), KOKKOS_LAMBDA(int t) {
+          for (int j = 0; j < k; ++j) dscore(t, j) += gi(idx(t, j));
+        });
+  }
+  // Balance loss of GShard / Switch acts on the probabilities.
+  matrix dprob;
+  if (w > 0 && (type == GateType::gshard || type == GateType::switch_top1)) {
+    dprob   = alloc("dprob", T, E);
+    auto bg = m_bal_grad;
+    Kokkos::parallel_for(
+        "moka::balance_backward", Kokkos::MDRangePolicy<execution_space, Kokkos::Rank<2>>(space, {0, 0}, {T, E}),
+        KOKKOS_LAMBDA(int t, int e) { dprob(t, e) = bg(e); });
+  }
+  matrix dlogits = alloc("dlogits", T, E);
+  impl::gate_backward(space, type, m_cfg.renormalize, m_logits, m_probs, idx, m_score, dscore, dprob,
+                      Scalar(m_cfg.z_loss_weight), dlogits);
+
+  matrix dclean = dlogits;
+  matrix draw;
+  if (type == GateType::noisy) {
+    // logits = clean + noise * std, std = softplus(raw) + 0.01; the load
+    // loss adds through Phi((clean - threshold) / std).
+    dclean = alloc("dclean", T, E);
+    draw   = alloc("draw", T, E);
+    auto clean = m_clean, raw = m_raw, sd = m_std, noise = m_noise, logits = m_logits;
+    auto thr = m_thr;
+    auto gl  = m_load_grad;
+    const bool load_grad = w > 0 && m_training;
+    Kokkos::parallel_for(
+        "moka::noisy_backward", Kokkos::RangePolicy<execution_space>(space, 0, T), KOKKOS_LAMBDA(int t) {
+          Scalar d_in = 0, d_out = 0;
+          for (int e = 0; e < E; ++e) {
+            dclean(t, e) = 0;
+            draw(t, e)   = 0;  // holds the direct d/dstd of the load term for now
+            if (!load_grad) continue;
+            bool in = false;
+            for (int j = 0; j < k; ++j) in = in || idx(t, j) == e;
+            const Scalar th = logits(t, in ? thr(t, 0) : thr(t, 1));
+            const Scalar z  = (clean(t, e) - th) / sd(t, e);
+            const Scalar g  = gl(e) * Scalar(impl::normal_pdf(double(z)));
+            dclean(t, e) = g / sd(t, e);
+            draw(t, e)   = -g * z / sd(t, e);
+            if (in) d_in -= g / sd(t, e);
+            else d_out -= g / sd(t, e);
+          }
+          if (load_grad) {
+            dlogits(t, thr(t, 0)) += d_in;
+            dlogits(t, thr(t, 1)) += d_out;
+          }
+          for (int e = 0; e < E; ++e) {
+            dclean(t, e) += dlogits(t, e);
+            const Scalar dstd = dlogits(t, e) * noise(t, e) + draw(t, e);
+            draw(t, e)        = dstd * impl::sigmoid(raw(t, e));
+          }
+        });
+  }
+  space.fence();
+  impl::gemm("T", "N", Scalar(1), m_gin, dclean, Scalar(1), m_grads.gate_w);
+  impl::gemm("N", "T", Scalar(1), dclean, m_params.gate_w, Scalar(0), dx);
+  if (type == GateType::noisy) {
+    impl::gemm("T", "N", Scalar(1), m_gin, draw, Scalar(1), m_grads.noise_w);
+    impl::gemm("N", "T", Scalar(1), draw, m_params.noise_w, Scalar(1), dx);
+  }
+  execution_space().fence();
+  if (type == GateType::switch_top1) {
+    auto jit = m_jitter;
+    Kokkos::parallel_for(
+        "moka::jitter_backward", Kokkos::MDRangePolicy<execution_space, Kokkos::Rank<2>>(space, {0, 0}, {T, d}),
+        KOKKOS_LAMBDA(int t, int c) { dx(t, c) *= jit(t, c); });
+  }
 }
 
 // The common instantiations live in the library (src/MoELayer.cpp).
