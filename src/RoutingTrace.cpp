@@ -1,3 +1,4 @@
+#include <moka/Config.hpp>
 #include <moka/Error.hpp>
 #include <moka/RoutingTrace.hpp>
 

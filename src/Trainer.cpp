@@ -114,6 +114,7 @@ TrainResult train_typed(MPI_Comm comm, const InputDeck& deck, std::ostream& log)
 
   // Held-out loss: each rank a contiguous slice of the test set, in chunks.
   auto evaluate = [&]() {
+    model.set_training(false);
     const long per = (test.n + size - 1) / size;
     const long b = std::min(test.n, rank * per), e = std::min(test.n, b + per);
     double sse = 0;
@@ -134,6 +135,7 @@ TrainResult train_typed(MPI_Comm comm, const InputDeck& deck, std::ostream& log)
     }
     double total = 0;
     MPI_Allreduce(&sse, &total, 1, MPI_DOUBLE, MPI_SUM, comm);
+    model.set_training(true);
     return total / (double(test.n) * mcfg.d_out);
   };
 
@@ -141,7 +143,7 @@ TrainResult train_typed(MPI_Comm comm, const InputDeck& deck, std::ostream& log)
   if (rank == 0 && !tcfg.metrics_file.empty()) {
     csv.open(tcfg.metrics_file);
     MOKA_REQUIRE(bool(csv), "cannot write io.metrics_file '", tcfg.metrics_file, "'");
-    csv << "step,loss,test_loss,lr,grad_norm,samples_per_s,load_min,load_max,elapsed_s\n";
+    csv << "step,loss,aux_loss,test_loss,lr,grad_norm,samples_per_s,load_min,load_max,elapsed_s\n";
   }
 
   TrainResult result;
@@ -180,11 +182,15 @@ TrainResult train_typed(MPI_Comm comm, const InputDeck& deck, std::ostream& log)
     model.zero_grad(space);
     model.forward(space, x, out);
     const double local_loss = mse_loss<S, M>(space, out, y, dout);
+    const double local_aux  = model.aux_loss();
     model.backward(space, dout);
     space.fence();
     average_gradients(comm, size, params);
     MPI_Allreduce(&local_loss, &loss, 1, MPI_DOUBLE, MPI_SUM, comm);
     loss /= size;
+    double aux = 0;
+    MPI_Allreduce(&local_aux, &aux, 1, MPI_DOUBLE, MPI_SUM, comm);
+    aux /= size;
     const double lr   = ocfg.learning_rate(step);
     const double norm = opt.step(space);
 
@@ -211,7 +217,7 @@ TrainResult train_typed(MPI_Comm comm, const InputDeck& deck, std::ostream& log)
     const double sps     = double(step + 1) * tcfg.batch_size / elapsed;
     if (rank == 0) {
       if (csv) {
-        csv << step + 1 << "," << loss << ",";
+        csv << step + 1 << "," << loss << "," << aux << ",";
         if (test_loss >= 0) csv << test_loss;
         csv << "," << lr << "," << norm << "," << sps << "," << load_min << "," << load_max << "," << elapsed << "\n";
       }
@@ -220,6 +226,7 @@ TrainResult train_typed(MPI_Comm comm, const InputDeck& deck, std::ostream& log)
         std::ostringstream line;
         line << "step " << std::setw(5) << step + 1 << "/" << ocfg.total_steps << "  loss " << std::scientific
              << std::setprecision(3) << loss;
+        if (aux > 0) line << "  aux " << aux;
         if (test_loss >= 0) line << "  held-out " << test_loss;
         line << "  lr " << std::setprecision(2) << lr << std::fixed << std::setprecision(0) << "  " << sps
              << " samples/s  ETA " << format_seconds(eta) << std::setprecision(2) << "  load min/max " << load_min

@@ -3,11 +3,13 @@
 // every gradient against central finite differences of the reference.
 
 #include <moka/MoELayer.hpp>
+#include <moka/RoutingTrace.hpp>
 
 #include <gtest/gtest.h>
 
 #include "MoEReference.hpp"
 
+#include <numeric>
 #include <random>
 #include <sstream>
 
@@ -91,7 +93,7 @@ void from_vec(const View& v, const std::vector<double>& src) {
 template <class Layer>
 RefParams params_of(const Layer& L) {
   const auto& p = L.params();
-  return RefParams{to_vec(p.gate_w), to_vec(p.w1), to_vec(p.b1), to_vec(p.w2), to_vec(p.b2)};
+  return RefParams{to_vec(p.gate_w), to_vec(p.w1), to_vec(p.b1), to_vec(p.w2), to_vec(p.b2), to_vec(p.noise_w)};
 }
 
 template <class Layer>
@@ -123,9 +125,10 @@ double max_rel_err(const std::vector<double>& a, const std::vector<double>& b) {
 // Runs forward + backward of a layer<S> on (x, G) and returns y and all gradients.
 template <class Layer>
 struct Run {
-  std::vector<double> y, dx, dwg, dw1, db1, dw2, db2;
+  std::vector<double> y, dx, dwg, dwn, dw1, db1, dw2, db2;
   RefRouting routing;
   std::vector<int> counts;
+  moka_test::RefRandom random;  // the draws the forward used
 };
 
 template <class Layer>
@@ -145,6 +148,7 @@ Run<Layer> run_layer(Layer& L, int T, const std::vector<double>& x, const std::v
   r.dx = to_vec(DX);
   const auto& g = L.grads();
   r.dwg = to_vec(g.gate_w);
+  r.dwn = to_vec(g.noise_w);
   r.dw1 = to_vec(g.w1);
   r.db1 = to_vec(g.b1);
   r.dw2 = to_vec(g.w2);
@@ -156,6 +160,13 @@ Run<Layer> run_layer(Layer& L, int T, const std::vector<double>& x, const std::v
   for (double s : slot) r.routing.kept.push_back(s >= 0 ? 1 : 0);
   auto c = to_vec(L.expert_counts());
   r.counts.assign(c.begin(), c.end());
+  auto route = to_vec(L.routed_index());
+  r.routing.route.assign(route.begin(), route.end());
+  r.routing.aux = L.aux_loss();
+  r.random.training = L.training();
+  r.random.noise = to_vec(L.gate_noise());
+  r.random.jitter = to_vec(L.gate_jitter());
+  r.random.rr = to_vec(L.routing_uniforms());
   return r;
 }
 
@@ -167,14 +178,15 @@ double loss(const std::vector<double>& y, const std::vector<double>& G) {
 
 // Central differences of the reference loss sum(y * G) with respect to one
 // input vector: x itself, or one parameter tensor.
-enum class Wrt { x, wg, w1, b1, w2, b2 };
+enum class Wrt { x, wg, wn, w1, b1, w2, b2 };
 std::vector<double> fd_grad(const moka::MoEConfig& cfg, int T, std::vector<double> x, RefParams p,
-                            const std::vector<double>& G, Wrt wrt) {
+                            const std::vector<double>& G, Wrt wrt, const moka_test::RefRandom* rnd = nullptr) {
   const double h = 1e-6;
   std::vector<double>* v = nullptr;
   switch (wrt) {
     case Wrt::x: v = &x; break;
     case Wrt::wg: v = &p.wg; break;
+    case Wrt::wn: v = &p.wn; break;
     case Wrt::w1: v = &p.w1; break;
     case Wrt::b1: v = &p.b1; break;
     case Wrt::w2: v = &p.w2; break;
@@ -183,10 +195,12 @@ std::vector<double> fd_grad(const moka::MoEConfig& cfg, int T, std::vector<doubl
   std::vector<double> g(v->size());
   for (std::size_t i = 0; i < v->size(); ++i) {
     const double save = (*v)[i];
+    // loss = sum(y G) + the gate's auxiliary losses
+    RefRouting r;
     (*v)[i] = save + h;
-    const double lp = loss(moka_test::ref_forward(cfg, T, x, p), G);
+    double lp = loss(moka_test::ref_forward(cfg, T, x, p, &r, rnd), G) + r.aux;
     (*v)[i] = save - h;
-    const double lm = loss(moka_test::ref_forward(cfg, T, x, p), G);
+    double lm = loss(moka_test::ref_forward(cfg, T, x, p, &r, rnd), G) + r.aux;
     (*v)[i] = save;
     g[i] = (lp - lm) / (2 * h);
   }
@@ -388,4 +402,219 @@ TEST(MoEConfig, FromDeck) {
   auto bad = moka::InputDeck::parse_string("moe.num_experts = 2\nmoe.top_k = 3\n", "bad.deck");
   bad.validate(moka::MoEConfig::schema());
   EXPECT_THROW(moka::MoEConfig::from_deck(bad), moka::Error);
+}
+
+// ------------------------------------------------------------------------
+// The gates with random parts and auxiliary losses. The reference takes the
+// layer's random draws (noise, jitter, routing uniforms) and reproduces the
+// outputs, the routing and the auxiliary loss; gradients of
+// sum(y G) + aux are checked by central differences of the reference.
+struct GateCase {
+  std::string name;
+  moka::MoEConfig cfg;
+  bool training;
+};
+
+void PrintTo(const GateCase& c, std::ostream* os) { *os << c.name; }
+
+std::vector<GateCase> gate_cases() {
+  auto base = [] {
+    moka::MoEConfig c;
+    c.d_model = 6;
+    c.d_ff = 5;
+    c.num_experts = 4;
+    c.top_k = 2;
+    c.activation = moka::Activation::silu;
+    return c;
+  };
+  std::vector<GateCase> v;
+  for (bool training : {true, false}) {
+    const std::string mode = training ? "train" : "eval";
+    auto c = base();
+    c.gate = moka::GateType::noisy;
+    c.balance_weight = 0.3;
+    v.push_back({"noisy_" + mode, c, training});
+    c = base();
+    c.gate = moka::GateType::gshard;
+    c.balance_weight = 0.2;
+    c.dropless = false;
+    c.capacity_factor = 1.0;
+    c.capacity_factor_eval = 1.5;
+    v.push_back({"gshard_capacity_" + mode, c, training});
+    c = base();
+    c.gate = moka::GateType::switch_top1;
+    c.top_k = 1;
+    c.balance_weight = 0.2;
+    c.jitter_eps = 0.1;
+    c.dropless = false;
+    c.capacity_factor = 1.25;
+    v.push_back({"switch_jitter_" + mode, c, training});
+  }
+  auto c = base();
+  c.gate = moka::GateType::topk;
+  c.z_loss_weight = 0.05;
+  v.push_back({"topk_zloss", c, true});
+  c = base();
+  c.gate = moka::GateType::softmax;
+  c.renormalize = true;
+  c.z_loss_weight = 0.05;
+  c.bias_balance = true;
+  c.bias_update_rate = 0.01;
+  v.push_back({"softmax_zloss_biasbalance", c, true});
+  c = base();
+  c.gate = moka::GateType::gshard;
+  c.random_routing = false;
+  c.z_loss_weight = 0.02;
+  v.push_back({"gshard_norandom_zloss", c, true});
+  return v;
+}
+
+class MoEGateCases : public ::testing::TestWithParam<GateCase> {};
+
+TEST_P(MoEGateCases, MatchReferenceAndFiniteDifferences) {
+  const GateCase gc = GetParam();
+  const moka::MoEConfig& cfg = gc.cfg;
+  const int T = 16;
+  std::mt19937_64 rng(77);
+  HostLayer<double> L(cfg);
+  L.init_parameters(5);
+  L.set_training(gc.training);
+  std::vector<double> bias_before;
+  if (cfg.bias_balance) {
+    bias_before = random_vec(cfg.num_experts, rng, 0.5);
+    from_vec(L.selection_bias(), bias_before);
+  }
+  const RefParams p = params_of(L);
+  const auto x = random_vec(T * cfg.d_model, rng, 1.5);
+  const auto G = random_vec(T * cfg.d_model, rng);
+  const auto r = run_layer(L, T, x, G);
+  moka_test::RefRandom rnd = r.random;
+  if (cfg.gate != moka::GateType::switch_top1 || !gc.training) rnd.jitter.clear();
+  rnd.sel_bias = bias_before;
+  RefRouting ref;
+  const auto y_ref = moka_test::ref_forward(cfg, T, x, p, &ref, &rnd);
+  SCOPED_TRACE(gc.name);
+
+  EXPECT_LT(max_rel_err(r.y, y_ref), 1e-13);
+  EXPECT_EQ(r.routing.idx, ref.idx);
+  EXPECT_EQ(r.routing.route, ref.route);
+  EXPECT_EQ(r.routing.kept, ref.kept);
+  EXPECT_NEAR(r.routing.aux, ref.aux, 1e-13 * (1 + std::fabs(ref.aux)));
+  if (cfg.balance_weight > 0 && cfg.gate != moka::GateType::topk && cfg.gate != moka::GateType::softmax)
+    EXPECT_GT(ref.aux, 0.0);
+  for (int e = 0; e < cfg.num_experts; ++e) EXPECT_LE(r.counts[e], cfg.capacity(T, gc.training));
+  if (cfg.gate == moka::GateType::gshard && gc.training && cfg.random_routing)
+    EXPECT_GT(std::count(ref.route.begin(), ref.route.end(), -1), 0) << "random routing dropped nothing";
+  if (cfg.gate == moka::GateType::noisy && gc.training) {
+    double nrm = 0;
+    for (double v : r.random.noise) nrm += v * v;
+    EXPECT_GT(nrm, 0.0) << "no noise in training";
+  }
+
+  const double atol = 2e-8, rtol = 1e-6;
+  expect_close(r.dx, fd_grad(cfg, T, x, p, G, Wrt::x, &rnd), atol, rtol, "dx");
+  expect_close(r.dwg, fd_grad(cfg, T, x, p, G, Wrt::wg, &rnd), atol, rtol, "dWg");
+  if (cfg.gate == moka::GateType::noisy) expect_close(r.dwn, fd_grad(cfg, T, x, p, G, Wrt::wn, &rnd), atol, rtol, "dWn");
+  expect_close(r.dw1, fd_grad(cfg, T, x, p, G, Wrt::w1, &rnd), atol, rtol, "dW1");
+  expect_close(r.dw2, fd_grad(cfg, T, x, p, G, Wrt::w2, &rnd), atol, rtol, "dW2");
+  expect_close(r.db1, fd_grad(cfg, T, x, p, G, Wrt::b1, &rnd), atol, rtol, "db1");
+
+  if (cfg.bias_balance) {
+    // bias_e += rate * sign(mean load - load_e), loads counted over the routed choices.
+    const auto after = to_vec(L.selection_bias());
+    std::vector<double> load(cfg.num_experts, 0.0);
+    for (int v : ref.route)
+      if (v >= 0) load[v] += 1;
+    const double mean = double(T * cfg.top_k) / cfg.num_experts;
+    for (int e = 0; e < cfg.num_experts; ++e) {
+      const double sgn = mean > load[e] ? 1.0 : (mean < load[e] ? -1.0 : 0.0);
+      EXPECT_NEAR(after[e], bias_before[e] + cfg.bias_update_rate * sgn, 1e-15) << "expert " << e;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(RandomAndAuxiliary, MoEGateCases, ::testing::ValuesIn(gate_cases()),
+                         [](const ::testing::TestParamInfo<GateCase>& info) { return info.param.name; });
+
+TEST(MoELayer, RandomDrawsAreReproducibleAndChangeEveryStep) {
+  moka::MoEConfig cfg;
+  cfg.d_model = 8;
+  cfg.d_ff = 8;
+  cfg.num_experts = 4;
+  cfg.gate = moka::GateType::noisy;
+  HostLayer<double> A(cfg), B(cfg);
+  A.init_parameters(3);
+  B.init_parameters(3);
+  std::mt19937_64 rng(2);
+  const auto x = random_vec(10 * 8, rng), G = random_vec(10 * 8, rng);
+  const auto a1 = run_layer(A, 10, x, G), b1 = run_layer(B, 10, x, G);
+  EXPECT_EQ(a1.random.noise, b1.random.noise);  // same seed, same step
+  EXPECT_EQ(a1.y, b1.y);
+  const auto a2 = run_layer(A, 10, x, G);
+  EXPECT_NE(a1.random.noise, a2.random.noise);  // next step, new noise
+}
+
+TEST(MoELayer, TraceGateReplaysRecordedCounts) {
+  const std::string path = std::string(MOKA_SHARED_DIR) + "/traces/gpt_moe_32e_layers00-11.h5";
+  const moka::RoutingTrace trace = moka::read_routing_trace(path);
+  ASSERT_EQ(trace.n_experts, 32);
+  ASSERT_EQ(trace.top_k, 2);
+  // Every (rank, micro-batch) row of 32 sums to 4096 assignments.
+  const auto last = trace.expert_counts(-1, 3);
+  EXPECT_EQ(std::accumulate(last.begin(), last.end(), 0L), 16L * 4 * 4096);
+  moka::MoEConfig cfg;
+  cfg.d_model = 8;
+  cfg.d_ff = 8;
+  cfg.num_experts = 32;
+  cfg.top_k = 2;
+  cfg.gate = moka::GateType::trace;
+  cfg.trace_file = path;
+  cfg.trace_layer = 3;
+  cfg.trace_iteration = -1;
+  HostLayer<double> L(cfg);
+  L.init_parameters(1);
+  const int T = 1000;
+  std::mt19937_64 rng(4);
+  const auto r = run_layer(L, T, random_vec(T * 8, rng), random_vec(T * 8, rng));
+  const auto want = moka::scale_counts(last, long(T) * 2);
+  EXPECT_EQ(std::vector<long>(r.counts.begin(), r.counts.end()), want);
+  EXPECT_EQ(std::accumulate(want.begin(), want.end(), 0L), 2000L);
+  // The recorded skew survives: the busiest expert gets several times the mean.
+  EXPECT_GT(*std::max_element(want.begin(), want.end()), 3 * 2000 / 32);
+}
+
+TEST(MoELayer, TraceGateBadInput) {
+  moka::MoEConfig cfg;
+  cfg.gate = moka::GateType::trace;
+  EXPECT_THROW(cfg.validate(), moka::Error);  // no file
+  cfg.trace_file = "/nonexistent/trace.h5";
+  try {
+    HostLayer<double> L(cfg);
+    FAIL() << "no throw";
+  } catch (const moka::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cannot open '/nonexistent/trace.h5'"), std::string::npos) << e.what();
+  }
+  cfg.trace_file = std::string(MOKA_SHARED_DIR) + "/traces/gpt_moe_32e_layers00-11.h5";
+  cfg.num_experts = 8;  // the trace has 32
+  EXPECT_THROW(HostLayer<double>{cfg}, moka::Error);
+  // Not an HDF5 file.
+  cfg.trace_file = std::string(MOKA_SHARED_DIR) + "/traces/README.md";
+  cfg.num_experts = 32;
+  EXPECT_THROW(HostLayer<double>{cfg}, moka::Error);
+}
+
+TEST(MoEConfig, GateSpecificChecks) {
+  moka::MoEConfig c;
+  c.gate = moka::GateType::gshard;
+  c.top_k = 1;
+  EXPECT_THROW(c.validate(), moka::Error);
+  c.gate = moka::GateType::switch_top1;
+  c.top_k = 2;
+  EXPECT_THROW(c.validate(), moka::Error);
+  c.gate = moka::GateType::noisy;
+  c.num_experts = 2;
+  EXPECT_THROW(c.validate(), moka::Error);  // needs k < E
+  c.num_experts = 8;
+  c.bias_balance = true;
+  EXPECT_THROW(c.validate(), moka::Error);  // not for the noisy gate
 }

@@ -130,6 +130,7 @@ class MoEModel {
       auto& G = m_moe[b]->grads();
       add(p + "gate_w", P.gate_w, G.gate_w);
       add(p + "w1", P.w1, G.w1);
+      if (P.noise_w.size()) add(p + "noise_w", P.noise_w, G.noise_w);
       if (P.b1.size()) add(p + "b1", P.b1, G.b1);
       add(p + "w2", P.w2, G.w2);
       if (P.b2.size()) add(p + "b2", P.b2, G.b2);
@@ -137,6 +138,19 @@ class MoEModel {
     add("out.w", m_out.weight(), m_out.weight_grad());
     add("out.b", m_out.bias(), m_out.bias_grad());
     return out;
+  }
+
+  /// \brief Training or evaluation mode of every MoE layer (noise, jitter,
+  /// random routing, capacity factor, bias updates).
+  void set_training(bool training) {
+    for (auto& m : m_moe) m->set_training(training);
+  }
+  /// \brief Sum of the MoE layers' auxiliary losses (balance + z) of the
+  /// last forward; their gradients are part of backward().
+  double aux_loss() const {
+    double s = 0;
+    for (const auto& m : m_moe) s += m->aux_loss();
+    return s;
   }
 
   /// \brief The MoE layer of block \p b.
