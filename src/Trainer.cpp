@@ -15,8 +15,9 @@ DeckSchema TrainerConfig::schema() {
   DeckSchema s;
   s.add("train.batch_size", DeckType::integer).set_default("256").set_min(1)
       .set_doc("Samples per step over all ranks (a multiple of the number of ranks).");
-  s.add("train.precision", DeckType::string).set_default("fp32").set_choices({"fp32", "fp64"})
-      .set_doc("Precision of parameters, activations and optimizer state.");
+  s.add("train.precision", DeckType::string).set_default("fp32").set_choices({"fp32", "fp64", "bf16"})
+      .set_doc("fp32 or fp64 throughout; bf16: expert GEMMs with bf16 operands and fp32 accumulation, fp32 "
+               "master weights and optimizer state (CUDA builds).");
   s.add("io.log_every", DeckType::integer).set_default("50").set_min(1).set_doc("Steps between progress lines.");
   s.add("io.eval_every", DeckType::integer).set_default("100").set_min(1)
       .set_doc("Steps between held-out loss evaluations (also at the start and the end).");
@@ -90,6 +91,7 @@ TrainResult train_typed(MPI_Comm comm, const InputDeck& deck, std::ostream& log)
   const RunConfig run         = RunConfig::from_deck(deck);
   const RegimeTaskConfig task = RegimeTaskConfig::from_deck(deck);
   ModelConfig mcfg            = ModelConfig::from_deck(deck);
+  mcfg.moe.bf16_compute       = deck.get<std::string>("train.precision") == "bf16";
   mcfg.d_in                   = task.input_dim;
   mcfg.d_out                  = RegimeTaskConfig::output_dim;
   const OptimizerConfig ocfg  = OptimizerConfig::from_deck(deck);
@@ -257,6 +259,10 @@ TrainResult train_regime_model(MPI_Comm comm, const InputDeck& deck, std::ostrea
   ScopedRegion region("moka::train_regime_model");
   const std::string precision = deck.get<std::string>("train.precision");
   if (precision == "fp64") return train_typed<double>(comm, deck, log);
+#ifndef KOKKOS_ENABLE_CUDA
+  MOKA_REQUIRE(precision != "bf16", "train.precision = bf16 needs a CUDA build (this one runs on ",
+               Kokkos::DefaultExecutionSpace::name(), ")");
+#endif
   return train_typed<float>(comm, deck, log);
 }
 

@@ -60,6 +60,8 @@ class MoELayer {
   using index_matrix    = Kokkos::View<int**, Kokkos::LayoutRight, MemorySpace>;
   using index_vector    = Kokkos::View<int*, MemorySpace>;
   using params_type     = MoEParams<Scalar, MemorySpace>;
+  using bmatrix         = Kokkos::View<bf16**, Kokkos::LayoutRight, MemorySpace>;
+  using btensor3        = Kokkos::View<bf16***, Kokkos::LayoutRight, MemorySpace>;
 
   /// \brief Allocates parameters (zero) and gradients; throws moka::Error on a bad config.
   explicit MoELayer(const MoEConfig& config);
@@ -119,6 +121,10 @@ class MoELayer {
  private:
   void ensure_workspace(int T);
 
+  enum class Stage { up, down, down_backward, up_backward };
+  void expert_gemm(const execution_space& space, Stage stage);
+  void expert_gemm_bf16(const execution_space& space, Stage stage);
+  void prepare_bf16_forward(const execution_space& space);
   void gate_forward(const execution_space& space, const matrix& x);
   void gate_backward(const execution_space& space, const matrix& dscore, const matrix& dx);
 
@@ -127,6 +133,9 @@ class MoELayer {
   // Saved by forward for backward.
   matrix m_x, m_gin, m_jitter, m_clean, m_raw, m_std, m_noise, m_logits, m_probs, m_score, m_xs, m_hpre, m_h, m_ys;
   index_matrix m_idx, m_route, m_slot, m_thr;
+  matrix m_dys, m_dh, m_dhpre, m_dxs;          // backward workspace of the expert GEMMs
+  bmatrix m_xs_b, m_h_b, m_dys_b, m_dhpre_b;   // bf16 operands (bf16_compute)
+  btensor3 m_w1_b, m_w2_b;                     // bf16 copies of the expert weights
   Kokkos::View<Scalar*, MemorySpace> m_rr, m_sel_bias, m_bal_grad, m_imp_grad, m_load_grad;
   index_vector m_trace_cum;
   std::vector<long> m_trace_counts;

@@ -207,6 +207,13 @@ long assign_slots(const Exec& space, DropPolicy policy, long capacity,
   return kept;
 }
 
+/// dst[i] = bf16(src[i]) for i < n (round to nearest even).
+template <class Exec, class S>
+void convert_to_bf16(const Exec& space, const char* label, const S* src, bf16* dst, std::size_t n) {
+  Kokkos::parallel_for(
+      label, Kokkos::RangePolicy<Exec>(space, 0, n), KOKKOS_LAMBDA(std::size_t i) { dst[i] = bf16(float(src[i])); });
+}
+
 // ----------------------------------------------------- dispatch / combine
 /// xs(r,:) = x(row_token(r),:) for r < rows.
 template <class Exec, class S, class M>

@@ -2,11 +2,13 @@
 // Template bodies of moka::MoELayer (included by MoELayer.hpp).
 
 #include <moka/RoutingTrace.hpp>
+#include <moka/impl/CublasGemm.hpp>
 #include <moka/impl/GateKernels.hpp>
 #include <moka/impl/Init.hpp>
 
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace moka {
@@ -47,6 +49,16 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config)
   m_imp_grad  = Kokkos::View<Scalar*, MemorySpace>("moka::moe::importance_grad", config.num_experts);
   m_load_grad = Kokkos::View<Scalar*, MemorySpace>("moka::moe::load_grad", config.num_experts);
   m_trace_cum = index_vector("moka::moe::trace_cum", config.num_experts + 1);
+  if (config.bf16_compute) {
+#ifdef KOKKOS_ENABLE_CUDA
+    constexpr bool ok = std::is_same<Scalar, float>::value && std::is_same<MemorySpace, Kokkos::CudaSpace>::value;
+#else
+    constexpr bool ok = false;
+#endif
+    MOKA_REQUIRE(ok, "bf16 expert GEMMs (train.precision = bf16) need a CUDA build and a float layer in CudaSpace");
+    m_w1_b = btensor3("moka::moe::w1_bf16", config.num_experts, config.d_model, config.d_ff_in());
+    m_w2_b = btensor3("moka::moe::w2_bf16", config.num_experts, config.d_ff, config.d_model);
+  }
   if (config.gate == GateType::trace) {
     const RoutingTrace trace = read_routing_trace(config.trace_file);
     MOKA_REQUIRE(trace.n_experts == config.num_experts, "gate.trace_file '", config.trace_file, "' has ",
@@ -106,7 +118,13 @@ void MoELayer<Scalar, MemorySpace>::ensure_workspace(int T) {
   m_group_tmp = index_vector("moka::moe::group", N);
   m_xs   = alloc("xs", N, d);
   m_hpre = alloc("hpre", N, m_cfg.d_ff_in());
-  m_h    = alloc("h", N, m_cfg.d_ff);
+  if (m_cfg.bf16_compute) {
+    m_h    = matrix();
+    m_h_b  = bmatrix(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::moe::h_bf16"), N, m_cfg.d_ff);
+    m_xs_b = bmatrix(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::moe::xs_bf16"), N, d);
+  } else {
+    m_h = alloc("h", N, m_cfg.d_ff);
+  }
   m_ys   = alloc("ys", N, d);
   m_T    = T;
 }
@@ -137,18 +155,13 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
   impl::gather_rows(space, m_rows, x, m_row_token, m_xs);
 
   // Experts: hpre = xs W1 (+ b1), h = act(hpre), ys = h W2 (+ b2).
-  const int dff = m_cfg.d_ff, dff_in = m_cfg.d_ff_in(), d = m_cfg.d_model;
+  const int dff = m_cfg.d_ff, d = m_cfg.d_model;
   const Activation act = m_cfg.activation;
-  const bool bias = m_cfg.expert_bias;
-  space.fence();
-  for (int e = 0; e < E; ++e) {
-    const long b = m_h_offsets[e], n = m_h_offsets[e + 1] - b;
-    if (n == 0) continue;
-    impl::gemm("N", "N", Scalar(1), impl::rows_of(m_xs, b, b + n), impl::expert_of(m_params.w1, e), Scalar(0),
-               impl::rows_of(m_hpre, b, b + n));
-  }
-  execution_space().fence();
+  const bool bias = m_cfg.expert_bias, bf16 = m_cfg.bf16_compute;
+  if (bf16) prepare_bf16_forward(space);
+  expert_gemm(space, Stage::up);
   auto hpre = m_hpre, h = m_h, ys = m_ys, b1 = m_params.b1, b2 = m_params.b2;
+  auto h_b = m_h_b;
   auto idx = m_idx;
   auto rt = m_row_token, rc = m_row_choice;
   Kokkos::parallel_for(
@@ -160,22 +173,16 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
           if (act == Activation::swiglu) hpre(r, dff + c) += b1(e, dff + c);
         }
         const Scalar a = impl::activate(act, hpre(r, c));
-        h(r, c)        = act == Activation::swiglu ? a * hpre(r, dff + c) : a;
+        const Scalar v = act == Activation::swiglu ? a * hpre(r, dff + c) : a;
+        if (bf16) h_b(r, c) = moka::bf16(float(v));
+        else h(r, c) = v;
       });
-  space.fence();
-  for (int e = 0; e < E; ++e) {
-    const long b = m_h_offsets[e], n = m_h_offsets[e + 1] - b;
-    if (n == 0) continue;
-    impl::gemm("N", "N", Scalar(1), impl::rows_of(m_h, b, b + n), impl::expert_of(m_params.w2, e), Scalar(0),
-               impl::rows_of(m_ys, b, b + n));
-  }
-  execution_space().fence();
+  expert_gemm(space, Stage::down);
   if (bias) {
     Kokkos::parallel_for(
         "moka::expert_bias2", Kokkos::MDRangePolicy<execution_space, Kokkos::Rank<2>>(space, {0, 0}, {m_rows, long(d)}),
         KOKKOS_LAMBDA(long r, long c) { ys(r, c) += b2(idx(rt(r), rc(r)), c); });
   }
-  (void)dff_in;
 
   // Combine.
   impl::combine_rows(space, m_ys, m_slot, m_score, y);
@@ -197,9 +204,18 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   auto alloc = [](const char* label, long m, long n) {
     return matrix(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("moka::moe::") + label), m, n);
   };
+  const bool bf16 = m_cfg.bf16_compute;
   matrix dscore = alloc("dscore", T, k);
-  matrix dys = alloc("dys", rows, d), dh = alloc("dh", rows, dff), dhpre = alloc("dhpre", rows, dff_in);
+  matrix dys = alloc("dys", rows, d), dh = alloc("dh", rows, dff);
+  matrix dhpre = bf16 ? matrix() : alloc("dhpre", rows, dff_in);
+  bmatrix dhpre_b = bf16 ? bmatrix(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::moe::dhpre_b"), rows, dff_in)
+                         : bmatrix();
   matrix dxs = alloc("dxs", rows, d);
+  m_dys = dys;
+  m_dh = dh;
+  m_dhpre = dhpre;
+  m_dhpre_b = dhpre_b;
+  m_dxs = dxs;
   auto slot = m_slot, score = m_score, ys = m_ys, hpre = m_hpre, idx = m_idx;
   auto rt = m_row_token, rc = m_row_choice;
 
@@ -229,26 +245,25 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
           db2(e, c) += acc;
         });
   }
-  space.fence();
-  for (int e = 0; e < E; ++e) {
-    const long b = m_h_offsets[e], n = m_h_offsets[e + 1] - b;
-    if (n == 0) continue;
-    impl::gemm("T", "N", Scalar(1), impl::rows_of(m_h, b, b + n), impl::rows_of(dys, b, b + n), Scalar(1),
-               impl::expert_of(m_grads.w2, e));
-    impl::gemm("N", "T", Scalar(1), impl::rows_of(dys, b, b + n), impl::expert_of(m_params.w2, e), Scalar(0),
-               impl::rows_of(dh, b, b + n));
-  }
-  execution_space().fence();
+  expert_gemm(space, Stage::down_backward);
   Kokkos::parallel_for(
       "moka::expert_activation_backward",
       Kokkos::MDRangePolicy<execution_space, Kokkos::Rank<2>>(space, {0, 0}, {rows, long(dff)}),
       KOKKOS_LAMBDA(long r, long c) {
+        Scalar v0, v1 = 0;
         if (act == Activation::swiglu) {
           const Scalar a = hpre(r, c), g = hpre(r, dff + c);
-          dhpre(r, c)       = dh(r, c) * g * impl::activate_grad(act, a);
-          dhpre(r, dff + c) = dh(r, c) * impl::activate(act, a);
+          v0 = dh(r, c) * g * impl::activate_grad(act, a);
+          v1 = dh(r, c) * impl::activate(act, a);
         } else {
-          dhpre(r, c) = dh(r, c) * impl::activate_grad(act, hpre(r, c));
+          v0 = dh(r, c) * impl::activate_grad(act, hpre(r, c));
+        }
+        if (bf16) {
+          dhpre_b(r, c) = moka::bf16(float(v0));
+          if (act == Activation::swiglu) dhpre_b(r, dff + c) = moka::bf16(float(v1));
+        } else {
+          dhpre(r, c) = v0;
+          if (act == Activation::swiglu) dhpre(r, dff + c) = v1;
         }
       });
   if (m_cfg.expert_bias) {
@@ -257,24 +272,112 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
         "moka::expert_db1", Kokkos::MDRangePolicy<execution_space, Kokkos::Rank<2>>(space, {0, 0}, {E, dff_in}),
         KOKKOS_LAMBDA(int e, int c) {
           Scalar acc = 0;
-          for (int r = offsets(e); r < offsets(e + 1); ++r) acc += dhpre(r, c);
+          for (int r = offsets(e); r < offsets(e + 1); ++r) acc += bf16 ? Scalar(float(dhpre_b(r, c))) : dhpre(r, c);
           db1(e, c) += acc;
         });
   }
-  space.fence();
-  for (int e = 0; e < E; ++e) {
-    const long b = m_h_offsets[e], n = m_h_offsets[e + 1] - b;
-    if (n == 0) continue;
-    impl::gemm("T", "N", Scalar(1), impl::rows_of(m_xs, b, b + n), impl::rows_of(dhpre, b, b + n), Scalar(1),
-               impl::expert_of(m_grads.w1, e));
-    impl::gemm("N", "T", Scalar(1), impl::rows_of(dhpre, b, b + n), impl::expert_of(m_params.w1, e), Scalar(0),
-               impl::rows_of(dxs, b, b + n));
-  }
-  execution_space().fence();
+  expert_gemm(space, Stage::up_backward);
 
   // Gate backward (into dx), then the expert rows of each token.
   gate_backward(space, dscore, dx);
   impl::scatter_add_rows(space, dxs, m_slot, dx);
+}
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::expert_gemm(const execution_space& space, Stage stage) {
+  if (m_cfg.bf16_compute) {
+    expert_gemm_bf16(space, stage);
+    return;
+  }
+  // Kokkos Kernels (3.4 has no instance argument): fence around the calls.
+  space.fence();
+  for (int e = 0; e < m_cfg.num_experts; ++e) {
+    const long b = m_h_offsets[e], n = m_h_offsets[e + 1] - b;
+    if (n == 0) continue;
+    switch (stage) {
+      case Stage::up:
+        impl::gemm("N", "N", Scalar(1), impl::rows_of(m_xs, b, b + n), impl::expert_of(m_params.w1, e), Scalar(0),
+                   impl::rows_of(m_hpre, b, b + n));
+        break;
+      case Stage::down:
+        impl::gemm("N", "N", Scalar(1), impl::rows_of(m_h, b, b + n), impl::expert_of(m_params.w2, e), Scalar(0),
+                   impl::rows_of(m_ys, b, b + n));
+        break;
+      case Stage::down_backward:
+        impl::gemm("T", "N", Scalar(1), impl::rows_of(m_h, b, b + n), impl::rows_of(m_dys, b, b + n), Scalar(1),
+                   impl::expert_of(m_grads.w2, e));
+        impl::gemm("N", "T", Scalar(1), impl::rows_of(m_dys, b, b + n), impl::expert_of(m_params.w2, e), Scalar(0),
+                   impl::rows_of(m_dh, b, b + n));
+        break;
+      case Stage::up_backward:
+        impl::gemm("T", "N", Scalar(1), impl::rows_of(m_xs, b, b + n), impl::rows_of(m_dhpre, b, b + n), Scalar(1),
+                   impl::expert_of(m_grads.w1, e));
+        impl::gemm("N", "T", Scalar(1), impl::rows_of(m_dhpre, b, b + n), impl::expert_of(m_params.w1, e), Scalar(0),
+                   impl::rows_of(m_dxs, b, b + n));
+        break;
+    }
+  }
+  execution_space().fence();
+}
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::prepare_bf16_forward(const execution_space& space) {
+  // bf16 copies of the fp32 master weights (they change every optimizer
+  // step) and of the dispatched rows.
+  impl::convert_to_bf16(space, "moka::w1_to_bf16", m_params.w1.data(), m_w1_b.data(), m_w1_b.size());
+  impl::convert_to_bf16(space, "moka::w2_to_bf16", m_params.w2.data(), m_w2_b.data(), m_w2_b.size());
+  impl::convert_to_bf16(space, "moka::xs_to_bf16", m_xs.data(), m_xs_b.data(), std::size_t(m_rows) * m_cfg.d_model);
+}
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& space, Stage stage) {
+#ifdef KOKKOS_ENABLE_CUDA
+  if constexpr (std::is_same<Scalar, float>::value && std::is_same<MemorySpace, Kokkos::CudaSpace>::value) {
+    const int d = m_cfg.d_model, dff = m_cfg.d_ff, dfi = m_cfg.d_ff_in();
+    if (stage == Stage::down_backward) {
+      if (m_dys_b.extent(0) < m_dys.extent(0))
+        m_dys_b = bmatrix(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::moe::dys_bf16"), m_dys.extent(0), d);
+      auto src = m_dys;
+      auto dst = m_dys_b;
+      Kokkos::parallel_for(
+          "moka::dys_to_bf16", Kokkos::MDRangePolicy<execution_space, Kokkos::Rank<2>>(space, {0, 0}, {m_rows, long(d)}),
+          KOKKOS_LAMBDA(long r, long c) { dst(r, c) = moka::bf16(src(r, c)); });
+    }
+    for (int e = 0; e < m_cfg.num_experts; ++e) {
+      const long b = m_h_offsets[e];
+      const int n  = static_cast<int>(m_h_offsets[e + 1] - b);
+      if (n == 0) continue;
+      const bf16* w1 = m_w1_b.data() + std::size_t(e) * d * dfi;
+      const bf16* w2 = m_w2_b.data() + std::size_t(e) * dff * d;
+      switch (stage) {
+        case Stage::up:
+          impl::gemm_bf16_f32(space, false, false, n, dfi, d, 1.f, m_xs_b.data() + b * d, d, w1, dfi, 0.f,
+                              m_hpre.data() + b * dfi, dfi);
+          break;
+        case Stage::down:
+          impl::gemm_bf16_f32(space, false, false, n, d, dff, 1.f, m_h_b.data() + b * dff, dff, w2, d, 0.f,
+                              m_ys.data() + b * d, d);
+          break;
+        case Stage::down_backward:
+          impl::gemm_bf16_f32(space, true, false, dff, d, n, 1.f, m_h_b.data() + b * dff, dff, m_dys_b.data() + b * d,
+                              d, 1.f, m_grads.w2.data() + std::size_t(e) * dff * d, d);
+          impl::gemm_bf16_f32(space, false, true, n, dff, d, 1.f, m_dys_b.data() + b * d, d, w2, d, 0.f,
+                              m_dh.data() + b * dff, dff);
+          break;
+        case Stage::up_backward:
+          impl::gemm_bf16_f32(space, true, false, d, dfi, n, 1.f, m_xs_b.data() + b * d, d,
+                              m_dhpre_b.data() + b * dfi, dfi, 1.f, m_grads.w1.data() + std::size_t(e) * d * dfi, dfi);
+          impl::gemm_bf16_f32(space, false, true, n, d, dfi, 1.f, m_dhpre_b.data() + b * dfi, dfi, w1, dfi, 0.f,
+                              m_dxs.data() + b * d, d);
+          break;
+      }
+    }
+    return;
+  }
+#endif
+  (void)space;
+  (void)stage;
+  impl::fail(MOKA_FUNCTION, "bf16 expert GEMMs need a CUDA build and a float layer in CudaSpace");
 }
 
 template <class Scalar, class MemorySpace>

@@ -1,0 +1,181 @@
+// moka-bench: times forward + backward of one MoE layer for a deck and
+// prints ms, the TFLOP/s of the expert GEMMs, and the rate of plain dense
+// GEMMs of the same shapes and FLOPs measured in the same run.
+//
+//   moka-bench input_decks/bench_layer.deck [key=value ...]   (H100, bf16)
+//   moka-bench input_decks/bench_cpu.deck                     (CPU, fp32)
+
+#include <moka/InputDeck.hpp>
+#include <moka/MoELayer.hpp>
+#include <moka/RunConfig.hpp>
+#include <moka/Runtime.hpp>
+#include <moka/impl/CublasGemm.hpp>
+
+#include <Kokkos_Random.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <vector>
+
+namespace {
+
+moka::DeckSchema bench_schema() {
+  moka::DeckSchema s = moka::RunConfig::schema();
+  s.merge(moka::MoEConfig::schema());
+  s.add("bench.tokens", moka::DeckType::integer).set_default("16384").set_min(1).set_doc("Tokens T per step.");
+  s.add("bench.precision", moka::DeckType::string)
+      .set_default("bf16")
+      .set_choices({"fp32", "fp64", "bf16"})
+      .set_doc("Layer precision; bf16 = bf16 GEMM operands, fp32 accumulation (CUDA).");
+  s.add("bench.warmup", moka::DeckType::integer).set_default("3").set_min(0).set_doc("Untimed iterations.");
+  s.add("bench.iters", moka::DeckType::integer).set_default("10").set_min(1).set_doc("Timed iterations (median).");
+  return s;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+template <class S>
+int run(const moka::InputDeck& deck, int rank) {
+  using M      = moka::memory_space;
+  using Exec   = moka::execution_space;
+  using matrix = Kokkos::View<S**, Kokkos::LayoutRight, M>;
+  moka::MoEConfig cfg = moka::MoEConfig::from_deck(deck);
+  cfg.bf16_compute    = deck.get<std::string>("bench.precision") == "bf16";
+  const long T        = deck.get<long>("bench.tokens");
+  const long warmup = deck.get<long>("bench.warmup"), iters = deck.get<long>("bench.iters");
+  Exec space;
+  moka::MoELayer<S, M> layer(cfg);
+  layer.init_parameters(static_cast<std::uint64_t>(deck.get<long>("run.seed")));
+  matrix x("x", T, cfg.d_model), y("y", T, cfg.d_model), dy("dy", T, cfg.d_model), dx("dx", T, cfg.d_model);
+  {
+    Kokkos::Random_XorShift64_Pool<Exec> pool(7);
+    Kokkos::fill_random(x, pool, S(-1), S(1));
+    Kokkos::fill_random(dy, pool, S(-1), S(1));
+  }
+  std::vector<double> times;
+  for (long it = 0; it < warmup + iters; ++it) {
+    space.fence();
+    const auto t0 = std::chrono::steady_clock::now();
+    layer.forward(space, x, y);
+    layer.backward(space, dy, dx);
+    space.fence();
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    if (it >= warmup) times.push_back(ms);
+  }
+  auto hc = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.expert_counts());
+  long rows = 0;
+  for (std::size_t e = 0; e < hc.extent(0); ++e) rows += hc(e);
+  const double d = cfg.d_model, dff = cfg.d_ff, dfi = cfg.d_ff_in();
+  // forward: up + down; backward: weight and input gradients of each.
+  const double flops = 3.0 * 2.0 * rows * d * (dfi + dff);
+  const double t_layer = median(times);
+
+  // Dense reference: the same six GEMM shapes as single products over all rows.
+  std::vector<double> dense;
+  {
+#ifdef KOKKOS_ENABLE_CUDA
+    const bool use_cublas = cfg.bf16_compute;
+#else
+    const bool use_cublas = false;
+#endif
+    const int n = static_cast<int>(rows), di = int(d), fi = int(dfi), f = int(dff);
+    if (use_cublas) {
+#ifdef KOKKOS_ENABLE_CUDA
+      using bm = Kokkos::View<moka::bf16*, Kokkos::CudaSpace>;
+      using fm = Kokkos::View<float*, Kokkos::CudaSpace>;
+      bm X("X", std::size_t(n) * di), W1("W1", std::size_t(di) * fi), H("H", std::size_t(n) * f),
+          W2("W2", std::size_t(f) * di), DY("DY", std::size_t(n) * di), DH("DH", std::size_t(n) * fi);
+      fm HP("HP", std::size_t(n) * fi), Y("Y", std::size_t(n) * di), G1("G1", std::size_t(di) * fi),
+          G2("G2", std::size_t(f) * di), DHf("DHf", std::size_t(n) * f), DX("DX", std::size_t(n) * di);
+      Kokkos::Random_XorShift64_Pool<Kokkos::Cuda> pool(3);
+      for (auto* v : {&X, &W1, &H, &W2, &DY, &DH}) {
+        fm tmp("tmp", v->extent(0));
+        Kokkos::fill_random(tmp, pool, -1.f, 1.f);
+        moka::impl::convert_to_bf16(space, "bench_fill", tmp.data(), v->data(), v->extent(0));
+      }
+      for (long it = 0; it < warmup + iters; ++it) {
+        space.fence();
+        const auto t0 = std::chrono::steady_clock::now();
+        moka::impl::gemm_bf16_f32(space, false, false, n, fi, di, 1.f, X.data(), di, W1.data(), fi, 0.f, HP.data(), fi);
+        moka::impl::gemm_bf16_f32(space, false, false, n, di, f, 1.f, H.data(), f, W2.data(), di, 0.f, Y.data(), di);
+        moka::impl::gemm_bf16_f32(space, true, false, f, di, n, 1.f, H.data(), f, DY.data(), di, 1.f, G2.data(), di);
+        moka::impl::gemm_bf16_f32(space, false, true, n, f, di, 1.f, DY.data(), di, W2.data(), di, 0.f, DHf.data(), f);
+        moka::impl::gemm_bf16_f32(space, true, false, di, fi, n, 1.f, X.data(), di, DH.data(), fi, 1.f, G1.data(), fi);
+        moka::impl::gemm_bf16_f32(space, false, true, n, di, fi, 1.f, DH.data(), fi, W1.data(), fi, 0.f, DX.data(), di);
+        space.fence();
+        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        if (it >= warmup) dense.push_back(ms);
+      }
+#endif
+    } else {
+      matrix X("X", n, di), W1("W1", di, fi), HP("HP", n, fi), H("H", n, f), W2("W2", f, di), Y("Y", n, di);
+      matrix G1("G1", di, fi), G2("G2", f, di), DY("DY", n, di), DHf("DHf", n, f), DH("DH", n, fi), DX("DX", n, di);
+      Kokkos::Random_XorShift64_Pool<Exec> pool(3);
+      for (auto* v : {&X, &W1, &H, &W2, &DY, &DH}) Kokkos::fill_random(*v, pool, S(-1), S(1));
+      for (long it = 0; it < warmup + iters; ++it) {
+        Kokkos::fence();
+        const auto t0 = std::chrono::steady_clock::now();
+        moka::impl::gemm("N", "N", S(1), X, W1, S(0), HP);
+        moka::impl::gemm("N", "N", S(1), H, W2, S(0), Y);
+        moka::impl::gemm("T", "N", S(1), H, DY, S(1), G2);
+        moka::impl::gemm("N", "T", S(1), DY, W2, S(0), DHf);
+        moka::impl::gemm("T", "N", S(1), X, DH, S(1), G1);
+        moka::impl::gemm("N", "T", S(1), DH, W1, S(0), DX);
+        Kokkos::fence();
+        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        if (it >= warmup) dense.push_back(ms);
+      }
+    }
+  }
+  const double t_dense = median(dense);
+  if (rank == 0) {
+    std::printf("moka-bench: %s, T=%ld, d=%d, d_ff=%d, E=%d, top-%d, %s gate, %s, %s%s\n",
+                Kokkos::DefaultExecutionSpace::name(), T, cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k,
+                moka::to_string(cfg.gate), moka::to_string(cfg.activation),
+                deck.get<std::string>("bench.precision").c_str(), cfg.dropless ? ", dropless" : "");
+    std::printf("  expert rows (kept assignments): %ld; expert GEMM FLOPs per step: %.3e\n", rows, flops);
+    std::printf("  layer forward+backward:  median %.3f ms  (min %.3f ms over %ld iterations)\n", t_layer,
+                *std::min_element(times.begin(), times.end()), iters);
+    std::printf("  expert GEMMs in the layer: %.4g TFLOP/s (FLOPs / layer time)\n", flops / t_layer * 1e-9);
+    std::printf("  dense GEMMs, same shapes:  %.3f ms = %.4g TFLOP/s\n", t_dense, flops / t_dense * 1e-9);
+    std::printf("  layer time / dense GEMM time: %.2f (%.0f%% of dense)\n", t_layer / t_dense,
+                100.0 * t_dense / t_layer);
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char* argv[]) {
+  moka::Runtime runtime(argc, argv);
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty() || args[0] == "-h" || args[0] == "--help") {
+    if (runtime.rank() == 0)
+      std::cout << "usage: moka-bench <deck> [key=value ...]\n       moka-bench --deck-reference\n";
+    return args.empty() ? 2 : 0;
+  }
+  if (args[0] == "--deck-reference") {
+    if (runtime.rank() == 0) std::cout << bench_schema().markdown();
+    return 0;
+  }
+  moka::InputDeck deck;
+  try {
+    deck = moka::InputDeck::load(runtime.comm(), args[0], std::vector<std::string>(args.begin() + 1, args.end()));
+    deck.validate(bench_schema());
+  } catch (const std::exception& e) {
+    if (runtime.rank() == 0) std::cerr << "moka-bench: error: " << e.what() << std::endl;
+    return 2;
+  }
+  try {
+    const std::string p = deck.get<std::string>("bench.precision");
+    if (p == "fp64") return run<double>(deck, runtime.rank());
+    return run<float>(deck, runtime.rank());
+  } catch (const std::exception& e) {
+    moka::Runtime::abort("moka-bench", e);
+  }
+}
