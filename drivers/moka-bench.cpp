@@ -5,6 +5,7 @@
 //   moka-bench input_decks/bench_layer.deck [key=value ...]   (H100, bf16)
 //   moka-bench input_decks/bench_cpu.deck                     (CPU, fp32)
 
+#include <moka/BenchConfig.hpp>
 #include <moka/InputDeck.hpp>
 #include <moka/MoELayer.hpp>
 #include <moka/RunConfig.hpp>
@@ -20,19 +21,6 @@
 #include <vector>
 
 namespace {
-
-moka::DeckSchema bench_schema() {
-  moka::DeckSchema s = moka::RunConfig::schema();
-  s.merge(moka::MoEConfig::schema());
-  s.add("bench.tokens", moka::DeckType::integer).set_default("16384").set_min(1).set_doc("Tokens T per step.");
-  s.add("bench.precision", moka::DeckType::string)
-      .set_default("bf16")
-      .set_choices({"fp32", "fp64", "bf16"})
-      .set_doc("Layer precision; bf16 = bf16 GEMM operands, fp32 accumulation (CUDA).");
-  s.add("bench.warmup", moka::DeckType::integer).set_default("3").set_min(0).set_doc("Untimed iterations.");
-  s.add("bench.iters", moka::DeckType::integer).set_default("10").set_min(1).set_doc("Timed iterations (median).");
-  return s;
-}
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -160,13 +148,13 @@ int main(int argc, char* argv[]) {
     return args.empty() ? 2 : 0;
   }
   if (args[0] == "--deck-reference") {
-    if (runtime.rank() == 0) std::cout << bench_schema().markdown();
+    if (runtime.rank() == 0) std::cout << moka::bench_schema().markdown();
     return 0;
   }
   moka::InputDeck deck;
   try {
     deck = moka::InputDeck::load(runtime.comm(), args[0], std::vector<std::string>(args.begin() + 1, args.end()));
-    deck.validate(bench_schema());
+    deck.validate(moka::bench_schema());
   } catch (const std::exception& e) {
     if (runtime.rank() == 0) std::cerr << "moka-bench: error: " << e.what() << std::endl;
     return 2;

@@ -1,3 +1,4 @@
+#include <moka/BenchConfig.hpp>
 #include <moka/InputDeck.hpp>
 #include <moka/RunConfig.hpp>
 #include <moka/Trainer.hpp>
@@ -244,7 +245,8 @@ TEST(InputDeck, ExampleDecksValidate) {
   for (const auto& entry : fs::directory_iterator(fs::path(MOKA_SOURCE_DIR) / "input_decks")) {
     if (entry.path().extension() != ".deck") continue;
     auto d = moka::InputDeck::parse_file(entry.path().string());
-    EXPECT_NO_THROW(d.validate(moka::train_schema())) << entry.path();
+    const bool bench = entry.path().filename().string().rfind("bench_", 0) == 0;
+    EXPECT_NO_THROW(d.validate(bench ? moka::bench_schema() : moka::train_schema())) << entry.path();
     ++n;
   }
   EXPECT_GE(n, 1);

@@ -1,0 +1,20 @@
+#include <moka/BenchConfig.hpp>
+#include <moka/MoEConfig.hpp>
+#include <moka/RunConfig.hpp>
+
+namespace moka {
+
+DeckSchema bench_schema() {
+  DeckSchema s = RunConfig::schema();
+  s.merge(MoEConfig::schema());
+  s.add("bench.tokens", DeckType::integer).set_default("16384").set_min(1).set_doc("Tokens T per step.");
+  s.add("bench.precision", DeckType::string)
+      .set_default("bf16")
+      .set_choices({"fp32", "fp64", "bf16"})
+      .set_doc("Layer precision; bf16 = bf16 GEMM operands, fp32 accumulation (CUDA).");
+  s.add("bench.warmup", DeckType::integer).set_default("3").set_min(0).set_doc("Untimed iterations.");
+  s.add("bench.iters", DeckType::integer).set_default("10").set_min(1).set_doc("Timed iterations (median).");
+  return s;
+}
+
+}  // namespace moka
