@@ -107,7 +107,8 @@ void kokkosstack_RandomPoolIsDeterministicAndUniform() {
     Kokkos::fill_random(u, pool, 0.0, 1.0);
     return Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), u);
   };
-  auto a = draw(7), b = draw(7);
+  auto a = draw(7);
+  auto b = draw(7);
   double mean = 0;
   for (int i = 0; i < n; ++i) {
     ASSERT_EQ(a(i), b(i));

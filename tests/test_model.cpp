@@ -84,7 +84,8 @@ TEST(Dense, LayerNormForwardAndGradients) {
   std::mt19937_64 rng(4);
   Exec space;
   moka::LayerNorm<double, M> ln("ln", 6);
-  auto g = ln.gamma(), be = ln.beta();
+  auto g = ln.gamma();
+  auto be = ln.beta();
   for (int c = 0; c < 6; ++c) {
     g(c)  = 0.5 + 0.1 * c;
     be(c) = -0.2 + 0.05 * c;

@@ -122,7 +122,10 @@ class LayerNorm {
       m_rstd = vector("moka::layernorm.rstd", T);
       m_xhat = matrix("moka::layernorm.xhat", T, d);
     }
-    auto rstd = m_rstd, xhat = m_xhat, gamma = m_gamma, beta = m_beta;
+    auto rstd = m_rstd;
+    auto xhat = m_xhat;
+    auto gamma = m_gamma;
+    auto beta = m_beta;
     const Scalar eps = m_eps;
     Kokkos::parallel_for(
         "moka::layernorm_forward", Kokkos::RangePolicy<execution_space>(space, 0, T), KOKKOS_LAMBDA(long t) {
@@ -149,7 +152,11 @@ class LayerNorm {
     require_extent(where, dx, 0, m_xhat.extent(0), "rows");
     const long T = dy.extent(0);
     const int d  = static_cast<int>(dy.extent(1));
-    auto rstd = m_rstd, xhat = m_xhat, gamma = m_gamma, dgamma = m_dgamma, dbeta = m_dbeta;
+    auto rstd = m_rstd;
+    auto xhat = m_xhat;
+    auto gamma = m_gamma;
+    auto dgamma = m_dgamma;
+    auto dbeta = m_dbeta;
     Kokkos::parallel_for(
         "moka::layernorm_dparams", Kokkos::RangePolicy<execution_space>(space, 0, d), KOKKOS_LAMBDA(int c) {
           Scalar ag = 0, ab = 0;

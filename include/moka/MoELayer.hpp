@@ -118,15 +118,20 @@ class MoELayer {
   /// \brief Capacity used by the last forward (T * k when dropless).
   long capacity() const { return m_capacity; }
 
- private:
+  /// \name Implementation steps of forward / backward.
+  /// Public only because nvcc cannot compile device lambdas inside private
+  /// member functions; not part of the interface.
+  /// @{
   void ensure_workspace(int T);
-
   enum class Stage { up, down, down_backward, up_backward };
   void expert_gemm(const execution_space& space, Stage stage);
   void expert_gemm_bf16(const execution_space& space, Stage stage);
   void prepare_bf16_forward(const execution_space& space);
   void gate_forward(const execution_space& space, const matrix& x);
   void gate_backward(const execution_space& space, const matrix& dscore, const matrix& dx);
+  /// @}
+
+ private:
 
   MoEConfig m_cfg;
   params_type m_params, m_grads;

@@ -97,7 +97,8 @@ class MoEModel {
       // h1 = h0 + moe(norm(h0)): dh0 = dh1 + norm^T(moe^T(dh1)).
       m_moe[b]->backward(space, m_dh, m_dn);
       m_norms[b].backward(space, m_dn, m_tmp);
-      auto dh = m_dh, tmp = m_tmp;
+      auto dh = m_dh;
+      auto tmp = m_tmp;
       Kokkos::parallel_for(
           "moka::residual_backward", Kokkos::MDRangePolicy<execution_space, Kokkos::Rank<2>>(space, {0, 0}, {T, long(d)}),
           KOKKOS_LAMBDA(long t, long c) { dh(t, c) += tmp(t, c); });

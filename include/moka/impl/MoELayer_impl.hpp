@@ -160,10 +160,15 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
   const bool bias = m_cfg.expert_bias, bf16 = m_cfg.bf16_compute;
   if (bf16) prepare_bf16_forward(space);
   expert_gemm(space, Stage::up);
-  auto hpre = m_hpre, h = m_h, ys = m_ys, b1 = m_params.b1, b2 = m_params.b2;
+  auto hpre = m_hpre;
+  auto h = m_h;
+  auto ys = m_ys;
+  auto b1 = m_params.b1;
+  auto b2 = m_params.b2;
   auto h_b = m_h_b;
   auto idx = m_idx;
-  auto rt = m_row_token, rc = m_row_choice;
+  auto rt = m_row_token;
+  auto rc = m_row_choice;
   Kokkos::parallel_for(
       "moka::expert_activation", Kokkos::MDRangePolicy<execution_space, Kokkos::Rank<2>>(space, {0, 0}, {m_rows, long(dff)}),
       KOKKOS_LAMBDA(long r, long c) {
@@ -216,8 +221,13 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   m_dhpre = dhpre;
   m_dhpre_b = dhpre_b;
   m_dxs = dxs;
-  auto slot = m_slot, score = m_score, ys = m_ys, hpre = m_hpre, idx = m_idx;
-  auto rt = m_row_token, rc = m_row_choice;
+  auto slot = m_slot;
+  auto score = m_score;
+  auto ys = m_ys;
+  auto hpre = m_hpre;
+  auto idx = m_idx;
+  auto rt = m_row_token;
+  auto rc = m_row_choice;
 
   // Combine backward: dscore and the gradient reaching each expert row.
   Kokkos::parallel_for(
@@ -412,7 +422,11 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
   if (type == GateType::noisy) impl::gemm("N", "N", Scalar(1), m_gin, m_params.noise_w, Scalar(0), m_raw);
   execution_space().fence();
   if (type == GateType::noisy) {
-    auto clean = m_clean, raw = m_raw, sd = m_std, noise = m_noise, logits = m_logits;
+    auto clean = m_clean;
+    auto raw = m_raw;
+    auto sd = m_std;
+    auto noise = m_noise;
+    auto logits = m_logits;
     Kokkos::parallel_for(
         "moka::gate_noise", Kokkos::MDRangePolicy<execution_space, Kokkos::Rank<2>>(space, {0, 0}, {T, E}),
         KOKKOS_LAMBDA(int t, int e) {
@@ -436,7 +450,9 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
   impl::gate_select(space, args, m_logits, m_sel_bias, m_probs, m_idx, m_score, m_route, m_thr, m_rr);
   if (type == GateType::trace) {
     // Assignment i = j T + t goes to the expert whose share of [0, T k) holds i.
-    auto idx = m_idx, route = m_route, score = m_score;
+    auto idx = m_idx;
+    auto route = m_route;
+    auto score = m_score;
     auto cum = m_trace_cum;
     Kokkos::parallel_for(
         "moka::gate_trace", Kokkos::RangePolicy<execution_space>(space, 0, T * k), KOKKOS_LAMBDA(int i) {
@@ -452,8 +468,11 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
   // Auxiliary losses, and the per-expert factors of their gradients.
   m_balance_loss = 0;
   m_z_loss       = 0;
-  auto probs = m_probs, logits = m_logits, score = m_score;
-  auto idx = m_idx, route = m_route;
+  auto probs = m_probs;
+  auto logits = m_logits;
+  auto score = m_score;
+  auto idx = m_idx;
+  auto route = m_route;
   if (m_cfg.z_loss_weight > 0) {
     double zsum = 0;
     Kokkos::parallel_reduce(
@@ -501,7 +520,8 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
     // load = expected selections under the noise (Shazeer et al.), or the
     // selection counts when there is no noise (evaluation).
     Kokkos::View<double*, MemorySpace> imp("moka::moe::importance", E), load("moka::moe::load", E);
-    auto clean = m_clean, sd = m_std;
+    auto clean = m_clean;
+    auto sd = m_std;
     auto thr = m_thr;
     Kokkos::parallel_for(
         "moka::noisy_stats", Kokkos::RangePolicy<execution_space>(space, 0, E), KOKKOS_LAMBDA(int e) {
@@ -598,7 +618,11 @@ void MoELayer<Scalar, MemorySpace>::gate_backward(const execution_space& space, 
     // loss adds through Phi((clean - threshold) / std).
     dclean = alloc("dclean", T, E);
     draw   = alloc("draw", T, E);
-    auto clean = m_clean, raw = m_raw, sd = m_std, noise = m_noise, logits = m_logits;
+    auto clean = m_clean;
+    auto raw = m_raw;
+    auto sd = m_std;
+    auto noise = m_noise;
+    auto logits = m_logits;
     auto thr = m_thr;
     auto gl  = m_load_grad;
     const bool load_grad = w > 0 && m_training;
