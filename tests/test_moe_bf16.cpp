@@ -50,10 +50,11 @@ TEST_P(Bf16Cases, MatchesReferenceWithinBf16Tolerance) {
   const RefParams p = params_of(L64);
   const auto x = random_vec(T * cfg.d_model, rng);
   const auto G = random_vec(T * cfg.d_model, rng);
-  RefRouting ref;
-  const auto y_ref = moka_test::ref_forward(cfg, T, x, p, &ref);
   const auto r16 = run_layer(L16, T, x, G);
   const auto r64 = run_layer(L64, T, x, G);
+  RefRouting ref;  // with the layers' random draws (GShard random routing; same seed in both)
+  const auto y_ref = moka_test::ref_forward(cfg, T, x, p, &ref, &r64.random);
+  ASSERT_EQ(r16.random.rr, r64.random.rr);
   // The gate runs in fp32 in both: the routing must agree on this data.
   ASSERT_EQ(r16.routing.idx, ref.idx);
   ASSERT_EQ(r16.routing.kept, ref.kept);

@@ -9,6 +9,7 @@
 
 #include "MoETestUtils.hpp"
 
+#include <cstdlib>
 #include <numeric>
 #include <random>
 #include <sstream>
@@ -413,8 +414,15 @@ TEST(MoELayer, RandomDrawsAreReproducibleAndChangeEveryStep) {
   EXPECT_NE(a1.random.noise, a2.random.noise);  // next step, new noise
 }
 
+// The shared/ folder: MOKA_SHARED_DIR in the environment (a copy carried to
+// another machine), else where CMake found it.
+std::string shared_dir() {
+  const char* env = std::getenv("MOKA_SHARED_DIR");
+  return env ? std::string(env) : std::string(MOKA_SHARED_DIR);
+}
+
 TEST(MoELayer, TraceGateReplaysRecordedCounts) {
-  const std::string path = std::string(MOKA_SHARED_DIR) + "/traces/gpt_moe_32e_layers00-11.h5";
+  const std::string path = shared_dir() + "/traces/gpt_moe_32e_layers00-11.h5";
   const moka::RoutingTrace trace = moka::read_routing_trace(path);
   ASSERT_EQ(trace.n_experts, 32);
   ASSERT_EQ(trace.top_k, 2);
@@ -453,11 +461,11 @@ TEST(MoELayer, TraceGateBadInput) {
   } catch (const moka::Error& e) {
     EXPECT_NE(std::string(e.what()).find("cannot open '/nonexistent/trace.h5'"), std::string::npos) << e.what();
   }
-  cfg.trace_file = std::string(MOKA_SHARED_DIR) + "/traces/gpt_moe_32e_layers00-11.h5";
+  cfg.trace_file = shared_dir() + "/traces/gpt_moe_32e_layers00-11.h5";
   cfg.num_experts = 8;  // the trace has 32
   EXPECT_THROW(HostLayer<double>{cfg}, moka::Error);
   // Not an HDF5 file.
-  cfg.trace_file = std::string(MOKA_SHARED_DIR) + "/traces/README.md";
+  cfg.trace_file = shared_dir() + "/traces/README.md";
   cfg.num_experts = 32;
   EXPECT_THROW(HostLayer<double>{cfg}, moka::Error);
 }

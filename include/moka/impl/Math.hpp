@@ -21,5 +21,10 @@ using Kokkos::Experimental::log;
 using Kokkos::Experimental::sqrt;
 using Kokkos::Experimental::tanh;
 #endif
+/// 2D iteration over row-major (LayoutRight) data: the column index moves
+/// fastest on every backend (Kokkos' CUDA default would make rows fastest,
+/// uncoalesced for LayoutRight).
+template <class Exec>
+using RowMajor2D = Kokkos::MDRangePolicy<Exec, Kokkos::Rank<2, Kokkos::Iterate::Right, Kokkos::Iterate::Right>>;
 }  // namespace impl
 }  // namespace moka
