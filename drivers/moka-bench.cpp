@@ -8,6 +8,7 @@
 #include <moka/BenchConfig.hpp>
 #include <moka/InputDeck.hpp>
 #include <moka/MoELayer.hpp>
+#include <moka/Profiling.hpp>
 #include <moka/RunConfig.hpp>
 #include <moka/Runtime.hpp>
 #include <moka/impl/CublasGemm.hpp>
@@ -133,6 +134,18 @@ int run(const moka::InputDeck& deck, int rank) {
     std::printf("  dense GEMMs, same shapes:  %.3f ms = %.4g TFLOP/s\n", t_dense, flops / t_dense * 1e-9);
     std::printf("  layer time / dense GEMM time: %.2f (%.0f%% of dense)\n", t_layer / t_dense,
                 100.0 * t_dense / t_layer);
+  }
+  if (deck.get<bool>("bench.breakdown")) {
+    // Per-stage device time: every region fences at its ends.
+    moka::TimerTable::instance().clear();
+    moka::set_fence_regions(true);
+    for (long it = 0; it < iters; ++it) {
+      layer.forward(space, x, y);
+      layer.backward(space, dy, dx);
+    }
+    moka::set_fence_regions(false);
+    if (rank == 0) std::printf("  stage breakdown (seconds over %ld fenced iterations):\n", iters);
+    moka::TimerTable::instance().report(MPI_COMM_WORLD, std::cout);
   }
   return 0;
 }

@@ -57,8 +57,8 @@ for n in 1 2; do
 done
 
 stamp "moka-bench: one layer, bf16, the issue-3 size"
-"$root/build-gpu/drivers/moka-bench" "$root/input_decks/bench_layer.deck" > "$logs/bench.txt" 2>&1
-tail -7 "$logs/bench.txt"
+"$root/build-gpu/drivers/moka-bench" "$root/input_decks/bench_layer.deck" bench.breakdown=true > "$logs/bench.txt" 2>&1
+tail -30 "$logs/bench.txt"
 stamp "moka-bench: the same layer in fp32 (Kokkos Kernels -> cuBLAS sgemm)"
 "$root/build-gpu/drivers/moka-bench" "$root/input_decks/bench_layer.deck" bench.precision=fp32 bench.iters=5 > "$logs/bench-fp32.txt" 2>&1
 tail -4 "$logs/bench-fp32.txt"

@@ -13,6 +13,8 @@ DeckSchema bench_schema() {
       .set_choices({"fp32", "fp64", "bf16"})
       .set_doc("Layer precision; bf16 = bf16 GEMM operands, fp32 accumulation (CUDA).");
   s.add("bench.warmup", DeckType::integer).set_default("3").set_min(0).set_doc("Untimed iterations.");
+  s.add("bench.breakdown", DeckType::boolean).set_default("false")
+      .set_doc("Also time each stage of the layer (fences after every stage; slower overall).");
   s.add("bench.iters", DeckType::integer).set_default("10").set_min(1).set_doc("Timed iterations (median).");
   return s;
 }

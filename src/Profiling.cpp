@@ -65,12 +65,21 @@ void TimerTable::report(MPI_Comm comm, std::ostream& os) const {
   os << out.str();
 }
 
+namespace {
+bool g_fence_regions = false;
+}
+void set_fence_regions(bool on) { g_fence_regions = on; }
+bool fence_regions() { return g_fence_regions; }
+
 ScopedRegion::ScopedRegion(std::string name)
-    : m_name(std::move(name)), m_start(std::chrono::steady_clock::now()) {
+    : m_name(std::move(name)), m_start() {
+  if (g_fence_regions) Kokkos::fence();
+  m_start = std::chrono::steady_clock::now();
   Kokkos::Profiling::pushRegion(m_name);
 }
 
 ScopedRegion::~ScopedRegion() {
+  if (g_fence_regions) Kokkos::fence();
   Kokkos::Profiling::popRegion();
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - m_start).count();
   TimerTable::instance().add(m_name, s);

@@ -51,6 +51,13 @@ class TimerTable {
   std::map<std::string, TimerStats> m_table;
 };
 
+/// \brief With \p on, every ScopedRegion fences all execution spaces when it
+/// ends, so the timer table holds device time per region (for breakdowns
+/// such as `moka-bench bench.breakdown=true`; it serialises the work).
+void set_fence_regions(bool on);
+/// \brief Whether regions fence (see set_fence_regions).
+bool fence_regions();
+
 /// \brief RAII profiling region: a Kokkos region plus a wall-clock timer.
 class ScopedRegion {
  public:

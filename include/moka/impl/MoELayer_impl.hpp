@@ -7,6 +7,7 @@
 #include <moka/impl/Init.hpp>
 
 #include <cmath>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -141,24 +142,31 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
   ensure_workspace(T);
   m_x = x;
 
-  gate_forward(space, x);
+  {
+    ScopedRegion r("moka::MoELayer::gate");
+    gate_forward(space, x);
+  }
 
   // Capacity, slots and the expert-ordered buffer (the exchange step is a
   // local copy on one rank).
-  m_capacity = m_cfg.capacity(T, m_training);
-  m_rows = impl::assign_slots(space, m_cfg.drop_policy, m_capacity, m_route, m_score, m_counts, m_offsets, m_slot,
-                              m_rank_tmp, m_group_tmp, m_row_token, m_row_choice);
   {
+    ScopedRegion r("moka::MoELayer::dispatch");
+    m_capacity = m_cfg.capacity(T, m_training);
+    m_rows = impl::assign_slots(space, m_cfg.drop_policy, m_capacity, m_route, m_score, m_counts, m_offsets, m_slot,
+                                m_rank_tmp, m_group_tmp, m_row_token, m_row_choice);
     auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), m_offsets);
     m_h_offsets.assign(h.data(), h.data() + E + 1);
+    impl::gather_rows(space, m_rows, x, m_row_token, m_xs);
   }
-  impl::gather_rows(space, m_rows, x, m_row_token, m_xs);
 
   // Experts: hpre = xs W1 (+ b1), h = act(hpre), ys = h W2 (+ b2).
   const int dff = m_cfg.d_ff, d = m_cfg.d_model;
   const Activation act = m_cfg.activation;
   const bool bias = m_cfg.expert_bias, bf16 = m_cfg.bf16_compute;
-  if (bf16) prepare_bf16_forward(space);
+  if (bf16) {
+    ScopedRegion r("moka::MoELayer::to_bf16");
+    prepare_bf16_forward(space);
+  }
   expert_gemm(space, Stage::up);
   auto hpre = m_hpre;
   auto h = m_h;
@@ -169,6 +177,8 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
   auto idx = m_idx;
   auto rt = m_row_token;
   auto rc = m_row_choice;
+  std::optional<ScopedRegion> region_act;
+  region_act.emplace("moka::MoELayer::activation");
   Kokkos::parallel_for(
       "moka::expert_activation", impl::RowMajor2D<execution_space>(space, {0, 0}, {m_rows, long(dff)}),
       KOKKOS_LAMBDA(long r, long c) {
@@ -182,6 +192,7 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
         if (bf16) h_b(r, c) = moka::bf16(float(v));
         else h(r, c) = v;
       });
+  region_act.reset();
   expert_gemm(space, Stage::down);
   if (bias) {
     Kokkos::parallel_for(
@@ -190,6 +201,7 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
   }
 
   // Combine.
+  ScopedRegion region_combine("moka::MoELayer::combine");
   impl::combine_rows(space, m_ys, m_slot, m_score, y);
 }
 
@@ -230,6 +242,8 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   auto rc = m_row_choice;
 
   // Combine backward: dscore and the gradient reaching each expert row.
+  std::optional<ScopedRegion> stage;
+  stage.emplace("moka::MoELayer::combine_backward");
   // One team per (token, choice): its threads read the two rows coalesced.
   using team_policy = Kokkos::TeamPolicy<execution_space>;
   Kokkos::parallel_for(
@@ -260,7 +274,9 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
           db2(e, c) += acc;
         });
   }
+  stage.reset();
   expert_gemm(space, Stage::down_backward);
+  stage.emplace("moka::MoELayer::activation_backward");
   Kokkos::parallel_for(
       "moka::expert_activation_backward",
       impl::RowMajor2D<execution_space>(space, {0, 0}, {rows, long(dff)}),
@@ -291,15 +307,20 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
           db1(e, c) += acc;
         });
   }
+  stage.reset();
   expert_gemm(space, Stage::up_backward);
 
   // Gate backward (into dx), then the expert rows of each token.
   gate_backward(space, dscore, dx);
+  stage.emplace("moka::MoELayer::undispatch");
   impl::scatter_add_rows(space, dxs, m_slot, dx);
 }
 
 template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::expert_gemm(const execution_space& space, Stage stage) {
+  static const char* names[] = {"moka::MoELayer::expert_up", "moka::MoELayer::expert_down",
+                                "moka::MoELayer::expert_down_backward", "moka::MoELayer::expert_up_backward"};
+  ScopedRegion region(names[static_cast<int>(stage)]);
   if (m_cfg.bf16_compute) {
     expert_gemm_bf16(space, stage);
     return;
@@ -588,6 +609,7 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
 template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::gate_backward(const execution_space& space, const matrix& dscore,
                                                   const matrix& dx) {
+  ScopedRegion region("moka::MoELayer::gate_backward");
   const int T = m_T, E = m_cfg.num_experts, k = m_cfg.top_k, d = m_cfg.d_model;
   const GateType type = m_cfg.gate;
   const double w = m_cfg.balance_weight;
