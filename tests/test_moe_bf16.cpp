@@ -68,8 +68,12 @@ TEST_P(Bf16Cases, MatchesReferenceWithinBf16Tolerance) {
   std::cout << "bf16 relative errors: y " << ey << ", dx " << edx << ", dW1 " << ew1 << ", dW2 " << ew2 << ", dWg "
             << ewg << "\n";
   EXPECT_LT(ey, 1e-2);
-  EXPECT_LT(edx, 2e-2);
-  EXPECT_LT(ew1, 2e-2);
+  // ReLU's derivative is a step: bf16 rounding of pre-activations near zero
+  // flips some of its mask entries, which moves dx and dW1 more (3.6e-2
+  // measured on an H100 for this case, against 3e-3 for the smooth ones).
+  const double tol_w1 = cfg.activation == moka::Activation::relu ? 5e-2 : 2e-2;
+  EXPECT_LT(edx, tol_w1);
+  EXPECT_LT(ew1, tol_w1);
   EXPECT_LT(ew2, 2e-2);
   EXPECT_LT(ewg, 2e-2);
   EXPECT_GT(ey, 1e-6) << "suspiciously exact: are the GEMMs in bf16?";
