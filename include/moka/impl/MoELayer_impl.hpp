@@ -223,16 +223,23 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   };
   const bool bf16 = m_cfg.bf16_compute;
   matrix dscore = alloc("dscore", T, k);
-  matrix dys = alloc("dys", rows, d), dh = alloc("dh", rows, dff);
-  matrix dhpre = bf16 ? matrix() : alloc("dhpre", rows, dff_in);
-  bmatrix dhpre_b = bf16 ? bmatrix(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::moe::dhpre_b"), rows, dff_in)
-                         : bmatrix();
-  matrix dxs = alloc("dxs", rows, d);
-  m_dys = dys;
-  m_dh = dh;
-  m_dhpre = dhpre;
-  m_dhpre_b = dhpre_b;
-  m_dxs = dxs;
+  // The expert-row buffers live across steps (sized for T k rows, the most
+  // a forward can keep): allocating them per call would cost a device
+  // allocation and a synchronising free every step.
+  const long max_rows = long(T) * k;
+  if (static_cast<long>(m_dys.extent(0)) != max_rows) {
+    m_dys     = alloc("dys", max_rows, d);
+    m_dh      = alloc("dh", max_rows, dff);
+    m_dxs     = alloc("dxs", max_rows, d);
+    m_dhpre   = bf16 ? matrix() : alloc("dhpre", max_rows, dff_in);
+    m_dhpre_b = bf16 ? bmatrix(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::moe::dhpre_b"), max_rows, dff_in)
+                     : bmatrix();
+  }
+  auto dys     = m_dys;
+  auto dh      = m_dh;
+  auto dxs     = m_dxs;
+  auto dhpre   = m_dhpre;
+  auto dhpre_b = m_dhpre_b;
   auto slot = m_slot;
   auto score = m_score;
   auto ys = m_ys;
