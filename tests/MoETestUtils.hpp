@@ -15,8 +15,6 @@
 
 namespace moka_test {
 
-using moka_test::RefParams;
-using moka_test::RefRouting;
 
 template <class View>
 inline std::vector<double> to_vec(const View& v) {
