@@ -12,5 +12,5 @@ ranks=${MOKA_RANKS:-2}
 launcher=(mpiexec -n "$ranks")
 if [ "$(id -u)" = 0 ]; then launcher+=(--allow-run-as-root); fi
 launcher+=(--oversubscribe)
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_PROC_BIND=${OMP_PROC_BIND:-false}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_PROC_BIND=${OMP_PROC_BIND:-false} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
 exec "${launcher[@]}" "$build/drivers/moka-train" "$root/input_decks/quickstart.deck" "$@"
