@@ -49,7 +49,7 @@ class Linear {
     auto b = m_b;
     Kokkos::parallel_for(
         "moka::linear_bias",
-        impl::RowMajor2D<execution_space>(space, {0, 0}, {long(y.extent(0)), long(y.extent(1))}),
+        impl::row_major_2d(space, long(y.extent(0)), long(y.extent(1))),
         KOKKOS_LAMBDA(long t, long c) { y(t, c) += b(c); });
   }
 

@@ -81,7 +81,7 @@ class MoEModel {
       m_moe[b]->forward(space, m_n[b], m_m[b]);
       auto h0 = m_h[b], h1 = m_h[b + 1], m = m_m[b];
       Kokkos::parallel_for(
-          "moka::residual", impl::RowMajor2D<execution_space>(space, {0, 0}, {T, long(d)}),
+          "moka::residual", impl::row_major_2d(space, T, long(d)),
           KOKKOS_LAMBDA(long t, long c) { h1(t, c) = h0(t, c) + m(t, c); });
     }
     m_out.forward(space, m_h[m_cfg.blocks], out);
@@ -100,7 +100,7 @@ class MoEModel {
       auto dh = m_dh;
       auto tmp = m_tmp;
       Kokkos::parallel_for(
-          "moka::residual_backward", impl::RowMajor2D<execution_space>(space, {0, 0}, {T, long(d)}),
+          "moka::residual_backward", impl::row_major_2d(space, T, long(d)),
           KOKKOS_LAMBDA(long t, long c) { dh(t, c) += tmp(t, c); });
     }
     m_in.backward(space, m_dh, matrix());
@@ -180,7 +180,7 @@ double mse_loss(const Exec& space, const Kokkos::View<Scalar**, Kokkos::LayoutRi
   const double count = double(T) * double(n);
   double sum = 0;
   Kokkos::parallel_reduce(
-      "moka::mse", impl::RowMajor2D<Exec>(space, {0, 0}, {T, n}),
+      "moka::mse", impl::row_major_2d(space, T, n),
       KOKKOS_LAMBDA(long t, long c, double& acc) {
         const double e = double(out(t, c)) - double(target(t, c));
         acc += e * e;
@@ -189,7 +189,7 @@ double mse_loss(const Exec& space, const Kokkos::View<Scalar**, Kokkos::LayoutRi
   if (dout.extent(0) > 0) {
     const Scalar scale = Scalar(2.0 / count);
     Kokkos::parallel_for(
-        "moka::mse_grad", impl::RowMajor2D<Exec>(space, {0, 0}, {T, n}),
+        "moka::mse_grad", impl::row_major_2d(space, T, n),
         KOKKOS_LAMBDA(long t, long c) { dout(t, c) = scale * (out(t, c) - target(t, c)); });
   }
   return sum / count;

@@ -221,7 +221,7 @@ void gather_rows(const Exec& space, long rows, const mat<S, M>& x, const Kokkos:
                  const mat<S, M>& xs) {
   const int d = static_cast<int>(x.extent(1));
   Kokkos::parallel_for(
-      "moka::dispatch", impl::RowMajor2D<Exec>(space, {0, 0}, {rows, long(d)}),
+      "moka::dispatch", impl::row_major_2d(space, rows, long(d)),
       KOKKOS_LAMBDA(long r, long c) { xs(r, c) = x(row_token(r), c); });
 }
 
@@ -232,7 +232,7 @@ void combine_rows(const Exec& space, const mat<S, M>& ys, const Kokkos::View<int
   const int T = static_cast<int>(y.extent(0)), d = static_cast<int>(y.extent(1));
   const int k = static_cast<int>(slot.extent(1));
   Kokkos::parallel_for(
-      "moka::combine", impl::RowMajor2D<Exec>(space, {0, 0}, {T, d}),
+      "moka::combine", impl::row_major_2d(space, T, d),
       KOKKOS_LAMBDA(int t, int c) {
         S acc = 0;
         for (int j = 0; j < k; ++j) {
@@ -250,7 +250,7 @@ void scatter_add_rows(const Exec& space, const mat<S, M>& dxs, const Kokkos::Vie
   const int T = static_cast<int>(dx.extent(0)), d = static_cast<int>(dx.extent(1));
   const int k = static_cast<int>(slot.extent(1));
   Kokkos::parallel_for(
-      "moka::undispatch", impl::RowMajor2D<Exec>(space, {0, 0}, {T, d}),
+      "moka::undispatch", impl::row_major_2d(space, T, d),
       KOKKOS_LAMBDA(int t, int c) {
         S acc = dx(t, c);
         for (int j = 0; j < k; ++j) {

@@ -180,7 +180,7 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
   std::optional<ScopedRegion> region_act;
   region_act.emplace("moka::MoELayer::activation");
   Kokkos::parallel_for(
-      "moka::expert_activation", impl::RowMajor2D<execution_space>(space, {0, 0}, {m_rows, long(dff)}),
+      "moka::expert_activation", impl::row_major_2d(space, m_rows, long(dff)),
       KOKKOS_LAMBDA(long r, long c) {
         const int e = idx(rt(r), rc(r));
         if (bias) {
@@ -196,7 +196,7 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
   expert_gemm(space, Stage::down);
   if (bias) {
     Kokkos::parallel_for(
-        "moka::expert_bias2", impl::RowMajor2D<execution_space>(space, {0, 0}, {m_rows, long(d)}),
+        "moka::expert_bias2", impl::row_major_2d(space, m_rows, long(d)),
         KOKKOS_LAMBDA(long r, long c) { ys(r, c) += b2(idx(rt(r), rc(r)), c); });
   }
 
@@ -265,7 +265,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
         Kokkos::single(Kokkos::PerTeam(team), [&]() { dscore(t, j) = acc; });
       });
   Kokkos::parallel_for(
-      "moka::expert_grad_out", impl::RowMajor2D<execution_space>(space, {0, 0}, {rows, long(d)}),
+      "moka::expert_grad_out", impl::row_major_2d(space, rows, long(d)),
       KOKKOS_LAMBDA(long r, long c) { dys(r, c) = score(rt(r), rc(r)) * dy(rt(r), c); });
 
   // Expert backward. Bias gradients are column sums over the expert's rows,
@@ -274,7 +274,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   if (m_cfg.expert_bias) {
     auto db2 = m_grads.b2;
     Kokkos::parallel_for(
-        "moka::expert_db2", impl::RowMajor2D<execution_space>(space, {0, 0}, {E, d}),
+        "moka::expert_db2", impl::row_major_2d(space, E, d),
         KOKKOS_LAMBDA(int e, int c) {
           Scalar acc = 0;
           for (int r = offsets(e); r < offsets(e + 1); ++r) acc += dys(r, c);
@@ -286,7 +286,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   stage.emplace("moka::MoELayer::activation_backward");
   Kokkos::parallel_for(
       "moka::expert_activation_backward",
-      impl::RowMajor2D<execution_space>(space, {0, 0}, {rows, long(dff)}),
+      impl::row_major_2d(space, rows, long(dff)),
       KOKKOS_LAMBDA(long r, long c) {
         Scalar v0, v1 = 0;
         if (act == Activation::swiglu) {
@@ -307,7 +307,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   if (m_cfg.expert_bias) {
     auto db1 = m_grads.b1;
     Kokkos::parallel_for(
-        "moka::expert_db1", impl::RowMajor2D<execution_space>(space, {0, 0}, {E, dff_in}),
+        "moka::expert_db1", impl::row_major_2d(space, E, dff_in),
         KOKKOS_LAMBDA(int e, int c) {
           Scalar acc = 0;
           for (int r = offsets(e); r < offsets(e + 1); ++r) acc += bf16 ? Scalar(float(dhpre_b(r, c))) : dhpre(r, c);
@@ -383,7 +383,7 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& spac
       auto src = m_dys;
       auto dst = m_dys_b;
       Kokkos::parallel_for(
-          "moka::dys_to_bf16", impl::RowMajor2D<execution_space>(space, {0, 0}, {m_rows, long(d)}),
+          "moka::dys_to_bf16", impl::row_major_2d(space, m_rows, long(d)),
           KOKKOS_LAMBDA(long r, long c) { dst(r, c) = moka::bf16(src(r, c)); });
     }
     for (int e = 0; e < m_cfg.num_experts; ++e) {
@@ -438,7 +438,7 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
     matrix gin(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::moe::gate_in"), T, d);
     const Scalar eps = Scalar(m_cfg.jitter_eps);
     Kokkos::parallel_for(
-        "moka::gate_jitter", impl::RowMajor2D<execution_space>(space, {0, 0}, {T, d}),
+        "moka::gate_jitter", impl::row_major_2d(space, T, d),
         KOKKOS_LAMBDA(int t, int c) {
           const double u = impl::hash_uniform(seed ^ 0x6a09e667f3bcc909ull, (counter * T + t) * d + c);
           jit(t, c)      = Scalar(1) + eps * Scalar(2 * u - 1);
@@ -461,7 +461,7 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
     auto noise = m_noise;
     auto logits = m_logits;
     Kokkos::parallel_for(
-        "moka::gate_noise", impl::RowMajor2D<execution_space>(space, {0, 0}, {T, E}),
+        "moka::gate_noise", impl::row_major_2d(space, T, E),
         KOKKOS_LAMBDA(int t, int e) {
           sd(t, e)     = impl::softplus(raw(t, e)) + Scalar(1e-2);
           noise(t, e)  = training ? Scalar(impl::hash_normal(seed ^ 0xbb67ae8584caa73bull, (counter * T + t) * E + e))
@@ -638,7 +638,7 @@ void MoELayer<Scalar, MemorySpace>::gate_backward(const execution_space& space, 
     dprob   = alloc("dprob", T, E);
     auto bg = m_bal_grad;
     Kokkos::parallel_for(
-        "moka::balance_backward", impl::RowMajor2D<execution_space>(space, {0, 0}, {T, E}),
+        "moka::balance_backward", impl::row_major_2d(space, T, E),
         KOKKOS_LAMBDA(int t, int e) { dprob(t, e) = bg(e); });
   }
   matrix dlogits = alloc("dlogits", T, E);
@@ -699,7 +699,7 @@ void MoELayer<Scalar, MemorySpace>::gate_backward(const execution_space& space, 
   if (type == GateType::switch_top1) {
     auto jit = m_jitter;
     Kokkos::parallel_for(
-        "moka::jitter_backward", impl::RowMajor2D<execution_space>(space, {0, 0}, {T, d}),
+        "moka::jitter_backward", impl::row_major_2d(space, T, d),
         KOKKOS_LAMBDA(int t, int c) { dx(t, c) *= jit(t, c); });
   }
 }
