@@ -33,8 +33,12 @@ const std::pair<const char*, Activation> activation_names[] = {{"gelu", Activati
                                                                {"swiglu", Activation::swiglu}};
 const std::pair<const char*, DropPolicy> drop_names[] = {{"position", DropPolicy::position},
                                                          {"score", DropPolicy::score}};
+const std::pair<const char*, CapacityScope> scope_names[] = {
+    {"auto", CapacityScope::automatic}, {"local", CapacityScope::local}, {"global", CapacityScope::global}};
 }  // namespace
 
+CapacityScope capacity_scope_from_string(const std::string& s) { return parse_enum(s, "capacity scope", scope_names); }
+const char* to_string(CapacityScope c) { return enum_name(c, scope_names); }
 GateType gate_type_from_string(const std::string& s) { return parse_enum(s, "gate type", gate_names); }
 Activation activation_from_string(const std::string& s) { return parse_enum(s, "activation", activation_names); }
 DropPolicy drop_policy_from_string(const std::string& s) { return parse_enum(s, "drop policy", drop_names); }
@@ -72,6 +76,10 @@ void MoEConfig::validate() const {
                    gate == GateType::switch_top1,
                "gate.bias_balance applies to the topk, softmax, gshard and switch gates (gate.type = ", to_string(gate),
                ")");
+  MOKA_REQUIRE(dropless || !global_capacity() || drop_policy == DropPolicy::position,
+               "a global capacity (gate.capacity_scope = ", to_string(capacity_scope), ", gate.type = ",
+               to_string(gate), ") keeps the first assignments in global token order: it needs gate.drop_policy = "
+               "position, or gate.capacity_scope = local");
   MOKA_REQUIRE(bias_update_rate >= 0, "gate.bias_update_rate = ", bias_update_rate, " must be >= 0");
   MOKA_REQUIRE(gate != GateType::trace || !trace_file.empty(), "gate.type = trace needs gate.trace_file");
 }
@@ -126,6 +134,12 @@ DeckSchema MoEConfig::schema() {
       .set_default("position")
       .set_choices({"position", "score"})
       .set_doc("Which assignments an expert over capacity keeps: first in token order, or highest score.");
+  s.add("gate.capacity_scope", DeckType::string)
+      .set_default("auto")
+      .set_choices({"auto", "local", "global"})
+      .set_doc("With several ranks: local counts capacity per source rank (ceil(f T_rank k / E), GShard's groups); "
+               "global over the whole batch in global token order (Switch; needs drop_policy = position); auto: "
+               "global for the switch gate, local otherwise. One rank: the same either way.");
   return s;
 }
 
@@ -142,6 +156,7 @@ MoEConfig MoEConfig::from_deck(const InputDeck& deck) {
   c.capacity_factor = deck.get<double>("gate.capacity_factor");
   c.dropless        = deck.get<bool>("gate.dropless");
   c.drop_policy     = drop_policy_from_string(deck.get<std::string>("gate.drop_policy"));
+  c.capacity_scope  = capacity_scope_from_string(deck.get<std::string>("gate.capacity_scope"));
   c.capacity_factor_eval = deck.get<double>("gate.capacity_factor_eval");
   c.balance_weight   = deck.get<double>("gate.balance_weight");
   c.z_loss_weight    = deck.get<double>("gate.z_loss_weight");

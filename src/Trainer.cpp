@@ -44,34 +44,11 @@ DeckSchema train_schema() {
   s.merge(ModelConfig::schema());
   s.merge(OptimizerConfig::schema());
   s.merge(TrainerConfig::schema());
+  s.merge(ParallelConfig::schema());
   return s;
 }
 
 namespace {
-
-template <class S>
-MPI_Datatype mpi_type();
-template <>
-MPI_Datatype mpi_type<float>() {
-  return MPI_FLOAT;
-}
-template <>
-MPI_Datatype mpi_type<double>() {
-  return MPI_DOUBLE;
-}
-
-/// Averages every gradient over the ranks of \p comm (host-staged on GPUs).
-template <class S, class M>
-void average_gradients(MPI_Comm comm, int size, const std::vector<ParamRef<S, M>>& params) {
-  if (size == 1) return;
-  for (const auto& p : params) {
-    auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), p.grad);
-    MPI_Allreduce(MPI_IN_PLACE, h.data(), static_cast<int>(h.size()), mpi_type<S>(), MPI_SUM, comm);
-    const S inv = S(1) / S(size);
-    for (std::size_t i = 0; i < h.size(); ++i) h(i) *= inv;
-    Kokkos::deep_copy(p.grad, h);
-  }
-}
 
 std::string format_seconds(double s) {
   std::ostringstream os;
@@ -99,14 +76,18 @@ TrainResult train_typed(MPI_Comm comm, const InputDeck& deck, std::ostream& log)
   MOKA_REQUIRE(tcfg.batch_size % size == 0, "train.batch_size = ", tcfg.batch_size,
                " is not a multiple of the number of ranks (", size, ")");
   const long local_batch = tcfg.batch_size / size;
+  const ParallelConfig pcfg = ParallelConfig::from_deck(deck);
+  auto groups = std::make_shared<ProcessGroups>(comm, pcfg, mcfg.moe.num_experts, mcfg.moe.d_ff,
+                                                !Kokkos::SpaceAccessibility<Kokkos::HostSpace, M>::accessible);
 
   const RegimeData train = make_regime_data(task, 0);
   const RegimeData test  = make_regime_data(task, 1);
-  MoEModel<S, M> model(mcfg);
+  MoEModel<S, M> model(mcfg, groups);
   model.init_parameters(static_cast<std::uint64_t>(run.seed));
   const auto params = model.parameters();
   Optimizer<S, M> opt(ocfg);
   for (const auto& p : params) opt.add(p.param, p.grad);
+  GradSync<S, M> sync(groups, params, pcfg.bucket_mb);
 
   Exec space;
   matrix x("moka::train.x", local_batch, mcfg.d_in), y("moka::train.y", local_batch, mcfg.d_out);
@@ -121,8 +102,10 @@ TrainResult train_typed(MPI_Comm comm, const InputDeck& deck, std::ostream& log)
     const long b = std::min(test.n, rank * per), e = std::min(test.n, b + per);
     double sse = 0;
     const long chunk = 1024;
-    for (long c0 = b; c0 < e; c0 += chunk) {
-      const long n = std::min(chunk, e - c0);
+    // The same number of forwards on every rank (the MoE layers exchange
+    // tokens): a rank past the end of the test set passes empty chunks.
+    for (long c0 = b; c0 < b + per; c0 += chunk) {
+      const long n = std::max(0L, std::min(chunk, e - c0));
       matrix tx("moka::eval.x", n, mcfg.d_in), ty("moka::eval.y", n, mcfg.d_out), to("moka::eval.out", n, mcfg.d_out);
       auto htx = Kokkos::create_mirror_view(tx);
       auto hty = Kokkos::create_mirror_view(ty);
@@ -133,7 +116,7 @@ TrainResult train_typed(MPI_Comm comm, const InputDeck& deck, std::ostream& log)
       Kokkos::deep_copy(tx, htx);
       Kokkos::deep_copy(ty, hty);
       model.forward(space, tx, to);
-      sse += mse_loss<S, M>(space, to, ty, matrix()) * double(n) * mcfg.d_out;
+      if (n > 0) sse += mse_loss<S, M>(space, to, ty, matrix()) * double(n) * mcfg.d_out;
     }
     double total = 0;
     MPI_Allreduce(&sse, &total, 1, MPI_DOUBLE, MPI_SUM, comm);
@@ -154,7 +137,8 @@ TrainResult train_typed(MPI_Comm comm, const InputDeck& deck, std::ostream& log)
     log << "training: " << mcfg.blocks << " MoE blocks (E=" << mcfg.moe.num_experts << ", k=" << mcfg.moe.top_k
         << ", d=" << mcfg.moe.d_model << ", d_ff=" << mcfg.moe.d_ff << ", " << to_string(mcfg.moe.gate) << " gate, "
         << to_string(mcfg.moe.activation) << "), " << tcfg.precision << ", batch " << tcfg.batch_size << " over "
-        << size << " rank" << (size > 1 ? "s" : "") << ", " << ocfg.total_steps << " steps; initial held-out loss "
+        << size << " rank" << (size > 1 ? "s" : "") << " (" << groups->describe() << "), " << ocfg.total_steps
+        << " steps; initial held-out loss "
         << result.initial_test_loss << std::endl;
   }
 
@@ -183,18 +167,16 @@ TrainResult train_typed(MPI_Comm comm, const InputDeck& deck, std::ostream& log)
 
     model.zero_grad(space);
     model.forward(space, x, out);
-    const double local_loss = mse_loss<S, M>(space, out, y, dout);
-    const double local_aux  = model.aux_loss();
+    // dout scaled by the whole batch: the ranks' gradients sum to its gradient.
+    const double local_loss = mse_loss<S, M>(space, out, y, dout, double(tcfg.batch_size) * mcfg.d_out);
+    const double aux        = model.aux_loss();  // over the whole batch already
     model.backward(space, dout);
+    sync.sync(space);
     space.fence();
-    average_gradients(comm, size, params);
     MPI_Allreduce(&local_loss, &loss, 1, MPI_DOUBLE, MPI_SUM, comm);
     loss /= size;
-    double aux = 0;
-    MPI_Allreduce(&local_aux, &aux, 1, MPI_DOUBLE, MPI_SUM, comm);
-    aux /= size;
     const double lr   = ocfg.learning_rate(step);
-    const double norm = opt.step(space);
+    const double norm = opt.step(space, sync.global_norm(space));
 
     // Expert load of the step: tokens per expert over all ranks and blocks,
     // relative to the mean of its block.

@@ -36,6 +36,13 @@ enum class DropPolicy {
   score      ///< the `capacity` with the highest gate scores (ties: token order)
 };
 
+/// \brief Over which tokens capacity is counted when tokens come from several ranks.
+enum class CapacityScope {
+  automatic,  ///< global for the Switch gate, local otherwise
+  local,      ///< per source rank: ceil(f T_rank k / E) of each rank's assignments (GShard groups)
+  global      ///< over the batch of all ranks: the first ceil(f T k / E) in global token order (Switch)
+};
+
 /// \brief Configuration of an MoE layer.
 struct MoEConfig {
   int d_model     = 64;   ///< moe.d_model: token width d
@@ -60,6 +67,12 @@ struct MoEConfig {
   int trace_iteration = -1;       ///< gate.trace_iteration: row of the trace (-1: the last)
   bool dropless = true;           ///< gate.dropless: no capacity limit
   DropPolicy drop_policy = DropPolicy::position;  ///< gate.drop_policy
+  CapacityScope capacity_scope = CapacityScope::automatic;  ///< gate.capacity_scope
+  /// \brief Whether capacity counts over all ranks' tokens (resolves automatic).
+  bool global_capacity() const {
+    return capacity_scope == CapacityScope::global ||
+           (capacity_scope == CapacityScope::automatic && gate == GateType::switch_top1);
+  }
 
   /// \brief Width of W1's output: d_ff, or 2 d_ff for SwiGLU.
   int d_ff_in() const { return activation == Activation::swiglu ? 2 * d_ff : d_ff; }
@@ -81,9 +94,12 @@ GateType gate_type_from_string(const std::string& s);
 Activation activation_from_string(const std::string& s);
 /// \brief Parses a drop policy ("position", "score"); throws moka::Error otherwise.
 DropPolicy drop_policy_from_string(const std::string& s);
+/// \brief Parses "auto", "local" or "global"; throws moka::Error otherwise.
+CapacityScope capacity_scope_from_string(const std::string& s);
 /// \brief Names, as in decks.
 const char* to_string(GateType g);
 const char* to_string(Activation a);
 const char* to_string(DropPolicy p);
+const char* to_string(CapacityScope c);
 
 }  // namespace moka

@@ -1,13 +1,18 @@
 #pragma once
 /// \file MoELayer.hpp
 /// \brief moka::MoELayer: gate, capacity, dispatch, expert FFNs, combine,
-/// and the backward of all of them, on one rank.
+/// and the backward of all of them, on one rank or distributed over the
+/// process groups of moka::ProcessGroups (EP x EDP x expert slicing).
 ///
 /// Data flow of forward (T tokens of width d, E experts, top-k):
 ///   logits[T,E] = x Wg;  gate -> idx[T,k], score[T,k]
 ///   capacity / drop -> slot[T,k] (row in the expert-ordered buffer, or -1)
-///   dispatch: xs[rows,d] = x[row_token]            (the exchange step: a local copy on one rank)
+///   dispatch: xs[rows,d] = x[row_token]            (rows ordered by destination expert)
+///   exchange: counts, then rows, to the experts' EP ranks; received rows
+///             ordered by (local expert, source rank, source position);
+///             with slicing, gathered over the slice group (one rank: nothing moves)
 ///   experts:  h = act(xs_e W1_e + b1_e), ys_e = h W2_e + b2_e    (one GEMM pair per expert)
+///   exchange back (slicing: partial outputs summed over the slice group)
 ///   combine:  y[t] = sum_j score[t,j] ys[slot[t,j]]
 /// Rows of an expert keep token order, so results do not depend on where
 /// an expert lives, and no floating-point atomics are used: the same inputs
@@ -17,6 +22,15 @@
 /// including those of the gate's auxiliary losses (aux_loss(): balance
 /// loss + z-loss, to be added to the model's loss); zero_grad() clears them.
 ///
+/// Distributed (a ProcessGroups given): each rank passes its own tokens; the
+/// batch is the concatenation of all ranks' tokens in world-rank order.
+/// Gate statistics (balance losses, z-loss, bias-balancing loads, random
+/// streams, trace assignment) are over that whole batch, so outputs equal a
+/// single-rank run of the whole batch. Gradients are this rank's share:
+/// summing them over the group of each parameter's tag (moka::GradSync)
+/// gives the gradient of the whole batch; the caller scales dy so that the
+/// sum over ranks is the gradient of its loss.
+///
 /// Training mode (the default) turns on the random parts of the gates
 /// (noise, jitter, random routing), the training capacity factor and the
 /// bias-balancing updates. Random numbers come from a counter-based stream
@@ -24,10 +38,12 @@
 
 #include <moka/Core.hpp>
 #include <moka/MoEConfig.hpp>
+#include <moka/ProcessGroups.hpp>
 #include <moka/Profiling.hpp>
 #include <moka/impl/MoEKernels.hpp>
 
 #include <cstdint>
+#include <memory>
 
 namespace moka {
 
@@ -38,13 +54,14 @@ struct MoEParams {
   using tensor3 = Kokkos::View<Scalar***, Kokkos::LayoutRight, MemorySpace>;
   matrix gate_w;  ///< Wg [d, E]
   matrix noise_w; ///< noise weights Wn [d, E] (noisy gate; 0 x 0 otherwise)
-  tensor3 w1;     ///< W1 [E, d, d_ff_in]
-  matrix b1;      ///< b1 [E, d_ff_in] (extent 0 rows without biases)
-  tensor3 w2;     ///< W2 [E, d_ff, d]
-  matrix b2;      ///< b2 [E, d]
+  tensor3 w1;     ///< W1 [L, d, d_ff_in / S] of the L = E / EP local experts (slice of d_ff)
+  matrix b1;      ///< b1 [L, d_ff_in / S] (extent 0 rows without biases)
+  tensor3 w2;     ///< W2 [L, d_ff / S, d]
+  matrix b2;      ///< b2 [L, d] (the same on every slice rank)
 
-  /// \brief Allocates zero-filled tensors for \p cfg, labelled with \p prefix.
-  MoEParams(const MoEConfig& cfg, const std::string& prefix);
+  /// \brief Allocates zero-filled tensors for \p cfg with \p local_experts
+  /// experts of d_ff / \p slices columns, labelled with \p prefix.
+  MoEParams(const MoEConfig& cfg, const std::string& prefix, int local_experts, int slices);
   MoEParams() = default;
 };
 
@@ -63,8 +80,9 @@ class MoELayer {
   using bmatrix         = Kokkos::View<bf16**, Kokkos::LayoutRight, MemorySpace>;
   using btensor3        = Kokkos::View<bf16***, Kokkos::LayoutRight, MemorySpace>;
 
-  /// \brief Allocates parameters (zero) and gradients; throws moka::Error on a bad config.
-  explicit MoELayer(const MoEConfig& config);
+  /// \brief Allocates parameters (zero) and gradients; throws moka::Error on
+  /// a bad config. \p groups: the layout over ranks (nullptr: this rank alone).
+  explicit MoELayer(const MoEConfig& config, std::shared_ptr<ProcessGroups> groups = nullptr);
 
   /// \brief The configuration.
   const MoEConfig& config() const { return m_cfg; }
@@ -75,8 +93,22 @@ class MoELayer {
   params_type& grads() { return m_grads; }
   const params_type& grads() const { return m_grads; }
 
+  /// \brief The process groups (nullptr: one rank).
+  const ProcessGroups* groups() const { return m_groups.get(); }
+  /// \brief Experts held here (E / EP), the first one's global index, and the
+  /// d_ff columns of each held here (d_ff / S).
+  int local_experts() const { return m_L; }
+  int first_expert() const { return m_e0; }
+  int local_d_ff() const { return m_dffl; }
+  /// \brief Tokens of the whole batch over all ranks, and this rank's first (last forward).
+  long tokens_global() const { return m_T_global; }
+  long token_offset() const { return m_tok0; }
+  /// \brief Rows the local experts processed in the last forward.
+  long expert_rows() const { return m_rows_e; }
+
   /// \brief Deterministic initialisation from \p seed (the same numbers on
-  /// every backend): uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights, zero biases.
+  /// every backend and layout: each rank keeps its part of the single-rank
+  /// tensors): uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights, zero biases.
   void init_parameters(std::uint64_t seed);
   /// \brief Sets every gradient to zero.
   void zero_grad(const execution_space& space);
@@ -123,6 +155,14 @@ class MoELayer {
   /// member functions; not part of the interface.
   /// @{
   void ensure_workspace(int T);
+  void ensure_expert_workspace(long rows);
+  void global_batch(int T);
+  void plan_exchange(const execution_space& space);
+  matrix exchange_forward(const execution_space& space, const matrix& dispatch, matrix& buf);
+  matrix exchange_reverse(const execution_space& space, const matrix& expert, matrix& buf);
+  void permute(const execution_space& space, const matrix& src, const matrix& dst, const std::vector<long>& dst_start,
+               const std::vector<long>& src_start);
+  void expert_bias_add(const execution_space& space);
   enum class Stage { up, down, down_backward, up_backward };
   void expert_gemm(const execution_space& space, Stage stage);
   void expert_gemm_bf16(const execution_space& space, Stage stage);
@@ -134,12 +174,19 @@ class MoELayer {
  private:
 
   MoEConfig m_cfg;
+  std::shared_ptr<ProcessGroups> m_groups;
+  int m_L = 0, m_e0 = 0, m_dffl = 0, m_dfil = 0;  // local experts, first expert, local d_ff and d_ff_in
   params_type m_params, m_grads;
-  // Saved by forward for backward.
-  matrix m_x, m_gin, m_jitter, m_clean, m_raw, m_std, m_noise, m_logits, m_probs, m_score, m_xs, m_hpre, m_h, m_ys;
+  // Saved by forward for backward. Dispatch side (this rank's tokens, rows
+  // ordered by destination expert): xs, ys, dys, dxs. Expert side (rows the
+  // local experts process): xe, hpre, h, ye, dye, dh, dhpre, dxe; on one
+  // rank without slicing the two sides are the same Views.
+  matrix m_x, m_gin, m_jitter, m_clean, m_raw, m_std, m_noise, m_logits, m_probs, m_score, m_xs, m_ys;
+  matrix m_xe, m_hpre, m_h, m_ye, m_dye, m_ye_buf, m_ys_buf, m_xe_buf, m_dye_buf, m_dxs_buf;
   index_matrix m_idx, m_route, m_slot, m_thr;
-  matrix m_dys, m_dh, m_dhpre, m_dxs;          // backward workspace of the expert GEMMs
-  bmatrix m_xs_b, m_h_b, m_dys_b, m_dhpre_b;   // bf16 operands (bf16_compute)
+  matrix m_dys, m_dh, m_dhpre, m_dxe;          // backward workspace of the expert GEMMs
+  matrix m_buf_a, m_buf_b, m_buf_c;            // exchange staging (grow-only)
+  bmatrix m_xs_b, m_h_b, m_dys_b, m_dhpre_b;   // bf16 operands (bf16_compute), expert side
   btensor3 m_w1_b, m_w2_b;                     // bf16 copies of the expert weights
   Kokkos::View<Scalar*, MemorySpace> m_rr, m_sel_bias, m_bal_grad, m_imp_grad, m_load_grad;
   index_vector m_trace_cum;
@@ -148,9 +195,21 @@ class MoELayer {
   std::uint64_t m_seed = 0, m_counter = 0;
   double m_balance_loss = 0, m_z_loss = 0;
   index_vector m_counts, m_offsets, m_rank_tmp, m_group_tmp, m_row_token, m_row_choice;
-  std::vector<int> m_h_offsets;  // host copy of the expert offsets
+  std::vector<int> m_h_offsets;  // host copy of the dispatch-side expert offsets [E + 1]
   long m_rows = 0, m_capacity = 0;
   int m_T = -1;
+  long m_T_global = 0, m_tok0 = 0;
+  // Exchange plan of the last forward (see plan_exchange).
+  bool m_exchange = false;                 // rows move (EP > 1 or S > 1)
+  std::vector<long> m_ep_send, m_ep_sdispl, m_ep_recv, m_ep_rdispl;  // per EP peer, rows
+  std::vector<long> m_ep_counts;           // [P * L]: rows from EP peer p for local expert l
+  std::vector<long> m_sl_counts;           // [S * L]: rows of slice peer s for local expert l
+  std::vector<long> m_sl_rows, m_sl_displ; // per slice peer: rows after the EP exchange, and offsets
+  std::vector<long> m_ep_off;              // [L + 1]: expert offsets after the EP exchange
+  std::vector<long> m_e_off;               // [L + 1]: expert-side offsets (after slicing)
+  long m_rows_ep = 0, m_rows_e = 0;
+  index_vector m_e_offsets, m_row_expert;  // expert-side offsets [L + 1] and expert of each row
+  Kokkos::View<long*, MemorySpace> m_perm_dst, m_perm_src, m_cap_base;
 };
 
 }  // namespace moka

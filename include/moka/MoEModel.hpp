@@ -5,6 +5,7 @@
 /// output projection, with a mean-squared-error loss.
 
 #include <moka/Dense.hpp>
+#include <moka/GradSync.hpp>
 #include <moka/MoELayer.hpp>
 
 #include <memory>
@@ -26,13 +27,6 @@ struct ModelConfig {
   static ModelConfig from_deck(const InputDeck& deck);
 };
 
-/// \brief A parameter tensor and its gradient, flattened.
-template <class Scalar, class MemorySpace>
-struct ParamRef {
-  std::string name;
-  Kokkos::View<Scalar*, MemorySpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> param, grad;
-};
-
 template <class Scalar, class MemorySpace = memory_space>
 class MoEModel {
  public:
@@ -40,13 +34,15 @@ class MoEModel {
   using matrix          = Kokkos::View<Scalar**, Kokkos::LayoutRight, MemorySpace>;
   using layer_type      = MoELayer<Scalar, MemorySpace>;
 
-  explicit MoEModel(const ModelConfig& cfg)
+  /// \brief The model; \p groups lays its MoE layers out over ranks
+  /// (nullptr: this rank alone).
+  explicit MoEModel(const ModelConfig& cfg, std::shared_ptr<ProcessGroups> groups = nullptr)
       : m_cfg(cfg), m_in("moka::model.in", cfg.d_in, cfg.moe.d_model),
         m_out("moka::model.out", cfg.moe.d_model, cfg.d_out) {
     MOKA_REQUIRE(cfg.blocks >= 0, "model.blocks = ", cfg.blocks, " must be >= 0");
     for (int b = 0; b < cfg.blocks; ++b) {
       m_norms.emplace_back("moka::model.norm" + std::to_string(b), cfg.moe.d_model);
-      m_moe.push_back(std::make_unique<layer_type>(cfg.moe));
+      m_moe.push_back(std::make_unique<layer_type>(cfg.moe, groups));
     }
   }
 
@@ -114,12 +110,13 @@ class MoEModel {
     for (auto& m : m_moe) m->zero_grad(space);
   }
 
-  /// \brief Every parameter tensor with its gradient, in a fixed order.
+  /// \brief Every parameter tensor with its gradient and synchronisation
+  /// tag, in a fixed order (this rank's part of the expert tensors).
   std::vector<ParamRef<Scalar, MemorySpace>> parameters() {
     std::vector<ParamRef<Scalar, MemorySpace>> out;
-    auto add = [&](const std::string& name, auto p, auto g) {
+    auto add = [&](const std::string& name, auto p, auto g, ParamTag tag = ParamTag::dense) {
       using flat = decltype(ParamRef<Scalar, MemorySpace>::param);
-      out.push_back({name, flat(p.data(), p.size()), flat(g.data(), g.size())});
+      out.push_back({name, flat(p.data(), p.size()), flat(g.data(), g.size()), tag});
     };
     add("in.w", m_in.weight(), m_in.weight_grad());
     add("in.b", m_in.bias(), m_in.bias_grad());
@@ -130,11 +127,13 @@ class MoEModel {
       auto& P = m_moe[b]->params();
       auto& G = m_moe[b]->grads();
       add(p + "gate_w", P.gate_w, G.gate_w);
-      add(p + "w1", P.w1, G.w1);
       if (P.noise_w.size()) add(p + "noise_w", P.noise_w, G.noise_w);
-      if (P.b1.size()) add(p + "b1", P.b1, G.b1);
-      add(p + "w2", P.w2, G.w2);
-      if (P.b2.size()) add(p + "b2", P.b2, G.b2);
+      // Expert tensors: this rank's experts and d_ff slice; b2 is whole on
+      // every slice rank.
+      add(p + "w1", P.w1, G.w1, ParamTag::expert);
+      if (P.b1.size()) add(p + "b1", P.b1, G.b1, ParamTag::expert);
+      add(p + "w2", P.w2, G.w2, ParamTag::expert);
+      if (P.b2.size()) add(p + "b2", P.b2, G.b2, ParamTag::expert_replicated);
     }
     add("out.w", m_out.weight(), m_out.weight_grad());
     add("out.b", m_out.bias(), m_out.bias_grad());
@@ -169,11 +168,13 @@ class MoEModel {
 };
 
 /// \brief Mean squared error over all elements, and its gradient
-/// dout = 2 (out - target) / (T * d_out) when \p dout is not empty.
+/// dout = 2 (out - target) / N when \p dout is not empty, N = \p grad_count
+/// or, when that is 0, T * d_out. Data parallel: pass the element count of
+/// the whole batch, so that the ranks' gradients sum to the batch's.
 template <class Scalar, class MemorySpace, class Exec>
 double mse_loss(const Exec& space, const Kokkos::View<Scalar**, Kokkos::LayoutRight, MemorySpace>& out,
                 const Kokkos::View<Scalar**, Kokkos::LayoutRight, MemorySpace>& target,
-                const Kokkos::View<Scalar**, Kokkos::LayoutRight, MemorySpace>& dout) {
+                const Kokkos::View<Scalar**, Kokkos::LayoutRight, MemorySpace>& dout, double grad_count = 0) {
   require_extent("moka::mse_loss", target, 0, out.extent(0), "rows");
   require_extent("moka::mse_loss", target, 1, out.extent(1), "columns");
   const long T = out.extent(0), n = out.extent(1);
@@ -187,12 +188,12 @@ double mse_loss(const Exec& space, const Kokkos::View<Scalar**, Kokkos::LayoutRi
       },
       sum);
   if (dout.extent(0) > 0) {
-    const Scalar scale = Scalar(2.0 / count);
+    const Scalar scale = Scalar(2.0 / (grad_count > 0 ? grad_count : count));
     Kokkos::parallel_for(
         "moka::mse_grad", impl::row_major_2d(space, T, n),
         KOKKOS_LAMBDA(long t, long c) { dout(t, c) = scale * (out(t, c) - target(t, c)); });
   }
-  return sum / count;
+  return count > 0 ? sum / count : 0.0;
 }
 
 }  // namespace moka

@@ -94,9 +94,11 @@ class Optimizer {
 
   /// \brief One update with the learning rate of the current step; clips the
   /// gradients first when clip_norm > 0. Returns the gradient norm before clipping.
-  double step(const execution_space& space) {
-    const double norm = grad_norm(space);
-    double scale      = 1.0;
+  double step(const execution_space& space) { return step(space, grad_norm(space)); }
+  /// \brief As step(space), with the gradient norm given (data parallel:
+  /// moka::GradSync::global_norm, where every expert counts once).
+  double step(const execution_space& space, double norm) {
+    double scale = 1.0;
     if (m_cfg.clip_norm > 0 && norm > m_cfg.clip_norm) scale = m_cfg.clip_norm / (norm + 1e-6);
     ++m_step;
     const double lr = m_cfg.learning_rate(m_step - 1);

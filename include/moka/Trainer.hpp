@@ -1,11 +1,13 @@
 #pragma once
 /// \file Trainer.hpp
-/// \brief Training of moka::MoEModel on the regime task: data-parallel over
-/// the ranks of a communicator (each rank a slice of every batch, gradients
-/// averaged over MPI), progress lines, a CSV of metrics, held-out loss.
+/// \brief Training of moka::MoEModel on the regime task over the ranks of a
+/// communicator: each rank a slice of every batch, MoE layers laid out by
+/// the parallel.* keys (EP x EDP x expert slicing), gradients summed by tag
+/// (moka::GradSync), progress lines, a CSV of metrics, held-out loss.
 
 #include <moka/MoEModel.hpp>
 #include <moka/Optimizer.hpp>
+#include <moka/ProcessGroups.hpp>
 #include <moka/RegimeTask.hpp>
 #include <moka/RunConfig.hpp>
 

@@ -52,6 +52,8 @@ struct GateArgs {
   bool use_bias;        // selection bias (bias balancing)
   std::uint64_t seed;   // random-routing stream
   std::uint64_t counter;
+  std::uint64_t tokens_global;  // tokens of the whole batch over all ranks (the stream's period)
+  std::uint64_t token_offset;   // global index of this rank's first token
 };
 
 /// probs = softmax(logits) over experts; selection of the top k by
@@ -128,7 +130,7 @@ void gate_select(const Exec& space, const GateArgs a, const gmat<S, M>& logits,
         const bool renorm = a.renormalize || a.type == GateType::gshard;
         for (int j = 0; j < k; ++j) score(t, j) = renorm ? probs(t, idx(t, j)) / sel : probs(t, idx(t, j));
         if (a.type == GateType::gshard && a.random_routing) {
-          const S u = S(hash_uniform(a.seed, a.counter * std::uint64_t(T) + std::uint64_t(t)));
+          const S u = S(hash_uniform(a.seed, a.counter * a.tokens_global + a.token_offset + std::uint64_t(t)));
           rr_u(t)   = u;
           if (S(2) * score(t, 1) < u) route(t, 1) = -1;
         }
@@ -142,7 +144,8 @@ void gate_select(const Exec& space, const GateArgs a, const gmat<S, M>& logits,
 template <class Exec, class S, class M>
 void gate_backward(const Exec& space, GateType type, bool renormalize, const gmat<S, M>& logits,
                    const gmat<S, M>& probs, const imat<M>& idx, const gmat<S, M>& score,
-                   const gmat<S, M>& dscore, const gmat<S, M>& dprob, S wz, const gmat<S, M>& dlogits) {
+                   const gmat<S, M>& dscore, const gmat<S, M>& dprob, S wz, long tokens_global,
+                   const gmat<S, M>& dlogits) {
   const int T = static_cast<int>(dlogits.extent(0));
   const int E = static_cast<int>(dlogits.extent(1));
   const int k = static_cast<int>(idx.extent(1));
@@ -181,13 +184,13 @@ void gate_backward(const Exec& space, GateType type, bool renormalize, const gma
           for (int e = 0; e < E; ++e) dlogits(t, e) = probs(t, e) * (dlogits(t, e) - pd);
         }
         if (wz != S(0)) {
-          // z-loss wz / T sum_t lse_t^2: d/dlogit = 2 wz lse p / T
+          // z-loss wz / T sum_t lse_t^2 (T over all ranks): d/dlogit = 2 wz lse p / T
           S m = logits(t, 0);
           for (int e = 1; e < E; ++e) m = logits(t, e) > m ? logits(t, e) : m;
           S s = 0;
           for (int e = 0; e < E; ++e) s += impl::exp(logits(t, e) - m);
           const S lse = m + impl::log(s);
-          for (int e = 0; e < E; ++e) dlogits(t, e) += S(2) * wz * lse * probs(t, e) / S(T);
+          for (int e = 0; e < E; ++e) dlogits(t, e) += S(2) * wz * lse * probs(t, e) / S(tokens_global);
         }
       });
 }

@@ -31,5 +31,21 @@ void fill_uniform(const View& v, SplitMix64& rng, double bound) {
   Kokkos::deep_copy(v, h);
 }
 
+/// Draws \p total numbers of the stream (uniform(-bound, bound)) and keeps
+/// number g at flat index local(g) of \p v when local(g) >= 0: a rank's part
+/// of a tensor initialised as one (the same numbers on every layout).
+template <class View, class Map>
+void fill_uniform_part(const View& v, SplitMix64& rng, double bound, long total, const Map& local) {
+  using T = typename View::non_const_value_type;
+  auto h  = Kokkos::create_mirror_view(Kokkos::HostSpace(), v);
+  T* out  = h.data();
+  for (long g = 0; g < total; ++g) {
+    const double u = rng.uniform(bound);
+    const long i   = local(g);
+    if (i >= 0) out[i] = static_cast<T>(u);
+  }
+  Kokkos::deep_copy(v, h);
+}
+
 }  // namespace impl
 }  // namespace moka

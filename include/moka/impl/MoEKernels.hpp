@@ -96,9 +96,12 @@ void gemm(const char* ta, const char* tb, S alpha, const mat<S, M>& A, const mat
 /// slot(t,j) = row of assignment (t,j) in the expert-ordered buffer, or -1
 /// if dropped (over capacity, or not routed: idx = -1). Rows of an expert keep token order (t, then j). counts[E]
 /// and offsets[E+1] describe the buffer; row_token / row_choice invert it.
+/// \p base (empty, or one per expert) counts assignments to each expert that
+/// come before this rank's in global token order (a global capacity): an
+/// assignment is kept when base + its rank < capacity.
 /// Returns the number of kept assignments (a fence of \p space).
 template <class Exec, class S, class M>
-long assign_slots(const Exec& space, DropPolicy policy, long capacity,
+long assign_slots(const Exec& space, DropPolicy policy, long capacity, const Kokkos::View<long*, M>& base,
                   const Kokkos::View<int**, Kokkos::LayoutRight, M>& idx, const mat<S, M>& score,
                   const Kokkos::View<int*, M>& counts, const Kokkos::View<int*, M>& offsets,
                   const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const Kokkos::View<int*, M>& rank_tmp,
@@ -140,6 +143,7 @@ long assign_slots(const Exec& space, DropPolicy policy, long capacity,
       });
   // 2. keep: rank < capacity, the rank by position or by score (within the group).
   Kokkos::View<int*, M> keep("moka::keep", N);
+  const bool has_base = base.extent(0) > 0;
   Kokkos::parallel_for(
       "moka::keep", Kokkos::RangePolicy<Exec>(space, 0, N), KOKKOS_LAMBDA(int i) {
         const int t = i / k, j = i % k;
@@ -158,6 +162,7 @@ long assign_slots(const Exec& space, DropPolicy policy, long capacity,
             if (so > s || (so == s && o < i)) ++r;
           }
         }
+        if (has_base) r += base(idx(t, j));
         keep(i) = r < capacity ? 1 : 0;
       });
   // 3. kept rank inside each group (token order), kept counts, offsets, slots.
@@ -258,6 +263,56 @@ void scatter_add_rows(const Exec& space, const mat<S, M>& dxs, const Kokkos::Vie
           if (r >= 0) acc += dxs(r, c);
         }
         dx(t, c) = acc;
+      });
+}
+
+// ------------------------------------------------------------- exchange
+/// Copies blocks of rows: block b (in destination order) has its first
+/// destination row at dst_start(b) and its first source row at
+/// src_start(b); blocks are contiguous in the destination, dst_start is
+/// non-decreasing and dst_start(nb) = rows. Empty blocks are allowed.
+template <class Exec, class S, class M>
+void permute_blocks(const Exec& space, const mat<S, M>& src, const mat<S, M>& dst, long rows,
+                    const Kokkos::View<long*, M>& dst_start, const Kokkos::View<long*, M>& src_start, int nb) {
+  const long d = static_cast<long>(dst.extent(1));
+  Kokkos::parallel_for(
+      "moka::permute_blocks", impl::row_major_2d(space, rows, d), KOKKOS_LAMBDA(long r, long c) {
+        int lo = 0, hi = nb;  // last block with dst_start <= r
+        while (hi - lo > 1) {
+          const int mid = (lo + hi) / 2;
+          if (dst_start(mid) <= r) lo = mid;
+          else hi = mid;
+        }
+        dst(r, c) = src(src_start(lo) + (r - dst_start(lo)), c);
+      });
+}
+
+/// dst(r,:) = sum over p < parts of src(p rows + r,:), in order of p.
+template <class Exec, class S, class M>
+void sum_parts(const Exec& space, const mat<S, M>& src, const mat<S, M>& dst, long rows, int parts) {
+  const long d = static_cast<long>(dst.extent(1));
+  Kokkos::parallel_for(
+      "moka::sum_slices", impl::row_major_2d(space, rows, d), KOKKOS_LAMBDA(long r, long c) {
+        S acc = src(r, c);
+        for (int p = 1; p < parts; ++p) acc += src(p * rows + r, c);
+        dst(r, c) = acc;
+      });
+}
+
+/// row_expert(r) = the expert e with offsets(e) <= r < offsets(e + 1).
+template <class Exec, class M>
+void row_experts(const Exec& space, const Kokkos::View<int*, M>& offsets, const Kokkos::View<int*, M>& row_expert,
+                 long rows) {
+  const int n = static_cast<int>(offsets.extent(0)) - 1;
+  Kokkos::parallel_for(
+      "moka::row_expert", Kokkos::RangePolicy<Exec>(space, 0, rows), KOKKOS_LAMBDA(long r) {
+        int lo = 0, hi = n;
+        while (hi - lo > 1) {
+          const int mid = (lo + hi) / 2;
+          if (offsets(mid) <= r) lo = mid;
+          else hi = mid;
+        }
+        row_expert(r) = lo;
       });
 }
 

@@ -15,14 +15,15 @@
 namespace moka {
 
 template <class Scalar, class MemorySpace>
-MoEParams<Scalar, MemorySpace>::MoEParams(const MoEConfig& cfg, const std::string& prefix)
+MoEParams<Scalar, MemorySpace>::MoEParams(const MoEConfig& cfg, const std::string& prefix, int local_experts,
+                                          int slices)
     : gate_w(prefix + "gate_w", cfg.d_model, cfg.num_experts),
       noise_w(prefix + "noise_w", cfg.gate == GateType::noisy ? cfg.d_model : 0,
               cfg.gate == GateType::noisy ? cfg.num_experts : 0),
-      w1(prefix + "w1", cfg.num_experts, cfg.d_model, cfg.d_ff_in()),
-      b1(prefix + "b1", cfg.expert_bias ? cfg.num_experts : 0, cfg.d_ff_in()),
-      w2(prefix + "w2", cfg.num_experts, cfg.d_ff, cfg.d_model),
-      b2(prefix + "b2", cfg.expert_bias ? cfg.num_experts : 0, cfg.d_model) {}
+      w1(prefix + "w1", local_experts, cfg.d_model, cfg.d_ff_in() / slices),
+      b1(prefix + "b1", cfg.expert_bias ? local_experts : 0, cfg.d_ff_in() / slices),
+      w2(prefix + "w2", local_experts, cfg.d_ff / slices, cfg.d_model),
+      b2(prefix + "b2", cfg.expert_bias ? local_experts : 0, cfg.d_model) {}
 
 namespace impl {
 
@@ -40,9 +41,26 @@ mat<S, M> expert_of(const Kokkos::View<S***, Kokkos::LayoutRight, M>& w, int e) 
 
 }  // namespace impl
 
+namespace impl {
+inline int layout_size(const MoEConfig& cfg, const std::shared_ptr<ProcessGroups>& g, bool experts) {
+  if (!g) return experts ? cfg.num_experts : 1;
+  g->config().validate(g->world().size(), cfg.num_experts, cfg.d_ff);
+  return experts ? cfg.num_experts / g->ep_size() : g->slice_size();
+}
+}  // namespace impl
+
 template <class Scalar, class MemorySpace>
-MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config)
-    : m_cfg((config.validate(), config)), m_params(config, "moka::moe::"), m_grads(config, "moka::moe::grad_") {
+MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr<ProcessGroups> groups)
+    : m_cfg((config.validate(), config)),
+      m_groups(std::move(groups)),
+      m_L(impl::layout_size(config, m_groups, true)),
+      m_e0(m_groups ? m_groups->ep_rank() * m_L : 0),
+      m_dffl(config.d_ff / impl::layout_size(config, m_groups, false)),
+      m_dfil(config.d_ff_in() / impl::layout_size(config, m_groups, false)),
+      m_params(config, "moka::moe::", m_L, impl::layout_size(config, m_groups, false)),
+      m_grads(config, "moka::moe::grad_", m_L, impl::layout_size(config, m_groups, false)) {
+  m_exchange = m_groups && (m_groups->ep_size() > 1 || m_groups->slice_size() > 1);
+  m_e_offsets = index_vector("moka::moe::expert_offsets", m_L + 1);
   m_counts    = index_vector("moka::moe::counts", config.num_experts);
   m_offsets   = index_vector("moka::moe::offsets", config.num_experts + 1);
   m_sel_bias  = Kokkos::View<Scalar*, MemorySpace>("moka::moe::selection_bias", config.num_experts);
@@ -57,8 +75,8 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config)
     constexpr bool ok = false;
 #endif
     MOKA_REQUIRE(ok, "bf16 expert GEMMs (train.precision = bf16) need a CUDA build and a float layer in CudaSpace");
-    m_w1_b = btensor3("moka::moe::w1_bf16", config.num_experts, config.d_model, config.d_ff_in());
-    m_w2_b = btensor3("moka::moe::w2_bf16", config.num_experts, config.d_ff, config.d_model);
+    m_w1_b = btensor3("moka::moe::w1_bf16", m_L, config.d_model, m_dfil);
+    m_w2_b = btensor3("moka::moe::w2_bf16", m_L, m_dffl, config.d_model);
   }
   if (config.gate == GateType::trace) {
     const RoutingTrace trace = read_routing_trace(config.trace_file);
@@ -70,11 +88,27 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config)
 
 template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::init_parameters(std::uint64_t seed) {
+  // The single-rank stream, element by element; each rank keeps its part.
   impl::SplitMix64 rng{seed};
-  impl::fill_uniform(m_params.gate_w, rng, 1.0 / std::sqrt(double(m_cfg.d_model)));
-  if (m_params.noise_w.size()) impl::fill_uniform(m_params.noise_w, rng, 1.0 / std::sqrt(double(m_cfg.d_model)));
-  impl::fill_uniform(m_params.w1, rng, 1.0 / std::sqrt(double(m_cfg.d_model)));
-  impl::fill_uniform(m_params.w2, rng, 1.0 / std::sqrt(double(m_cfg.d_ff)));
+  const long d = m_cfg.d_model, E = m_cfg.num_experts, dff = m_cfg.d_ff, dfi = m_cfg.d_ff_in();
+  const long e0 = m_e0, L = m_L, dffl = m_dffl, dfil = m_dfil;
+  const long s0 = m_groups ? m_groups->slice_rank() * dffl : 0;
+  const bool swiglu = m_cfg.activation == Activation::swiglu;
+  impl::fill_uniform(m_params.gate_w, rng, 1.0 / std::sqrt(double(d)));
+  if (m_params.noise_w.size()) impl::fill_uniform(m_params.noise_w, rng, 1.0 / std::sqrt(double(d)));
+  // W1 [E, d, dfi]: local column of global column c (SwiGLU: both halves sliced alike).
+  impl::fill_uniform_part(m_params.w1, rng, 1.0 / std::sqrt(double(d)), E * d * dfi, [=](long g) -> long {
+    const long e = g / (d * dfi), i = (g / dfi) % d, c = g % dfi;
+    if (e < e0 || e >= e0 + L) return -1;
+    const long half = swiglu && c >= dff ? 1 : 0, cc = c - half * dff;
+    if (cc < s0 || cc >= s0 + dffl) return -1;
+    return ((e - e0) * d + i) * dfil + half * dffl + (cc - s0);
+  });
+  impl::fill_uniform_part(m_params.w2, rng, 1.0 / std::sqrt(double(dff)), E * dff * d, [=](long g) -> long {
+    const long e = g / (dff * d), r = (g / d) % dff, c = g % d;
+    if (e < e0 || e >= e0 + L || r < s0 || r >= s0 + dffl) return -1;
+    return ((e - e0) * dffl + (r - s0)) * d + c;
+  });
   Kokkos::deep_copy(m_params.b1, Scalar(0));
   Kokkos::deep_copy(m_params.b2, Scalar(0));
   // The gates' random streams (noise, jitter, random routing) start here.
@@ -92,6 +126,16 @@ void MoELayer<Scalar, MemorySpace>::zero_grad(const execution_space& space) {
   Kokkos::deep_copy(space, m_grads.w2, Scalar(0));
   Kokkos::deep_copy(space, m_grads.b2, Scalar(0));
 }
+
+namespace impl {
+/// Grows \p m to at least \p rows x \p cols (contents not kept); spare rows
+/// avoid a reallocation for every small change of the row count.
+template <class V>
+void grow_rows(V& m, long rows, long cols, const char* label) {
+  if (m.data() != nullptr && static_cast<long>(m.extent(0)) >= rows && static_cast<long>(m.extent(1)) == cols) return;
+  m = V(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("moka::moe::") + label), rows + rows / 8 + 1, cols);
+}
+}  // namespace impl
 
 template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::ensure_workspace(int T) {
@@ -118,16 +162,232 @@ void MoELayer<Scalar, MemorySpace>::ensure_workspace(int T) {
   m_rank_tmp  = index_vector("moka::moe::rank", N);
   m_group_tmp = index_vector("moka::moe::group", N);
   m_xs   = alloc("xs", N, d);
-  m_hpre = alloc("hpre", N, m_cfg.d_ff_in());
-  if (m_cfg.bf16_compute) {
-    m_h    = matrix();
-    m_h_b  = bmatrix(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::moe::h_bf16"), N, m_cfg.d_ff);
-    m_xs_b = bmatrix(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::moe::xs_bf16"), N, d);
-  } else {
-    m_h = alloc("h", N, m_cfg.d_ff);
-  }
-  m_ys   = alloc("ys", N, d);
   m_T    = T;
+}
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::ensure_expert_workspace(long rows) {
+  const int d = m_cfg.d_model;
+  impl::grow_rows(m_hpre, rows, m_dfil, "hpre");
+  if (m_cfg.bf16_compute) {
+    impl::grow_rows(m_h_b, rows, m_dffl, "h_bf16");
+    impl::grow_rows(m_xs_b, rows, d, "xs_bf16");
+  } else {
+    impl::grow_rows(m_h, rows, m_dffl, "h");
+  }
+  impl::grow_rows(m_ye_buf, rows, d, "ye");
+  if (m_row_expert.extent(0) < static_cast<std::size_t>(rows))
+    m_row_expert = index_vector(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::moe::row_expert"), rows + rows / 8 + 1);
+}
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::global_batch(int T) {
+  m_T_global = T;
+  m_tok0     = 0;
+  if (!m_groups || m_groups->world().size() == 1) return;
+  long mine = T, before = 0, total = T;
+  m_groups->world().exscan_host(&mine, &before, 1);
+  m_groups->world().allreduce_host(&total, 1);
+  m_tok0     = before;
+  m_T_global = total;
+}
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::permute(const execution_space& space, const matrix& src, const matrix& dst,
+                                            const std::vector<long>& dst_start, const std::vector<long>& src_start) {
+  const int nb = static_cast<int>(src_start.size());
+  if (static_cast<int>(m_perm_dst.extent(0)) < nb + 1) {
+    m_perm_dst = Kokkos::View<long*, MemorySpace>("moka::moe::perm_dst", nb + 1);
+    m_perm_src = Kokkos::View<long*, MemorySpace>("moka::moe::perm_src", nb + 1);
+  }
+  auto hd = Kokkos::create_mirror_view(m_perm_dst);
+  auto hs = Kokkos::create_mirror_view(m_perm_src);
+  for (int b = 0; b <= nb; ++b) hd(b) = dst_start[b];
+  for (int b = 0; b < nb; ++b) hs(b) = src_start[b];
+  // The tables are read by the kernel below: copies ordered on the instance.
+  Kokkos::deep_copy(space, m_perm_dst, hd);
+  Kokkos::deep_copy(space, m_perm_src, hs);
+  impl::permute_blocks(space, src, dst, dst_start[nb], m_perm_dst, m_perm_src, nb);
+  space.fence();  // the host tables may be rewritten by the next call
+}
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) {
+  const int L = m_L;
+  std::vector<long> cnt(m_cfg.num_experts);
+  for (int e = 0; e < m_cfg.num_experts; ++e) cnt[e] = m_h_offsets[e + 1] - m_h_offsets[e];
+  // EP stage: rows to each peer (its experts are contiguous in the dispatch
+  // order), counts per (peer, local expert) received.
+  const int P = m_groups ? m_groups->ep_size() : 1;
+  m_ep_counts.assign(std::size_t(P) * L, 0);
+  if (P > 1) m_groups->ep().alltoall_counts(cnt.data(), m_ep_counts.data(), L);
+  else m_ep_counts = cnt;
+  m_ep_send.assign(P, 0);
+  m_ep_sdispl.assign(P, 0);
+  m_ep_recv.assign(P, 0);
+  m_ep_rdispl.assign(P, 0);
+  for (int p = 0; p < P; ++p) {
+    m_ep_sdispl[p] = m_h_offsets[p * L];
+    m_ep_send[p]   = m_h_offsets[(p + 1) * L] - m_h_offsets[p * L];
+    for (int l = 0; l < L; ++l) m_ep_recv[p] += m_ep_counts[p * L + l];
+    if (p > 0) m_ep_rdispl[p] = m_ep_rdispl[p - 1] + m_ep_recv[p - 1];
+  }
+  m_ep_off.assign(L + 1, 0);
+  for (int l = 0; l < L; ++l) {
+    long n = 0;
+    for (int p = 0; p < P; ++p) n += m_ep_counts[p * L + l];
+    m_ep_off[l + 1] = m_ep_off[l] + n;
+  }
+  m_rows_ep = m_ep_off[L];
+  // Slice stage: every slice peer's rows per local expert.
+  const int S = m_groups ? m_groups->slice_size() : 1;
+  std::vector<long> mine(L);
+  for (int l = 0; l < L; ++l) mine[l] = m_ep_off[l + 1] - m_ep_off[l];
+  m_sl_counts.assign(std::size_t(S) * L, 0);
+  if (S > 1) m_groups->slice().allgather_counts(mine.data(), m_sl_counts.data(), L);
+  else m_sl_counts = mine;
+  m_sl_rows.assign(S, 0);
+  m_sl_displ.assign(S, 0);
+  for (int s = 0; s < S; ++s) {
+    for (int l = 0; l < L; ++l) m_sl_rows[s] += m_sl_counts[s * L + l];
+    if (s > 0) m_sl_displ[s] = m_sl_displ[s - 1] + m_sl_rows[s - 1];
+  }
+  m_e_off.assign(L + 1, 0);
+  for (int l = 0; l < L; ++l) {
+    long n = 0;
+    for (int s = 0; s < S; ++s) n += m_sl_counts[s * L + l];
+    m_e_off[l + 1] = m_e_off[l] + n;
+  }
+  m_rows_e = m_e_off[L];
+  auto h = Kokkos::create_mirror_view(m_e_offsets);
+  for (int l = 0; l <= L; ++l) h(l) = static_cast<int>(m_e_off[l]);
+  Kokkos::deep_copy(space, m_e_offsets, h);
+  ensure_expert_workspace(m_rows_e);
+  impl::row_experts(space, m_e_offsets, m_row_expert, m_rows_e);
+  space.fence();
+}
+
+template <class Scalar, class MemorySpace>
+typename MoELayer<Scalar, MemorySpace>::matrix MoELayer<Scalar, MemorySpace>::exchange_forward(
+    const execution_space& space, const matrix& dispatch, matrix& buf) {
+  if (!m_exchange) return dispatch;
+  ScopedRegion region("moka::MoELayer::exchange");
+  const int d = m_cfg.d_model, L = m_L;
+  const int P = m_groups->ep_size(), S = m_groups->slice_size();
+  const MemoryKind mem = memory_kind_of<MemorySpace>();
+  const DataType type  = data_type_of<Scalar>();
+  matrix ep_rows = dispatch;  // rows of the local experts, (local expert, source rank, position)
+  if (P > 1) {
+    impl::grow_rows(m_buf_a, m_rows_ep, d, "exchange_a");
+    impl::grow_rows(S > 1 ? m_buf_b : buf, m_rows_ep, d, S > 1 ? "exchange_b" : "expert_rows");
+    matrix out = S > 1 ? m_buf_b : buf;
+    std::vector<long> sc(P), sd(P), rc(P), rd(P);
+    for (int p = 0; p < P; ++p) {
+      sc[p] = m_ep_send[p] * d;
+      sd[p] = m_ep_sdispl[p] * d;
+      rc[p] = m_ep_recv[p] * d;
+      rd[p] = m_ep_rdispl[p] * d;
+    }
+    m_groups->ep().alltoallv(space, dispatch.data(), sc, sd, m_buf_a.data(), rc, rd, type, mem);
+    // (source rank, local expert) blocks -> (local expert, source rank).
+    std::vector<long> dst(P * L + 1, 0), src(P * L);
+    int b = 0;
+    for (int l = 0; l < L; ++l)
+      for (int p = 0; p < P; ++p, ++b) {
+        long o = m_ep_rdispl[p];
+        for (int q = 0; q < l; ++q) o += m_ep_counts[p * L + q];
+        src[b]     = o;
+        dst[b + 1] = dst[b] + m_ep_counts[p * L + l];
+      }
+    permute(space, m_buf_a, out, dst, src);
+    ep_rows = out;
+  }
+  if (S == 1) return ep_rows;
+  // Slicing: every slice rank gets the rows of all slice peers.
+  impl::grow_rows(m_buf_c, m_rows_e, d, "exchange_c");
+  impl::grow_rows(buf, m_rows_e, d, "expert_rows");
+  std::vector<long> sc(S, m_rows_ep * d), sd(S, 0), rc(S), rd(S);
+  for (int s = 0; s < S; ++s) {
+    rc[s] = m_sl_rows[s] * d;
+    rd[s] = m_sl_displ[s] * d;
+  }
+  m_groups->slice().alltoallv(space, ep_rows.data(), sc, sd, m_buf_c.data(), rc, rd, type, mem);
+  std::vector<long> dst(S * L + 1, 0), src(S * L);
+  int b = 0;
+  for (int l = 0; l < L; ++l)
+    for (int s = 0; s < S; ++s, ++b) {
+      long o = m_sl_displ[s];
+      for (int q = 0; q < l; ++q) o += m_sl_counts[s * L + q];
+      src[b]     = o;
+      dst[b + 1] = dst[b] + m_sl_counts[s * L + l];
+    }
+  permute(space, m_buf_c, buf, dst, src);
+  return buf;
+}
+
+template <class Scalar, class MemorySpace>
+typename MoELayer<Scalar, MemorySpace>::matrix MoELayer<Scalar, MemorySpace>::exchange_reverse(
+    const execution_space& space, const matrix& expert, matrix& buf) {
+  if (!m_exchange) return expert;
+  ScopedRegion region("moka::MoELayer::exchange_back");
+  const int d = m_cfg.d_model, L = m_L;
+  const int P = m_groups->ep_size(), S = m_groups->slice_size();
+  const MemoryKind mem = memory_kind_of<MemorySpace>();
+  const DataType type  = data_type_of<Scalar>();
+  matrix ep_rows = expert;
+  if (S > 1) {
+    // (local expert, slice peer) -> (slice peer, local expert); each peer
+    // gets the partial results of its rows; the S partials are summed in
+    // slice order.
+    impl::grow_rows(m_buf_c, m_rows_e, d, "exchange_c");
+    std::vector<long> dst(S * L + 1, 0), src(S * L);
+    int b = 0;
+    for (int s = 0; s < S; ++s)
+      for (int l = 0; l < L; ++l, ++b) {
+        long o = m_e_off[l];
+        for (int q = 0; q < s; ++q) o += m_sl_counts[q * L + l];
+        src[b]     = o;
+        dst[b + 1] = dst[b] + m_sl_counts[s * L + l];
+      }
+    permute(space, expert, m_buf_c, dst, src);
+    impl::grow_rows(m_buf_b, long(S) * m_rows_ep, d, "exchange_b");
+    std::vector<long> sc(S), sd(S), rc(S, m_rows_ep * d), rd(S);
+    for (int s = 0; s < S; ++s) {
+      sc[s] = m_sl_rows[s] * d;
+      sd[s] = m_sl_displ[s] * d;
+      rd[s] = long(s) * m_rows_ep * d;
+    }
+    m_groups->slice().alltoallv(space, m_buf_c.data(), sc, sd, m_buf_b.data(), rc, rd, type, mem);
+    // The sum goes to m_buf_c (free again once the all-to-all has read it;
+    // NCCL: later work on the same stream) when the EP stage follows.
+    matrix& sum = P > 1 ? m_buf_c : buf;
+    impl::grow_rows(sum, m_rows_ep, d, "dispatch_rows");
+    impl::sum_parts(space, m_buf_b, sum, m_rows_ep, S);
+    ep_rows = sum;
+  }
+  if (P == 1) return ep_rows;
+  // (local expert, source rank) -> (source rank, local expert), then back.
+  impl::grow_rows(m_buf_a, m_rows_ep, d, "exchange_a");
+  std::vector<long> dst(P * L + 1, 0), src(P * L);
+  int b = 0;
+  for (int p = 0; p < P; ++p)
+    for (int l = 0; l < L; ++l, ++b) {
+      long o = m_ep_off[l];
+      for (int q = 0; q < p; ++q) o += m_ep_counts[q * L + l];
+      src[b]     = o;
+      dst[b + 1] = dst[b] + m_ep_counts[p * L + l];
+    }
+  permute(space, ep_rows, m_buf_a, dst, src);
+  impl::grow_rows(buf, m_rows, d, "dispatch_rows");
+  std::vector<long> sc(P), sd(P), rc(P), rd(P);
+  for (int p = 0; p < P; ++p) {
+    sc[p] = m_ep_recv[p] * d;
+    sd[p] = m_ep_rdispl[p] * d;
+    rc[p] = m_ep_send[p] * d;
+    rd[p] = m_ep_sdispl[p] * d;
+  }
+  m_groups->ep().alltoallv(space, m_buf_a.data(), sc, sd, buf.data(), rc, rd, type, mem);
+  return buf;
 }
 
 template <class Scalar, class MemorySpace>
@@ -140,6 +400,7 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
   const int T = static_cast<int>(x.extent(0));
   const int E = m_cfg.num_experts;
   ensure_workspace(T);
+  global_batch(T);
   m_x = x;
 
   {
@@ -147,42 +408,61 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
     gate_forward(space, x);
   }
 
-  // Capacity, slots and the expert-ordered buffer (the exchange step is a
-  // local copy on one rank).
+  // Capacity, slots and the dispatch-ordered rows.
   {
     ScopedRegion r("moka::MoELayer::dispatch");
-    m_capacity = m_cfg.capacity(T, m_training);
-    m_rows = impl::assign_slots(space, m_cfg.drop_policy, m_capacity, m_route, m_score, m_counts, m_offsets, m_slot,
-                                m_rank_tmp, m_group_tmp, m_row_token, m_row_choice);
+    const bool global = m_cfg.global_capacity() && !m_cfg.dropless && m_groups && m_groups->world().size() > 1;
+    m_capacity = m_cfg.capacity(global ? m_T_global : T, m_training);
+    Kokkos::View<long*, MemorySpace> base;
+    if (global) {
+      // Assignments to each expert on lower ranks come first in global order.
+      if (m_cap_base.extent(0) == 0) m_cap_base = Kokkos::View<long*, MemorySpace>("moka::moe::capacity_base", E);
+      Kokkos::View<long*, MemorySpace> routed("moka::moe::routed", E);
+      auto route = m_route;
+      const int k = m_cfg.top_k;
+      Kokkos::parallel_for(
+          "moka::routed_counts", Kokkos::RangePolicy<execution_space>(space, 0, E), KOKKOS_LAMBDA(int e) {
+            long c = 0;
+            for (int t = 0; t < T; ++t)
+              for (int j = 0; j < k; ++j) c += route(t, j) == e ? 1 : 0;
+            routed(e) = c;
+          });
+      auto hr = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), routed);
+      auto hb = Kokkos::create_mirror_view(m_cap_base);
+      m_groups->world().exscan_host(hr.data(), hb.data(), E);
+      Kokkos::deep_copy(m_cap_base, hb);
+      base = m_cap_base;
+    }
+    m_rows = impl::assign_slots(space, m_cfg.drop_policy, m_capacity, base, m_route, m_score, m_counts, m_offsets,
+                                m_slot, m_rank_tmp, m_group_tmp, m_row_token, m_row_choice);
     auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), m_offsets);
     m_h_offsets.assign(h.data(), h.data() + E + 1);
     impl::gather_rows(space, m_rows, x, m_row_token, m_xs);
+    plan_exchange(space);
   }
+  m_xe = exchange_forward(space, m_xs, m_xe_buf);
 
   // Experts: hpre = xs W1 (+ b1), h = act(hpre), ys = h W2 (+ b2).
-  const int dff = m_cfg.d_ff, d = m_cfg.d_model;
+  const int dff = m_dffl;
   const Activation act = m_cfg.activation;
   const bool bias = m_cfg.expert_bias, bf16 = m_cfg.bf16_compute;
   if (bf16) {
     ScopedRegion r("moka::MoELayer::to_bf16");
     prepare_bf16_forward(space);
   }
+  m_ye = m_ye_buf;
   expert_gemm(space, Stage::up);
   auto hpre = m_hpre;
   auto h = m_h;
-  auto ys = m_ys;
   auto b1 = m_params.b1;
-  auto b2 = m_params.b2;
   auto h_b = m_h_b;
-  auto idx = m_idx;
-  auto rt = m_row_token;
-  auto rc = m_row_choice;
+  auto rexp = m_row_expert;
   std::optional<ScopedRegion> region_act;
   region_act.emplace("moka::MoELayer::activation");
   Kokkos::parallel_for(
-      "moka::expert_activation", impl::row_major_2d(space, m_rows, long(dff)),
+      "moka::expert_activation", impl::row_major_2d(space, m_rows_e, long(dff)),
       KOKKOS_LAMBDA(long r, long c) {
-        const int e = idx(rt(r), rc(r));
+        const int e = rexp(r);
         if (bias) {
           hpre(r, c) += b1(e, c);
           if (act == Activation::swiglu) hpre(r, dff + c) += b1(e, dff + c);
@@ -194,15 +474,25 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
       });
   region_act.reset();
   expert_gemm(space, Stage::down);
-  if (bias) {
-    Kokkos::parallel_for(
-        "moka::expert_bias2", impl::row_major_2d(space, m_rows, long(d)),
-        KOKKOS_LAMBDA(long r, long c) { ys(r, c) += b2(idx(rt(r), rc(r)), c); });
-  }
+  expert_bias_add(space);
+  m_ys = exchange_reverse(space, m_ye, m_ys_buf);
 
   // Combine.
   ScopedRegion region_combine("moka::MoELayer::combine");
   impl::combine_rows(space, m_ys, m_slot, m_score, y);
+}
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::expert_bias_add(const execution_space& space) {
+  // b2 once per row: with slicing only the first slice rank adds it to its
+  // partial output (the partials are summed).
+  if (!m_cfg.expert_bias || (m_groups && m_groups->slice_rank() != 0)) return;
+  auto ye   = m_ye;
+  auto b2   = m_params.b2;
+  auto rexp = m_row_expert;
+  Kokkos::parallel_for(
+      "moka::expert_bias2", impl::row_major_2d(space, m_rows_e, long(m_cfg.d_model)),
+      KOKKOS_LAMBDA(long r, long c) { ye(r, c) += b2(rexp(r), c); });
 }
 
 template <class Scalar, class MemorySpace>
@@ -214,37 +504,30 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   require_extent(where, dy, 1, m_cfg.d_model, "columns");
   require_extent(where, dx, 0, m_T, "rows");
   require_extent(where, dx, 1, m_cfg.d_model, "columns");
-  const int T = m_T, E = m_cfg.num_experts, k = m_cfg.top_k, d = m_cfg.d_model;
-  const int dff = m_cfg.d_ff, dff_in = m_cfg.d_ff_in();
-  const long rows = m_rows;
+  const int T = m_T, k = m_cfg.top_k, d = m_cfg.d_model;
+  const int L = m_L, dff = m_dffl, dff_in = m_dfil;
+  const long rows = m_rows, rows_e = m_rows_e;
   const Activation act = m_cfg.activation;
   auto alloc = [](const char* label, long m, long n) {
     return matrix(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("moka::moe::") + label), m, n);
   };
   const bool bf16 = m_cfg.bf16_compute;
   matrix dscore = alloc("dscore", T, k);
-  // The expert-row buffers live across steps (sized for T k rows, the most
-  // a forward can keep): allocating them per call would cost a device
-  // allocation and a synchronising free every step.
-  const long max_rows = long(T) * k;
-  if (static_cast<long>(m_dys.extent(0)) != max_rows) {
-    m_dys     = alloc("dys", max_rows, d);
-    m_dh      = alloc("dh", max_rows, dff);
-    m_dxs     = alloc("dxs", max_rows, d);
-    m_dhpre   = bf16 ? matrix() : alloc("dhpre", max_rows, dff_in);
-    m_dhpre_b = bf16 ? bmatrix(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::moe::dhpre_b"), max_rows, dff_in)
-                     : bmatrix();
-  }
+  // Row buffers live across steps (grow-only): allocating them per call
+  // would cost a device allocation and a synchronising free every step.
+  impl::grow_rows(m_dys, long(T) * k, d, "dys");
+  impl::grow_rows(m_dh, rows_e, dff, "dh");
+  impl::grow_rows(m_dxe, rows_e, d, "dxe");
+  if (bf16) impl::grow_rows(m_dhpre_b, rows_e, dff_in, "dhpre_b");
+  else impl::grow_rows(m_dhpre, rows_e, dff_in, "dhpre");
   auto dys     = m_dys;
   auto dh      = m_dh;
-  auto dxs     = m_dxs;
   auto dhpre   = m_dhpre;
   auto dhpre_b = m_dhpre_b;
   auto slot = m_slot;
   auto score = m_score;
   auto ys = m_ys;
   auto hpre = m_hpre;
-  auto idx = m_idx;
   auto rt = m_row_token;
   auto rc = m_row_choice;
 
@@ -267,17 +550,21 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   Kokkos::parallel_for(
       "moka::expert_grad_out", impl::row_major_2d(space, rows, long(d)),
       KOKKOS_LAMBDA(long r, long c) { dys(r, c) = score(rt(r), rc(r)) * dy(rt(r), c); });
+  stage.reset();
+  const matrix dye = exchange_forward(space, dys, m_dye_buf);
+  m_dye = dye;
+  stage.emplace("moka::MoELayer::combine_backward");
 
   // Expert backward. Bias gradients are column sums over the expert's rows,
   // in row order (deterministic).
-  index_vector offsets = m_offsets;
+  index_vector offsets = m_e_offsets;
   if (m_cfg.expert_bias) {
     auto db2 = m_grads.b2;
     Kokkos::parallel_for(
-        "moka::expert_db2", impl::row_major_2d(space, E, d),
+        "moka::expert_db2", impl::row_major_2d(space, L, d),
         KOKKOS_LAMBDA(int e, int c) {
           Scalar acc = 0;
-          for (int r = offsets(e); r < offsets(e + 1); ++r) acc += dys(r, c);
+          for (int r = offsets(e); r < offsets(e + 1); ++r) acc += dye(r, c);
           db2(e, c) += acc;
         });
   }
@@ -285,8 +572,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   expert_gemm(space, Stage::down_backward);
   stage.emplace("moka::MoELayer::activation_backward");
   Kokkos::parallel_for(
-      "moka::expert_activation_backward",
-      impl::row_major_2d(space, rows, long(dff)),
+      "moka::expert_activation_backward", impl::row_major_2d(space, rows_e, long(dff)),
       KOKKOS_LAMBDA(long r, long c) {
         Scalar v0, v1 = 0;
         if (act == Activation::swiglu) {
@@ -307,7 +593,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   if (m_cfg.expert_bias) {
     auto db1 = m_grads.b1;
     Kokkos::parallel_for(
-        "moka::expert_db1", impl::row_major_2d(space, E, dff_in),
+        "moka::expert_db1", impl::row_major_2d(space, L, dff_in),
         KOKKOS_LAMBDA(int e, int c) {
           Scalar acc = 0;
           for (int r = offsets(e); r < offsets(e + 1); ++r) acc += bf16 ? Scalar(float(dhpre_b(r, c))) : dhpre(r, c);
@@ -316,6 +602,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   }
   stage.reset();
   expert_gemm(space, Stage::up_backward);
+  const matrix dxs = exchange_reverse(space, m_dxe, m_dxs_buf);
 
   // Gate backward (into dx), then the expert rows of each token.
   gate_backward(space, dscore, dx);
@@ -334,29 +621,30 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm(const execution_space& space, St
   }
   // Kokkos Kernels (3.4 has no instance argument): fence around the calls.
   space.fence();
-  for (int e = 0; e < m_cfg.num_experts; ++e) {
-    const long b = m_h_offsets[e], n = m_h_offsets[e + 1] - b;
+  const matrix& dye = m_dye;
+  for (int e = 0; e < m_L; ++e) {
+    const long b = m_e_off[e], n = m_e_off[e + 1] - b;
     if (n == 0) continue;
     switch (stage) {
       case Stage::up:
-        impl::gemm("N", "N", Scalar(1), impl::rows_of(m_xs, b, b + n), impl::expert_of(m_params.w1, e), Scalar(0),
+        impl::gemm("N", "N", Scalar(1), impl::rows_of(m_xe, b, b + n), impl::expert_of(m_params.w1, e), Scalar(0),
                    impl::rows_of(m_hpre, b, b + n));
         break;
       case Stage::down:
         impl::gemm("N", "N", Scalar(1), impl::rows_of(m_h, b, b + n), impl::expert_of(m_params.w2, e), Scalar(0),
-                   impl::rows_of(m_ys, b, b + n));
+                   impl::rows_of(m_ye, b, b + n));
         break;
       case Stage::down_backward:
-        impl::gemm("T", "N", Scalar(1), impl::rows_of(m_h, b, b + n), impl::rows_of(m_dys, b, b + n), Scalar(1),
+        impl::gemm("T", "N", Scalar(1), impl::rows_of(m_h, b, b + n), impl::rows_of(dye, b, b + n), Scalar(1),
                    impl::expert_of(m_grads.w2, e));
-        impl::gemm("N", "T", Scalar(1), impl::rows_of(m_dys, b, b + n), impl::expert_of(m_params.w2, e), Scalar(0),
+        impl::gemm("N", "T", Scalar(1), impl::rows_of(dye, b, b + n), impl::expert_of(m_params.w2, e), Scalar(0),
                    impl::rows_of(m_dh, b, b + n));
         break;
       case Stage::up_backward:
-        impl::gemm("T", "N", Scalar(1), impl::rows_of(m_xs, b, b + n), impl::rows_of(m_dhpre, b, b + n), Scalar(1),
+        impl::gemm("T", "N", Scalar(1), impl::rows_of(m_xe, b, b + n), impl::rows_of(m_dhpre, b, b + n), Scalar(1),
                    impl::expert_of(m_grads.w1, e));
         impl::gemm("N", "T", Scalar(1), impl::rows_of(m_dhpre, b, b + n), impl::expert_of(m_params.w1, e), Scalar(0),
-                   impl::rows_of(m_dxs, b, b + n));
+                   impl::rows_of(m_dxe, b, b + n));
         break;
     }
   }
@@ -366,29 +654,24 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm(const execution_space& space, St
 template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::prepare_bf16_forward(const execution_space& space) {
   // bf16 copies of the fp32 master weights (they change every optimizer
-  // step) and of the dispatched rows.
+  // step) and of the expert-side rows.
   impl::convert_to_bf16(space, "moka::w1_to_bf16", m_params.w1.data(), m_w1_b.data(), m_w1_b.size());
   impl::convert_to_bf16(space, "moka::w2_to_bf16", m_params.w2.data(), m_w2_b.data(), m_w2_b.size());
-  impl::convert_to_bf16(space, "moka::xs_to_bf16", m_xs.data(), m_xs_b.data(), std::size_t(m_rows) * m_cfg.d_model);
+  impl::convert_to_bf16(space, "moka::xs_to_bf16", m_xe.data(), m_xs_b.data(), std::size_t(m_rows_e) * m_cfg.d_model);
 }
 
 template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& space, Stage stage) {
 #ifdef KOKKOS_ENABLE_CUDA
   if constexpr (std::is_same<Scalar, float>::value && std::is_same<MemorySpace, Kokkos::CudaSpace>::value) {
-    const int d = m_cfg.d_model, dff = m_cfg.d_ff, dfi = m_cfg.d_ff_in();
+    const int d = m_cfg.d_model, dff = m_dffl, dfi = m_dfil;
     if (stage == Stage::down_backward) {
-      if (m_dys_b.extent(0) < m_dys.extent(0))
-        m_dys_b = bmatrix(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::moe::dys_bf16"), m_dys.extent(0), d);
-      auto src = m_dys;
-      auto dst = m_dys_b;
-      Kokkos::parallel_for(
-          "moka::dys_to_bf16", impl::row_major_2d(space, m_rows, long(d)),
-          KOKKOS_LAMBDA(long r, long c) { dst(r, c) = moka::bf16(src(r, c)); });
+      impl::grow_rows(m_dys_b, m_rows_e, d, "dys_bf16");
+      impl::convert_to_bf16(space, "moka::dys_to_bf16", m_dye.data(), m_dys_b.data(), std::size_t(m_rows_e) * d);
     }
-    for (int e = 0; e < m_cfg.num_experts; ++e) {
-      const long b = m_h_offsets[e];
-      const int n  = static_cast<int>(m_h_offsets[e + 1] - b);
+    for (int e = 0; e < m_L; ++e) {
+      const long b = m_e_off[e];
+      const int n  = static_cast<int>(m_e_off[e + 1] - b);
       if (n == 0) continue;
       const bf16* w1 = m_w1_b.data() + std::size_t(e) * d * dfi;
       const bf16* w2 = m_w2_b.data() + std::size_t(e) * dff * d;
@@ -399,7 +682,7 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& spac
           break;
         case Stage::down:
           impl::gemm_bf16_f32(space, false, false, n, d, dff, 1.f, m_h_b.data() + b * dff, dff, w2, d, 0.f,
-                              m_ys.data() + b * d, d);
+                              m_ye.data() + b * d, d);
           break;
         case Stage::down_backward:
           impl::gemm_bf16_f32(space, true, false, dff, d, n, 1.f, m_h_b.data() + b * dff, dff, m_dys_b.data() + b * d,
@@ -411,7 +694,7 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& spac
           impl::gemm_bf16_f32(space, true, false, d, dfi, n, 1.f, m_xs_b.data() + b * d, d,
                               m_dhpre_b.data() + b * dfi, dfi, 1.f, m_grads.w1.data() + std::size_t(e) * d * dfi, dfi);
           impl::gemm_bf16_f32(space, false, true, n, d, dfi, 1.f, m_dhpre_b.data() + b * dfi, dfi, w1, dfi, 0.f,
-                              m_dxs.data() + b * d, d);
+                              m_dxe.data() + b * d, d);
           break;
       }
     }
@@ -428,8 +711,13 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
   const int T = static_cast<int>(x.extent(0)), E = m_cfg.num_experts, k = m_cfg.top_k, d = m_cfg.d_model;
   const bool training = m_training;
   const std::uint64_t seed = m_seed, counter = m_counter;
+  // Random streams are indexed by the token's place in the whole batch, so
+  // every layout draws the numbers of the single-rank run.
+  const std::uint64_t TG = static_cast<std::uint64_t>(m_T_global), t0 = static_cast<std::uint64_t>(m_tok0);
+  const double tg = static_cast<double>(m_T_global);
   if (training) ++m_counter;
   const GateType type = m_cfg.gate;
+  const Communicator* gate_group = m_groups && m_groups->world().size() > 1 ? &m_groups->world() : nullptr;
 
   // Gate input: x, or x times the Switch jitter U(1-eps, 1+eps) in training.
   m_gin = x;
@@ -440,7 +728,7 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
     Kokkos::parallel_for(
         "moka::gate_jitter", impl::row_major_2d(space, T, d),
         KOKKOS_LAMBDA(int t, int c) {
-          const double u = impl::hash_uniform(seed ^ 0x6a09e667f3bcc909ull, (counter * T + t) * d + c);
+          const double u = impl::hash_uniform(seed ^ 0x6a09e667f3bcc909ull, (counter * TG + t0 + t) * d + c);
           jit(t, c)      = Scalar(1) + eps * Scalar(2 * u - 1);
           gin(t, c)      = x(t, c) * jit(t, c);
         });
@@ -464,7 +752,7 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
         "moka::gate_noise", impl::row_major_2d(space, T, E),
         KOKKOS_LAMBDA(int t, int e) {
           sd(t, e)     = impl::softplus(raw(t, e)) + Scalar(1e-2);
-          noise(t, e)  = training ? Scalar(impl::hash_normal(seed ^ 0xbb67ae8584caa73bull, (counter * T + t) * E + e))
+          noise(t, e)  = training ? Scalar(impl::hash_normal(seed ^ 0xbb67ae8584caa73bull, (counter * TG + t0 + t) * E + e))
                                   : Scalar(0);
           logits(t, e) = clean(t, e) + noise(t, e) * sd(t, e);
         });
@@ -472,17 +760,18 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
 
   // Selection and scores.
   if (type == GateType::trace) {
-    const std::vector<long> scaled = scale_counts(m_trace_counts, long(T) * k);
+    const std::vector<long> scaled = scale_counts(m_trace_counts, long(TG) * k);
     auto h = Kokkos::create_mirror_view(m_trace_cum);
     h(0)   = 0;
     for (int e = 0; e < E; ++e) h(e + 1) = h(e) + static_cast<int>(scaled[e]);
     Kokkos::deep_copy(m_trace_cum, h);
   }
   impl::GateArgs args{type, m_cfg.renormalize, training && m_cfg.random_routing, m_cfg.bias_balance, seed ^ 0x3c6ef372fe94f82bull,
-                      counter};
+                      counter, TG, t0};
   impl::gate_select(space, args, m_logits, m_sel_bias, m_probs, m_idx, m_score, m_route, m_thr, m_rr);
   if (type == GateType::trace) {
-    // Assignment i = j T + t goes to the expert whose share of [0, T k) holds i.
+    // Assignment j T + t (T, t over the whole batch) goes to the expert whose
+    // share of [0, T k) holds it.
     auto idx = m_idx;
     auto route = m_route;
     auto score = m_score;
@@ -490,8 +779,9 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
     Kokkos::parallel_for(
         "moka::gate_trace", Kokkos::RangePolicy<execution_space>(space, 0, T * k), KOKKOS_LAMBDA(int i) {
           const int j = i / T, t = i % T;
-          int e       = 0;
-          while (e + 1 < E && cum(e + 1) <= i) ++e;
+          const long g = long(j) * long(TG) + long(t0) + t;
+          int e        = 0;
+          while (e + 1 < E && cum(e + 1) <= g) ++e;
           idx(t, j)   = e;
           route(t, j) = e;
           score(t, j) = Scalar(1) / Scalar(k);
@@ -519,7 +809,8 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
           acc += lse * lse;
         },
         zsum);
-    m_z_loss = m_cfg.z_loss_weight * zsum / T;
+    if (gate_group) gate_group->allreduce_host(&zsum, 1);
+    m_z_loss = m_cfg.z_loss_weight * zsum / tg;
   }
   const double w = m_cfg.balance_weight;
   if (w > 0 && (type == GateType::gshard || type == GateType::switch_top1)) {
@@ -534,16 +825,24 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
             cnt += idx(t, 0) == e ? 1.0 : 0.0;
             p += double(probs(t, e));
           }
-          f(e)  = cnt / T;
-          mp(e) = p / T;
+          f(e)  = cnt;
+          mp(e) = p;
         });
     auto hf = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), f);
     auto hm = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), mp);
     auto hg = Kokkos::create_mirror_view(m_bal_grad);
+    if (gate_group) {
+      gate_group->allreduce_host(hf.data(), E);
+      gate_group->allreduce_host(hm.data(), E);
+    }
+    for (int e = 0; e < E; ++e) {
+      hf(e) /= tg;
+      hm(e) /= tg;
+    }
     double l = 0;
     for (int e = 0; e < E; ++e) {
       l += hf(e) * hm(e);
-      hg(e) = Scalar(w * E * hf(e) / T);  // d loss / d p(t, e)
+      hg(e) = Scalar(w * E * hf(e) / tg);  // d loss / d p(t, e)
     }
     m_balance_loss = w * E * l;
     Kokkos::deep_copy(m_bal_grad, hg);
@@ -578,6 +877,10 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
         });
     auto hi = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), imp);
     auto hl = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), load);
+    if (gate_group) {
+      gate_group->allreduce_host(hi.data(), E);
+      gate_group->allreduce_host(hl.data(), E);
+    }
     std::vector<double> vi(hi.data(), hi.data() + E), vl(hl.data(), hl.data() + E), gi, gl;
     m_balance_loss = w * (impl::cv_squared(vi, &gi) + impl::cv_squared(vl, &gl));
     auto hgi = Kokkos::create_mirror_view(m_imp_grad);
@@ -602,6 +905,7 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
           sel(e) = c;
         });
     auto hs = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), sel);
+    if (gate_group) gate_group->allreduce_host(hs.data(), E);
     auto hb = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), m_sel_bias);
     double mean = 0;
     for (int e = 0; e < E; ++e) mean += double(hs(e)) / E;
@@ -643,7 +947,7 @@ void MoELayer<Scalar, MemorySpace>::gate_backward(const execution_space& space, 
   }
   matrix dlogits = alloc("dlogits", T, E);
   impl::gate_backward(space, type, m_cfg.renormalize, m_logits, m_probs, idx, m_score, dscore, dprob,
-                      Scalar(m_cfg.z_loss_weight), dlogits);
+                      Scalar(m_cfg.z_loss_weight), m_T_global, dlogits);
 
   matrix dclean = dlogits;
   matrix draw;

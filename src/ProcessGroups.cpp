@@ -1,0 +1,103 @@
+#include <moka/GradSync.hpp>
+#include <moka/ProcessGroups.hpp>
+
+#include <sstream>
+
+namespace moka {
+
+DeckSchema ParallelConfig::schema() {
+  DeckSchema s;
+  s.add("parallel.expert_parallel", DeckType::integer).set_default("1").set_min(1)
+      .set_doc("EP: ranks that share the experts of an MoE layer (each holds num_experts / EP); tokens are "
+               "exchanged among them.");
+  s.add("parallel.expert_data_parallel", DeckType::integer).set_default("0").set_min(0)
+      .set_doc("EDP: replicas of each EP group, whose expert gradients are summed; 0 means world / (EP x S). "
+               "EP x EDP x S must equal the number of ranks.");
+  s.add("parallel.expert_slicing", DeckType::integer).set_default("1").set_min(1)
+      .set_doc("S: ranks over which each expert's d_ff is split (FastMoE hidden-hidden slicing); d_ff must be "
+               "divisible by S.");
+  s.add("comm.backend", DeckType::string).set_default("auto").set_choices({"auto", "mpi", "nccl"})
+      .set_doc("Library of the token exchange and gradient all-reduce: nccl (device memory, CUDA builds), mpi "
+               "(host memory; device data staged through pinned host buffers unless MOKA_MPI_CUDA_AWARE=1), or "
+               "auto: nccl on CUDA builds when every rank has its own GPU, mpi otherwise.");
+  s.add("comm.bucket_mb", DeckType::real).set_default("32").set_min(0.001)
+      .set_doc("Gradients are all-reduced in coalesced buckets of about this many MB per group.");
+  return s;
+}
+
+ParallelConfig ParallelConfig::from_deck(const InputDeck& deck) {
+  ParallelConfig c;
+  c.expert_parallel      = static_cast<int>(deck.get<long>("parallel.expert_parallel"));
+  c.expert_data_parallel = static_cast<int>(deck.get<long>("parallel.expert_data_parallel"));
+  c.expert_slicing       = static_cast<int>(deck.get<long>("parallel.expert_slicing"));
+  c.backend              = deck.get<std::string>("comm.backend");
+  c.bucket_mb            = deck.get<double>("comm.bucket_mb");
+  return c;
+}
+
+void ParallelConfig::validate(int world, int num_experts, int d_ff) const {
+  const int ep = expert_parallel, s = expert_slicing;
+  MOKA_REQUIRE(ep >= 1 && s >= 1 && expert_data_parallel >= 0, "parallel.*: sizes must be positive (EP = ", ep,
+               ", S = ", s, ", EDP = ", expert_data_parallel, ")");
+  MOKA_REQUIRE(world % (ep * s) == 0, "parallel.expert_parallel x parallel.expert_slicing = ", ep, " x ", s, " = ",
+               ep * s, " does not divide the ", world, " ranks");
+  const int edp = world / (ep * s);
+  MOKA_REQUIRE(expert_data_parallel == 0 || expert_data_parallel == edp, "parallel.expert_data_parallel = ",
+               expert_data_parallel, " but EP x EDP x S must equal the ", world, " ranks (EDP = ", edp,
+               " with EP = ", ep, ", S = ", s, ")");
+  MOKA_REQUIRE(num_experts % ep == 0, "moe.num_experts = ", num_experts,
+               " is not divisible by parallel.expert_parallel = ", ep);
+  MOKA_REQUIRE(d_ff % s == 0, "moe.d_ff = ", d_ff, " is not divisible by parallel.expert_slicing = ", s);
+  (void)comm_backend_from_string(backend);
+}
+
+ProcessGroups::ProcessGroups(MPI_Comm world, const ParallelConfig& config, int num_experts, int d_ff,
+                             bool device_data)
+    : m_cfg(config) {
+  int size = 1, rank = 0;
+  MPI_Comm_size(world, &size);
+  MPI_Comm_rank(world, &rank);
+  m_cfg.validate(size, num_experts, d_ff);
+  m_cfg.expert_data_parallel = size / (m_cfg.expert_parallel * m_cfg.expert_slicing);
+  const bool usable = nccl_usable(world);
+  if (m_cfg.backend == "auto") {
+    m_backend = device_data && usable ? CommBackend::nccl : CommBackend::mpi;
+  } else {
+    m_backend = comm_backend_from_string(m_cfg.backend);
+    MOKA_REQUIRE(m_backend != CommBackend::nccl || device_data,
+                 "comm.backend = nccl needs the data in device memory (this run keeps it on the host)");
+    MOKA_REQUIRE(m_backend != CommBackend::nccl || usable,
+                 "comm.backend = nccl needs a build with NCCL and one GPU per rank (ranks of a node share a GPU "
+                 "here); use comm.backend = mpi");
+  }
+  const int S = m_cfg.expert_slicing, EP = m_cfg.expert_parallel;
+  const int s = rank % S, ep = (rank / S) % EP, edp = rank / (S * EP);
+  m_world = make_communicator(world, m_backend);
+  m_ep    = m_world->split(edp * S + s, ep);
+  m_slice = m_world->split(edp * EP + ep, s);
+  m_edp   = m_world->split(ep * S + s, edp);
+  m_moe   = m_world->split(edp, ep * S + s);
+}
+
+std::shared_ptr<ProcessGroups> ProcessGroups::single() {
+  return std::make_shared<ProcessGroups>(MPI_COMM_SELF, ParallelConfig{}, 1, 1, false);
+}
+
+const char* to_string(ParamTag t) {
+  switch (t) {
+    case ParamTag::dense: return "dense";
+    case ParamTag::expert: return "expert";
+    case ParamTag::expert_replicated: return "expert_replicated";
+    case ParamTag::none: return "none";
+  }
+  return "?";
+}
+
+std::string ProcessGroups::describe() const {
+  std::ostringstream os;
+  os << "EP " << ep_size() << " x EDP " << edp_size() << " x S " << slice_size() << " over " << m_world->size()
+     << " rank" << (m_world->size() > 1 ? "s" : "") << ", " << to_string(m_backend);
+  return os.str();
+}
+
+}  // namespace moka
