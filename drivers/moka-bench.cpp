@@ -4,10 +4,12 @@
 //
 //   moka-bench input_decks/bench_layer.deck [key=value ...]   (H100, bf16)
 //   moka-bench input_decks/bench_cpu.deck                     (CPU, fp32)
+//   mpirun -np 4 moka-bench input_decks/bench_exchange.deck    (token exchange vs all-to-all)
 
 #include <moka/BenchConfig.hpp>
 #include <moka/InputDeck.hpp>
 #include <moka/MoELayer.hpp>
+#include <moka/ProcessGroups.hpp>
 #include <moka/Profiling.hpp>
 #include <moka/RunConfig.hpp>
 #include <moka/Runtime.hpp>
@@ -19,6 +21,7 @@
 #include <chrono>
 #include <cstdio>
 #include <iostream>
+#include <mpi.h>
 #include <vector>
 
 namespace {
@@ -40,6 +43,9 @@ int run(const moka::InputDeck& deck, int rank) {
   Exec space;
   moka::MoELayer<S, M> layer(cfg);
   layer.init_parameters(static_cast<std::uint64_t>(deck.get<long>("run.seed")));
+  // As in training, where the optimizer writes the bf16 weight copies fused
+  // into its update: forward+backward does not convert the weights.
+  layer.set_bf16_weights_managed(true);
   matrix x("x", T, cfg.d_model), y("y", T, cfg.d_model), dy("dy", T, cfg.d_model), dx("dx", T, cfg.d_model);
   {
     Kokkos::Random_XorShift64_Pool<Exec> pool(7);
@@ -150,6 +156,95 @@ int run(const moka::InputDeck& deck, int rank) {
   return 0;
 }
 
+/// The layer's token exchange (EP = all ranks): for payloads of
+/// exchange_mb_min .. exchange_mb_max MB of dispatched rows per rank, the
+/// device time of the exchange regions of a forward (counts all-to-all,
+/// rows all-to-all, reordering by expert; and the way back), against the
+/// communicator's equal-count all-to-all of the same bytes per rank.
+template <class S>
+int run_exchange(const moka::InputDeck& deck, int rank, int size) {
+  using M      = moka::memory_space;
+  using Exec   = moka::execution_space;
+  using matrix = Kokkos::View<S**, Kokkos::LayoutRight, M>;
+  moka::MoEConfig cfg = moka::MoEConfig::from_deck(deck);
+  moka::ParallelConfig pc = moka::ParallelConfig::from_deck(deck);
+  pc.expert_parallel      = size;
+  pc.expert_slicing       = 1;
+  pc.expert_data_parallel = 0;
+  const long warmup = deck.get<long>("bench.warmup"), iters = deck.get<long>("bench.iters");
+  auto groups = std::make_shared<moka::ProcessGroups>(MPI_COMM_WORLD, pc, cfg.num_experts, cfg.d_ff,
+                                                      !Kokkos::SpaceAccessibility<Kokkos::HostSpace, M>::accessible);
+  Exec space;
+  if (rank == 0)
+    std::printf("moka-bench exchange: %s, %s, d=%d, E=%d, top-%d, %zu-byte elements; bandwidth = bytes sent per "
+                "rank (all peers, itself included) / time, the slowest rank's time\n",
+                Kokkos::DefaultExecutionSpace::name(), groups->describe().c_str(), cfg.d_model, cfg.num_experts,
+                cfg.top_k, sizeof(S));
+  if (rank == 0)
+    std::printf("  %10s %12s %12s %12s %12s %12s %8s\n", "MB/rank", "exchange ms", "GB/s", "(one way ms)",
+                "all-to-all ms", "GB/s", "ratio");
+  const double mb_max = deck.get<double>("bench.exchange_mb_max");
+  for (double mb = deck.get<double>("bench.exchange_mb_min"); mb <= mb_max * 1.0001; mb *= 2) {
+    const double bytes = mb * 1024 * 1024;
+    const long T       = std::max(1L, static_cast<long>(bytes / (double(cfg.d_model) * sizeof(S) * cfg.top_k)));
+    moka::MoELayer<S, M> layer(cfg, groups);
+    layer.init_parameters(static_cast<std::uint64_t>(deck.get<long>("run.seed")));
+    matrix x("x", T, cfg.d_model), y("y", T, cfg.d_model);
+    Kokkos::Random_XorShift64_Pool<Exec> pool(11 + rank);
+    Kokkos::fill_random(x, pool, S(-1), S(1));
+    for (long it = 0; it < warmup; ++it) layer.forward(space, x, y);
+    space.fence();
+    moka::TimerTable::instance().clear();
+    moka::set_fence_regions(true);
+    for (long it = 0; it < iters; ++it) layer.forward(space, x, y);
+    moka::set_fence_regions(false);
+    const auto snap = moka::TimerTable::instance().snapshot();
+    auto seconds = [&](const char* n) {
+      auto i = snap.find(n);
+      return i == snap.end() ? 0.0 : i->second.seconds;
+    };
+    // Both directions of a forward: there and back.
+    double parts[3] = {seconds("moka::MoELayer::exchange_plan") / double(iters),
+                       seconds("moka::MoELayer::exchange") / double(iters),
+                       seconds("moka::MoELayer::exchange_back") / double(iters)};
+    MPI_Allreduce(MPI_IN_PLACE, parts, 3, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    double t_ex = parts[0] + parts[1] + parts[2];
+    double sent = 0;
+    {
+      auto hc = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.expert_counts());
+      for (std::size_t e = 0; e < hc.extent(0); ++e) sent += double(hc(e)) * cfg.d_model * sizeof(S);
+    }
+    MPI_Allreduce(MPI_IN_PLACE, &t_ex, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    MPI_Allreduce(MPI_IN_PLACE, &sent, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    sent /= size;
+    // Reference: equal-count all-to-all of the same bytes per rank.
+    const long count = std::max(1L, static_cast<long>(sent / sizeof(S) / size));
+    Kokkos::View<S*, M> sbuf("a2a_send", std::size_t(count) * size), rbuf("a2a_recv", std::size_t(count) * size);
+    std::vector<double> ref;
+    for (long it = 0; it < warmup + iters; ++it) {
+      space.fence();
+      MPI_Barrier(MPI_COMM_WORLD);
+      const auto t0 = std::chrono::steady_clock::now();
+      groups->ep().alltoall(space, sbuf.data(), rbuf.data(), count, moka::data_type_of<S>(),
+                            moka::memory_kind_of<M>());
+      space.fence();
+      double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      MPI_Allreduce(MPI_IN_PLACE, &s, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+      if (it >= warmup) ref.push_back(s);
+    }
+    const double t_ref = median(ref);
+    // The exchange moves the payload twice per forward (there and back).
+    const double bw_ex = 2.0 * sent / t_ex * 1e-9, bw_ref = double(count) * size * sizeof(S) / t_ref * 1e-9;
+    if (rank == 0)
+      std::printf("  %10.1f %12.3f %12.1f %12.3f %12.3f %12.1f %7.0f%%\n", sent / 1048576.0, t_ex * 1e3, bw_ex,
+                  t_ex * 5e2, t_ref * 1e3, bw_ref, 100.0 * bw_ex / bw_ref);
+    if (rank == 0)
+      std::printf("  %10s (counts and plan %.3f ms, rows there %.3f ms, back %.3f ms; slowest rank each)\n", "",
+                  parts[0] * 1e3, parts[1] * 1e3, parts[2] * 1e3);
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char* argv[]) {
@@ -174,6 +269,10 @@ int main(int argc, char* argv[]) {
   }
   try {
     const std::string p = deck.get<std::string>("bench.precision");
+    if (deck.get<std::string>("bench.mode") == "exchange") {
+      if (p == "fp64") return run_exchange<double>(deck, runtime.rank(), runtime.size());
+      return run_exchange<float>(deck, runtime.rank(), runtime.size());
+    }
     if (p == "fp64") return run<double>(deck, runtime.rank());
     return run<float>(deck, runtime.rank());
   } catch (const std::exception& e) {

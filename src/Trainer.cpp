@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iomanip>
 #include <numeric>
@@ -86,7 +87,9 @@ TrainResult train_typed(MPI_Comm comm, const InputDeck& deck, std::ostream& log)
   model.init_parameters(static_cast<std::uint64_t>(run.seed));
   const auto params = model.parameters();
   Optimizer<S, M> opt(ocfg);
-  for (const auto& p : params) opt.add(p.param, p.grad);
+  for (const auto& p : params) opt.add(p.param, p.grad, p.bf16_copy);
+  // bf16: the optimizer writes the experts' bf16 weight copies in its update.
+  if (mcfg.moe.bf16_compute) model.set_bf16_weights_managed(true);
   GradSync<S, M> sync(groups, params, pcfg.bucket_mb);
 
   Exec space;
@@ -148,7 +151,13 @@ TrainResult train_typed(MPI_Comm comm, const InputDeck& deck, std::ostream& log)
   long epoch  = 0;
   const auto t0 = std::chrono::steady_clock::now();
   double loss = 0;
+  // Failure injection for the abort test: MOKA_TEST_FAIL_RANK=r makes rank r
+  // throw at step 3 while the others wait in the step's collectives.
+  const char* fail_env = std::getenv("MOKA_TEST_FAIL_RANK");
+  const int fail_rank  = fail_env ? std::atoi(fail_env) : -1;
   for (long step = 0; step < ocfg.total_steps; ++step) {
+    if (step == 2 && rank == fail_rank)
+      throw Error("failure injected at step 3 on rank " + std::to_string(rank) + " (MOKA_TEST_FAIL_RANK)");
     // The global batch: the next batch_size samples of this epoch's
     // permutation (the same on every rank); each rank takes its slice.
     if (cursor + tcfg.batch_size > train.n) {

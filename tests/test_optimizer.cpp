@@ -142,3 +142,28 @@ TEST(Optimizer, BadConfigurations) {
   View1 p("p", 3), g("g", 4);
   EXPECT_THROW(opt.add(p, g), moka::Error);
 }
+
+TEST(Optimizer, Bf16CopyFollowsEveryUpdate) {
+  // A registered bf16 copy equals bf16(param) after each step (SGD and
+  // AdamW), the operand MoELayer's bf16 GEMMs read when the optimizer
+  // manages the copies.
+  for (auto type : {moka::OptimizerType::sgd, moka::OptimizerType::adamw}) {
+    auto c = constant_lr(type, 0.05);
+    c.weight_decay = 0.1;
+    auto t = make({1.0, -2.0, 0.3}, {0.5, 1.0, -0.25});
+    Kokkos::View<moka::bf16*, moka::memory_space> copy("copy", 3);
+    moka::Optimizer<double> opt(c);
+    opt.add(t.p, t.g, copy.data());
+    moka::execution_space space;
+    for (int s = 0; s < 3; ++s) {
+      opt.step(space);
+      space.fence();
+      const auto p = values(t.p);
+      auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), copy);
+      for (int i = 0; i < 3; ++i) {
+        EXPECT_EQ(float(h(i)), float(moka::bf16(float(p[i])))) << "step " << s << " element " << i;
+        EXPECT_NE(float(h(i)), 0.0f);
+      }
+    }
+  }
+}

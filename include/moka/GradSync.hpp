@@ -36,6 +36,7 @@ struct ParamRef {
   std::string name;
   Kokkos::View<Scalar*, MemorySpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> param, grad;
   ParamTag tag = ParamTag::dense;
+  bf16* bf16_copy = nullptr;  ///< a bf16 copy of param the optimizer keeps equal (mixed precision), or nullptr
 };
 
 /// \brief Sums gradients over their tags' groups and computes the global norm.

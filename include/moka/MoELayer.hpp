@@ -93,6 +93,16 @@ class MoELayer {
   params_type& grads() { return m_grads; }
   const params_type& grads() const { return m_grads; }
 
+  /// \brief bf16 copies of W1 and W2 used by the bf16 GEMMs (bf16_compute).
+  const btensor3& bf16_w1() const { return m_w1_b; }
+  const btensor3& bf16_w2() const { return m_w2_b; }
+  /// \brief With \p on, forward uses the bf16 copies as they are instead of
+  /// converting W1 and W2 at every forward: whoever changes the weights
+  /// keeps the copies equal to bf16(W) (moka::Optimizer does, fused into its
+  /// update, for tensors registered with a bf16 copy; init_parameters does).
+  /// Off by default.
+  void set_bf16_weights_managed(bool on) { m_bf16_managed = on; }
+  bool bf16_weights_managed() const { return m_bf16_managed; }
   /// \brief The process groups (nullptr: one rank).
   const ProcessGroups* groups() const { return m_groups.get(); }
   /// \brief Experts held here (E / EP), the first one's global index, and the
@@ -163,6 +173,8 @@ class MoELayer {
   void permute(const execution_space& space, const matrix& src, const matrix& dst, const std::vector<long>& dst_start,
                const std::vector<long>& src_start);
   void expert_bias_add(const execution_space& space);
+  long bias_chunks();
+  static constexpr int bias_chunk = 64;  ///< rows per partial sum of the bias gradients
   enum class Stage { up, down, down_backward, up_backward };
   void expert_gemm(const execution_space& space, Stage stage);
   void expert_gemm_bf16(const execution_space& space, Stage stage);
@@ -192,6 +204,7 @@ class MoELayer {
   index_vector m_trace_cum;
   std::vector<long> m_trace_counts;
   bool m_training = true;
+  bool m_bf16_managed = false;
   std::uint64_t m_seed = 0, m_counter = 0;
   double m_balance_loss = 0, m_z_loss = 0;
   index_vector m_counts, m_offsets, m_rank_tmp, m_group_tmp, m_row_token, m_row_choice;
@@ -209,7 +222,8 @@ class MoELayer {
   std::vector<long> m_e_off;               // [L + 1]: expert-side offsets (after slicing)
   long m_rows_ep = 0, m_rows_e = 0;
   index_vector m_e_offsets, m_row_expert;  // expert-side offsets [L + 1] and expert of each row
-  Kokkos::View<long*, MemorySpace> m_perm_dst, m_perm_src, m_cap_base;
+  Kokkos::View<long*, MemorySpace> m_perm_dst, m_perm_src, m_cap_base, m_chunk_start;
+  matrix m_colsum_work;  // partial column sums of the bias gradients
 };
 
 }  // namespace moka

@@ -131,13 +131,20 @@ class MoEModel {
       // Expert tensors: this rank's experts and d_ff slice; b2 is whole on
       // every slice rank.
       add(p + "w1", P.w1, G.w1, ParamTag::expert);
+      if (m_cfg.moe.bf16_compute) out.back().bf16_copy = m_moe[b]->bf16_w1().data();
       if (P.b1.size()) add(p + "b1", P.b1, G.b1, ParamTag::expert);
       add(p + "w2", P.w2, G.w2, ParamTag::expert);
+      if (m_cfg.moe.bf16_compute) out.back().bf16_copy = m_moe[b]->bf16_w2().data();
       if (P.b2.size()) add(p + "b2", P.b2, G.b2, ParamTag::expert_replicated);
     }
     add("out.w", m_out.weight(), m_out.weight_grad());
     add("out.b", m_out.bias(), m_out.bias_grad());
     return out;
+  }
+
+  /// \brief MoELayer::set_bf16_weights_managed for every MoE layer.
+  void set_bf16_weights_managed(bool on) {
+    for (auto& m : m_moe) m->set_bf16_weights_managed(on);
   }
 
   /// \brief Training or evaluation mode of every MoE layer (noise, jitter,

@@ -64,14 +64,20 @@ class Optimizer {
   explicit Optimizer(const OptimizerConfig& config) : m_cfg((config.validate(), config)) {}
 
   /// \brief Registers a parameter and its gradient (same extents, contiguous).
+  using bf16_flat = Kokkos::View<bf16*, MemorySpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+  /// \brief Registers a parameter and its gradient (same extents,
+  /// contiguous); with \p bf16_copy (param.size() elements), every step
+  /// also writes bf16(param) there, fused into the update (mixed precision:
+  /// the bf16 GEMM operands of MoELayer::set_bf16_weights_managed).
   template <class View>
-  void add(const View& param, const View& grad) {
+  void add(const View& param, const View& grad, bf16* bf16_copy = nullptr) {
     MOKA_REQUIRE(param.span_is_contiguous() && grad.span_is_contiguous(), "'", param.label(),
                  "' must be contiguous");
     MOKA_REQUIRE(param.size() == grad.size(), "'", param.label(), "' has ", param.size(), " elements, its gradient ",
                  grad.size(), " (", grad.label(), ")");
     Entry e;
-    e.param = flat(param.data(), param.size());
+    e.param  = flat(param.data(), param.size());
+    e.shadow = bf16_flat(bf16_copy, bf16_copy ? param.size() : 0);
     e.grad  = flat(grad.data(), grad.size());
     e.m     = Kokkos::View<Scalar*, MemorySpace>(param.label() + ".opt_m", param.size());
     if (m_cfg.type != OptimizerType::sgd) e.v = Kokkos::View<Scalar*, MemorySpace>(param.label() + ".opt_v", param.size());
@@ -113,6 +119,8 @@ class Optimizer {
       auto g = e.grad;
       auto m = e.m;
       auto v = e.v;
+      auto sh = e.shadow;
+      const bool shadow = sh.extent(0) > 0;
       Kokkos::parallel_for(
           "moka::optimizer_step", Kokkos::RangePolicy<execution_space>(space, 0, p.extent(0)), KOKKOS_LAMBDA(long i) {
             Scalar gi = g(i) * s_scale;
@@ -120,6 +128,7 @@ class Optimizer {
               gi += wd * p(i);
               m(i) = mu * m(i) + gi;
               p(i) -= s_lr * m(i);
+              if (shadow) sh(i) = bf16(float(p(i)));
               return;
             }
             if (type == OptimizerType::adam) gi += wd * p(i);
@@ -128,6 +137,7 @@ class Optimizer {
             v(i) = b2 * v(i) + (Scalar(1) - b2) * gi * gi;
             const Scalar mhat = m(i) / c1, vhat = v(i) / c2;
             p(i) -= s_lr * mhat / (impl::sqrt(vhat) + eps);
+            if (shadow) sh(i) = bf16(float(p(i)));
           });
     }
     return norm;
@@ -141,6 +151,7 @@ class Optimizer {
  private:
   struct Entry {
     flat param, grad;
+    bf16_flat shadow;
     Kokkos::View<Scalar*, MemorySpace> m, v;
   };
   OptimizerConfig m_cfg;

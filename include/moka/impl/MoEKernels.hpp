@@ -220,14 +220,14 @@ void convert_to_bf16(const Exec& space, const char* label, const S* src, bf16* d
 }
 
 // ----------------------------------------------------- dispatch / combine
-/// xs(r,:) = x(row_token(r),:) for r < rows.
-template <class Exec, class S, class M>
+/// xs(r,:) = x(row_token(r),:) for r < rows (xs of the same type or bf16).
+template <class Exec, class S, class D, class M>
 void gather_rows(const Exec& space, long rows, const mat<S, M>& x, const Kokkos::View<int*, M>& row_token,
-                 const mat<S, M>& xs) {
+                 const mat<D, M>& xs) {
   const int d = static_cast<int>(x.extent(1));
   Kokkos::parallel_for(
       "moka::dispatch", impl::row_major_2d(space, rows, long(d)),
-      KOKKOS_LAMBDA(long r, long c) { xs(r, c) = x(row_token(r), c); });
+      KOKKOS_LAMBDA(long r, long c) { xs(r, c) = D(x(row_token(r), c)); });
 }
 
 /// y(t,:) = sum_j [slot >= 0] w(t,j) ys(slot(t,j),:), j in order (deterministic).
@@ -266,6 +266,40 @@ void scatter_add_rows(const Exec& space, const mat<S, M>& dxs, const Kokkos::Vie
       });
 }
 
+// ---------------------------------------------------------- column sums
+/// out(e, c) += sum of src(r, c) over the rows r of expert e
+/// (offsets(e) <= r < offsets(e + 1)), for every expert and column. Two
+/// passes with a fixed order (deterministic): sums over chunks of
+/// `chunk` rows, then over each expert's chunks. \p chunk_start [L + 1]
+/// (host and device copies) numbers each expert's chunks.
+template <class Exec, class SrcView, class S, class M>
+void expert_column_sums(const Exec& space, const SrcView& src, const Kokkos::View<int*, M>& offsets,
+                        const Kokkos::View<long*, M>& chunk_start, long chunks, int chunk, const mat<S, M>& work,
+                        const mat<S, M>& out) {
+  const int L = static_cast<int>(out.extent(0));
+  const long n = static_cast<long>(out.extent(1));
+  Kokkos::parallel_for(
+      "moka::column_sums_chunks", impl::row_major_2d(space, chunks, n), KOKKOS_LAMBDA(long q, long c) {
+        int lo = 0, hi = L;  // the expert of chunk q: last e with chunk_start(e) <= q
+        while (hi - lo > 1) {
+          const int mid = (lo + hi) / 2;
+          if (chunk_start(mid) <= q) lo = mid;
+          else hi = mid;
+        }
+        const long b = offsets(lo) + (q - chunk_start(lo)) * chunk;
+        const long e = b + chunk < offsets(lo + 1) ? b + chunk : offsets(lo + 1);
+        S acc = 0;
+        for (long r = b; r < e; ++r) acc += static_cast<S>(src(r, c));
+        work(q, c) = acc;
+      });
+  Kokkos::parallel_for(
+      "moka::column_sums", impl::row_major_2d(space, L, n), KOKKOS_LAMBDA(long e, long c) {
+        S acc = 0;
+        for (long q = chunk_start(e); q < chunk_start(e + 1); ++q) acc += work(q, c);
+        out(e, c) += acc;
+      });
+}
+
 // ------------------------------------------------------------- exchange
 /// Copies blocks of rows: block b (in destination order) has its first
 /// destination row at dst_start(b) and its first source row at
@@ -274,16 +308,22 @@ void scatter_add_rows(const Exec& space, const mat<S, M>& dxs, const Kokkos::Vie
 template <class Exec, class S, class M>
 void permute_blocks(const Exec& space, const mat<S, M>& src, const mat<S, M>& dst, long rows,
                     const Kokkos::View<long*, M>& dst_start, const Kokkos::View<long*, M>& src_start, int nb) {
-  const long d = static_cast<long>(dst.extent(1));
+  using team_policy = Kokkos::TeamPolicy<Exec>;
+  using member      = typename team_policy::member_type;
+  const int d       = static_cast<int>(dst.extent(1));
+  // One team per destination row: the block is found once per row, the
+  // row is copied by the team's threads (coalesced on GPUs).
   Kokkos::parallel_for(
-      "moka::permute_blocks", impl::row_major_2d(space, rows, d), KOKKOS_LAMBDA(long r, long c) {
+      "moka::permute_blocks", team_policy(space, rows, Kokkos::AUTO), KOKKOS_LAMBDA(const member& team) {
+        const long r = team.league_rank();
         int lo = 0, hi = nb;  // last block with dst_start <= r
         while (hi - lo > 1) {
           const int mid = (lo + hi) / 2;
           if (dst_start(mid) <= r) lo = mid;
           else hi = mid;
         }
-        dst(r, c) = src(src_start(lo) + (r - dst_start(lo)), c);
+        const long src_row = src_start(lo) + (r - dst_start(lo));
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, d), [&](int c) { dst(r, c) = src(src_row, c); });
       });
 }
 

@@ -111,6 +111,12 @@ void MoELayer<Scalar, MemorySpace>::init_parameters(std::uint64_t seed) {
   });
   Kokkos::deep_copy(m_params.b1, Scalar(0));
   Kokkos::deep_copy(m_params.b2, Scalar(0));
+  if (m_cfg.bf16_compute) {
+    execution_space space;
+    impl::convert_to_bf16(space, "moka::w1_to_bf16", m_params.w1.data(), m_w1_b.data(), m_w1_b.size());
+    impl::convert_to_bf16(space, "moka::w2_to_bf16", m_params.w2.data(), m_w2_b.data(), m_w2_b.size());
+    space.fence();
+  }
   // The gates' random streams (noise, jitter, random routing) start here.
   m_seed    = rng.next();
   m_counter = 0;
@@ -437,8 +443,13 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
                                 m_slot, m_rank_tmp, m_group_tmp, m_row_token, m_row_choice);
     auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), m_offsets);
     m_h_offsets.assign(h.data(), h.data() + E + 1);
-    impl::gather_rows(space, m_rows, x, m_row_token, m_xs);
-    plan_exchange(space);
+    {
+      ScopedRegion plan("moka::MoELayer::exchange_plan");
+      plan_exchange(space);
+    }
+    // bf16 on one rank: the rows go straight to the GEMMs' bf16 operand.
+    if (m_cfg.bf16_compute && !m_exchange) impl::gather_rows(space, m_rows, x, m_row_token, m_xs_b);
+    else impl::gather_rows(space, m_rows, x, m_row_token, m_xs);
   }
   m_xe = exchange_forward(space, m_xs, m_xe_buf);
 
@@ -483,6 +494,17 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
 }
 
 template <class Scalar, class MemorySpace>
+long MoELayer<Scalar, MemorySpace>::bias_chunks() {
+  if (m_chunk_start.extent(0) != static_cast<std::size_t>(m_L + 1))
+    m_chunk_start = Kokkos::View<long*, MemorySpace>("moka::moe::chunk_start", m_L + 1);
+  auto h = Kokkos::create_mirror_view(m_chunk_start);
+  h(0)   = 0;
+  for (int l = 0; l < m_L; ++l) h(l + 1) = h(l) + (m_e_off[l + 1] - m_e_off[l] + bias_chunk - 1) / bias_chunk;
+  Kokkos::deep_copy(m_chunk_start, h);
+  return h(m_L);
+}
+
+template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::expert_bias_add(const execution_space& space) {
   // b2 once per row: with slicing only the first slice rank adds it to its
   // partial output (the partials are summed).
@@ -505,7 +527,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   require_extent(where, dx, 0, m_T, "rows");
   require_extent(where, dx, 1, m_cfg.d_model, "columns");
   const int T = m_T, k = m_cfg.top_k, d = m_cfg.d_model;
-  const int L = m_L, dff = m_dffl, dff_in = m_dfil;
+  const int dff = m_dffl, dff_in = m_dfil;
   const long rows = m_rows, rows_e = m_rows_e;
   const Activation act = m_cfg.activation;
   auto alloc = [](const char* label, long m, long n) {
@@ -555,18 +577,12 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   m_dye = dye;
   stage.emplace("moka::MoELayer::combine_backward");
 
-  // Expert backward. Bias gradients are column sums over the expert's rows,
-  // in row order (deterministic).
-  index_vector offsets = m_e_offsets;
+  // Expert backward. Bias gradients are column sums over each expert's
+  // rows (in chunks, a fixed order: deterministic).
+  const long chunks = bias_chunks();
   if (m_cfg.expert_bias) {
-    auto db2 = m_grads.b2;
-    Kokkos::parallel_for(
-        "moka::expert_db2", impl::row_major_2d(space, L, d),
-        KOKKOS_LAMBDA(int e, int c) {
-          Scalar acc = 0;
-          for (int r = offsets(e); r < offsets(e + 1); ++r) acc += dye(r, c);
-          db2(e, c) += acc;
-        });
+    impl::grow_rows(m_colsum_work, chunks, std::max(d, dff_in), "colsum_work");
+    impl::expert_column_sums(space, dye, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work, m_grads.b2);
   }
   stage.reset();
   expert_gemm(space, Stage::down_backward);
@@ -591,14 +607,10 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
         }
       });
   if (m_cfg.expert_bias) {
-    auto db1 = m_grads.b1;
-    Kokkos::parallel_for(
-        "moka::expert_db1", impl::row_major_2d(space, L, dff_in),
-        KOKKOS_LAMBDA(int e, int c) {
-          Scalar acc = 0;
-          for (int r = offsets(e); r < offsets(e + 1); ++r) acc += bf16 ? Scalar(float(dhpre_b(r, c))) : dhpre(r, c);
-          db1(e, c) += acc;
-        });
+    if (bf16) impl::expert_column_sums(space, dhpre_b, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work,
+                                       m_grads.b1);
+    else impl::expert_column_sums(space, dhpre, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work,
+                                  m_grads.b1);
   }
   stage.reset();
   expert_gemm(space, Stage::up_backward);
@@ -654,10 +666,15 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm(const execution_space& space, St
 template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::prepare_bf16_forward(const execution_space& space) {
   // bf16 copies of the fp32 master weights (they change every optimizer
-  // step) and of the expert-side rows.
-  impl::convert_to_bf16(space, "moka::w1_to_bf16", m_params.w1.data(), m_w1_b.data(), m_w1_b.size());
-  impl::convert_to_bf16(space, "moka::w2_to_bf16", m_params.w2.data(), m_w2_b.data(), m_w2_b.size());
-  impl::convert_to_bf16(space, "moka::xs_to_bf16", m_xe.data(), m_xs_b.data(), std::size_t(m_rows_e) * m_cfg.d_model);
+  // step; skipped when the optimizer writes them: bf16_weights_managed) and
+  // of the expert-side rows (gathered in bf16 directly on one rank).
+  if (!m_bf16_managed) {
+    impl::convert_to_bf16(space, "moka::w1_to_bf16", m_params.w1.data(), m_w1_b.data(), m_w1_b.size());
+    impl::convert_to_bf16(space, "moka::w2_to_bf16", m_params.w2.data(), m_w2_b.data(), m_w2_b.size());
+  }
+  if (m_exchange)
+    impl::convert_to_bf16(space, "moka::xs_to_bf16", m_xe.data(), m_xs_b.data(),
+                          std::size_t(m_rows_e) * m_cfg.d_model);
 }
 
 template <class Scalar, class MemorySpace>
