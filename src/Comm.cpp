@@ -345,7 +345,7 @@ class NcclCommunicator final : public Communicator {
   static cudaStream_t stream(const CommStream& space, MemoryKind mem, const char* op) {
     MOKA_REQUIRE(mem == MemoryKind::device, "moka::Communicator (NCCL)::", op,
                  ": NCCL moves device memory only; use comm.backend = mpi for host data");
-    MOKA_REQUIRE(space.cuda_stream() != nullptr, "moka::Communicator (NCCL)::", op,
+    MOKA_REQUIRE(space.is_cuda(), "moka::Communicator (NCCL)::", op,
                  ": needs a Kokkos::Cuda execution-space instance");
     return static_cast<cudaStream_t>(space.cuda_stream());
   }

@@ -78,16 +78,22 @@ class CommStream {
   CommStream(const Exec& space)  // NOLINT: implicit on purpose
       : m_fence([space]() { space.fence(); }) {
 #ifdef KOKKOS_ENABLE_CUDA
-    if constexpr (std::is_same<Exec, Kokkos::Cuda>::value) m_stream = static_cast<void*>(space.cuda_stream());
+    if constexpr (std::is_same<Exec, Kokkos::Cuda>::value) {
+      m_cuda   = true;
+      m_stream = static_cast<void*>(space.cuda_stream());
+    }
 #endif
   }
   /// \brief Waits for the instance's work.
   void fence() const { m_fence(); }
-  /// \brief The cudaStream_t of a Kokkos::Cuda instance, or nullptr.
+  /// \brief Whether the instance is a Kokkos::Cuda one.
+  bool is_cuda() const { return m_cuda; }
+  /// \brief Its cudaStream_t (the default instance's may be the null stream, 0).
   void* cuda_stream() const { return m_stream; }
 
  private:
   std::function<void()> m_fence;
+  bool m_cuda    = false;
   void* m_stream = nullptr;
 };
 
