@@ -126,6 +126,46 @@ class MpiCommunicator final : public Communicator {
               "MPI_Alltoallv");
   }
 
+  void alltoallv_blocks(const CommStream& space, const void* send, const std::vector<Block>& sends, void* recv,
+                        const std::vector<Block>& recvs, DataType type, MemoryKind mem) override {
+    const std::size_t es = size_of(type);
+    long send_end = 0, recv_end = 0;
+    for (const auto& b : sends) send_end = std::max(send_end, b.offset + b.count);
+    for (const auto& b : recvs) recv_end = std::max(recv_end, b.offset + b.count);
+    space.fence();
+    const char* sb = static_cast<const char*>(send);
+    char* rb       = static_cast<char*>(recv);
+    if (staged(mem)) {
+      char* hs = stage(0, send_end * es);
+      copy_bytes(hs, MemoryKind::host, send, mem, send_end * es);
+      sb = hs;
+      rb = stage(1, recv_end * es);
+    }
+    // Messages between a pair are non-overtaking: blocks match in list order.
+    std::vector<MPI_Request> req;
+    req.reserve(sends.size() + recvs.size());
+    for (const auto& b : recvs) {
+      if (b.count == 0) continue;
+      req.emplace_back();
+      check_mpi(MPI_Irecv(rb + b.offset * es, to_int(b.count, "block count"), mpi_type(type), b.peer, 7002, m_comm,
+                          &req.back()),
+                "MPI_Irecv");
+    }
+    for (const auto& b : sends) {
+      if (b.count == 0) continue;
+      req.emplace_back();
+      check_mpi(MPI_Isend(sb + b.offset * es, to_int(b.count, "block count"), mpi_type(type), b.peer, 7002, m_comm,
+                          &req.back()),
+                "MPI_Isend");
+    }
+    check_mpi(MPI_Waitall(static_cast<int>(req.size()), req.data(), MPI_STATUSES_IGNORE), "MPI_Waitall");
+    if (staged(mem)) {
+      // Only the received blocks: the rest of recv keeps its contents.
+      for (const auto& b : recvs)
+        copy_bytes(static_cast<char*>(recv) + b.offset * es, mem, rb + b.offset * es, MemoryKind::host, b.count * es);
+    }
+  }
+
   void alltoall(const CommStream& space, const void* send, void* recv, long count, DataType type,
                 MemoryKind mem) override {
     const int n          = to_int(count, "all-to-all count");
@@ -299,6 +339,21 @@ class NcclCommunicator final : public Communicator {
       if (sc[p] > 0) check_nccl(ncclSend(sb + sd[p] * es, sc[p], nccl_type(type), p, m_nccl, s), "ncclSend");
       if (rc[p] > 0) check_nccl(ncclRecv(rb + rd[p] * es, rc[p], nccl_type(type), p, m_nccl, s), "ncclRecv");
     }
+    check_nccl(ncclGroupEnd(), "ncclGroupEnd");
+  }
+
+  void alltoallv_blocks(const CommStream& space, const void* send, const std::vector<Block>& sends, void* recv,
+                        const std::vector<Block>& recvs, DataType type, MemoryKind mem) override {
+    cudaStream_t s = stream(space, mem, "alltoallv_blocks");
+    const std::size_t es = size_of(type);
+    const char* sb = static_cast<const char*>(send);
+    char* rb       = static_cast<char*>(recv);
+    // Sends and receives of a pair match in issue order within the group.
+    check_nccl(ncclGroupStart(), "ncclGroupStart");
+    for (const auto& b : sends)
+      if (b.count > 0) check_nccl(ncclSend(sb + b.offset * es, b.count, nccl_type(type), b.peer, m_nccl, s), "ncclSend");
+    for (const auto& b : recvs)
+      if (b.count > 0) check_nccl(ncclRecv(rb + b.offset * es, b.count, nccl_type(type), b.peer, m_nccl, s), "ncclRecv");
     check_nccl(ncclGroupEnd(), "ncclGroupEnd");
   }
 

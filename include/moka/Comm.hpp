@@ -118,6 +118,19 @@ class Communicator {
   virtual void alltoallv(const CommStream& space, const void* send, const std::vector<long>& send_counts,
                          const std::vector<long>& send_displs, void* recv, const std::vector<long>& recv_counts,
                          const std::vector<long>& recv_displs, DataType type, MemoryKind mem) = 0;
+  /// \brief One contiguous run of elements exchanged with a peer.
+  struct Block {
+    int peer;
+    long offset, count;  ///< in elements of the buffer
+  };
+  /// \brief All-to-all of blocks: each send block goes to its peer and lands
+  /// in the receive block that the peer lists for this rank at the same
+  /// position among its blocks for this rank (blocks of a pair match in
+  /// list order; both sides skip or list empty blocks alike). Lets a
+  /// receiver place rows straight where they belong (the token exchange's
+  /// (local expert, source rank) order) without a reordering pass.
+  virtual void alltoallv_blocks(const CommStream& space, const void* send, const std::vector<Block>& sends,
+                                void* recv, const std::vector<Block>& recvs, DataType type, MemoryKind mem) = 0;
   /// \brief Equal-count all-to-all: \p count elements to and from every peer,
   /// peer p's block at p * count (the library's own all-to-all: the
   /// reference the exchange benchmark measures against).

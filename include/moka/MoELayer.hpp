@@ -170,8 +170,6 @@ class MoELayer {
   void plan_exchange(const execution_space& space);
   matrix exchange_forward(const execution_space& space, const matrix& dispatch, matrix& buf);
   matrix exchange_reverse(const execution_space& space, const matrix& expert, matrix& buf);
-  void permute(const execution_space& space, const matrix& src, const matrix& dst, const std::vector<long>& dst_start,
-               const std::vector<long>& src_start);
   void expert_bias_add(const execution_space& space);
   long bias_chunks();
   static constexpr int bias_chunk = 64;  ///< rows per partial sum of the bias gradients
@@ -197,7 +195,7 @@ class MoELayer {
   matrix m_xe, m_hpre, m_h, m_ye, m_dye, m_ye_buf, m_ys_buf, m_xe_buf, m_dye_buf, m_dxs_buf;
   index_matrix m_idx, m_route, m_slot, m_thr;
   matrix m_dys, m_dh, m_dhpre, m_dxe;          // backward workspace of the expert GEMMs
-  matrix m_buf_a, m_buf_b, m_buf_c;            // exchange staging (grow-only)
+  matrix m_buf_b, m_buf_c;                     // exchange staging (grow-only)
   bmatrix m_xs_b, m_h_b, m_dys_b, m_dhpre_b;   // bf16 operands (bf16_compute), expert side
   btensor3 m_w1_b, m_w2_b;                     // bf16 copies of the expert weights
   Kokkos::View<Scalar*, MemorySpace> m_rr, m_sel_bias, m_bal_grad, m_imp_grad, m_load_grad;
@@ -214,15 +212,17 @@ class MoELayer {
   long m_T_global = 0, m_tok0 = 0;
   // Exchange plan of the last forward (see plan_exchange).
   bool m_exchange = false;                 // rows move (EP > 1 or S > 1)
-  std::vector<long> m_ep_send, m_ep_sdispl, m_ep_recv, m_ep_rdispl;  // per EP peer, rows
   std::vector<long> m_ep_counts;           // [P * L]: rows from EP peer p for local expert l
   std::vector<long> m_sl_counts;           // [S * L]: rows of slice peer s for local expert l
-  std::vector<long> m_sl_rows, m_sl_displ; // per slice peer: rows after the EP exchange, and offsets
+  // Blocks (elements) of the exchanges: EP there (send, recv; back swaps
+  // them), slice gather (send, recv; back sends recv's blocks) and the
+  // slice partials' landing places.
+  std::vector<Communicator::Block> m_ep_send, m_ep_recv, m_sl_send, m_sl_recv, m_sl_back;
   std::vector<long> m_ep_off;              // [L + 1]: expert offsets after the EP exchange
   std::vector<long> m_e_off;               // [L + 1]: expert-side offsets (after slicing)
   long m_rows_ep = 0, m_rows_e = 0;
   index_vector m_e_offsets, m_row_expert;  // expert-side offsets [L + 1] and expert of each row
-  Kokkos::View<long*, MemorySpace> m_perm_dst, m_perm_src, m_cap_base, m_chunk_start;
+  Kokkos::View<long*, MemorySpace> m_cap_base, m_chunk_start;
   matrix m_colsum_work;  // partial column sums of the bias gradients
 };
 

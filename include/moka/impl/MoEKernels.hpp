@@ -301,32 +301,6 @@ void expert_column_sums(const Exec& space, const SrcView& src, const Kokkos::Vie
 }
 
 // ------------------------------------------------------------- exchange
-/// Copies blocks of rows: block b (in destination order) has its first
-/// destination row at dst_start(b) and its first source row at
-/// src_start(b); blocks are contiguous in the destination, dst_start is
-/// non-decreasing and dst_start(nb) = rows. Empty blocks are allowed.
-template <class Exec, class S, class M>
-void permute_blocks(const Exec& space, const mat<S, M>& src, const mat<S, M>& dst, long rows,
-                    const Kokkos::View<long*, M>& dst_start, const Kokkos::View<long*, M>& src_start, int nb) {
-  using team_policy = Kokkos::TeamPolicy<Exec>;
-  using member      = typename team_policy::member_type;
-  const int d       = static_cast<int>(dst.extent(1));
-  // One team per destination row: the block is found once per row, the
-  // row is copied by the team's threads (coalesced on GPUs).
-  Kokkos::parallel_for(
-      "moka::permute_blocks", team_policy(space, rows, Kokkos::AUTO), KOKKOS_LAMBDA(const member& team) {
-        const long r = team.league_rank();
-        int lo = 0, hi = nb;  // last block with dst_start <= r
-        while (hi - lo > 1) {
-          const int mid = (lo + hi) / 2;
-          if (dst_start(mid) <= r) lo = mid;
-          else hi = mid;
-        }
-        const long src_row = src_start(lo) + (r - dst_start(lo));
-        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, d), [&](int c) { dst(r, c) = src(src_row, c); });
-      });
-}
-
 /// dst(r,:) = sum over p < parts of src(p rows + r,:), in order of p.
 template <class Exec, class S, class M>
 void sum_parts(const Exec& space, const mat<S, M>& src, const mat<S, M>& dst, long rows, int parts) {

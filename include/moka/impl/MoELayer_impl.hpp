@@ -199,45 +199,17 @@ void MoELayer<Scalar, MemorySpace>::global_batch(int T) {
 }
 
 template <class Scalar, class MemorySpace>
-void MoELayer<Scalar, MemorySpace>::permute(const execution_space& space, const matrix& src, const matrix& dst,
-                                            const std::vector<long>& dst_start, const std::vector<long>& src_start) {
-  const int nb = static_cast<int>(src_start.size());
-  if (static_cast<int>(m_perm_dst.extent(0)) < nb + 1) {
-    m_perm_dst = Kokkos::View<long*, MemorySpace>("moka::moe::perm_dst", nb + 1);
-    m_perm_src = Kokkos::View<long*, MemorySpace>("moka::moe::perm_src", nb + 1);
-  }
-  auto hd = Kokkos::create_mirror_view(m_perm_dst);
-  auto hs = Kokkos::create_mirror_view(m_perm_src);
-  for (int b = 0; b <= nb; ++b) hd(b) = dst_start[b];
-  for (int b = 0; b < nb; ++b) hs(b) = src_start[b];
-  // The tables are read by the kernel below: copies ordered on the instance.
-  Kokkos::deep_copy(space, m_perm_dst, hd);
-  Kokkos::deep_copy(space, m_perm_src, hs);
-  impl::permute_blocks(space, src, dst, dst_start[nb], m_perm_dst, m_perm_src, nb);
-  space.fence();  // the host tables may be rewritten by the next call
-}
-
-template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) {
   const int L = m_L;
+  const long d = m_cfg.d_model;
   std::vector<long> cnt(m_cfg.num_experts);
   for (int e = 0; e < m_cfg.num_experts; ++e) cnt[e] = m_h_offsets[e + 1] - m_h_offsets[e];
-  // EP stage: rows to each peer (its experts are contiguous in the dispatch
-  // order), counts per (peer, local expert) received.
+  // EP stage: counts per (peer, local expert) received; the rows of peer p's
+  // expert l land at (local expert l, source rank p).
   const int P = m_groups ? m_groups->ep_size() : 1;
   m_ep_counts.assign(std::size_t(P) * L, 0);
   if (P > 1) m_groups->ep().alltoall_counts(cnt.data(), m_ep_counts.data(), L);
   else m_ep_counts = cnt;
-  m_ep_send.assign(P, 0);
-  m_ep_sdispl.assign(P, 0);
-  m_ep_recv.assign(P, 0);
-  m_ep_rdispl.assign(P, 0);
-  for (int p = 0; p < P; ++p) {
-    m_ep_sdispl[p] = m_h_offsets[p * L];
-    m_ep_send[p]   = m_h_offsets[(p + 1) * L] - m_h_offsets[p * L];
-    for (int l = 0; l < L; ++l) m_ep_recv[p] += m_ep_counts[p * L + l];
-    if (p > 0) m_ep_rdispl[p] = m_ep_rdispl[p - 1] + m_ep_recv[p - 1];
-  }
   m_ep_off.assign(L + 1, 0);
   for (int l = 0; l < L; ++l) {
     long n = 0;
@@ -245,19 +217,24 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
     m_ep_off[l + 1] = m_ep_off[l] + n;
   }
   m_rows_ep = m_ep_off[L];
-  // Slice stage: every slice peer's rows per local expert.
+  m_ep_send.clear();
+  m_ep_recv.clear();
+  for (int p = 0; p < P; ++p)
+    for (int l = 0; l < L; ++l) {
+      long at = m_ep_off[l];
+      for (int q = 0; q < p; ++q) at += m_ep_counts[q * L + l];
+      m_ep_send.push_back({p, m_h_offsets[p * L + l] * d, cnt[p * L + l] * d});
+      m_ep_recv.push_back({p, at * d, m_ep_counts[p * L + l] * d});
+    }
+  // Slice stage: every slice peer's rows per local expert, gathered at
+  // (local expert, slice peer); partial outputs come back to
+  // (slice peer, this rank's rows).
   const int S = m_groups ? m_groups->slice_size() : 1;
   std::vector<long> mine(L);
   for (int l = 0; l < L; ++l) mine[l] = m_ep_off[l + 1] - m_ep_off[l];
   m_sl_counts.assign(std::size_t(S) * L, 0);
   if (S > 1) m_groups->slice().allgather_counts(mine.data(), m_sl_counts.data(), L);
   else m_sl_counts = mine;
-  m_sl_rows.assign(S, 0);
-  m_sl_displ.assign(S, 0);
-  for (int s = 0; s < S; ++s) {
-    for (int l = 0; l < L; ++l) m_sl_rows[s] += m_sl_counts[s * L + l];
-    if (s > 0) m_sl_displ[s] = m_sl_displ[s - 1] + m_sl_rows[s - 1];
-  }
   m_e_off.assign(L + 1, 0);
   for (int l = 0; l < L; ++l) {
     long n = 0;
@@ -265,6 +242,17 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
     m_e_off[l + 1] = m_e_off[l] + n;
   }
   m_rows_e = m_e_off[L];
+  m_sl_send.clear();
+  m_sl_recv.clear();
+  m_sl_back.clear();
+  for (int s = 0; s < S; ++s)
+    for (int l = 0; l < L; ++l) {
+      long at = m_e_off[l];
+      for (int q = 0; q < s; ++q) at += m_sl_counts[q * L + l];
+      m_sl_send.push_back({s, m_ep_off[l] * d, mine[l] * d});
+      m_sl_recv.push_back({s, at * d, m_sl_counts[s * L + l] * d});
+      m_sl_back.push_back({s, (s * m_rows_ep + m_ep_off[l]) * d, mine[l] * d});
+    }
   auto h = Kokkos::create_mirror_view(m_e_offsets);
   for (int l = 0; l <= L; ++l) h(l) = static_cast<int>(m_e_off[l]);
   Kokkos::deep_copy(space, m_e_offsets, h);
@@ -278,56 +266,21 @@ typename MoELayer<Scalar, MemorySpace>::matrix MoELayer<Scalar, MemorySpace>::ex
     const execution_space& space, const matrix& dispatch, matrix& buf) {
   if (!m_exchange) return dispatch;
   ScopedRegion region("moka::MoELayer::exchange");
-  const int d = m_cfg.d_model, L = m_L;
+  const int d = m_cfg.d_model;
   const int P = m_groups->ep_size(), S = m_groups->slice_size();
   const MemoryKind mem = memory_kind_of<MemorySpace>();
   const DataType type  = data_type_of<Scalar>();
   matrix ep_rows = dispatch;  // rows of the local experts, (local expert, source rank, position)
   if (P > 1) {
-    impl::grow_rows(m_buf_a, m_rows_ep, d, "exchange_a");
-    impl::grow_rows(S > 1 ? m_buf_b : buf, m_rows_ep, d, S > 1 ? "exchange_b" : "expert_rows");
-    matrix out = S > 1 ? m_buf_b : buf;
-    std::vector<long> sc(P), sd(P), rc(P), rd(P);
-    for (int p = 0; p < P; ++p) {
-      sc[p] = m_ep_send[p] * d;
-      sd[p] = m_ep_sdispl[p] * d;
-      rc[p] = m_ep_recv[p] * d;
-      rd[p] = m_ep_rdispl[p] * d;
-    }
-    m_groups->ep().alltoallv(space, dispatch.data(), sc, sd, m_buf_a.data(), rc, rd, type, mem);
-    // (source rank, local expert) blocks -> (local expert, source rank).
-    std::vector<long> dst(P * L + 1, 0), src(P * L);
-    int b = 0;
-    for (int l = 0; l < L; ++l)
-      for (int p = 0; p < P; ++p, ++b) {
-        long o = m_ep_rdispl[p];
-        for (int q = 0; q < l; ++q) o += m_ep_counts[p * L + q];
-        src[b]     = o;
-        dst[b + 1] = dst[b] + m_ep_counts[p * L + l];
-      }
-    permute(space, m_buf_a, out, dst, src);
+    matrix& out = S > 1 ? m_buf_b : buf;
+    impl::grow_rows(out, m_rows_ep, d, S > 1 ? "exchange_b" : "expert_rows");
+    m_groups->ep().alltoallv_blocks(space, dispatch.data(), m_ep_send, out.data(), m_ep_recv, type, mem);
     ep_rows = out;
   }
   if (S == 1) return ep_rows;
   // Slicing: every slice rank gets the rows of all slice peers.
-  impl::grow_rows(m_buf_c, m_rows_e, d, "exchange_c");
   impl::grow_rows(buf, m_rows_e, d, "expert_rows");
-  std::vector<long> sc(S, m_rows_ep * d), sd(S, 0), rc(S), rd(S);
-  for (int s = 0; s < S; ++s) {
-    rc[s] = m_sl_rows[s] * d;
-    rd[s] = m_sl_displ[s] * d;
-  }
-  m_groups->slice().alltoallv(space, ep_rows.data(), sc, sd, m_buf_c.data(), rc, rd, type, mem);
-  std::vector<long> dst(S * L + 1, 0), src(S * L);
-  int b = 0;
-  for (int l = 0; l < L; ++l)
-    for (int s = 0; s < S; ++s, ++b) {
-      long o = m_sl_displ[s];
-      for (int q = 0; q < l; ++q) o += m_sl_counts[s * L + q];
-      src[b]     = o;
-      dst[b + 1] = dst[b] + m_sl_counts[s * L + l];
-    }
-  permute(space, m_buf_c, buf, dst, src);
+  m_groups->slice().alltoallv_blocks(space, ep_rows.data(), m_sl_send, buf.data(), m_sl_recv, type, mem);
   return buf;
 }
 
@@ -336,63 +289,25 @@ typename MoELayer<Scalar, MemorySpace>::matrix MoELayer<Scalar, MemorySpace>::ex
     const execution_space& space, const matrix& expert, matrix& buf) {
   if (!m_exchange) return expert;
   ScopedRegion region("moka::MoELayer::exchange_back");
-  const int d = m_cfg.d_model, L = m_L;
+  const int d = m_cfg.d_model;
   const int P = m_groups->ep_size(), S = m_groups->slice_size();
   const MemoryKind mem = memory_kind_of<MemorySpace>();
   const DataType type  = data_type_of<Scalar>();
   matrix ep_rows = expert;
   if (S > 1) {
-    // (local expert, slice peer) -> (slice peer, local expert); each peer
-    // gets the partial results of its rows; the S partials are summed in
-    // slice order.
-    impl::grow_rows(m_buf_c, m_rows_e, d, "exchange_c");
-    std::vector<long> dst(S * L + 1, 0), src(S * L);
-    int b = 0;
-    for (int s = 0; s < S; ++s)
-      for (int l = 0; l < L; ++l, ++b) {
-        long o = m_e_off[l];
-        for (int q = 0; q < s; ++q) o += m_sl_counts[q * L + l];
-        src[b]     = o;
-        dst[b + 1] = dst[b] + m_sl_counts[s * L + l];
-      }
-    permute(space, expert, m_buf_c, dst, src);
+    // Each slice peer gets the partial results of its rows; the S partials
+    // are summed in slice order.
     impl::grow_rows(m_buf_b, long(S) * m_rows_ep, d, "exchange_b");
-    std::vector<long> sc(S), sd(S), rc(S, m_rows_ep * d), rd(S);
-    for (int s = 0; s < S; ++s) {
-      sc[s] = m_sl_rows[s] * d;
-      sd[s] = m_sl_displ[s] * d;
-      rd[s] = long(s) * m_rows_ep * d;
-    }
-    m_groups->slice().alltoallv(space, m_buf_c.data(), sc, sd, m_buf_b.data(), rc, rd, type, mem);
-    // The sum goes to m_buf_c (free again once the all-to-all has read it;
-    // NCCL: later work on the same stream) when the EP stage follows.
+    m_groups->slice().alltoallv_blocks(space, expert.data(), m_sl_recv, m_buf_b.data(), m_sl_back, type, mem);
     matrix& sum = P > 1 ? m_buf_c : buf;
-    impl::grow_rows(sum, m_rows_ep, d, "dispatch_rows");
+    impl::grow_rows(sum, m_rows_ep, d, P > 1 ? "exchange_c" : "dispatch_rows");
     impl::sum_parts(space, m_buf_b, sum, m_rows_ep, S);
     ep_rows = sum;
   }
   if (P == 1) return ep_rows;
-  // (local expert, source rank) -> (source rank, local expert), then back.
-  impl::grow_rows(m_buf_a, m_rows_ep, d, "exchange_a");
-  std::vector<long> dst(P * L + 1, 0), src(P * L);
-  int b = 0;
-  for (int p = 0; p < P; ++p)
-    for (int l = 0; l < L; ++l, ++b) {
-      long o = m_ep_off[l];
-      for (int q = 0; q < p; ++q) o += m_ep_counts[q * L + l];
-      src[b]     = o;
-      dst[b + 1] = dst[b] + m_ep_counts[p * L + l];
-    }
-  permute(space, ep_rows, m_buf_a, dst, src);
+  // (local expert, source rank) blocks back to their ranks, in dispatch order.
   impl::grow_rows(buf, m_rows, d, "dispatch_rows");
-  std::vector<long> sc(P), sd(P), rc(P), rd(P);
-  for (int p = 0; p < P; ++p) {
-    sc[p] = m_ep_recv[p] * d;
-    sd[p] = m_ep_rdispl[p] * d;
-    rc[p] = m_ep_send[p] * d;
-    rd[p] = m_ep_sdispl[p] * d;
-  }
-  m_groups->ep().alltoallv(space, m_buf_a.data(), sc, sd, buf.data(), rc, rd, type, mem);
+  m_groups->ep().alltoallv_blocks(space, ep_rows.data(), m_ep_recv, buf.data(), m_ep_send, type, mem);
   return buf;
 }
 
