@@ -168,6 +168,7 @@ class MoELayer {
   void ensure_expert_workspace(long rows);
   void global_batch(int T);
   void plan_exchange(const execution_space& space);
+  void align_for_timing(const execution_space& space);
   matrix exchange_forward(const execution_space& space, const matrix& dispatch, matrix& buf);
   matrix exchange_reverse(const execution_space& space, const matrix& expert, matrix& buf);
   void expert_bias_add(const execution_space& space);

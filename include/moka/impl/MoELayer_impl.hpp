@@ -199,6 +199,16 @@ void MoELayer<Scalar, MemorySpace>::global_batch(int T) {
 }
 
 template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::align_for_timing(const execution_space& space) {
+  // Only when regions fence (stage breakdowns, the exchange benchmark): all
+  // ranks enter the exchange together, so its timer holds the exchange and
+  // not the wait for slower ranks.
+  if (!fence_regions() || !m_groups) return;
+  space.fence();
+  MPI_Barrier(m_groups->world().mpi_comm());
+}
+
+template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) {
   const int L = m_L;
   const long d = m_cfg.d_model;
@@ -265,6 +275,7 @@ template <class Scalar, class MemorySpace>
 typename MoELayer<Scalar, MemorySpace>::matrix MoELayer<Scalar, MemorySpace>::exchange_forward(
     const execution_space& space, const matrix& dispatch, matrix& buf) {
   if (!m_exchange) return dispatch;
+  align_for_timing(space);
   ScopedRegion region("moka::MoELayer::exchange");
   const int d = m_cfg.d_model;
   const int P = m_groups->ep_size(), S = m_groups->slice_size();
@@ -288,6 +299,7 @@ template <class Scalar, class MemorySpace>
 typename MoELayer<Scalar, MemorySpace>::matrix MoELayer<Scalar, MemorySpace>::exchange_reverse(
     const execution_space& space, const matrix& expert, matrix& buf) {
   if (!m_exchange) return expert;
+  align_for_timing(space);
   ScopedRegion region("moka::MoELayer::exchange_back");
   const int d = m_cfg.d_model;
   const int P = m_groups->ep_size(), S = m_groups->slice_size();
@@ -359,6 +371,7 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
     auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), m_offsets);
     m_h_offsets.assign(h.data(), h.data() + E + 1);
     {
+      if (m_exchange) align_for_timing(space);
       ScopedRegion plan("moka::MoELayer::exchange_plan");
       plan_exchange(space);
     }
