@@ -9,6 +9,7 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 
 namespace moka {
 
@@ -323,7 +324,13 @@ class NcclCommunicator final : public Communicator {
     check_nccl(ncclCommInitRank(&m_nccl, m_size, id, m_rank), "ncclCommInitRank");
   }
   ~NcclCommunicator() override {
-    if (m_nccl) ncclCommDestroy(m_nccl);
+    if (!m_nccl) return;
+    // Unwinding from an error: the peers may be blocked in an operation
+    // this rank will never join, and ncclCommDestroy would wait for them;
+    // abort the communicator so the error reaches MPI_Abort (found on 2
+    // H100s: the failure test hung in the destructor).
+    if (std::uncaught_exceptions() > 0) ncclCommAbort(m_nccl);
+    else ncclCommDestroy(m_nccl);
   }
   CommBackend backend() const override { return CommBackend::nccl; }
 
