@@ -1,0 +1,221 @@
+// moka::Communicator: every operation against values each rank can work
+// out alone, at 1, 2 and 4 ranks, on host memory (MPI) and, on CUDA builds,
+// on device memory through NCCL (when every rank has a GPU) and through
+// MPI with host staging. Also sub-communicators and the host control ops.
+#include <moka/Comm.hpp>
+
+#include <gtest/gtest.h>
+
+#include <numeric>
+
+namespace {
+
+template <class M>
+using vec = Kokkos::View<double*, M>;
+
+template <class M>
+std::vector<double> host(const vec<M>& v) {
+  auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), v);
+  return std::vector<double>(h.data(), h.data() + h.size());
+}
+
+template <class M>
+vec<M> make(const std::vector<double>& x) {
+  vec<M> v("v", x.size());
+  auto h = Kokkos::create_mirror_view(v);
+  for (std::size_t i = 0; i < x.size(); ++i) h(i) = x[i];
+  Kokkos::deep_copy(v, h);
+  return v;
+}
+
+/// Value element i of the message from rank `from` to rank `to`.
+double value(int from, int to, long i) { return 1000.0 * from + 10.0 * to + double(i) * 0.5; }
+
+template <class M>
+void check_backend(moka::CommBackend backend) {
+  using Exec = typename M::execution_space;
+  Exec space;
+  auto comm = moka::make_communicator(MPI_COMM_WORLD, backend);
+  const int r = comm->rank(), P = comm->size();
+  const auto mem  = moka::memory_kind_of<M>();
+  const auto type = moka::DataType::f64;
+  const std::string what = moka::to_string(backend) + (mem == moka::MemoryKind::host ? " host" : " device");
+
+  // alltoallv: to peer p, p + r + 1 elements; displacements packed.
+  {
+    std::vector<long> sc(P), sd(P), rc(P), rd(P);
+    std::vector<double> send;
+    for (int p = 0; p < P; ++p) {
+      sc[p] = p + r + 1;
+      sd[p] = static_cast<long>(send.size());
+      for (long i = 0; i < sc[p]; ++i) send.push_back(value(r, p, i));
+    }
+    long total = 0;
+    for (int p = 0; p < P; ++p) {
+      rc[p] = r + p + 1;
+      rd[p] = total;
+      total += rc[p];
+    }
+    auto s = make<M>(send);
+    vec<M> out("out", total);
+    comm->alltoallv(space, s.data(), sc, sd, out.data(), rc, rd, type, mem);
+    space.fence();
+    const auto got = host(out);
+    for (int p = 0; p < P; ++p)
+      for (long i = 0; i < rc[p]; ++i) ASSERT_EQ(got[rd[p] + i], value(p, r, i)) << what << " alltoallv from " << p;
+  }
+  // alltoallv_blocks: two blocks per peer, received in reverse placement.
+  {
+    std::vector<moka::Communicator::Block> sends, recvs;
+    std::vector<double> send;
+    for (int p = 0; p < P; ++p)
+      for (int b = 0; b < 2; ++b) {
+        const long n = 1 + b + p;  // block b to peer p
+        sends.push_back({p, static_cast<long>(send.size()), n});
+        for (long i = 0; i < n; ++i) send.push_back(value(r, p, 100 * b + i));
+      }
+    // From peer p: blocks of 1 + b + r elements; block 1 placed before block 0.
+    long total = 0;
+    std::vector<long> at(2 * P);
+    for (int p = 0; p < P; ++p) {
+      at[2 * p + 1] = total;
+      total += 2 + r;
+      at[2 * p] = total;
+      total += 1 + r;
+    }
+    for (int p = 0; p < P; ++p)
+      for (int b = 0; b < 2; ++b) recvs.push_back({p, at[2 * p + b], 1 + b + r});
+    auto s = make<M>(send);
+    vec<M> out("out", total);
+    comm->alltoallv_blocks(space, s.data(), sends, out.data(), recvs, type, mem);
+    space.fence();
+    const auto got = host(out);
+    for (int p = 0; p < P; ++p)
+      for (int b = 0; b < 2; ++b)
+        for (long i = 0; i < 1 + b + r; ++i)
+          ASSERT_EQ(got[at[2 * p + b] + i], value(p, r, 100 * b + i)) << what << " blocks from " << p << " block " << b;
+  }
+  // alltoall (equal counts), allreduce, broadcast, reduce.
+  {
+    const long n = 3;
+    std::vector<double> send(n * P);
+    for (int p = 0; p < P; ++p)
+      for (long i = 0; i < n; ++i) send[p * n + i] = value(r, p, i);
+    auto s = make<M>(send);
+    vec<M> out("out", n * P);
+    comm->alltoall(space, s.data(), out.data(), n, type, mem);
+    auto red = make<M>({double(r + 1), 2.0 * (r + 1)});
+    moka::allreduce_sum(*comm, space, red);
+    auto bc = make<M>({r == P - 1 ? 42.0 : -1.0, r == P - 1 ? 43.0 : -1.0});
+    moka::broadcast(*comm, space, bc, P - 1);
+    auto mine = make<M>({double(r), 1.0});
+    vec<M> sum("sum", 2);
+    comm->reduce_sum(space, mine.data(), sum.data(), 2, type, 0, mem);
+    space.fence();
+    const auto got = host(out);
+    for (int p = 0; p < P; ++p)
+      for (long i = 0; i < n; ++i) EXPECT_EQ(got[p * n + i], value(p, r, i)) << what << " alltoall";
+    const double tri = P * (P + 1) / 2.0;
+    EXPECT_EQ(host(red), (std::vector<double>{tri, 2 * tri})) << what << " allreduce";
+    EXPECT_EQ(host(bc), (std::vector<double>{42.0, 43.0})) << what << " broadcast";
+    if (r == 0) EXPECT_EQ(host(sum), (std::vector<double>{P * (P - 1) / 2.0, double(P)})) << what << " reduce";
+  }
+  // send / recv around a ring (even ranks send first: no deadlock for blocking MPI).
+  if (P > 1) {
+    const int next = (r + 1) % P, prev = (r + P - 1) % P;
+    auto s = make<M>({value(r, next, 0), value(r, next, 1)});
+    vec<M> in("in", 2);
+    if (r % 2 == 0) {
+      comm->send(space, s.data(), 2, type, next, mem);
+      comm->recv(space, in.data(), 2, type, prev, mem);
+    } else {
+      comm->recv(space, in.data(), 2, type, prev, mem);
+      comm->send(space, s.data(), 2, type, next, mem);
+    }
+    space.fence();
+    EXPECT_EQ(host(in), (std::vector<double>{value(prev, r, 0), value(prev, r, 1)})) << what << " send/recv";
+  }
+  // split: even and odd ranks, ordered by descending rank.
+  {
+    auto sub = comm->split(r % 2, -r);
+    EXPECT_EQ(sub->backend(), backend);
+    EXPECT_EQ(sub->size(), (P - r % 2 + 1) / 2) << what;
+    auto v = make<M>({double(r)});
+    moka::allreduce_sum(*sub, space, v);
+    space.fence();
+    double want = 0;
+    int higher  = 0;
+    for (int q = r % 2; q < P; q += 2) {
+      want += q;
+      higher += q > r ? 1 : 0;
+    }
+    EXPECT_EQ(host(v)[0], want) << what << " split allreduce";
+    EXPECT_EQ(sub->rank(), higher) << what << " split order";
+  }
+}
+
+}  // namespace
+
+TEST(Comm, MpiHostMemory) { check_backend<Kokkos::HostSpace>(moka::CommBackend::mpi); }
+
+#ifdef KOKKOS_ENABLE_CUDA
+TEST(Comm, MpiDeviceMemoryStaged) { check_backend<Kokkos::CudaSpace>(moka::CommBackend::mpi); }
+TEST(Comm, NcclDeviceMemory) {
+  if (!moka::nccl_usable(MPI_COMM_WORLD)) GTEST_SKIP() << "ranks share a GPU: NCCL needs one per rank";
+  check_backend<Kokkos::CudaSpace>(moka::CommBackend::nccl);
+}
+#endif
+
+TEST(Comm, HostControlOps) {
+  auto comm = moka::make_communicator(MPI_COMM_WORLD, moka::CommBackend::mpi);
+  const int r = comm->rank(), P = comm->size();
+  std::vector<long> send(2 * P), recv(2 * P), all(2 * P), pre(2);
+  for (int p = 0; p < P; ++p) {
+    send[2 * p]     = 10 * r + p;
+    send[2 * p + 1] = -r;
+  }
+  comm->alltoall_counts(send.data(), recv.data(), 2);
+  for (int p = 0; p < P; ++p) {
+    EXPECT_EQ(recv[2 * p], 10 * p + r);
+    EXPECT_EQ(recv[2 * p + 1], -p);
+  }
+  const long mine[2] = {r + 1L, 7};
+  comm->allgather_counts(mine, all.data(), 2);
+  for (int p = 0; p < P; ++p) EXPECT_EQ(all[2 * p], p + 1L);
+  comm->exscan_host(mine, pre.data(), 2);
+  EXPECT_EQ(pre[0], long(r) * (r + 1) / 2);
+  EXPECT_EQ(pre[1], 7L * r);
+  double d = 0.5;
+  comm->allreduce_host(&d, 1);
+  EXPECT_EQ(d, 0.5 * P);
+}
+
+TEST(Comm, BadInputIsNamed) {
+  auto comm = moka::make_communicator(MPI_COMM_WORLD, moka::CommBackend::mpi);
+  std::vector<long> one(1, 0);
+  double x = 0;
+  if (comm->size() > 1) {
+    try {
+      comm->alltoallv(Kokkos::DefaultHostExecutionSpace(), &x, one, one, &x, one, one, moka::DataType::f64,
+                      moka::MemoryKind::host);
+      FAIL() << "alltoallv with one count for several ranks accepted";
+    } catch (const moka::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("need one entry per rank"), std::string::npos) << e.what();
+    }
+  }
+  try {
+    comm->allreduce_sum(Kokkos::DefaultHostExecutionSpace(), &x, 1, moka::DataType::bf16, moka::MemoryKind::host);
+    FAIL() << "bf16 all-reduce accepted";
+  } catch (const moka::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("bf16 is not reduced"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(moka::comm_backend_from_string("gloo"), moka::Error);
+#ifndef MOKA_HAVE_NCCL
+  try {
+    moka::make_communicator(MPI_COMM_WORLD, moka::CommBackend::nccl);
+    FAIL() << "NCCL communicator made without NCCL";
+  } catch (const moka::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("built without NCCL"), std::string::npos) << e.what();
+  }
+#endif
+}
