@@ -198,6 +198,25 @@ void MoELayer<Scalar, MemorySpace>::global_batch(int T) {
   m_T_global = total;
 }
 
+namespace impl {
+/// For counts[g L + l] (rows of group g for local expert l): the offsets of
+/// each expert's rows in (expert, group) order, off[L + 1], and where block
+/// (g, l) starts in that order, at[g L + l].
+inline void expert_major(const std::vector<long>& counts, int G, int L, std::vector<long>& off,
+                         std::vector<long>& at) {
+  off.assign(L + 1, 0);
+  at.assign(std::size_t(G) * L, 0);
+  for (int l = 0; l < L; ++l) {
+    long pos = off[l];
+    for (int g = 0; g < G; ++g) {
+      at[g * L + l] = pos;
+      pos += counts[g * L + l];
+    }
+    off[l + 1] = pos;
+  }
+}
+}  // namespace impl
+
 template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::align_for_timing(const execution_space& space) {
   // Only when regions fence (stage breakdowns, the exchange benchmark): all
@@ -220,21 +239,15 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
   m_ep_counts.assign(std::size_t(P) * L, 0);
   if (P > 1) m_groups->ep().alltoall_counts(cnt.data(), m_ep_counts.data(), L);
   else m_ep_counts = cnt;
-  m_ep_off.assign(L + 1, 0);
-  for (int l = 0; l < L; ++l) {
-    long n = 0;
-    for (int p = 0; p < P; ++p) n += m_ep_counts[p * L + l];
-    m_ep_off[l + 1] = m_ep_off[l] + n;
-  }
+  std::vector<long> ep_at;
+  impl::expert_major(m_ep_counts, P, L, m_ep_off, ep_at);
   m_rows_ep = m_ep_off[L];
   m_ep_send.clear();
   m_ep_recv.clear();
   for (int p = 0; p < P; ++p)
     for (int l = 0; l < L; ++l) {
-      long at = m_ep_off[l];
-      for (int q = 0; q < p; ++q) at += m_ep_counts[q * L + l];
       m_ep_send.push_back({p, m_h_offsets[p * L + l] * d, cnt[p * L + l] * d});
-      m_ep_recv.push_back({p, at * d, m_ep_counts[p * L + l] * d});
+      m_ep_recv.push_back({p, ep_at[p * L + l] * d, m_ep_counts[p * L + l] * d});
     }
   // Slice stage: every slice peer's rows per local expert, gathered at
   // (local expert, slice peer); partial outputs come back to
@@ -245,22 +258,16 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
   m_sl_counts.assign(std::size_t(S) * L, 0);
   if (S > 1) m_groups->slice().allgather_counts(mine.data(), m_sl_counts.data(), L);
   else m_sl_counts = mine;
-  m_e_off.assign(L + 1, 0);
-  for (int l = 0; l < L; ++l) {
-    long n = 0;
-    for (int s = 0; s < S; ++s) n += m_sl_counts[s * L + l];
-    m_e_off[l + 1] = m_e_off[l] + n;
-  }
+  std::vector<long> sl_at;
+  impl::expert_major(m_sl_counts, S, L, m_e_off, sl_at);
   m_rows_e = m_e_off[L];
   m_sl_send.clear();
   m_sl_recv.clear();
   m_sl_back.clear();
   for (int s = 0; s < S; ++s)
     for (int l = 0; l < L; ++l) {
-      long at = m_e_off[l];
-      for (int q = 0; q < s; ++q) at += m_sl_counts[q * L + l];
       m_sl_send.push_back({s, m_ep_off[l] * d, mine[l] * d});
-      m_sl_recv.push_back({s, at * d, m_sl_counts[s * L + l] * d});
+      m_sl_recv.push_back({s, sl_at[s * L + l] * d, m_sl_counts[s * L + l] * d});
       m_sl_back.push_back({s, (s * m_rows_ep + m_ep_off[l]) * d, mine[l] * d});
     }
   auto h = Kokkos::create_mirror_view(m_e_offsets);
