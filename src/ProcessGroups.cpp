@@ -79,10 +79,6 @@ ProcessGroups::ProcessGroups(MPI_Comm world, const ParallelConfig& config, int n
   m_moe   = m_world->split(edp, ep * S + s);
 }
 
-std::shared_ptr<ProcessGroups> ProcessGroups::single() {
-  return std::make_shared<ProcessGroups>(MPI_COMM_SELF, ParallelConfig{}, 1, 1, false);
-}
-
 const char* to_string(ParamTag t) {
   switch (t) {
     case ParamTag::dense: return "dense";

@@ -49,8 +49,6 @@ class ProcessGroups {
   /// whether the tensors the groups move live in device memory (NCCL needs
   /// it; `auto` picks MPI otherwise).
   ProcessGroups(MPI_Comm world, const ParallelConfig& config, int num_experts, int d_ff, bool device_data);
-  /// \brief One rank alone (MPI_COMM_SELF, MPI backend): the single-rank case.
-  static std::shared_ptr<ProcessGroups> single();
 
   Communicator& world() const { return *m_world; }
   Communicator& ep() const { return *m_ep; }
@@ -69,7 +67,6 @@ class ProcessGroups {
   std::string describe() const;
 
  private:
-  ProcessGroups() = default;
   ParallelConfig m_cfg;
   CommBackend m_backend = CommBackend::mpi;
   std::unique_ptr<Communicator> m_world, m_ep, m_slice, m_edp, m_moe;
