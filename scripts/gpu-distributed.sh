@@ -6,22 +6,13 @@
 #
 #   scripts/gpu-distributed.sh [bundle] [log-dir]
 set -uo pipefail
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(cd "$here/.." && pwd)
-bundle=$(cd "${1:-$root/.bundle}" && pwd)
-logs=${2:-${OUT:-/tmp/moka-gpu-logs}}
-mkdir -p "$logs"
-kokkos=$bundle/kokkos-cuda
-export PATH=${CUDA_HOME:-/usr/local/cuda}/bin:$PATH CUDA_ROOT=${CUDA_HOME:-/usr/local/cuda}
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_PROC_BIND=false OMP_NUM_THREADS=4
-t0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+source "$(dirname "${BASH_SOURCE[0]}")/gpu-env.sh"
 nvidia-smi --query-gpu=index,name --format=csv,noheader
 stamp "build moka-train and moka-bench (CUDA)"
 cmake -S "$root" -B "$root/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CXX_COMPILER="$kokkos/bin/nvcc_wrapper" -DKokkos_ROOT="$kokkos" -DKokkosKernels_ROOT="$kokkos" \
   -DMOKA_ENABLE_NCCL=ON ${MOKA_CMAKE_ARGS:-} > "$logs/dist-build.log" 2>&1 &&
-  cmake --build "$root/build-gpu" -j "${MOKA_JOBS:-$(nproc)}" --target moka-train moka-bench >> "$logs/dist-build.log" 2>&1 \
+  cmake --build "$root/build-gpu" -j "$jobs" --target moka-train moka-bench >> "$logs/dist-build.log" 2>&1 \
   || { tail -40 "$logs/dist-build.log"; echo "BUILD FAILED"; exit 1; }
 train="$root/build-gpu/drivers/moka-train"
 deck="$root/input_decks/quickstart.deck"
