@@ -366,8 +366,19 @@ class NcclCommunicator final : public Communicator {
 
   void alltoall(const CommStream& space, const void* send, void* recv, long count, DataType type,
                 MemoryKind mem) override {
-    check_nccl(ncclAlltoAll(send, recv, count, nccl_type(type), m_nccl, stream(space, mem, "alltoall")),
-               "ncclAlltoAll");
+    cudaStream_t s = stream(space, mem, "alltoall");
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 28, 0)
+    check_nccl(ncclAlltoAll(send, recv, count, nccl_type(type), m_nccl, s), "ncclAlltoAll");
+#else
+    // NCCL before 2.28 has no all-to-all collective: grouped send/recv.
+    const std::size_t bytes = std::size_t(count) * size_of(type);
+    check_nccl(ncclGroupStart(), "ncclGroupStart");
+    for (int p = 0; p < m_size; ++p) {
+      check_nccl(ncclSend(static_cast<const char*>(send) + p * bytes, count, nccl_type(type), p, m_nccl, s), "ncclSend");
+      check_nccl(ncclRecv(static_cast<char*>(recv) + p * bytes, count, nccl_type(type), p, m_nccl, s), "ncclRecv");
+    }
+    check_nccl(ncclGroupEnd(), "ncclGroupEnd");
+#endif
   }
 
   void allreduce_sum(const CommStream& space, void* data, long count, DataType type, MemoryKind mem) override {
