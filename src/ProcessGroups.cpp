@@ -82,6 +82,7 @@ ProcessGroups::ProcessGroups(MPI_Comm world, const ParallelConfig& config, int n
 const char* to_string(ParamTag t) {
   switch (t) {
     case ParamTag::dense: return "dense";
+    case ParamTag::gate: return "gate";
     case ParamTag::expert: return "expert";
     case ParamTag::expert_replicated: return "expert_replicated";
     case ParamTag::none: return "none";

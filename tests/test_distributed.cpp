@@ -216,8 +216,8 @@ void check_layer(const Layout& lay, const std::shared_ptr<moka::ProcessGroups>& 
       using flat = decltype(moka::ParamRef<double, M>::param);
       if (p.size()) out.push_back({n, flat(p.data(), p.size()), flat(g.data(), g.size()), t});
     };
-    add("gate_w", L.params().gate_w, L.grads().gate_w, moka::ParamTag::dense);
-    add("noise_w", L.params().noise_w, L.grads().noise_w, moka::ParamTag::dense);
+    add("gate_w", L.params().gate_w, L.grads().gate_w, moka::ParamTag::gate);
+    add("noise_w", L.params().noise_w, L.grads().noise_w, moka::ParamTag::gate);
     add("w1", L.params().w1, L.grads().w1, moka::ParamTag::expert);
     add("b1", L.params().b1, L.grads().b1, moka::ParamTag::expert);
     add("w2", L.params().w2, L.grads().w2, moka::ParamTag::expert);

@@ -22,7 +22,8 @@ namespace moka {
 
 /// \brief Over which ranks a parameter's gradient is summed.
 enum class ParamTag {
-  dense,              ///< data-parallel over the world (gate, norms, dense layers)
+  dense,              ///< data-parallel over the world (norms, dense layers)
+  gate,               ///< the gate's weights: summed over the gate group (ProcessGroups::gate)
   expert,             ///< this rank's expert part: summed over the EDP group
   expert_replicated,  ///< an expert tensor whole on every slice rank (b2): summed over EDP, counted once per slice group
   none                ///< not synchronised
@@ -54,7 +55,7 @@ class GradSync {
       : m_groups(std::move(groups)), m_params(std::move(params)) {
     MOKA_REQUIRE(bucket_mb > 0, "comm.bucket_mb = ", bucket_mb, " must be positive");
     const std::size_t limit = static_cast<std::size_t>(bucket_mb * 1024 * 1024 / sizeof(Scalar)) + 1;
-    for (int g = 0; g < 2; ++g) {
+    for (int g = 0; g < 3; ++g) {
       Bucket cur;
       cur.group = g;
       for (std::size_t i = 0; i < m_params.size(); ++i) {
@@ -76,13 +77,13 @@ class GradSync {
             Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::grad_bucket"), b.size);
   }
 
-  /// \brief Sums every gradient over its tag's group (dense: world; expert:
-  /// EDP group). Ordered on \p space (NCCL) or complete on return (MPI).
+  /// \brief Sums every gradient over its tag's group (dense: world; gate:
+  /// the gate group; expert: EDP group). Ordered on \p space (NCCL) or complete on return (MPI).
   void sync(const execution_space& space) {
     if (!m_groups) return;
     ScopedRegion region("moka::GradSync::sync");
     for (auto& b : m_buckets) {
-      Communicator& comm = b.group == 0 ? m_groups->world() : m_groups->edp();
+      Communicator& comm = b.group == 0 ? m_groups->world() : (b.group == 1 ? m_groups->edp() : m_groups->gate());
       if (comm.size() == 1) continue;
       if (b.members.size() == 1) {
         allreduce_sum(comm, space, m_params[b.members[0]].grad);
@@ -119,7 +120,7 @@ class GradSync {
   /// \name Implementation (public for nvcc's device lambdas).
   /// @{
   struct Bucket {
-    int group = 0;  // 0: dense (world), 1: expert (EDP)
+    int group = 0;  // 0: dense (world), 1: expert (EDP), 2: gate (gate group)
     std::vector<std::size_t> members;
     std::size_t size = 0;
     Kokkos::View<Scalar*, MemorySpace> buffer;
@@ -142,7 +143,14 @@ class GradSync {
     }
   }
   static int group_of(ParamTag t) {
-    return t == ParamTag::dense ? 0 : (t == ParamTag::none ? -1 : 1);
+    switch (t) {
+      case ParamTag::dense: return 0;
+      case ParamTag::expert:
+      case ParamTag::expert_replicated: return 1;
+      case ParamTag::gate: return 2;
+      case ParamTag::none: return -1;
+    }
+    return -1;
   }
   /// @}
 

@@ -126,8 +126,8 @@ class MoEModel {
       add(p + "norm.beta", m_norms[b].beta(), m_norms[b].beta_grad());
       auto& P = m_moe[b]->params();
       auto& G = m_moe[b]->grads();
-      add(p + "gate_w", P.gate_w, G.gate_w);
-      if (P.noise_w.size()) add(p + "noise_w", P.noise_w, G.noise_w);
+      add(p + "gate_w", P.gate_w, G.gate_w, ParamTag::gate);
+      if (P.noise_w.size()) add(p + "noise_w", P.noise_w, G.noise_w, ParamTag::gate);
       // Expert tensors: this rank's experts and d_ff slice; b2 is whole on
       // every slice rank.
       add(p + "w1", P.w1, G.w1, ParamTag::expert);

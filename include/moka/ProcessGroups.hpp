@@ -14,7 +14,9 @@
 /// - an **EDP group** (same ep and s) holds replicas of the same expert
 ///   slices; their gradients are summed over it;
 /// - the gate and every non-expert parameter are data-parallel over the
-///   whole world (the **dense group**);
+///   whole world (the **dense group**); the gate's group (its gradients and
+///   its whole-batch statistics) is the world too, named apart so that a
+///   layout with a separate gate group changes one place;
 /// - the **MoE group** (same edp: EP x S ranks) holds one copy of every
 ///   expert; clipping sums expert norms over it, so each expert counts once.
 
@@ -55,6 +57,9 @@ class ProcessGroups {
   Communicator& slice() const { return *m_slice; }
   Communicator& edp() const { return *m_edp; }
   Communicator& moe() const { return *m_moe; }
+  /// \brief The gate group: the ranks whose tokens form one batch for the
+  /// gate's statistics and whose gate gradients are summed (the world).
+  Communicator& gate() const { return *m_world; }
   int ep_size() const { return m_cfg.expert_parallel; }
   int slice_size() const { return m_cfg.expert_slicing; }
   int edp_size() const { return m_cfg.expert_data_parallel; }

@@ -190,10 +190,10 @@ template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::global_batch(int T) {
   m_T_global = T;
   m_tok0     = 0;
-  if (!m_groups || m_groups->world().size() == 1) return;
+  if (!m_groups || m_groups->gate().size() == 1) return;
   long mine = T, before = 0, total = T;
-  m_groups->world().exscan_host(&mine, &before, 1);
-  m_groups->world().allreduce_host(&total, 1);
+  m_groups->gate().exscan_host(&mine, &before, 1);
+  m_groups->gate().allreduce_host(&total, 1);
   m_tok0     = before;
   m_T_global = total;
 }
@@ -351,7 +351,7 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
   // Capacity, slots and the dispatch-ordered rows.
   {
     ScopedRegion r("moka::MoELayer::dispatch");
-    const bool global = m_cfg.global_capacity() && !m_cfg.dropless && m_groups && m_groups->world().size() > 1;
+    const bool global = m_cfg.global_capacity() && !m_cfg.dropless && m_groups && m_groups->gate().size() > 1;
     m_capacity = m_cfg.capacity(global ? m_T_global : T, m_training);
     Kokkos::View<long*, MemorySpace> base;
     if (global) {
@@ -369,7 +369,7 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
           });
       auto hr = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), routed);
       auto hb = Kokkos::create_mirror_view(m_cap_base);
-      m_groups->world().exscan_host(hr.data(), hb.data(), E);
+      m_groups->gate().exscan_host(hr.data(), hb.data(), E);
       Kokkos::deep_copy(m_cap_base, hb);
       base = m_cap_base;
     }
@@ -669,7 +669,7 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
   const double tg = static_cast<double>(m_T_global);
   if (training) ++m_counter;
   const GateType type = m_cfg.gate;
-  const Communicator* gate_group = m_groups && m_groups->world().size() > 1 ? &m_groups->world() : nullptr;
+  const Communicator* gate_group = m_groups && m_groups->gate().size() > 1 ? &m_groups->gate() : nullptr;
 
   // Gate input: x, or x times the Switch jitter U(1-eps, 1+eps) in training.
   m_gin = x;
