@@ -1,16 +1,18 @@
 #pragma once
 /// \file Comm.hpp
 /// \brief moka::Communicator: one interface for the collectives MoKA needs,
-/// with an MPI backend (host memory; device memory staged through host
-/// buffers unless the MPI is CUDA-aware) and an NCCL backend (device memory,
-/// enqueued on the stream of the execution-space instance).
+/// with an MPI backend (host memory; device memory staged through pinned
+/// host buffers, or handed to MPI directly when MOKA_MPI_CUDA_AWARE=1 says
+/// the MPI is CUDA-aware) and an NCCL backend (device memory, enqueued on the
+/// stream of the execution-space instance).
 ///
-/// Operations: variable-count all-to-all of rows, all-to-all / all-gather of
+/// Operations: variable-count all-to-all of rows (per peer, or per block),
+/// equal-count all-to-all, all-to-all / all-gather of
 /// counts (host, over MPI in both backends: they size the buffers), in-place
 /// all-reduce, broadcast, reduce, point-to-point send/recv, sub-communicators.
 ///
-/// Completion: the MPI backend completes every operation before it returns
-/// (it fences \p space first when it stages device memory); the NCCL backend
+/// Completion: the MPI backend fences \p space and completes every operation
+/// before it returns; the NCCL backend
 /// enqueues on \p space's stream and returns, so later kernels on the same
 /// instance see the results and the host must fence \p space before it
 /// reads them. Every communicator carries an MPI communicator over the same
