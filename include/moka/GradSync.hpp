@@ -12,6 +12,7 @@
 #include <moka/Core.hpp>
 #include <moka/ProcessGroups.hpp>
 #include <moka/Profiling.hpp>
+#include <moka/impl/Math.hpp>
 
 #include <cmath>
 #include <memory>
@@ -103,11 +104,7 @@ class GradSync {
     const bool first_slice = !m_groups || m_groups->slice_rank() == 0;
     for (const auto& p : m_params) {
       if (p.tag == ParamTag::expert_replicated && !first_slice) continue;
-      double s = 0;
-      auto g   = p.grad;
-      Kokkos::parallel_reduce(
-          "moka::grad_norm", Kokkos::RangePolicy<execution_space>(space, 0, g.extent(0)),
-          KOKKOS_LAMBDA(long i, double& acc) { acc += double(g(i)) * double(g(i)); }, s);
+      const double s = impl::sum_of_squares(space, p.grad);
       (p.tag == ParamTag::expert || p.tag == ParamTag::expert_replicated ? expert : dense) += s;
     }
     if (m_groups && m_groups->moe().size() > 1) m_groups->moe().allreduce_host(&expert, 1);

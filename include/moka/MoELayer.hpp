@@ -186,7 +186,7 @@ class MoELayer {
 
   MoEConfig m_cfg;
   std::shared_ptr<ProcessGroups> m_groups;
-  int m_L = 0, m_e0 = 0, m_dffl = 0, m_dfil = 0;  // local experts, first expert, local d_ff and d_ff_in
+  int m_S = 1, m_L = 0, m_e0 = 0, m_dffl = 0, m_dfil = 0;  // slices, local experts, first expert, local d_ff, d_ff_in
   params_type m_params, m_grads;
   // Saved by forward for backward. Dispatch side (this rank's tokens, rows
   // ordered by destination expert): xs, ys, dys, dxs. Expert side (rows the
@@ -223,7 +223,7 @@ class MoELayer {
   std::vector<long> m_e_off;               // [L + 1]: expert-side offsets (after slicing)
   long m_rows_ep = 0, m_rows_e = 0;
   index_vector m_e_offsets, m_row_expert;  // expert-side offsets [L + 1] and expert of each row
-  Kokkos::View<long*, MemorySpace> m_cap_base, m_chunk_start;
+  Kokkos::View<long*, MemorySpace> m_cap_base, m_routed, m_chunk_start;  // global capacity; bias-sum chunks
   matrix m_colsum_work;  // partial column sums of the bias gradients
 };
 

@@ -87,14 +87,7 @@ class Optimizer {
   /// \brief sqrt(sum of squared gradients) over every registered tensor.
   double grad_norm(const execution_space& space) const {
     double total = 0;
-    for (const auto& e : m_entries) {
-      double s   = 0;
-      auto g     = e.grad;
-      Kokkos::parallel_reduce(
-          "moka::grad_norm", Kokkos::RangePolicy<execution_space>(space, 0, g.extent(0)),
-          KOKKOS_LAMBDA(long i, double& acc) { acc += double(g(i)) * double(g(i)); }, s);
-      total += s;
-    }
+    for (const auto& e : m_entries) total += impl::sum_of_squares(space, e.grad);
     return std::sqrt(total);
   }
 

@@ -41,5 +41,14 @@ RowMajor2D<Exec> row_major_2d(const Exec& space, long m, long n) {
 #endif
   return RowMajor2D<Exec>(space, {0, 0}, {m, n});  // host backends: Kokkos' own tiles
 }
+/// Sum of squares of a rank-1 View, accumulated in double.
+template <class Exec, class View>
+double sum_of_squares(const Exec& space, const View& g) {
+  double s = 0;
+  Kokkos::parallel_reduce(
+      "moka::grad_norm", Kokkos::RangePolicy<Exec>(space, 0, g.extent(0)),
+      KOKKOS_LAMBDA(long i, double& acc) { acc += double(g(i)) * double(g(i)); }, s);
+  return s;
+}
 }  // namespace impl
 }  // namespace moka

@@ -7,6 +7,7 @@
 #include <moka/impl/Init.hpp>
 
 #include <cmath>
+#include <numeric>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -42,10 +43,11 @@ mat<S, M> expert_of(const Kokkos::View<S***, Kokkos::LayoutRight, M>& w, int e) 
 }  // namespace impl
 
 namespace impl {
-inline int layout_size(const MoEConfig& cfg, const std::shared_ptr<ProcessGroups>& g, bool experts) {
-  if (!g) return experts ? cfg.num_experts : 1;
+/// Checks the layout against the layer's shape; returns the slice count S.
+inline int validated_slices(const MoEConfig& cfg, const std::shared_ptr<ProcessGroups>& g) {
+  if (!g) return 1;
   g->config().validate(g->world().size(), cfg.num_experts, cfg.d_ff);
-  return experts ? cfg.num_experts / g->ep_size() : g->slice_size();
+  return g->slice_size();
 }
 }  // namespace impl
 
@@ -53,12 +55,13 @@ template <class Scalar, class MemorySpace>
 MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr<ProcessGroups> groups)
     : m_cfg((config.validate(), config)),
       m_groups(std::move(groups)),
-      m_L(impl::layout_size(config, m_groups, true)),
+      m_S(impl::validated_slices(config, m_groups)),
+      m_L(config.num_experts / (m_groups ? m_groups->ep_size() : 1)),
       m_e0(m_groups ? m_groups->ep_rank() * m_L : 0),
-      m_dffl(config.d_ff / impl::layout_size(config, m_groups, false)),
-      m_dfil(config.d_ff_in() / impl::layout_size(config, m_groups, false)),
-      m_params(config, "moka::moe::", m_L, impl::layout_size(config, m_groups, false)),
-      m_grads(config, "moka::moe::grad_", m_L, impl::layout_size(config, m_groups, false)) {
+      m_dffl(config.d_ff / m_S),
+      m_dfil(config.d_ff_in() / m_S),
+      m_params(config, "moka::moe::", m_L, m_S),
+      m_grads(config, "moka::moe::grad_", m_L, m_S) {
   m_exchange = m_groups && (m_groups->ep_size() > 1 || m_groups->slice_size() > 1);
   m_e_offsets = index_vector("moka::moe::expert_offsets", m_L + 1);
   m_counts    = index_vector("moka::moe::counts", config.num_experts);
@@ -191,11 +194,13 @@ void MoELayer<Scalar, MemorySpace>::global_batch(int T) {
   m_T_global = T;
   m_tok0     = 0;
   if (!m_groups || m_groups->gate().size() == 1) return;
-  long mine = T, before = 0, total = T;
-  m_groups->gate().exscan_host(&mine, &before, 1);
-  m_groups->gate().allreduce_host(&total, 1);
-  m_tok0     = before;
-  m_T_global = total;
+  // One all-gather of the token counts gives both this rank's offset and the total.
+  const Communicator& g = m_groups->gate();
+  std::vector<long> counts(g.size());
+  const long mine = T;
+  g.allgather_counts(&mine, counts.data(), 1);
+  m_tok0     = std::accumulate(counts.begin(), counts.begin() + g.rank(), 0L);
+  m_T_global = std::accumulate(counts.begin(), counts.end(), 0L);
 }
 
 namespace impl {
@@ -357,7 +362,8 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
     if (global) {
       // Assignments to each expert on lower ranks come first in global order.
       if (m_cap_base.extent(0) == 0) m_cap_base = Kokkos::View<long*, MemorySpace>("moka::moe::capacity_base", E);
-      Kokkos::View<long*, MemorySpace> routed("moka::moe::routed", E);
+      if (m_routed.extent(0) == 0) m_routed = Kokkos::View<long*, MemorySpace>("moka::moe::routed", E);
+      auto routed = m_routed;
       auto route = m_route;
       const int k = m_cfg.top_k;
       Kokkos::parallel_for(
