@@ -21,7 +21,7 @@ MOKA_TEST_FAIL_RANK=1 timeout 120 mpirun -n 2 -x MOKA_TEST_FAIL_RANK "$train" "$
   io.metrics_file=none > "$logs/abort.txt" 2>&1
 echo "exit status $? (124 = hung and killed by timeout)"; grep -E "^\[rank" "$logs/abort.txt"
 ngpu=$(nvidia-smi -L | wc -l)
-for run in "4 parallel.expert_parallel=4" "4 parallel.expert_parallel=2 parallel.expert_slicing=2" \
+for run in "2 parallel.expert_parallel=2" "4 parallel.expert_parallel=4" "4 parallel.expert_parallel=2 parallel.expert_slicing=2" \
            "4 parallel.expert_parallel=2 train.precision=bf16" "4 parallel.expert_slicing=4"; do
   set -- $run; n=$1; shift
   [ "$ngpu" -ge "$n" ] || continue

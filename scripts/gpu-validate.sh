@@ -47,21 +47,8 @@ for n in 1 2; do
   grep -vE "^\s*$" "$logs/moka-train-np$n.txt" | grep -E "MoKA|MPI:|Kokkos|CUDA device|NCCL|HDF5|comm check|done|rc=|error"
 done
 
-ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
-for n in 2 4; do
-  [ "$ngpu" -ge $n ] || { echo "fewer than $n GPUs: distributed runs on $n skipped"; continue; }
-  layouts="parallel.expert_parallel=$n"
-  [ $n = 4 ] && layouts="$layouts parallel.expert_parallel=2@parallel.expert_slicing=2"
-  for lay in $layouts; do
-    stamp "moka-train on $n GPUs, ${lay//@/ } (comm.backend = auto: NCCL)"
-    mpirun -n $n "$root/build-gpu/drivers/moka-train" "$root/input_decks/quickstart.deck" io.metrics_file=none ${lay//@/ } \
-      > "$logs/train-np$n-${lay//[@=.]/_}.txt" 2>&1; echo "rc=$?" >> "$logs/train-np$n-${lay//[@=.]/_}.txt"
-    grep -E "comm check|training:|held-out loss|rc=|error" "$logs/train-np$n-${lay//[@=.]/_}.txt"
-  done
-  stamp "token exchange vs NCCL all-to-all on $n GPUs"
-  mpirun -n $n "$root/build-gpu/drivers/moka-bench" "$root/input_decks/bench_exchange.deck" > "$logs/exchange-np$n.txt" 2>&1
-  grep -vE "^\s*$|WARNING|OMP_PROC_BIND|OpenMP" "$logs/exchange-np$n.txt" | tail -24
-done
+stamp "distributed runs (scripts/gpu-distributed.sh)"
+"$here/gpu-distributed.sh" "$bundle" "$logs"
 
 stamp "moka-bench: one layer, bf16, the issue-3 size"
 "$root/build-gpu/drivers/moka-bench" "$root/input_decks/bench_layer.deck" bench.breakdown=true > "$logs/bench.txt" 2>&1
