@@ -83,10 +83,13 @@ int run(const moka::InputDeck& deck, int rank) {
 #ifdef KOKKOS_ENABLE_CUDA
       using bm = Kokkos::View<moka::bf16*, Kokkos::CudaSpace>;
       using fm = Kokkos::View<float*, Kokkos::CudaSpace>;
+      // Output types as in the layer: the pre-activation and dh in bf16,
+      // y, dx and the (accumulated) weight gradients in fp32.
       bm X("X", std::size_t(n) * di), W1("W1", std::size_t(di) * fi), H("H", std::size_t(n) * f),
           W2("W2", std::size_t(f) * di), DY("DY", std::size_t(n) * di), DH("DH", std::size_t(n) * fi);
-      fm HP("HP", std::size_t(n) * fi), Y("Y", std::size_t(n) * di), G1("G1", std::size_t(di) * fi),
-          G2("G2", std::size_t(f) * di), DHf("DHf", std::size_t(n) * f), DX("DX", std::size_t(n) * di);
+      bm HP("HP", std::size_t(n) * fi), DHf("DHf", std::size_t(n) * f);
+      fm Y("Y", std::size_t(n) * di), G1("G1", std::size_t(di) * fi), G2("G2", std::size_t(f) * di),
+          DX("DX", std::size_t(n) * di);
       Kokkos::Random_XorShift64_Pool<Kokkos::Cuda> pool(3);
       for (auto* v : {&X, &W1, &H, &W2, &DY, &DH}) {
         fm tmp("tmp", v->extent(0));
@@ -96,10 +99,10 @@ int run(const moka::InputDeck& deck, int rank) {
       for (long it = 0; it < warmup + iters; ++it) {
         space.fence();
         const auto t0 = std::chrono::steady_clock::now();
-        moka::impl::gemm_bf16_f32(space, false, false, n, fi, di, 1.f, X.data(), di, W1.data(), fi, 0.f, HP.data(), fi);
+        moka::impl::gemm_bf16_bf16(space, false, false, n, fi, di, 1.f, X.data(), di, W1.data(), fi, 0.f, HP.data(), fi);
         moka::impl::gemm_bf16_f32(space, false, false, n, di, f, 1.f, H.data(), f, W2.data(), di, 0.f, Y.data(), di);
         moka::impl::gemm_bf16_f32(space, true, false, f, di, n, 1.f, H.data(), f, DY.data(), di, 1.f, G2.data(), di);
-        moka::impl::gemm_bf16_f32(space, false, true, n, f, di, 1.f, DY.data(), di, W2.data(), di, 0.f, DHf.data(), f);
+        moka::impl::gemm_bf16_bf16(space, false, true, n, f, di, 1.f, DY.data(), di, W2.data(), di, 0.f, DHf.data(), f);
         moka::impl::gemm_bf16_f32(space, true, false, di, fi, n, 1.f, X.data(), di, DH.data(), fi, 1.f, G1.data(), fi);
         moka::impl::gemm_bf16_f32(space, false, true, n, di, fi, 1.f, DH.data(), fi, W1.data(), fi, 0.f, DX.data(), di);
         space.fence();

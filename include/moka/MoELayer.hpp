@@ -38,6 +38,7 @@
 
 #include <moka/Core.hpp>
 #include <moka/MoEConfig.hpp>
+#include <moka/impl/MoEKernels.hpp>
 #include <moka/ProcessGroups.hpp>
 #include <moka/Profiling.hpp>
 #include <moka/impl/MoEKernels.hpp>
@@ -195,9 +196,12 @@ class MoELayer {
   matrix m_x, m_gin, m_jitter, m_clean, m_raw, m_std, m_noise, m_logits, m_probs, m_score, m_xs, m_ys;
   matrix m_xe, m_hpre, m_h, m_ye, m_dye, m_ye_buf, m_ys_buf, m_xe_buf, m_dye_buf, m_dxs_buf;
   index_matrix m_idx, m_route, m_slot, m_thr;
-  matrix m_dys, m_dh, m_dhpre, m_dxe;          // backward workspace of the expert GEMMs
+  matrix m_dys, m_dh, m_dhpre, m_dxe, m_dscore;  // backward workspace
   matrix m_buf_b, m_buf_c;                     // exchange staging (grow-only)
-  bmatrix m_xs_b, m_h_b, m_dys_b, m_dhpre_b;   // bf16 operands (bf16_compute), expert side
+  // bf16 operands and intermediates (bf16_compute), expert side: the GEMMs
+  // write the pre-activation (without b1) and dh in bf16, so the
+  // elementwise kernels around them move half the bytes of fp32.
+  bmatrix m_xs_b, m_hpre_b, m_h_b, m_dys_b, m_dh_b, m_dhpre_b;
   btensor3 m_w1_b, m_w2_b;                     // bf16 copies of the expert weights
   Kokkos::View<Scalar*, MemorySpace> m_rr, m_sel_bias, m_bal_grad, m_imp_grad, m_load_grad;
   index_vector m_trace_cum;
@@ -206,7 +210,8 @@ class MoELayer {
   bool m_bf16_managed = false;
   std::uint64_t m_seed = 0, m_counter = 0;
   double m_balance_loss = 0, m_z_loss = 0;
-  index_vector m_counts, m_offsets, m_rank_tmp, m_group_tmp, m_row_token, m_row_choice;
+  index_vector m_counts, m_offsets, m_row_token, m_row_choice;
+  impl::SlotWork<MemorySpace> m_slot_work;  // workspace of the slot assignment
   std::vector<int> m_h_offsets;  // host copy of the dispatch-side expert offsets [E + 1]
   long m_rows = 0, m_capacity = 0;
   int m_T = -1;

@@ -17,6 +17,8 @@
 #include <KokkosBlas3_gemm.hpp>
 
 #include <cmath>
+#include <string>
+#include <vector>
 
 namespace moka {
 namespace impl {
@@ -92,10 +94,90 @@ void gemm(const char* ta, const char* tb, S alpha, const mat<S, M>& A, const mat
 }
 
 // --------------------------------------------------- capacity and slots
+/// Workspace of assign_slots, kept by the layer across steps (grow-only):
+/// allocating it per forward costs device allocations and synchronising
+/// frees.
+template <class M>
+struct SlotWork {
+  Kokkos::View<int*, M> total, start;                 // per expert [E], offsets [E + 1]
+  Kokkos::View<int*, M> rank, keep, group;            // per assignment [N]
+  Kokkos::View<int**, Kokkos::LayoutRight, M> hist;   // per (chunk, expert)
+  int chunk = 16;                                     // assignments per chunk
+
+  void ensure(long N, int E) {
+    chunk = 16;
+    while (((N + chunk - 1) / chunk) * long(E) > (1L << 22)) chunk *= 2;
+    const long chunks = (N + chunk - 1) / chunk;
+    auto grow = [](Kokkos::View<int*, M>& v, long n, const char* label) {
+      if (static_cast<long>(v.extent(0)) < n)
+        v = Kokkos::View<int*, M>(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), n);
+    };
+    grow(total, E, "moka::slots::total");
+    grow(start, E + 1, "moka::slots::start");
+    grow(rank, N, "moka::slots::rank");
+    grow(keep, N, "moka::slots::keep");
+    grow(group, N, "moka::slots::group");
+    if (static_cast<long>(hist.extent(0)) < chunks || static_cast<int>(hist.extent(1)) != E)
+      hist = Kokkos::View<int**, Kokkos::LayoutRight, M>(
+          Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::slots::hist"), chunks, E);
+  }
+};
+
+/// rank(i) = how many assignments i' < i ((token, choice) order) go to the
+/// same expert and pass \p mask (every routed one when \p use_mask is
+/// false); total(e) = how many pass per expert. Assignments that do not
+/// pass get rank -1. A histogram per chunk of assignments (one thread per
+/// chunk), an exclusive scan of the chunks per expert (one team per
+/// expert), then one thread per chunk hands out the ranks: the same
+/// result as a sequential count, in O(N) work.
+template <class Exec, class M>
+void rank_within_expert(const Exec& space, const Kokkos::View<int**, Kokkos::LayoutRight, M>& idx, bool use_mask,
+                        const Kokkos::View<int*, M>& mask, SlotWork<M>& work, const Kokkos::View<int*, M>& rank,
+                        const Kokkos::View<int*, M>& total) {
+  using team_policy = Kokkos::TeamPolicy<Exec>;
+  using member      = typename team_policy::member_type;
+  const int k = static_cast<int>(idx.extent(1));
+  const int N = static_cast<int>(idx.extent(0)) * k;
+  const int E = static_cast<int>(work.hist.extent(1));
+  const int chunk = work.chunk, chunks = (N + chunk - 1) / chunk;
+  auto hist = work.hist;
+  Kokkos::parallel_for(
+      "moka::rank_histogram", Kokkos::RangePolicy<Exec>(space, 0, chunks), KOKKOS_LAMBDA(int q) {
+        for (int e = 0; e < E; ++e) hist(q, e) = 0;
+        const int end = (q + 1) * chunk < N ? (q + 1) * chunk : N;
+        for (int i = q * chunk; i < end; ++i) {
+          const int e = idx(i / k, i % k);
+          if (e >= 0 && (!use_mask || mask(i))) ++hist(q, e);
+        }
+      });
+  Kokkos::parallel_for(
+      "moka::rank_scan", team_policy(space, E, Kokkos::AUTO), KOKKOS_LAMBDA(const member& team) {
+        const int e = team.league_rank();
+        Kokkos::parallel_scan(Kokkos::TeamThreadRange(team, chunks), [&](int q, int& partial, bool final) {
+          const int c = hist(q, e);
+          if (final) {
+            hist(q, e) = partial;
+            if (q == chunks - 1) total(e) = partial + c;
+          }
+          partial += c;
+        });
+        if (chunks == 0) Kokkos::single(Kokkos::PerTeam(team), [&]() { total(e) = 0; });
+      });
+  Kokkos::parallel_for(
+      "moka::rank_assign", Kokkos::RangePolicy<Exec>(space, 0, chunks), KOKKOS_LAMBDA(int q) {
+        const int end = (q + 1) * chunk < N ? (q + 1) * chunk : N;
+        for (int i = q * chunk; i < end; ++i) {
+          const int e = idx(i / k, i % k);
+          rank(i)     = (e >= 0 && (!use_mask || mask(i))) ? hist(q, e)++ : -1;
+        }
+      });
+}
+
 /// Turns the routing idx[T,k] (and score, for the score policy) into slots:
 /// slot(t,j) = row of assignment (t,j) in the expert-ordered buffer, or -1
-/// if dropped (over capacity, or not routed: idx = -1). Rows of an expert keep token order (t, then j). counts[E]
-/// and offsets[E+1] describe the buffer; row_token / row_choice invert it.
+/// if dropped (over capacity, or not routed: idx = -1). Rows of an expert
+/// keep token order (t, then j). counts[E] and offsets[E+1] describe the
+/// buffer (\p h_offsets gets a host copy); row_token / row_choice invert it.
 /// \p base (empty, or one per expert) counts assignments to each expert that
 /// come before this rank's in global token order (a global capacity): an
 /// assignment is kept when base + its rank < capacity.
@@ -104,92 +186,75 @@ template <class Exec, class S, class M>
 long assign_slots(const Exec& space, DropPolicy policy, long capacity, const Kokkos::View<long*, M>& base,
                   const Kokkos::View<int**, Kokkos::LayoutRight, M>& idx, const mat<S, M>& score,
                   const Kokkos::View<int*, M>& counts, const Kokkos::View<int*, M>& offsets,
-                  const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const Kokkos::View<int*, M>& rank_tmp,
-                  const Kokkos::View<int*, M>& group_tmp, Kokkos::View<int*, M>& row_token,
-                  Kokkos::View<int*, M>& row_choice) {
-  using team_policy = Kokkos::TeamPolicy<Exec>;
-  using member      = typename team_policy::member_type;
+                  const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, SlotWork<M>& work,
+                  Kokkos::View<int*, M>& row_token, Kokkos::View<int*, M>& row_choice, std::vector<int>& h_offsets) {
   const int T = static_cast<int>(idx.extent(0));
   const int k = static_cast<int>(idx.extent(1));
   const int N = T * k;
   const int E = static_cast<int>(counts.extent(0));
-  // 1. rank of each assignment among all assignments to its expert, in token
-  //    order, and the expert's total; one team per expert scans the tokens.
-  Kokkos::View<int*, M> all_counts("moka::all_counts", E), all_offsets("moka::all_offsets", E + 1);
-  Kokkos::parallel_for(
-      "moka::rank_by_position", team_policy(space, E, Kokkos::AUTO), KOKKOS_LAMBDA(const member& team) {
-        const int e = team.league_rank();
-        Kokkos::parallel_scan(Kokkos::TeamThreadRange(team, N), [&](int i, int& partial, bool final) {
-          const bool mine = idx(i / k, i % k) == e;
-          if (final && mine) rank_tmp(i) = partial;
-          partial += mine ? 1 : 0;
-        });
-        int total = 0;
-        Kokkos::parallel_reduce(
-            Kokkos::TeamThreadRange(team, N), [&](int i, int& c) { c += idx(i / k, i % k) == e ? 1 : 0; }, total);
-        Kokkos::single(Kokkos::PerTeam(team), [&]() { all_counts(e) = total; });
-      });
-  Kokkos::parallel_scan(
-      "moka::offsets_all", Kokkos::RangePolicy<Exec>(space, 0, E), KOKKOS_LAMBDA(int e, int& partial, bool final) {
-        if (final) all_offsets(e) = partial;
-        partial += all_counts(e);
-        if (final && e == E - 1) all_offsets(E) = partial;
-      });
-  // group_tmp: assignments grouped by expert, token order inside a group.
-  Kokkos::parallel_for(
-      "moka::group", Kokkos::RangePolicy<Exec>(space, 0, N), KOKKOS_LAMBDA(int i) {
-        const int e = idx(i / k, i % k);
-        if (e >= 0) group_tmp(all_offsets(e) + rank_tmp(i)) = i;
-      });
-  // 2. keep: rank < capacity, the rank by position or by score (within the group).
-  Kokkos::View<int*, M> keep("moka::keep", N);
+  work.ensure(N, E);
+  auto rank = work.rank, keep = work.keep, total = work.total, start = work.start, group = work.group;
   const bool has_base = base.extent(0) > 0;
-  Kokkos::parallel_for(
-      "moka::keep", Kokkos::RangePolicy<Exec>(space, 0, N), KOKKOS_LAMBDA(int i) {
-        const int t = i / k, j = i % k;
-        if (idx(t, j) < 0) {
-          keep(i) = 0;
-          return;
-        }
-        long r = rank_tmp(i);
-        if (policy == DropPolicy::score) {
-          const int e = idx(t, j);
-          const S s   = score(t, j);
-          r           = 0;
-          for (int g = all_offsets(e); g < all_offsets(e + 1); ++g) {
-            const int o = group_tmp(g);
+  // 1. rank of each assignment among all assignments to its expert, in token order.
+  rank_within_expert(space, idx, false, keep, work, rank, total);
+  if (policy == DropPolicy::position) {
+    // 2. kept: base + rank < capacity. Every earlier assignment to the
+    //    expert is kept too, so the kept rank is the rank.
+    Kokkos::parallel_for(
+        "moka::keep_position", Kokkos::RangePolicy<Exec>(space, 0, N), KOKKOS_LAMBDA(int i) {
+          const int e = idx(i / k, i % k);
+          if (e >= 0 && (has_base ? base(e) : 0) + rank(i) >= capacity) rank(i) = -1;
+        });
+    Kokkos::parallel_for(
+        "moka::kept_counts", Kokkos::RangePolicy<Exec>(space, 0, E), KOKKOS_LAMBDA(int e) {
+          const long room = capacity - (has_base ? base(e) : 0);
+          counts(e) = static_cast<int>(room <= 0 ? 0 : (total(e) < room ? total(e) : room));
+        });
+  } else {
+    // 2. score policy: rank by score inside the expert's group (ties by
+    //    token order), then the kept rank in token order.
+    Kokkos::parallel_scan(
+        "moka::offsets_all", Kokkos::RangePolicy<Exec>(space, 0, E), KOKKOS_LAMBDA(int e, int& partial, bool final) {
+          if (final) start(e) = partial;
+          partial += total(e);
+          if (final && e == E - 1) start(E) = partial;
+        });
+    Kokkos::parallel_for(
+        "moka::group", Kokkos::RangePolicy<Exec>(space, 0, N), KOKKOS_LAMBDA(int i) {
+          const int e = idx(i / k, i % k);
+          if (e >= 0) group(start(e) + rank(i)) = i;
+        });
+    Kokkos::parallel_for(
+        "moka::keep_score", Kokkos::RangePolicy<Exec>(space, 0, N), KOKKOS_LAMBDA(int i) {
+          const int t = i / k, j = i % k, e = idx(t, j);
+          if (e < 0) {
+            keep(i) = 0;
+            return;
+          }
+          const S s = score(t, j);
+          long r    = 0;
+          for (int g = start(e); g < start(e + 1); ++g) {
+            const int o = group(g);
             const S so  = score(o / k, o % k);
             if (so > s || (so == s && o < i)) ++r;
           }
-        }
-        if (has_base) r += base(idx(t, j));
-        keep(i) = r < capacity ? 1 : 0;
-      });
-  // 3. kept rank inside each group (token order), kept counts, offsets, slots.
-  Kokkos::parallel_for(
-      "moka::kept_rank", team_policy(space, E, Kokkos::AUTO), KOKKOS_LAMBDA(const member& team) {
-        const int e = team.league_rank();
-        const int b = all_offsets(e), n = all_offsets(e + 1) - b;
-        Kokkos::parallel_scan(Kokkos::TeamThreadRange(team, n), [&](int g, int& partial, bool final) {
-          const int i = group_tmp(b + g);
-          if (final) rank_tmp(i) = keep(i) ? partial : -1;
-          partial += keep(i);
+          if (has_base) r += base(e);
+          keep(i) = r < capacity ? 1 : 0;
         });
-        int total = 0;
-        Kokkos::parallel_reduce(
-            Kokkos::TeamThreadRange(team, n), [&](int g, int& c) { c += keep(group_tmp(b + g)); }, total);
-        Kokkos::single(Kokkos::PerTeam(team), [&]() { counts(e) = total; });
-      });
+    rank_within_expert(space, idx, true, keep, work, rank, counts);
+  }
+  // 3. offsets of the kept rows, slots and their inverse.
   Kokkos::parallel_scan(
       "moka::offsets", Kokkos::RangePolicy<Exec>(space, 0, E), KOKKOS_LAMBDA(int e, int& partial, bool final) {
         if (final) offsets(e) = partial;
         partial += counts(e);
         if (final && e == E - 1) offsets(E) = partial;
       });
+  auto h = Kokkos::create_mirror_view(offsets);
+  Kokkos::deep_copy(space, h, offsets);
   space.fence();
-  const auto h_total =
-      Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), Kokkos::subview(offsets, std::make_pair(E, E + 1)));
-  const int kept = h_total(0);
+  h_offsets.assign(h.data(), h.data() + E + 1);
+  const int kept = h_offsets[E];
   if (static_cast<long>(row_token.extent(0)) < kept) {
     row_token  = Kokkos::View<int*, M>(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::row_token"), kept);
     row_choice = Kokkos::View<int*, M>(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::row_choice"), kept);
@@ -199,7 +264,7 @@ long assign_slots(const Exec& space, DropPolicy policy, long capacity, const Kok
   Kokkos::parallel_for(
       "moka::slots", Kokkos::RangePolicy<Exec>(space, 0, N), KOKKOS_LAMBDA(int i) {
         const int t = i / k, j = i % k;
-        const int r = idx(t, j) < 0 ? -1 : rank_tmp(i);
+        const int r = idx(t, j) < 0 ? -1 : rank(i);
         if (r < 0) {
           slot(t, j) = -1;
         } else {
@@ -267,6 +332,32 @@ void scatter_add_rows(const Exec& space, const mat<S, M>& dxs, const Kokkos::Vie
 }
 
 // ---------------------------------------------------------- column sums
+/// The expert of chunk \p q: the last e < L with chunk_start(e) <= q.
+template <class V>
+KOKKOS_INLINE_FUNCTION int chunk_expert(const V& chunk_start, int L, long q) {
+  int lo = 0, hi = L;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (chunk_start(mid) <= q) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/// Second pass of expert_column_sums: out(e, c) += the sum of work(q, c)
+/// over expert e's chunks, in chunk order.
+template <class Exec, class S, class M>
+void expert_column_sums_finish(const Exec& space, const Kokkos::View<long*, M>& chunk_start, const mat<S, M>& work,
+                               const mat<S, M>& out) {
+  Kokkos::parallel_for(
+      "moka::column_sums", impl::row_major_2d(space, long(out.extent(0)), long(out.extent(1))),
+      KOKKOS_LAMBDA(long e, long c) {
+        S acc = 0;
+        for (long q = chunk_start(e); q < chunk_start(e + 1); ++q) acc += work(q, c);
+        out(e, c) += acc;
+      });
+}
+
 /// out(e, c) += sum of src(r, c) over the rows r of expert e
 /// (offsets(e) <= r < offsets(e + 1)), for every expert and column. Two
 /// passes with a fixed order (deterministic): sums over chunks of
@@ -280,24 +371,14 @@ void expert_column_sums(const Exec& space, const SrcView& src, const Kokkos::Vie
   const long n = static_cast<long>(out.extent(1));
   Kokkos::parallel_for(
       "moka::column_sums_chunks", impl::row_major_2d(space, chunks, n), KOKKOS_LAMBDA(long q, long c) {
-        int lo = 0, hi = L;  // the expert of chunk q: last e with chunk_start(e) <= q
-        while (hi - lo > 1) {
-          const int mid = (lo + hi) / 2;
-          if (chunk_start(mid) <= q) lo = mid;
-          else hi = mid;
-        }
-        const long b = offsets(lo) + (q - chunk_start(lo)) * chunk;
-        const long e = b + chunk < offsets(lo + 1) ? b + chunk : offsets(lo + 1);
+        const int e = chunk_expert(chunk_start, L, q);
+        const long b = offsets(e) + (q - chunk_start(e)) * chunk;
+        const long end = b + chunk < offsets(e + 1) ? b + chunk : offsets(e + 1);
         S acc = 0;
-        for (long r = b; r < e; ++r) acc += static_cast<S>(src(r, c));
+        for (long r = b; r < end; ++r) acc += static_cast<S>(src(r, c));
         work(q, c) = acc;
       });
-  Kokkos::parallel_for(
-      "moka::column_sums", impl::row_major_2d(space, L, n), KOKKOS_LAMBDA(long e, long c) {
-        S acc = 0;
-        for (long q = chunk_start(e); q < chunk_start(e + 1); ++q) acc += work(q, c);
-        out(e, c) += acc;
-      });
+  expert_column_sums_finish(space, chunk_start, work, out);
 }
 
 // ------------------------------------------------------------- exchange

@@ -165,11 +165,10 @@ void MoELayer<Scalar, MemorySpace>::ensure_workspace(int T) {
   m_probs  = alloc("probs", T, E);
   m_rr     = Kokkos::View<Scalar*, MemorySpace>("moka::moe::routing_uniforms", T);
   m_score  = alloc("score", T, k);
+  m_dscore = alloc("dscore", T, k);
   m_idx    = index_matrix("moka::moe::expert_index", T, k);
   m_route  = index_matrix("moka::moe::routed_index", T, k);
   m_slot   = index_matrix("moka::moe::slot", T, k);
-  m_rank_tmp  = index_vector("moka::moe::rank", N);
-  m_group_tmp = index_vector("moka::moe::group", N);
   m_xs   = alloc("xs", N, d);
   m_T    = T;
 }
@@ -177,11 +176,12 @@ void MoELayer<Scalar, MemorySpace>::ensure_workspace(int T) {
 template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::ensure_expert_workspace(long rows) {
   const int d = m_cfg.d_model;
-  impl::grow_rows(m_hpre, rows, m_dfil, "hpre");
   if (m_cfg.bf16_compute) {
+    impl::grow_rows(m_hpre_b, rows, m_dfil, "hpre_bf16");
     impl::grow_rows(m_h_b, rows, m_dffl, "h_bf16");
     impl::grow_rows(m_xs_b, rows, d, "xs_bf16");
   } else {
+    impl::grow_rows(m_hpre, rows, m_dfil, "hpre");
     impl::grow_rows(m_h, rows, m_dffl, "h");
   }
   impl::grow_rows(m_ye_buf, rows, d, "ye");
@@ -278,8 +278,6 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
   auto h = Kokkos::create_mirror_view(m_e_offsets);
   for (int l = 0; l <= L; ++l) h(l) = static_cast<int>(m_e_off[l]);
   Kokkos::deep_copy(space, m_e_offsets, h);
-  ensure_expert_workspace(m_rows_e);
-  impl::row_experts(space, m_e_offsets, m_row_expert, m_rows_e);
   space.fence();
 }
 
@@ -380,14 +378,16 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
       base = m_cap_base;
     }
     m_rows = impl::assign_slots(space, m_cfg.drop_policy, m_capacity, base, m_route, m_score, m_counts, m_offsets,
-                                m_slot, m_rank_tmp, m_group_tmp, m_row_token, m_row_choice);
-    auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), m_offsets);
-    m_h_offsets.assign(h.data(), h.data() + E + 1);
+                                m_slot, m_slot_work, m_row_token, m_row_choice, m_h_offsets);
     {
       if (m_exchange) align_for_timing(space);
       ScopedRegion plan("moka::MoELayer::exchange_plan");
       plan_exchange(space);
     }
+    // Expert-side workspace and the expert of each row (not part of the
+    // exchange: one rank needs them too).
+    ensure_expert_workspace(m_rows_e);
+    impl::row_experts(space, m_e_offsets, m_row_expert, m_rows_e);
     // bf16 on one rank: the rows go straight to the GEMMs' bf16 operand.
     if (m_cfg.bf16_compute && !m_exchange) impl::gather_rows(space, m_rows, x, m_row_token, m_xs_b);
     else impl::gather_rows(space, m_rows, x, m_row_token, m_xs);
@@ -404,26 +404,44 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
   }
   m_ye = m_ye_buf;
   expert_gemm(space, Stage::up);
-  auto hpre = m_hpre;
-  auto h = m_h;
   auto b1 = m_params.b1;
-  auto h_b = m_h_b;
   auto rexp = m_row_expert;
   std::optional<ScopedRegion> region_act;
   region_act.emplace("moka::MoELayer::activation");
-  Kokkos::parallel_for(
-      "moka::expert_activation", impl::row_major_2d(space, m_rows_e, long(dff)),
-      KOKKOS_LAMBDA(long r, long c) {
-        const int e = rexp(r);
-        if (bias) {
-          hpre(r, c) += b1(e, c);
-          if (act == Activation::swiglu) hpre(r, dff + c) += b1(e, dff + c);
-        }
-        const Scalar a = impl::activate(act, hpre(r, c));
-        const Scalar v = act == Activation::swiglu ? a * hpre(r, dff + c) : a;
-        if (bf16) h_b(r, c) = moka::bf16(float(v));
-        else h(r, c) = v;
-      });
+  if (bf16) {
+    // bf16 pre-activation without b1 in, bf16 activation out (fp32 math);
+    // the backward adds b1 again instead of storing the biased copy.
+    auto hpre_b = m_hpre_b;
+    auto h_b    = m_h_b;
+    Kokkos::parallel_for(
+        "moka::expert_activation_bf16", impl::row_major_2d(space, m_rows_e, long(dff)),
+        KOKKOS_LAMBDA(long r, long c) {
+          const int e = rexp(r);
+          float a = float(hpre_b(r, c));
+          if (bias) a += float(b1(e, c));
+          float v = impl::activate(act, a);
+          if (act == Activation::swiglu) {
+            float g = float(hpre_b(r, dff + c));
+            if (bias) g += float(b1(e, dff + c));
+            v *= g;
+          }
+          h_b(r, c) = moka::bf16(v);
+        });
+  } else {
+    auto hpre = m_hpre;
+    auto h    = m_h;
+    Kokkos::parallel_for(
+        "moka::expert_activation", impl::row_major_2d(space, m_rows_e, long(dff)),
+        KOKKOS_LAMBDA(long r, long c) {
+          const int e = rexp(r);
+          if (bias) {
+            hpre(r, c) += b1(e, c);
+            if (act == Activation::swiglu) hpre(r, dff + c) += b1(e, dff + c);
+          }
+          const Scalar a = impl::activate(act, hpre(r, c));
+          h(r, c) = act == Activation::swiglu ? a * hpre(r, dff + c) : a;
+        });
+  }
   region_act.reset();
   expert_gemm(space, Stage::down);
   expert_bias_add(space);
@@ -471,33 +489,33 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   const int dff = m_dffl, dff_in = m_dfil;
   const long rows = m_rows, rows_e = m_rows_e;
   const Activation act = m_cfg.activation;
-  auto alloc = [](const char* label, long m, long n) {
-    return matrix(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("moka::moe::") + label), m, n);
-  };
   const bool bf16 = m_cfg.bf16_compute;
-  matrix dscore = alloc("dscore", T, k);
+  auto dscore = m_dscore;
   // Row buffers live across steps (grow-only): allocating them per call
   // would cost a device allocation and a synchronising free every step.
   impl::grow_rows(m_dys, long(T) * k, d, "dys");
-  impl::grow_rows(m_dh, rows_e, dff, "dh");
   impl::grow_rows(m_dxe, rows_e, d, "dxe");
-  if (bf16) impl::grow_rows(m_dhpre_b, rows_e, dff_in, "dhpre_b");
-  else impl::grow_rows(m_dhpre, rows_e, dff_in, "dhpre");
+  if (bf16) {
+    impl::grow_rows(m_dh_b, rows_e, dff, "dh_bf16");
+    impl::grow_rows(m_dhpre_b, rows_e, dff_in, "dhpre_b");
+  } else {
+    impl::grow_rows(m_dh, rows_e, dff, "dh");
+    impl::grow_rows(m_dhpre, rows_e, dff_in, "dhpre");
+  }
   auto dys     = m_dys;
-  auto dh      = m_dh;
-  auto dhpre   = m_dhpre;
-  auto dhpre_b = m_dhpre_b;
   auto slot = m_slot;
   auto score = m_score;
   auto ys = m_ys;
-  auto hpre = m_hpre;
-  auto rt = m_row_token;
-  auto rc = m_row_choice;
 
-  // Combine backward: dscore and the gradient reaching each expert row.
+  // Combine backward: dscore and the gradient reaching each expert row, in
+  // one pass: one team per (token, choice) reads dy(t,:) and ys(r,:)
+  // coalesced and writes dys(r,:) (and its bf16 copy for the GEMMs when the
+  // rows do not move). Every kept row r belongs to exactly one (t, j).
   std::optional<ScopedRegion> stage;
   stage.emplace("moka::MoELayer::combine_backward");
-  // One team per (token, choice): its threads read the two rows coalesced.
+  const bool dys_bf16 = bf16 && !m_exchange;
+  if (dys_bf16) impl::grow_rows(m_dys_b, rows, d, "dys_bf16");
+  auto dys_b = m_dys_b;
   using team_policy = Kokkos::TeamPolicy<execution_space>;
   Kokkos::parallel_for(
       "moka::combine_backward", team_policy(space, T * k, Kokkos::AUTO),
@@ -505,14 +523,21 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
         const int i = team.league_rank();
         const int t = i / k, j = i % k, r = slot(t, j);
         Scalar acc = 0;
-        if (r >= 0)
+        if (r >= 0) {
+          const Scalar w = score(t, j);
           Kokkos::parallel_reduce(
-              Kokkos::TeamThreadRange(team, d), [&](int c, Scalar& a) { a += dy(t, c) * ys(r, c); }, acc);
+              Kokkos::TeamThreadRange(team, d),
+              [&](int c, Scalar& a) {
+                const Scalar g = dy(t, c);
+                a += g * ys(r, c);
+                const Scalar v = w * g;
+                dys(r, c)      = v;
+                if (dys_bf16) dys_b(r, c) = moka::bf16(float(v));
+              },
+              acc);
+        }
         Kokkos::single(Kokkos::PerTeam(team), [&]() { dscore(t, j) = acc; });
       });
-  Kokkos::parallel_for(
-      "moka::expert_grad_out", impl::row_major_2d(space, rows, long(d)),
-      KOKKOS_LAMBDA(long r, long c) { dys(r, c) = score(rt(r), rc(r)) * dy(rt(r), c); });
   stage.reset();
   const matrix dye = exchange_forward(space, dys, m_dye_buf);
   m_dye = dye;
@@ -528,31 +553,73 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   stage.reset();
   expert_gemm(space, Stage::down_backward);
   stage.emplace("moka::MoELayer::activation_backward");
-  Kokkos::parallel_for(
-      "moka::expert_activation_backward", impl::row_major_2d(space, rows_e, long(dff)),
-      KOKKOS_LAMBDA(long r, long c) {
-        Scalar v0, v1 = 0;
-        if (act == Activation::swiglu) {
-          const Scalar a = hpre(r, c), g = hpre(r, dff + c);
-          v0 = dh(r, c) * g * impl::activate_grad(act, a);
-          v1 = dh(r, c) * impl::activate(act, a);
-        } else {
-          v0 = dh(r, c) * impl::activate_grad(act, hpre(r, c));
-        }
-        if (bf16) {
-          dhpre_b(r, c) = moka::bf16(float(v0));
-          if (act == Activation::swiglu) dhpre_b(r, dff + c) = moka::bf16(float(v1));
-        } else {
-          dhpre(r, c) = v0;
-          if (act == Activation::swiglu) dhpre(r, dff + c) = v1;
-        }
-      });
-  if (m_cfg.expert_bias) {
-    if (bf16) impl::expert_column_sums(space, dhpre_b, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work,
-                                       m_grads.b1);
-    else impl::expert_column_sums(space, dhpre, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work,
-                                  m_grads.b1);
+  if (bf16) {
+    // dh and the pre-activation (without b1) in bf16, fp32 math. One thread
+    // per (chunk of an expert's rows, column) walks the chunk's rows (the
+    // threads of a block read a row's columns coalesced) and keeps the
+    // column sums of the bf16 results it writes: the first pass of the b1
+    // gradient, fused (the same chunks and order as expert_column_sums).
+    auto dh_b    = m_dh_b;
+    auto hpre_b  = m_hpre_b;
+    auto dhpre_b = m_dhpre_b;
+    auto b1      = m_params.b1;
+    auto eo      = m_e_offsets;
+    auto cs      = m_chunk_start;
+    auto work    = m_colsum_work;
+    const bool bias = m_cfg.expert_bias;
+    const int L = m_L;
+    constexpr int chunk = bias_chunk;
+    Kokkos::parallel_for(
+        "moka::expert_activation_backward_bf16", impl::row_major_2d(space, chunks, long(dff)),
+        KOKKOS_LAMBDA(long q, long c) {
+          const int e = impl::chunk_expert(cs, L, q);
+          const long b = eo(e) + (q - cs(e)) * chunk;
+          const long end = b + chunk < eo(e + 1) ? b + chunk : long(eo(e + 1));
+          const float ba = bias ? float(b1(e, c)) : 0.f;
+          const float bu = bias && act == Activation::swiglu ? float(b1(e, dff + c)) : 0.f;
+          float s0 = 0.f, s1 = 0.f;
+          for (long r = b; r < end; ++r) {
+            const float g = float(dh_b(r, c));
+            const float a = float(hpre_b(r, c)) + ba;
+            if (act == Activation::swiglu) {
+              const float u        = float(hpre_b(r, dff + c)) + bu;
+              const moka::bf16 v0  = moka::bf16(g * u * impl::activate_grad(act, a));
+              const moka::bf16 v1  = moka::bf16(g * impl::activate(act, a));
+              dhpre_b(r, c)        = v0;
+              dhpre_b(r, dff + c)  = v1;
+              s0 += float(v0);
+              s1 += float(v1);
+            } else {
+              const moka::bf16 v0 = moka::bf16(g * impl::activate_grad(act, a));
+              dhpre_b(r, c)       = v0;
+              s0 += float(v0);
+            }
+          }
+          if (bias) {
+            work(q, c) = s0;
+            if (act == Activation::swiglu) work(q, dff + c) = s1;
+          }
+        });
+    if (bias) impl::expert_column_sums_finish(space, m_chunk_start, m_colsum_work, m_grads.b1);
+  } else {
+    auto dh    = m_dh;
+    auto hpre  = m_hpre;
+    auto dhpre = m_dhpre;
+    Kokkos::parallel_for(
+        "moka::expert_activation_backward", impl::row_major_2d(space, rows_e, long(dff)),
+        KOKKOS_LAMBDA(long r, long c) {
+          if (act == Activation::swiglu) {
+            const Scalar a = hpre(r, c), u = hpre(r, dff + c);
+            dhpre(r, c)       = dh(r, c) * u * impl::activate_grad(act, a);
+            dhpre(r, dff + c) = dh(r, c) * impl::activate(act, a);
+          } else {
+            dhpre(r, c) = dh(r, c) * impl::activate_grad(act, hpre(r, c));
+          }
+        });
   }
+  if (m_cfg.expert_bias && !bf16)
+    impl::expert_column_sums(space, m_dhpre, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work,
+                             m_grads.b1);
   stage.reset();
   expert_gemm(space, Stage::up_backward);
   const matrix dxs = exchange_reverse(space, m_dxe, m_dxs_buf);
@@ -623,7 +690,7 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& spac
 #ifdef KOKKOS_ENABLE_CUDA
   if constexpr (std::is_same<Scalar, float>::value && std::is_same<MemorySpace, Kokkos::CudaSpace>::value) {
     const int d = m_cfg.d_model, dff = m_dffl, dfi = m_dfil;
-    if (stage == Stage::down_backward) {
+    if (stage == Stage::down_backward && m_exchange) {  // else written by the combine backward
       impl::grow_rows(m_dys_b, m_rows_e, d, "dys_bf16");
       impl::convert_to_bf16(space, "moka::dys_to_bf16", m_dye.data(), m_dys_b.data(), std::size_t(m_rows_e) * d);
     }
@@ -635,8 +702,8 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& spac
       const bf16* w2 = m_w2_b.data() + std::size_t(e) * dff * d;
       switch (stage) {
         case Stage::up:
-          impl::gemm_bf16_f32(space, false, false, n, dfi, d, 1.f, m_xs_b.data() + b * d, d, w1, dfi, 0.f,
-                              m_hpre.data() + b * dfi, dfi);
+          impl::gemm_bf16_bf16(space, false, false, n, dfi, d, 1.f, m_xs_b.data() + b * d, d, w1, dfi, 0.f,
+                               m_hpre_b.data() + b * dfi, dfi);
           break;
         case Stage::down:
           impl::gemm_bf16_f32(space, false, false, n, d, dff, 1.f, m_h_b.data() + b * dff, dff, w2, d, 0.f,
@@ -645,8 +712,8 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& spac
         case Stage::down_backward:
           impl::gemm_bf16_f32(space, true, false, dff, d, n, 1.f, m_h_b.data() + b * dff, dff, m_dys_b.data() + b * d,
                               d, 1.f, m_grads.w2.data() + std::size_t(e) * dff * d, d);
-          impl::gemm_bf16_f32(space, false, true, n, dff, d, 1.f, m_dys_b.data() + b * d, d, w2, d, 0.f,
-                              m_dh.data() + b * dff, dff);
+          impl::gemm_bf16_bf16(space, false, true, n, dff, d, 1.f, m_dys_b.data() + b * d, d, w2, d, 0.f,
+                               m_dh_b.data() + b * dff, dff);
           break;
         case Stage::up_backward:
           impl::gemm_bf16_f32(space, true, false, d, dfi, n, 1.f, m_xs_b.data() + b * d, d,

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The performance runs of docs/performance.md on one GPU node, with the GPU
+# tests that guard the code they time: builds from the bundle, runs the bf16
+# layer tests, the device variants of the distributed and communicator tests
+# (1, 2 and 4 GPUs where present), the one-layer benchmark (plain and with
+# the stage breakdown), the token-exchange benchmark on every GPU, and a
+# bf16 quick-start training run on one GPU.
+#
+#   scripts/gpu-perf.sh [bundle] [log-dir]
+set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/gpu-env.sh"
+nvidia-smi --query-gpu=index,name --format=csv,noheader
+ngpu=$(nvidia-smi -L | wc -l)
+stamp "build (CUDA, sm_90)"
+targets="moka-train moka-bench test_moe_bf16 test_distributed test_comm"
+cmake -S "$root" -B "$root/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_CXX_COMPILER="$kokkos/bin/nvcc_wrapper" -DKokkos_ROOT="$kokkos" -DKokkosKernels_ROOT="$kokkos" \
+  -DMOKA_ENABLE_NCCL=ON ${MOKA_CMAKE_ARGS:-} > "$logs/perf-build.log" 2>&1 &&
+  cmake --build "$root/build-gpu" -j "$jobs" --target $targets >> "$logs/perf-build.log" 2>&1 \
+  || { tail -40 "$logs/perf-build.log"; echo "BUILD FAILED"; exit 1; }
+b="$root/build-gpu"
+fails=0
+check() { local name=$1; shift; stamp "$name"; if "$@" > "$logs/$name.txt" 2>&1; then echo "  passed"; else
+  echo "  FAILED (exit $?)"; fails=$((fails + 1)); tail -30 "$logs/$name.txt"; fi; }
+check test_moe_bf16 "$b/tests/test_moe_bf16"
+grep "bf16 relative errors" "$logs/test_moe_bf16.txt"
+check test_distributed_device_np1 "$b/tests/test_distributed" --gtest_filter='*Device*'
+for n in 2 4; do
+  [ "$ngpu" -ge "$n" ] || continue
+  check "test_distributed_device_np$n" mpirun -n $n "$b/tests/test_distributed" --gtest_filter='*Device*'
+  check "test_comm_np$n" mpirun -n $n "$b/tests/test_comm"
+done
+stamp "one layer, issue-3 size (bf16)"
+"$b/drivers/moka-bench" "$root/input_decks/bench_layer.deck" 2>&1 | grep -vE "^\s*$|WARNING|OMP_PROC_BIND|OpenMP"
+"$b/drivers/moka-bench" "$root/input_decks/bench_layer.deck" bench.breakdown=true > "$logs/bench-breakdown.txt" 2>&1
+grep -vE "^\s*$|WARNING|OMP_PROC_BIND|OpenMP" "$logs/bench-breakdown.txt" | tail -40
+if [ "$ngpu" -ge 2 ]; then
+  stamp "token exchange vs NCCL all-to-all on $ngpu GPUs"
+  mpirun -n "$ngpu" "$b/drivers/moka-bench" "$root/input_decks/bench_exchange.deck" > "$logs/exchange-np$ngpu.txt" 2>&1
+  grep -vE "^\s*$|WARNING|OMP_PROC_BIND|OpenMP" "$logs/exchange-np$ngpu.txt" | tail -24
+fi
+stamp "quick start on one GPU, bf16"
+"$b/drivers/moka-train" "$root/input_decks/quickstart.deck" train.precision=bf16 io.metrics_file=none 2>&1 |
+  grep -E "training:|held-out loss|error"
+stamp "done: $fails failed"
+[ "$fails" -eq 0 ]
