@@ -285,53 +285,6 @@ void convert_to_bf16(const Exec& space, const char* label, const S* src, bf16* d
 }
 
 // ----------------------------------------------------- dispatch / combine
-/// xs(r,:) = x(row_token(r),:) for r < rows (xs of the same type or bf16).
-template <class Exec, class S, class D, class M>
-void gather_rows(const Exec& space, long rows, const mat<S, M>& x, const Kokkos::View<int*, M>& row_token,
-                 const mat<D, M>& xs) {
-  const int d = static_cast<int>(x.extent(1));
-  Kokkos::parallel_for(
-      "moka::dispatch", impl::row_major_2d(space, rows, long(d)),
-      KOKKOS_LAMBDA(long r, long c) { xs(r, c) = D(x(row_token(r), c)); });
-}
-
-/// y(t,:) = sum_j [slot >= 0] w(t,j) ys(slot(t,j),:), j in order (deterministic).
-template <class Exec, class S, class M>
-void combine_rows(const Exec& space, const mat<S, M>& ys, const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot,
-                  const mat<S, M>& w, const mat<S, M>& y) {
-  const int T = static_cast<int>(y.extent(0)), d = static_cast<int>(y.extent(1));
-  const int k = static_cast<int>(slot.extent(1));
-  Kokkos::parallel_for(
-      "moka::combine", impl::row_major_2d(space, T, d),
-      KOKKOS_LAMBDA(int t, int c) {
-        S acc = 0;
-        for (int j = 0; j < k; ++j) {
-          const int r = slot(t, j);
-          if (r >= 0) acc += w(t, j) * ys(r, c);
-        }
-        y(t, c) = acc;
-      });
-}
-
-/// dx(t,:) += sum_j [slot >= 0] dxs(slot(t,j),:).
-template <class Exec, class S, class M>
-void scatter_add_rows(const Exec& space, const mat<S, M>& dxs, const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot,
-                      const mat<S, M>& dx) {
-  const int T = static_cast<int>(dx.extent(0)), d = static_cast<int>(dx.extent(1));
-  const int k = static_cast<int>(slot.extent(1));
-  Kokkos::parallel_for(
-      "moka::undispatch", impl::row_major_2d(space, T, d),
-      KOKKOS_LAMBDA(int t, int c) {
-        S acc = dx(t, c);
-        for (int j = 0; j < k; ++j) {
-          const int r = slot(t, j);
-          if (r >= 0) acc += dxs(r, c);
-        }
-        dx(t, c) = acc;
-      });
-}
-
-// ---------------------------------------------------------- column sums
 /// The expert of chunk \p q: the last e < L with chunk_start(e) <= q.
 template <class V>
 KOKKOS_INLINE_FUNCTION int chunk_expert(const V& chunk_start, int L, long q) {
@@ -344,6 +297,276 @@ KOKKOS_INLINE_FUNCTION int chunk_expert(const V& chunk_start, int L, long q) {
   return lo;
 }
 
+template <int W, class Exec, class S, class D, class M>
+void gather_rows_packs(const Exec& space, long rows, const mat<S, M>& x, const Kokkos::View<int*, M>& row_token,
+                       const mat<D, M>& xs) {
+  const long d = static_cast<long>(x.extent(1)), lx = x.stride(0), ls = xs.stride(0);
+  const S* X = x.data();
+  D* XS      = xs.data();
+  Kokkos::parallel_for(
+      "moka::dispatch", impl::row_major_2d(space, rows, d / W), KOKKOS_LAMBDA(long r, long cw) {
+        const auto v = load_pack<W>(X + row_token(r) * lx + cw * W);
+        Pack<D, W> o;
+        for (int i = 0; i < W; ++i) o.v[i] = D(v.v[i]);
+        store_pack<W>(XS + r * ls + cw * W, o);
+      });
+}
+
+/// xs(r,:) = x(row_token(r),:) for r < rows (xs of the same type or bf16).
+template <class Exec, class S, class D, class M>
+void gather_rows(const Exec& space, long rows, const mat<S, M>& x, const Kokkos::View<int*, M>& row_token,
+                 const mat<D, M>& xs) {
+  const long d = static_cast<long>(x.extent(1));
+  constexpr int W = 16 / sizeof(D) > 1 ? int(16 / sizeof(D)) : 1;
+  if (packs_fit(x, d, W) && packs_fit(xs, d, W)) gather_rows_packs<W>(space, rows, x, row_token, xs);
+  else gather_rows_packs<1>(space, rows, x, row_token, xs);
+}
+
+template <int W, class Exec, class S, class M>
+void combine_rows_packs(const Exec& space, const mat<S, M>& ys, const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot,
+                        const mat<S, M>& w, const mat<S, M>& y) {
+  const long T = static_cast<long>(y.extent(0)), d = static_cast<long>(y.extent(1));
+  const int k  = static_cast<int>(slot.extent(1));
+  const long ls = ys.stride(0), ly = y.stride(0);
+  const S* YS = ys.data();
+  S* Y        = y.data();
+  Kokkos::parallel_for(
+      "moka::combine", impl::row_major_2d(space, T, d / W), KOKKOS_LAMBDA(long t, long cw) {
+        Pack<S, W> acc;
+        for (int i = 0; i < W; ++i) acc.v[i] = 0;
+        for (int j = 0; j < k; ++j) {
+          const int r = slot(t, j);
+          if (r < 0) continue;
+          const S wt  = w(t, j);
+          const auto v = load_pack<W>(YS + r * ls + cw * W);
+          for (int i = 0; i < W; ++i) acc.v[i] += wt * v.v[i];
+        }
+        store_pack<W>(Y + t * ly + cw * W, acc);
+      });
+}
+
+/// y(t,:) = sum_j [slot >= 0] w(t,j) ys(slot(t,j),:), j in order (deterministic).
+template <class Exec, class S, class M>
+void combine_rows(const Exec& space, const mat<S, M>& ys, const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot,
+                  const mat<S, M>& w, const mat<S, M>& y) {
+  const long d = static_cast<long>(y.extent(1));
+  constexpr int W = 16 / sizeof(S) > 1 ? int(16 / sizeof(S)) : 1;
+  if (packs_fit(ys, d, W) && packs_fit(y, d, W)) combine_rows_packs<W>(space, ys, slot, w, y);
+  else combine_rows_packs<1>(space, ys, slot, w, y);
+}
+
+template <int W, class Exec, class S, class M>
+void combine_backward_packs(const Exec& space, const mat<S, M>& dy, const mat<S, M>& ys,
+                            const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& score,
+                            const mat<S, M>& dscore, const mat<S, M>& dys, const mat<bf16, M>& dys_b) {
+  using team_policy = Kokkos::TeamPolicy<Exec>;
+  const int T = static_cast<int>(dy.extent(0)), k = static_cast<int>(slot.extent(1));
+  const long d = static_cast<long>(dy.extent(1));
+  const long lg = dy.stride(0), ly = ys.stride(0), lo = dys.stride(0);
+  const long lb = dys_b.data() ? long(dys_b.stride(0)) : 0;
+  const S* G  = dy.data();
+  const S* YS = ys.data();
+  S* O        = dys.data();
+  bf16* OB    = dys_b.data();
+  Kokkos::parallel_for(
+      "moka::combine_backward", team_policy(space, T * k, Kokkos::AUTO),
+      KOKKOS_LAMBDA(const typename team_policy::member_type& team) {
+        const int i = team.league_rank();
+        const int t = i / k, j = i % k, r = slot(t, j);
+        S acc = 0;
+        if (r >= 0) {
+          const S w = score(t, j);
+          Kokkos::parallel_reduce(
+              Kokkos::TeamThreadRange(team, d / W),
+              [&](long cw, S& a) {
+                const auto g = load_pack<W>(G + t * lg + cw * W);
+                const auto y = load_pack<W>(YS + r * ly + cw * W);
+                Pack<S, W> o;
+                Pack<bf16, W> ob;
+                for (int q = 0; q < W; ++q) {
+                  a += g.v[q] * y.v[q];
+                  o.v[q]  = w * g.v[q];
+                  ob.v[q] = bf16(float(o.v[q]));
+                }
+                store_pack<W>(O + r * lo + cw * W, o);
+                if (OB) store_pack<W>(OB + r * lb + cw * W, ob);
+              },
+              acc);
+        }
+        Kokkos::single(Kokkos::PerTeam(team), [&]() { dscore(t, j) = acc; });
+      });
+}
+
+/// Combine backward in one pass, one team per (token, choice) reading dy(t,:)
+/// and ys(r,:) coalesced: dscore(t,j) = dy(t,:) . ys(r,:) and the gradient
+/// of the expert row, dys(r,:) = score(t,j) dy(t,:) (and its bf16 copy
+/// when \p dys_b is allocated). Every kept row r belongs to exactly one
+/// (t, j); dropped assignments get dscore 0.
+template <class Exec, class S, class M>
+void combine_backward(const Exec& space, const mat<S, M>& dy, const mat<S, M>& ys,
+                      const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& score,
+                      const mat<S, M>& dscore, const mat<S, M>& dys, const mat<bf16, M>& dys_b) {
+  const long d = static_cast<long>(dy.extent(1));
+  constexpr int W = 16 / sizeof(S) > 1 ? int(16 / sizeof(S)) : 1;
+  if (packs_fit(dy, d, W) && packs_fit(ys, d, W) && packs_fit(dys, d, W) && (!dys_b.data() || packs_fit(dys_b, d, W)))
+    combine_backward_packs<W>(space, dy, ys, slot, score, dscore, dys, dys_b);
+  else combine_backward_packs<1>(space, dy, ys, slot, score, dscore, dys, dys_b);
+}
+
+template <int W, class Exec, class S, class M>
+void scatter_add_rows_packs(const Exec& space, const mat<S, M>& dxs,
+                            const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& dx) {
+  const long T = static_cast<long>(dx.extent(0)), d = static_cast<long>(dx.extent(1));
+  const int k  = static_cast<int>(slot.extent(1));
+  const long ls = dxs.stride(0), lx = dx.stride(0);
+  const S* DXS = dxs.data();
+  S* DX        = dx.data();
+  Kokkos::parallel_for(
+      "moka::undispatch", impl::row_major_2d(space, T, d / W), KOKKOS_LAMBDA(long t, long cw) {
+        auto acc = load_pack<W>(DX + t * lx + cw * W);
+        for (int j = 0; j < k; ++j) {
+          const int r = slot(t, j);
+          if (r < 0) continue;
+          const auto v = load_pack<W>(DXS + r * ls + cw * W);
+          for (int i = 0; i < W; ++i) acc.v[i] += v.v[i];
+        }
+        store_pack<W>(DX + t * lx + cw * W, acc);
+      });
+}
+
+/// dx(t,:) += sum_j [slot >= 0] dxs(slot(t,j),:).
+template <class Exec, class S, class M>
+void scatter_add_rows(const Exec& space, const mat<S, M>& dxs, const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot,
+                      const mat<S, M>& dx) {
+  const long d = static_cast<long>(dx.extent(1));
+  constexpr int W = 16 / sizeof(S) > 1 ? int(16 / sizeof(S)) : 1;
+  if (packs_fit(dxs, d, W) && packs_fit(dx, d, W)) scatter_add_rows_packs<W>(space, dxs, slot, dx);
+  else scatter_add_rows_packs<1>(space, dxs, slot, dx);
+}
+
+// ----------------------------------------------- bf16 expert activation
+// Both directions walk the expert rows in the chunks of the bias sums (one
+// thread per chunk of an expert's rows and W columns; the threads of a
+// block read a row's columns coalesced, W at a time), in fp32 math on bf16
+// data. The pre-activation is stored without b1; both add it.
+
+/// h(r,c) = act(hpre(r,c) + b1(e,c)), times hpre(r,dff+c) + b1(e,dff+c) for swiglu.
+template <int W, class Exec, class S, class M>
+void activation_bf16_packs(const Exec& space, Activation act, bool bias, long chunks, int chunk, int dff,
+                           const Kokkos::View<long*, M>& chunk_start, const Kokkos::View<int*, M>& offsets,
+                           const mat<bf16, M>& hpre, const mat<S, M>& b1, const mat<bf16, M>& h) {
+  const int L    = static_cast<int>(chunk_start.extent(0)) - 1;
+  const long lp  = hpre.stride(0), lh = h.stride(0);
+  const bf16* P  = hpre.data();
+  bf16* H        = h.data();
+  const bool glu = act == Activation::swiglu;
+  Kokkos::parallel_for(
+      "moka::expert_activation_bf16", impl::row_major_2d(space, chunks, long(dff / W)), KOKKOS_LAMBDA(long q, long cw) {
+        const int e    = chunk_expert(chunk_start, L, q);
+        const long b   = offsets(e) + (q - chunk_start(e)) * chunk;
+        const long end = b + chunk < offsets(e + 1) ? b + chunk : long(offsets(e + 1));
+        const long c   = cw * W;
+        float ba[W], bu[W];
+        for (int i = 0; i < W; ++i) {
+          ba[i] = bias ? float(b1(e, c + i)) : 0.f;
+          bu[i] = bias && glu ? float(b1(e, dff + c + i)) : 0.f;
+        }
+        for (long r = b; r < end; ++r) {
+          const auto a = load_pack<W>(P + r * lp + c);
+          Pack<bf16, W> o;
+          if (glu) {
+            const auto u = load_pack<W>(P + r * lp + dff + c);
+            for (int i = 0; i < W; ++i) o.v[i] = bf16(activate(act, float(a.v[i]) + ba[i]) * (float(u.v[i]) + bu[i]));
+          } else {
+            for (int i = 0; i < W; ++i) o.v[i] = bf16(activate(act, float(a.v[i]) + ba[i]));
+          }
+          store_pack<W>(H + r * lh + c, o);
+        }
+      });
+}
+
+template <class Exec, class S, class M>
+void activation_bf16(const Exec& space, Activation act, bool bias, long chunks, int chunk, int dff,
+                     const Kokkos::View<long*, M>& chunk_start, const Kokkos::View<int*, M>& offsets,
+                     const mat<bf16, M>& hpre, const mat<S, M>& b1, const mat<bf16, M>& h) {
+  if (packs_fit(hpre, hpre.extent(1), 8) && packs_fit(h, dff, 8))
+    activation_bf16_packs<8>(space, act, bias, chunks, chunk, dff, chunk_start, offsets, hpre, b1, h);
+  else activation_bf16_packs<1>(space, act, bias, chunks, chunk, dff, chunk_start, offsets, hpre, b1, h);
+}
+
+/// dhpre(r,c) = dh(r,c) act'(a) [u], dhpre(r,dff+c) = dh(r,c) act(a) for
+/// swiglu (a, u: the two halves of the pre-activation plus b1), in bf16,
+/// and work(q,:) = the column sums of chunk q of what was written (the
+/// first pass of the b1 gradient; \p bias false skips it).
+template <int W, class Exec, class S, class M>
+void activation_backward_bf16_packs(const Exec& space, Activation act, bool bias, long chunks, int chunk, int dff,
+                                    const Kokkos::View<long*, M>& chunk_start, const Kokkos::View<int*, M>& offsets,
+                                    const mat<bf16, M>& dh, const mat<bf16, M>& hpre, const mat<S, M>& b1,
+                                    const mat<bf16, M>& dhpre, const mat<S, M>& work) {
+  const int L    = static_cast<int>(chunk_start.extent(0)) - 1;
+  const long lg = dh.stride(0), lp = hpre.stride(0), ld = dhpre.stride(0);
+  const bf16* G  = dh.data();
+  const bf16* P  = hpre.data();
+  bf16* D        = dhpre.data();
+  const bool glu = act == Activation::swiglu;
+  Kokkos::parallel_for(
+      "moka::expert_activation_backward_bf16", impl::row_major_2d(space, chunks, long(dff / W)),
+      KOKKOS_LAMBDA(long q, long cw) {
+        const int e    = chunk_expert(chunk_start, L, q);
+        const long b   = offsets(e) + (q - chunk_start(e)) * chunk;
+        const long end = b + chunk < offsets(e + 1) ? b + chunk : long(offsets(e + 1));
+        const long c   = cw * W;
+        float ba[W], bu[W], s0[W], s1[W];
+        for (int i = 0; i < W; ++i) {
+          ba[i] = bias ? float(b1(e, c + i)) : 0.f;
+          bu[i] = bias && glu ? float(b1(e, dff + c + i)) : 0.f;
+          s0[i] = s1[i] = 0.f;
+        }
+        for (long r = b; r < end; ++r) {
+          const auto g = load_pack<W>(G + r * lg + c);
+          const auto a = load_pack<W>(P + r * lp + c);
+          Pack<bf16, W> o0;
+          if (glu) {
+            const auto u = load_pack<W>(P + r * lp + dff + c);
+            Pack<bf16, W> o1;
+            for (int i = 0; i < W; ++i) {
+              const float x = float(a.v[i]) + ba[i], gi = float(g.v[i]);
+              o0.v[i] = bf16(gi * (float(u.v[i]) + bu[i]) * activate_grad(act, x));
+              o1.v[i] = bf16(gi * activate(act, x));
+              s0[i] += float(o0.v[i]);
+              s1[i] += float(o1.v[i]);
+            }
+            store_pack<W>(D + r * ld + dff + c, o1);
+          } else {
+            for (int i = 0; i < W; ++i) {
+              o0.v[i] = bf16(float(g.v[i]) * activate_grad(act, float(a.v[i]) + ba[i]));
+              s0[i] += float(o0.v[i]);
+            }
+          }
+          store_pack<W>(D + r * ld + c, o0);
+        }
+        if (bias)
+          for (int i = 0; i < W; ++i) {
+            work(q, c + i) = s0[i];
+            if (glu) work(q, dff + c + i) = s1[i];
+          }
+      });
+}
+
+template <class Exec, class S, class M>
+void activation_backward_bf16(const Exec& space, Activation act, bool bias, long chunks, int chunk, int dff,
+                              const Kokkos::View<long*, M>& chunk_start, const Kokkos::View<int*, M>& offsets,
+                              const mat<bf16, M>& dh, const mat<bf16, M>& hpre, const mat<S, M>& b1,
+                              const mat<bf16, M>& dhpre, const mat<S, M>& work) {
+  if (packs_fit(dh, dff, 8) && packs_fit(hpre, hpre.extent(1), 8) && packs_fit(dhpre, dhpre.extent(1), 8))
+    activation_backward_bf16_packs<8>(space, act, bias, chunks, chunk, dff, chunk_start, offsets, dh, hpre, b1, dhpre,
+                                      work);
+  else
+    activation_backward_bf16_packs<1>(space, act, bias, chunks, chunk, dff, chunk_start, offsets, dh, hpre, b1, dhpre,
+                                      work);
+}
+
+// ---------------------------------------------------------- column sums
 /// Second pass of expert_column_sums: out(e, c) += the sum of work(q, c)
 /// over expert e's chunks, in chunk order.
 template <class Exec, class S, class M>

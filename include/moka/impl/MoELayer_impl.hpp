@@ -388,6 +388,7 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
     // exchange: one rank needs them too).
     ensure_expert_workspace(m_rows_e);
     impl::row_experts(space, m_e_offsets, m_row_expert, m_rows_e);
+    m_chunks = bias_chunks();
     // bf16 on one rank: the rows go straight to the GEMMs' bf16 operand.
     if (m_cfg.bf16_compute && !m_exchange) impl::gather_rows(space, m_rows, x, m_row_token, m_xs_b);
     else impl::gather_rows(space, m_rows, x, m_row_token, m_xs);
@@ -409,24 +410,8 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
   std::optional<ScopedRegion> region_act;
   region_act.emplace("moka::MoELayer::activation");
   if (bf16) {
-    // bf16 pre-activation without b1 in, bf16 activation out (fp32 math);
-    // the backward adds b1 again instead of storing the biased copy.
-    auto hpre_b = m_hpre_b;
-    auto h_b    = m_h_b;
-    Kokkos::parallel_for(
-        "moka::expert_activation_bf16", impl::row_major_2d(space, m_rows_e, long(dff)),
-        KOKKOS_LAMBDA(long r, long c) {
-          const int e = rexp(r);
-          float a = float(hpre_b(r, c));
-          if (bias) a += float(b1(e, c));
-          float v = impl::activate(act, a);
-          if (act == Activation::swiglu) {
-            float g = float(hpre_b(r, dff + c));
-            if (bias) g += float(b1(e, dff + c));
-            v *= g;
-          }
-          h_b(r, c) = moka::bf16(v);
-        });
+    impl::activation_bf16(space, act, bias, m_chunks, bias_chunk, dff, m_chunk_start, m_e_offsets, m_hpre_b, b1,
+                          m_h_b);
   } else {
     auto hpre = m_hpre;
     auto h    = m_h;
@@ -502,42 +487,15 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
     impl::grow_rows(m_dh, rows_e, dff, "dh");
     impl::grow_rows(m_dhpre, rows_e, dff_in, "dhpre");
   }
-  auto dys     = m_dys;
-  auto slot = m_slot;
-  auto score = m_score;
-  auto ys = m_ys;
+  auto dys = m_dys;
 
-  // Combine backward: dscore and the gradient reaching each expert row, in
-  // one pass: one team per (token, choice) reads dy(t,:) and ys(r,:)
-  // coalesced and writes dys(r,:) (and its bf16 copy for the GEMMs when the
-  // rows do not move). Every kept row r belongs to exactly one (t, j).
+  // Combine backward: dscore and the gradient reaching each expert row in
+  // one pass (and its bf16 copy for the GEMMs when the rows do not move).
   std::optional<ScopedRegion> stage;
   stage.emplace("moka::MoELayer::combine_backward");
   const bool dys_bf16 = bf16 && !m_exchange;
   if (dys_bf16) impl::grow_rows(m_dys_b, rows, d, "dys_bf16");
-  auto dys_b = m_dys_b;
-  using team_policy = Kokkos::TeamPolicy<execution_space>;
-  Kokkos::parallel_for(
-      "moka::combine_backward", team_policy(space, T * k, Kokkos::AUTO),
-      KOKKOS_LAMBDA(const typename team_policy::member_type& team) {
-        const int i = team.league_rank();
-        const int t = i / k, j = i % k, r = slot(t, j);
-        Scalar acc = 0;
-        if (r >= 0) {
-          const Scalar w = score(t, j);
-          Kokkos::parallel_reduce(
-              Kokkos::TeamThreadRange(team, d),
-              [&](int c, Scalar& a) {
-                const Scalar g = dy(t, c);
-                a += g * ys(r, c);
-                const Scalar v = w * g;
-                dys(r, c)      = v;
-                if (dys_bf16) dys_b(r, c) = moka::bf16(float(v));
-              },
-              acc);
-        }
-        Kokkos::single(Kokkos::PerTeam(team), [&]() { dscore(t, j) = acc; });
-      });
+  impl::combine_backward(space, dy, m_ys, m_slot, m_score, m_dscore, dys, dys_bf16 ? m_dys_b : bmatrix());
   stage.reset();
   const matrix dye = exchange_forward(space, dys, m_dye_buf);
   m_dye = dye;
@@ -545,7 +503,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
 
   // Expert backward. Bias gradients are column sums over each expert's
   // rows (in chunks, a fixed order: deterministic).
-  const long chunks = bias_chunks();
+  const long chunks = m_chunks;
   if (m_cfg.expert_bias) {
     impl::grow_rows(m_colsum_work, chunks, std::max(d, dff_in), "colsum_work");
     impl::expert_column_sums(space, dye, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work, m_grads.b2);
@@ -554,52 +512,11 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   expert_gemm(space, Stage::down_backward);
   stage.emplace("moka::MoELayer::activation_backward");
   if (bf16) {
-    // dh and the pre-activation (without b1) in bf16, fp32 math. One thread
-    // per (chunk of an expert's rows, column) walks the chunk's rows (the
-    // threads of a block read a row's columns coalesced) and keeps the
-    // column sums of the bf16 results it writes: the first pass of the b1
-    // gradient, fused (the same chunks and order as expert_column_sums).
-    auto dh_b    = m_dh_b;
-    auto hpre_b  = m_hpre_b;
-    auto dhpre_b = m_dhpre_b;
-    auto b1      = m_params.b1;
-    auto eo      = m_e_offsets;
-    auto cs      = m_chunk_start;
-    auto work    = m_colsum_work;
+    // Fused with the first pass of the b1 gradient (the same chunks and
+    // order as expert_column_sums).
     const bool bias = m_cfg.expert_bias;
-    const int L = m_L;
-    constexpr int chunk = bias_chunk;
-    Kokkos::parallel_for(
-        "moka::expert_activation_backward_bf16", impl::row_major_2d(space, chunks, long(dff)),
-        KOKKOS_LAMBDA(long q, long c) {
-          const int e = impl::chunk_expert(cs, L, q);
-          const long b = eo(e) + (q - cs(e)) * chunk;
-          const long end = b + chunk < eo(e + 1) ? b + chunk : long(eo(e + 1));
-          const float ba = bias ? float(b1(e, c)) : 0.f;
-          const float bu = bias && act == Activation::swiglu ? float(b1(e, dff + c)) : 0.f;
-          float s0 = 0.f, s1 = 0.f;
-          for (long r = b; r < end; ++r) {
-            const float g = float(dh_b(r, c));
-            const float a = float(hpre_b(r, c)) + ba;
-            if (act == Activation::swiglu) {
-              const float u        = float(hpre_b(r, dff + c)) + bu;
-              const moka::bf16 v0  = moka::bf16(g * u * impl::activate_grad(act, a));
-              const moka::bf16 v1  = moka::bf16(g * impl::activate(act, a));
-              dhpre_b(r, c)        = v0;
-              dhpre_b(r, dff + c)  = v1;
-              s0 += float(v0);
-              s1 += float(v1);
-            } else {
-              const moka::bf16 v0 = moka::bf16(g * impl::activate_grad(act, a));
-              dhpre_b(r, c)       = v0;
-              s0 += float(v0);
-            }
-          }
-          if (bias) {
-            work(q, c) = s0;
-            if (act == Activation::swiglu) work(q, dff + c) = s1;
-          }
-        });
+    impl::activation_backward_bf16(space, act, bias, chunks, bias_chunk, dff, m_chunk_start, m_e_offsets, m_dh_b,
+                                   m_hpre_b, m_params.b1, m_dhpre_b, m_colsum_work);
     if (bias) impl::expert_column_sums_finish(space, m_chunk_start, m_colsum_work, m_grads.b1);
   } else {
     auto dh    = m_dh;
