@@ -414,6 +414,31 @@ void combine_backward(const Exec& space, const mat<S, M>& dy, const mat<S, M>& y
 }
 
 template <int W, class Exec, class S, class M>
+void add_row_bias_packs(const Exec& space, long rows, const mat<S, M>& y, const mat<S, M>& bias,
+                        const Kokkos::View<int*, M>& row_group) {
+  const long d = static_cast<long>(y.extent(1)), ly = y.stride(0), lb = bias.stride(0);
+  S* Y       = y.data();
+  const S* B = bias.data();
+  Kokkos::parallel_for(
+      "moka::expert_bias2", impl::row_major_2d(space, rows, d / W), KOKKOS_LAMBDA(long r, long cw) {
+        auto v       = load_pack<W>(Y + r * ly + cw * W);
+        const auto b = load_pack<W>(B + row_group(r) * lb + cw * W);
+        for (int i = 0; i < W; ++i) v.v[i] += b.v[i];
+        store_pack<W>(Y + r * ly + cw * W, v);
+      });
+}
+
+/// y(r,:) += bias(row_group(r),:) for r < rows (the b2 of each expert row).
+template <class Exec, class S, class M>
+void add_row_bias(const Exec& space, long rows, const mat<S, M>& y, const mat<S, M>& bias,
+                  const Kokkos::View<int*, M>& row_group) {
+  const long d = static_cast<long>(y.extent(1));
+  constexpr int W = 16 / sizeof(S) > 1 ? int(16 / sizeof(S)) : 1;
+  if (packs_fit(y, d, W) && packs_fit(bias, d, W)) add_row_bias_packs<W>(space, rows, y, bias, row_group);
+  else add_row_bias_packs<1>(space, rows, y, bias, row_group);
+}
+
+template <int W, class Exec, class S, class M>
 void scatter_add_rows_packs(const Exec& space, const mat<S, M>& dxs,
                             const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& dx) {
   const long T = static_cast<long>(dx.extent(0)), d = static_cast<long>(dx.extent(1));

@@ -453,12 +453,7 @@ void MoELayer<Scalar, MemorySpace>::expert_bias_add(const execution_space& space
   // b2 once per row: with slicing only the first slice rank adds it to its
   // partial output (the partials are summed).
   if (!m_cfg.expert_bias || (m_groups && m_groups->slice_rank() != 0)) return;
-  auto ye   = m_ye;
-  auto b2   = m_params.b2;
-  auto rexp = m_row_expert;
-  Kokkos::parallel_for(
-      "moka::expert_bias2", impl::row_major_2d(space, m_rows_e, long(m_cfg.d_model)),
-      KOKKOS_LAMBDA(long r, long c) { ye(r, c) += b2(rexp(r), c); });
+  impl::add_row_bias(space, m_rows_e, m_ye, m_params.b2, m_row_expert);
 }
 
 template <class Scalar, class MemorySpace>
