@@ -52,26 +52,31 @@ int run(const moka::InputDeck& deck, int rank) {
     Kokkos::fill_random(x, pool, S(-1), S(1));
     Kokkos::fill_random(dy, pool, S(-1), S(1));
   }
-  std::vector<double> times;
-  for (long it = 0; it < warmup + iters; ++it) {
+  auto time_ms = [&](auto&& step) {
     space.fence();
+    Kokkos::fence();
     const auto t0 = std::chrono::steady_clock::now();
+    step();
+    space.fence();
+    Kokkos::fence();
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  };
+  auto layer_step = [&]() {
     layer.forward(space, x, y);
     layer.backward(space, dy, dx);
-    space.fence();
-    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-    if (it >= warmup) times.push_back(ms);
-  }
+  };
+  for (long it = 0; it < std::max(warmup, 1L); ++it) time_ms(layer_step);  // at least one: the row count
   auto hc = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.expert_counts());
   long rows = 0;
   for (std::size_t e = 0; e < hc.extent(0); ++e) rows += hc(e);
   const double d = cfg.d_model, dff = cfg.d_ff, dfi = cfg.d_ff_in();
   // forward: up + down; backward: weight and input gradients of each.
   const double flops = 3.0 * 2.0 * rows * d * (dfi + dff);
-  const double t_layer = median(times);
 
-  // Dense reference: the same six GEMM shapes as single products over all rows.
-  std::vector<double> dense;
+  // Dense reference: the same six GEMM shapes as single products over all
+  // rows, timed alternately with the layer (the same clocks and heat for
+  // both: the card's dense rate moved by 10% between runs otherwise).
+  std::vector<double> times, dense;
   {
 #ifdef KOKKOS_ENABLE_CUDA
     const bool use_cublas = cfg.bf16_compute;
@@ -79,6 +84,13 @@ int run(const moka::InputDeck& deck, int rank) {
     const bool use_cublas = false;
 #endif
     const int n = static_cast<int>(rows), di = int(d), fi = int(dfi), f = int(dff);
+    auto interleave = [&](auto&& dense_step) {
+      for (long it = 0; it < warmup; ++it) time_ms(dense_step);
+      for (long it = 0; it < iters; ++it) {
+        times.push_back(time_ms(layer_step));
+        dense.push_back(time_ms(dense_step));
+      }
+    };
     if (use_cublas) {
 #ifdef KOKKOS_ENABLE_CUDA
       using bm = Kokkos::View<moka::bf16*, Kokkos::CudaSpace>;
@@ -96,40 +108,31 @@ int run(const moka::InputDeck& deck, int rank) {
         Kokkos::fill_random(tmp, pool, -1.f, 1.f);
         moka::impl::convert_to_bf16(space, "bench_fill", tmp.data(), v->data(), v->extent(0));
       }
-      for (long it = 0; it < warmup + iters; ++it) {
-        space.fence();
-        const auto t0 = std::chrono::steady_clock::now();
+      interleave([&]() {
         moka::impl::gemm_bf16_bf16(space, false, false, n, fi, di, 1.f, X.data(), di, W1.data(), fi, 0.f, HP.data(), fi);
         moka::impl::gemm_bf16_f32(space, false, false, n, di, f, 1.f, H.data(), f, W2.data(), di, 0.f, Y.data(), di);
         moka::impl::gemm_bf16_f32(space, true, false, f, di, n, 1.f, H.data(), f, DY.data(), di, 1.f, G2.data(), di);
         moka::impl::gemm_bf16_bf16(space, false, true, n, f, di, 1.f, DY.data(), di, W2.data(), di, 0.f, DHf.data(), f);
         moka::impl::gemm_bf16_f32(space, true, false, di, fi, n, 1.f, X.data(), di, DH.data(), fi, 1.f, G1.data(), fi);
         moka::impl::gemm_bf16_f32(space, false, true, n, di, fi, 1.f, DH.data(), fi, W1.data(), fi, 0.f, DX.data(), di);
-        space.fence();
-        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-        if (it >= warmup) dense.push_back(ms);
-      }
+      });
 #endif
     } else {
       matrix X("X", n, di), W1("W1", di, fi), HP("HP", n, fi), H("H", n, f), W2("W2", f, di), Y("Y", n, di);
       matrix G1("G1", di, fi), G2("G2", f, di), DY("DY", n, di), DHf("DHf", n, f), DH("DH", n, fi), DX("DX", n, di);
       Kokkos::Random_XorShift64_Pool<Exec> pool(3);
       for (auto* v : {&X, &W1, &H, &W2, &DY, &DH}) Kokkos::fill_random(*v, pool, S(-1), S(1));
-      for (long it = 0; it < warmup + iters; ++it) {
-        Kokkos::fence();
-        const auto t0 = std::chrono::steady_clock::now();
+      interleave([&]() {
         moka::impl::gemm("N", "N", S(1), X, W1, S(0), HP);
         moka::impl::gemm("N", "N", S(1), H, W2, S(0), Y);
         moka::impl::gemm("T", "N", S(1), H, DY, S(1), G2);
         moka::impl::gemm("N", "T", S(1), DY, W2, S(0), DHf);
         moka::impl::gemm("T", "N", S(1), X, DH, S(1), G1);
         moka::impl::gemm("N", "T", S(1), DH, W1, S(0), DX);
-        Kokkos::fence();
-        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-        if (it >= warmup) dense.push_back(ms);
-      }
+      });
     }
   }
+  const double t_layer = median(times);
   const double t_dense = median(dense);
   if (rank == 0) {
     std::printf("moka-bench: %s, T=%ld, d=%d, d_ff=%d, E=%d, top-%d, %s gate, %s, %s%s\n",
@@ -140,7 +143,8 @@ int run(const moka::InputDeck& deck, int rank) {
     std::printf("  layer forward+backward:  median %.3f ms  (min %.3f ms over %ld iterations)\n", t_layer,
                 *std::min_element(times.begin(), times.end()), iters);
     std::printf("  expert GEMMs in the layer: %.4g TFLOP/s (FLOPs / layer time)\n", flops / t_layer * 1e-9);
-    std::printf("  dense GEMMs, same shapes:  %.3f ms = %.4g TFLOP/s\n", t_dense, flops / t_dense * 1e-9);
+    std::printf("  dense GEMMs, same shapes:  %.3f ms = %.4g TFLOP/s  (median; timed alternately with the layer)\n",
+                t_dense, flops / t_dense * 1e-9);
     std::printf("  layer time / dense GEMM time: %.2f (%.0f%% of dense)\n", t_layer / t_dense,
                 100.0 * t_dense / t_layer);
   }

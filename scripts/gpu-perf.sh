@@ -34,6 +34,8 @@ stamp "one layer, issue-3 size (bf16)"
 "$b/drivers/moka-bench" "$root/input_decks/bench_layer.deck" 2>&1 | grep -vE "^\s*$|WARNING|OMP_PROC_BIND|OpenMP"
 "$b/drivers/moka-bench" "$root/input_decks/bench_layer.deck" bench.breakdown=true > "$logs/bench-breakdown.txt" 2>&1
 grep -vE "^\s*$|WARNING|OMP_PROC_BIND|OpenMP" "$logs/bench-breakdown.txt" | tail -40
+stamp "one layer, issue-3 size, SwiGLU (d_ff_in = 2 d_ff)"
+"$b/drivers/moka-bench" "$root/input_decks/bench_layer.deck" expert.activation=swiglu 2>&1 | grep -E "layer|dense"
 if [ "$ngpu" -ge 2 ]; then
   stamp "token exchange vs NCCL all-to-all on $ngpu GPUs"
   mpirun -n "$ngpu" "$b/drivers/moka-bench" "$root/input_decks/bench_exchange.deck" > "$logs/exchange-np$ngpu.txt" 2>&1

@@ -470,59 +470,53 @@ void scatter_add_rows(const Exec& space, const mat<S, M>& dxs, const Kokkos::Vie
 }
 
 // ----------------------------------------------- bf16 expert activation
-// Both directions walk the expert rows in the chunks of the bias sums (one
-// thread per chunk of an expert's rows and W columns; the threads of a
-// block read a row's columns coalesced, W at a time), in fp32 math on bf16
-// data. The pre-activation is stored without b1; both add it.
+// fp32 math on bf16 data, W columns (16 bytes) per load and store; the
+// pre-activation is stored without b1 and both directions add it.
 
-/// h(r,c) = act(hpre(r,c) + b1(e,c)), times hpre(r,dff+c) + b1(e,dff+c) for swiglu.
+/// h(r,c) = act(hpre(r,c) + b1(e,c)), times hpre(r,dff+c) + b1(e,dff+c) for
+/// swiglu, e = row_expert(r). One thread per (row, W columns).
 template <int W, class Exec, class S, class M>
-void activation_bf16_packs(const Exec& space, Activation act, bool bias, long chunks, int chunk, int dff,
-                           const Kokkos::View<long*, M>& chunk_start, const Kokkos::View<int*, M>& offsets,
-                           const mat<bf16, M>& hpre, const mat<S, M>& b1, const mat<bf16, M>& h) {
-  const int L    = static_cast<int>(chunk_start.extent(0)) - 1;
+void activation_bf16_packs(const Exec& space, Activation act, bool bias, long rows, int dff,
+                           const Kokkos::View<int*, M>& row_expert, const mat<bf16, M>& hpre, const mat<S, M>& b1,
+                           const mat<bf16, M>& h) {
   const long lp  = hpre.stride(0), lh = h.stride(0);
   const bf16* P  = hpre.data();
   bf16* H        = h.data();
   const bool glu = act == Activation::swiglu;
   Kokkos::parallel_for(
-      "moka::expert_activation_bf16", impl::row_major_2d(space, chunks, long(dff / W)), KOKKOS_LAMBDA(long q, long cw) {
-        const int e    = chunk_expert(chunk_start, L, q);
-        const long b   = offsets(e) + (q - chunk_start(e)) * chunk;
-        const long end = b + chunk < offsets(e + 1) ? b + chunk : long(offsets(e + 1));
-        const long c   = cw * W;
-        float ba[W], bu[W];
-        for (int i = 0; i < W; ++i) {
-          ba[i] = bias ? float(b1(e, c + i)) : 0.f;
-          bu[i] = bias && glu ? float(b1(e, dff + c + i)) : 0.f;
-        }
-        for (long r = b; r < end; ++r) {
-          const auto a = load_pack<W>(P + r * lp + c);
-          Pack<bf16, W> o;
-          if (glu) {
-            const auto u = load_pack<W>(P + r * lp + dff + c);
-            for (int i = 0; i < W; ++i) o.v[i] = bf16(activate(act, float(a.v[i]) + ba[i]) * (float(u.v[i]) + bu[i]));
-          } else {
-            for (int i = 0; i < W; ++i) o.v[i] = bf16(activate(act, float(a.v[i]) + ba[i]));
+      "moka::expert_activation_bf16", impl::row_major_2d(space, rows, long(dff / W)), KOKKOS_LAMBDA(long r, long cw) {
+        const int e  = row_expert(r);
+        const long c = cw * W;
+        const auto a = load_pack<W>(P + r * lp + c);
+        Pack<bf16, W> o;
+        if (glu) {
+          const auto u = load_pack<W>(P + r * lp + dff + c);
+          for (int i = 0; i < W; ++i) {
+            const float ba = bias ? float(b1(e, c + i)) : 0.f, bu = bias ? float(b1(e, dff + c + i)) : 0.f;
+            o.v[i] = bf16(activate(act, float(a.v[i]) + ba) * (float(u.v[i]) + bu));
           }
-          store_pack<W>(H + r * lh + c, o);
+        } else {
+          for (int i = 0; i < W; ++i) o.v[i] = bf16(activate(act, float(a.v[i]) + (bias ? float(b1(e, c + i)) : 0.f)));
         }
+        store_pack<W>(H + r * lh + c, o);
       });
 }
 
 template <class Exec, class S, class M>
-void activation_bf16(const Exec& space, Activation act, bool bias, long chunks, int chunk, int dff,
-                     const Kokkos::View<long*, M>& chunk_start, const Kokkos::View<int*, M>& offsets,
-                     const mat<bf16, M>& hpre, const mat<S, M>& b1, const mat<bf16, M>& h) {
+void activation_bf16(const Exec& space, Activation act, bool bias, long rows, int dff,
+                     const Kokkos::View<int*, M>& row_expert, const mat<bf16, M>& hpre, const mat<S, M>& b1,
+                     const mat<bf16, M>& h) {
   if (packs_fit(hpre, hpre.extent(1), 8) && packs_fit(h, dff, 8))
-    activation_bf16_packs<8>(space, act, bias, chunks, chunk, dff, chunk_start, offsets, hpre, b1, h);
-  else activation_bf16_packs<1>(space, act, bias, chunks, chunk, dff, chunk_start, offsets, hpre, b1, h);
+    activation_bf16_packs<8>(space, act, bias, rows, dff, row_expert, hpre, b1, h);
+  else activation_bf16_packs<1>(space, act, bias, rows, dff, row_expert, hpre, b1, h);
 }
 
 /// dhpre(r,c) = dh(r,c) act'(a) [u], dhpre(r,dff+c) = dh(r,c) act(a) for
 /// swiglu (a, u: the two halves of the pre-activation plus b1), in bf16,
 /// and work(q,:) = the column sums of chunk q of what was written (the
-/// first pass of the b1 gradient; \p bias false skips it).
+/// first pass of the b1 gradient; \p bias false skips it). One thread per
+/// (chunk of an expert's rows, W columns) walks the chunk's rows; the
+/// threads of a block read a row's columns coalesced.
 template <int W, class Exec, class S, class M>
 void activation_backward_bf16_packs(const Exec& space, Activation act, bool bias, long chunks, int chunk, int dff,
                                     const Kokkos::View<long*, M>& chunk_start, const Kokkos::View<int*, M>& offsets,
@@ -547,28 +541,37 @@ void activation_backward_bf16_packs(const Exec& space, Activation act, bool bias
           bu[i] = bias && glu ? float(b1(e, dff + c + i)) : 0.f;
           s0[i] = s1[i] = 0.f;
         }
-        for (long r = b; r < end; ++r) {
-          const auto g = load_pack<W>(G + r * lg + c);
-          const auto a = load_pack<W>(P + r * lp + c);
-          Pack<bf16, W> o0;
-          if (glu) {
-            const auto u = load_pack<W>(P + r * lp + dff + c);
-            Pack<bf16, W> o1;
-            for (int i = 0; i < W; ++i) {
-              const float x = float(a.v[i]) + ba[i], gi = float(g.v[i]);
+        // One row: results in bf16, their sums kept for the b1 gradient.
+        auto row = [&](long r, const Pack<bf16, W>& g, const Pack<bf16, W>& a, const Pack<bf16, W>& u) {
+          Pack<bf16, W> o0, o1;
+          for (int i = 0; i < W; ++i) {
+            const float x = float(a.v[i]) + ba[i], gi = float(g.v[i]);
+            if (glu) {
               o0.v[i] = bf16(gi * (float(u.v[i]) + bu[i]) * activate_grad(act, x));
               o1.v[i] = bf16(gi * activate(act, x));
-              s0[i] += float(o0.v[i]);
               s1[i] += float(o1.v[i]);
+            } else {
+              o0.v[i] = bf16(gi * activate_grad(act, x));
             }
-            store_pack<W>(D + r * ld + dff + c, o1);
-          } else {
-            for (int i = 0; i < W; ++i) {
-              o0.v[i] = bf16(float(g.v[i]) * activate_grad(act, float(a.v[i]) + ba[i]));
-              s0[i] += float(o0.v[i]);
-            }
+            s0[i] += float(o0.v[i]);
           }
           store_pack<W>(D + r * ld + c, o0);
+          if (glu) store_pack<W>(D + r * ld + dff + c, o1);
+        };
+        // Two rows' loads before their stores (the stores could alias the
+        // loads for all the compiler knows): more bytes in flight.
+        long r = b;
+        for (; r + 1 < end; r += 2) {
+          const auto g0 = load_pack<W>(G + r * lg + c), a0 = load_pack<W>(P + r * lp + c);
+          const auto g1 = load_pack<W>(G + (r + 1) * lg + c), a1 = load_pack<W>(P + (r + 1) * lp + c);
+          const auto u0 = glu ? load_pack<W>(P + r * lp + dff + c) : a0;
+          const auto u1 = glu ? load_pack<W>(P + (r + 1) * lp + dff + c) : a1;
+          row(r, g0, a0, u0);
+          row(r + 1, g1, a1, u1);
+        }
+        if (r < end) {
+          const auto g0 = load_pack<W>(G + r * lg + c), a0 = load_pack<W>(P + r * lp + c);
+          row(r, g0, a0, glu ? load_pack<W>(P + r * lp + dff + c) : a0);
         }
         if (bias)
           for (int i = 0; i < W; ++i) {

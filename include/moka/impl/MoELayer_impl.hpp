@@ -410,8 +410,7 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
   std::optional<ScopedRegion> region_act;
   region_act.emplace("moka::MoELayer::activation");
   if (bf16) {
-    impl::activation_bf16(space, act, bias, m_chunks, bias_chunk, dff, m_chunk_start, m_e_offsets, m_hpre_b, b1,
-                          m_h_b);
+    impl::activation_bf16(space, act, bias, m_rows_e, dff, m_row_expert, m_hpre_b, b1, m_h_b);
   } else {
     auto hpre = m_hpre;
     auto h    = m_h;
