@@ -541,37 +541,28 @@ void activation_backward_bf16_packs(const Exec& space, Activation act, bool bias
           bu[i] = bias && glu ? float(b1(e, dff + c + i)) : 0.f;
           s0[i] = s1[i] = 0.f;
         }
-        // One row: results in bf16, their sums kept for the b1 gradient.
-        auto row = [&](long r, const Pack<bf16, W>& g, const Pack<bf16, W>& a, const Pack<bf16, W>& u) {
-          Pack<bf16, W> o0, o1;
-          for (int i = 0; i < W; ++i) {
-            const float x = float(a.v[i]) + ba[i], gi = float(g.v[i]);
-            if (glu) {
+        for (long r = b; r < end; ++r) {
+          const auto g = load_pack<W>(G + r * lg + c);
+          const auto a = load_pack<W>(P + r * lp + c);
+          Pack<bf16, W> o0;
+          if (glu) {
+            const auto u = load_pack<W>(P + r * lp + dff + c);
+            Pack<bf16, W> o1;
+            for (int i = 0; i < W; ++i) {
+              const float x = float(a.v[i]) + ba[i], gi = float(g.v[i]);
               o0.v[i] = bf16(gi * (float(u.v[i]) + bu[i]) * activate_grad(act, x));
               o1.v[i] = bf16(gi * activate(act, x));
+              s0[i] += float(o0.v[i]);
               s1[i] += float(o1.v[i]);
-            } else {
-              o0.v[i] = bf16(gi * activate_grad(act, x));
             }
-            s0[i] += float(o0.v[i]);
+            store_pack<W>(D + r * ld + dff + c, o1);
+          } else {
+            for (int i = 0; i < W; ++i) {
+              o0.v[i] = bf16(float(g.v[i]) * activate_grad(act, float(a.v[i]) + ba[i]));
+              s0[i] += float(o0.v[i]);
+            }
           }
           store_pack<W>(D + r * ld + c, o0);
-          if (glu) store_pack<W>(D + r * ld + dff + c, o1);
-        };
-        // Two rows' loads before their stores (the stores could alias the
-        // loads for all the compiler knows): more bytes in flight.
-        long r = b;
-        for (; r + 1 < end; r += 2) {
-          const auto g0 = load_pack<W>(G + r * lg + c), a0 = load_pack<W>(P + r * lp + c);
-          const auto g1 = load_pack<W>(G + (r + 1) * lg + c), a1 = load_pack<W>(P + (r + 1) * lp + c);
-          const auto u0 = glu ? load_pack<W>(P + r * lp + dff + c) : a0;
-          const auto u1 = glu ? load_pack<W>(P + (r + 1) * lp + dff + c) : a1;
-          row(r, g0, a0, u0);
-          row(r + 1, g1, a1, u1);
-        }
-        if (r < end) {
-          const auto g0 = load_pack<W>(G + r * lg + c), a0 = load_pack<W>(P + r * lp + c);
-          row(r, g0, a0, glu ? load_pack<W>(P + r * lp + dff + c) : a0);
         }
         if (bias)
           for (int i = 0; i < W; ++i) {
