@@ -12,7 +12,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/gpu-env.sh"
 nvidia-smi --query-gpu=index,name --format=csv,noheader
 ngpu=$(nvidia-smi -L | wc -l)
 stamp "build (CUDA, sm_90)"
+# MOKA_PERF_LAYER_ONLY=1: only the one-layer benchmark (one GPU is enough).
+layer_only=${MOKA_PERF_LAYER_ONLY:-0}
 targets="moka-train moka-bench test_moe_bf16 test_distributed test_comm"
+[ "$layer_only" = 1 ] && targets=moka-bench
 cmake -S "$root" -B "$root/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CXX_COMPILER="$kokkos/bin/nvcc_wrapper" -DKokkos_ROOT="$kokkos" -DKokkosKernels_ROOT="$kokkos" \
   -DMOKA_ENABLE_NCCL=ON ${MOKA_CMAKE_ARGS:-} > "$logs/perf-build.log" 2>&1 &&
@@ -22,6 +25,7 @@ b="$root/build-gpu"
 fails=0
 check() { local name=$1; shift; stamp "$name"; if "$@" > "$logs/$name.txt" 2>&1; then echo "  passed"; else
   echo "  FAILED (exit $?)"; fails=$((fails + 1)); tail -30 "$logs/$name.txt"; fi; }
+if [ "$layer_only" != 1 ]; then
 check test_moe_bf16 "$b/tests/test_moe_bf16"
 grep "bf16 relative errors" "$logs/test_moe_bf16.txt"
 check test_distributed_device_np1 "$b/tests/test_distributed" --gtest_filter='*Device*'
@@ -30,12 +34,14 @@ for n in 2 4; do
   check "test_distributed_device_np$n" mpirun -n $n "$b/tests/test_distributed" --gtest_filter='*Device*'
   check "test_comm_np$n" mpirun -n $n "$b/tests/test_comm"
 done
+fi
 stamp "one layer, issue-3 size (bf16)"
 "$b/drivers/moka-bench" "$root/input_decks/bench_layer.deck" 2>&1 | grep -vE "^\s*$|WARNING|OMP_PROC_BIND|OpenMP"
 "$b/drivers/moka-bench" "$root/input_decks/bench_layer.deck" bench.breakdown=true > "$logs/bench-breakdown.txt" 2>&1
 grep -vE "^\s*$|WARNING|OMP_PROC_BIND|OpenMP" "$logs/bench-breakdown.txt" | tail -40
 stamp "one layer, issue-3 size, SwiGLU (d_ff_in = 2 d_ff)"
 "$b/drivers/moka-bench" "$root/input_decks/bench_layer.deck" expert.activation=swiglu 2>&1 | grep -E "layer|dense"
+[ "$layer_only" = 1 ] && { stamp "done (layer only)"; exit 0; }
 if [ "$ngpu" -ge 2 ]; then
   stamp "token exchange vs NCCL all-to-all on $ngpu GPUs"
   mpirun -n "$ngpu" "$b/drivers/moka-bench" "$root/input_decks/bench_exchange.deck" > "$logs/exchange-np$ngpu.txt" 2>&1
