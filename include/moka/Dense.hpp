@@ -59,14 +59,9 @@ class Linear {
     MOKA_REQUIRE(m_x.data() != nullptr || m_x.extent(0) == 0, "call forward before backward");
     require_extent(where, dy, 0, m_x.extent(0), "rows");
     require_extent(where, dy, 1, m_w.extent(1), "columns");
-    auto db = m_db;
-    const long T = dy.extent(0);
-    Kokkos::parallel_for(
-        "moka::linear_db", Kokkos::RangePolicy<execution_space>(space, 0, dy.extent(1)), KOKKOS_LAMBDA(long c) {
-          Scalar acc = 0;
-          for (long t = 0; t < T; ++t) acc += dy(t, c);
-          db(c) += acc;
-        });
+    impl::add_column_sums(
+        space, long(dy.extent(0)), long(dy.extent(1)), KOKKOS_LAMBDA(long t, long c) { return dy(t, c); }, m_work,
+        m_db);
     space.fence();
     impl::gemm("T", "N", Scalar(1), m_x, dy, Scalar(1), m_dw);
     if (dx.extent(0) > 0) {
@@ -93,6 +88,7 @@ class Linear {
   matrix m_dw;
   vector m_db;
   matrix m_x;
+  matrix m_work;  // partial column sums of db
 };
 
 /// \brief y = gamma (x - mean) / sqrt(var + eps) + beta over each row.
@@ -155,18 +151,9 @@ class LayerNorm {
     auto rstd = m_rstd;
     auto xhat = m_xhat;
     auto gamma = m_gamma;
-    auto dgamma = m_dgamma;
-    auto dbeta = m_dbeta;
-    Kokkos::parallel_for(
-        "moka::layernorm_dparams", Kokkos::RangePolicy<execution_space>(space, 0, d), KOKKOS_LAMBDA(int c) {
-          Scalar ag = 0, ab = 0;
-          for (long t = 0; t < T; ++t) {
-            ag += dy(t, c) * xhat(t, c);
-            ab += dy(t, c);
-          }
-          dgamma(c) += ag;
-          dbeta(c) += ab;
-        });
+    impl::add_column_sums(
+        space, T, d, KOKKOS_LAMBDA(long t, long c) { return dy(t, c) * xhat(t, c); }, m_work, m_dgamma);
+    impl::add_column_sums(space, T, d, KOKKOS_LAMBDA(long t, long c) { return dy(t, c); }, m_work, m_dbeta);
     Kokkos::parallel_for(
         "moka::layernorm_dx", Kokkos::RangePolicy<execution_space>(space, 0, T), KOKKOS_LAMBDA(long t) {
           Scalar mg = 0, mgx = 0;
@@ -194,6 +181,7 @@ class LayerNorm {
  private:
   vector m_gamma, m_beta, m_dgamma, m_dbeta, m_rstd;
   matrix m_xhat;
+  matrix m_work;  // partial column sums of dgamma and dbeta
   Scalar m_eps = Scalar(1e-5);
 };
 

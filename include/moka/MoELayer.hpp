@@ -231,6 +231,11 @@ class MoELayer {
   index_vector m_e_offsets, m_row_expert;  // expert-side offsets [L + 1] and expert of each row
   Kokkos::View<long*, MemorySpace> m_cap_base, m_routed, m_chunk_start;  // global capacity; bias-sum chunks
   matrix m_colsum_work;  // partial column sums of the bias gradients
+  // Gate workspace kept across steps: jittered input, backward buffers,
+  // per-expert statistics.
+  matrix m_gate_in, m_dprob, m_dlogits, m_dclean, m_draw;
+  Kokkos::View<double*, MemorySpace> m_stat_a, m_stat_b;
+  Kokkos::View<long*, MemorySpace> m_sel_count;
 };
 
 }  // namespace moka

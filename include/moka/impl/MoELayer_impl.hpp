@@ -70,6 +70,9 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr
   m_bal_grad  = Kokkos::View<Scalar*, MemorySpace>("moka::moe::balance_grad", config.num_experts);
   m_imp_grad  = Kokkos::View<Scalar*, MemorySpace>("moka::moe::importance_grad", config.num_experts);
   m_load_grad = Kokkos::View<Scalar*, MemorySpace>("moka::moe::load_grad", config.num_experts);
+  m_stat_a    = Kokkos::View<double*, MemorySpace>("moka::moe::gate_stat_a", config.num_experts);
+  m_stat_b    = Kokkos::View<double*, MemorySpace>("moka::moe::gate_stat_b", config.num_experts);
+  m_sel_count = Kokkos::View<long*, MemorySpace>("moka::moe::selections", config.num_experts);
   m_trace_cum = index_vector("moka::moe::trace_cum", config.num_experts + 1);
   if (config.bf16_compute) {
 #ifdef KOKKOS_ENABLE_CUDA
@@ -162,6 +165,14 @@ void MoELayer<Scalar, MemorySpace>::ensure_workspace(int T) {
   m_noise  = noisy ? matrix("moka::moe::noise", T, E) : matrix();
   m_thr    = noisy ? index_matrix("moka::moe::thresholds", T, 2) : index_matrix();
   m_jitter = m_cfg.gate == GateType::switch_top1 ? alloc("jitter", T, d) : matrix();
+  m_gate_in = m_cfg.gate == GateType::switch_top1 ? alloc("gate_in", T, d) : matrix();
+  // Gate backward workspace (kept: a device allocation per step costs a
+  // synchronising free).
+  const bool balance = m_cfg.gate == GateType::gshard || m_cfg.gate == GateType::switch_top1;
+  m_dprob   = balance ? alloc("dprob", T, E) : matrix();
+  m_dlogits = alloc("dlogits", T, E);
+  m_dclean  = noisy ? alloc("dclean", T, E) : matrix();
+  m_draw    = noisy ? alloc("draw", T, E) : matrix();
   m_probs  = alloc("probs", T, E);
   m_rr     = Kokkos::View<Scalar*, MemorySpace>("moka::moe::routing_uniforms", T);
   m_score  = alloc("score", T, k);
@@ -659,7 +670,7 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
   m_gin = x;
   if (type == GateType::switch_top1 && training && m_cfg.jitter_eps > 0) {
     auto jit = m_jitter;
-    matrix gin(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::moe::gate_in"), T, d);
+    matrix gin = m_gate_in;
     const Scalar eps = Scalar(m_cfg.jitter_eps);
     Kokkos::parallel_for(
         "moka::gate_jitter", impl::row_major_2d(space, T, d),
@@ -753,7 +764,7 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
     // E * sum_e f_e m_e: f_e fraction of tokens whose first choice is e,
     // m_e mean gate probability (1 at perfect balance; FastMoE scales the
     // mean over experts by E^2, which is the same number).
-    Kokkos::View<double*, MemorySpace> f("moka::moe::first_fraction", E), mp("moka::moe::mean_prob", E);
+    auto f = m_stat_a, mp = m_stat_b;  // first-choice counts, summed probabilities
     Kokkos::parallel_for(
         "moka::balance_stats", Kokkos::RangePolicy<execution_space>(space, 0, E), KOKKOS_LAMBDA(int e) {
           double cnt = 0, p = 0;
@@ -787,7 +798,7 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
     // cv^2(importance) + cv^2(load): importance = summed scores per expert;
     // load = expected selections under the noise (Shazeer et al.), or the
     // selection counts when there is no noise (evaluation).
-    Kokkos::View<double*, MemorySpace> imp("moka::moe::importance", E), load("moka::moe::load", E);
+    auto imp = m_stat_a, load = m_stat_b;
     auto clean = m_clean;
     auto sd = m_std;
     auto thr = m_thr;
@@ -832,7 +843,7 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
   // Auxiliary-loss-free balancing (DeepSeek-V3): after routing, move each
   // expert's selection bias toward the mean load.
   if (training && m_cfg.bias_balance) {
-    Kokkos::View<long*, MemorySpace> sel("moka::moe::selections", E);
+    auto sel = m_sel_count;
     Kokkos::parallel_for(
         "moka::bias_load", Kokkos::RangePolicy<execution_space>(space, 0, E), KOKKOS_LAMBDA(int e) {
           long c = 0;
@@ -861,9 +872,6 @@ void MoELayer<Scalar, MemorySpace>::gate_backward(const execution_space& space, 
   const GateType type = m_cfg.gate;
   const double w = m_cfg.balance_weight;
   auto idx = m_idx;
-  auto alloc = [](const char* label, long m, long n) {
-    return matrix(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("moka::moe::") + label), m, n);
-  };
   // Importance part of the noisy gate's loss acts on the scores.
   if (w > 0 && type == GateType::noisy) {
     auto gi = m_imp_grad;
@@ -875,13 +883,13 @@ void MoELayer<Scalar, MemorySpace>::gate_backward(const execution_space& space, 
   // Balance loss of GShard / Switch acts on the probabilities.
   matrix dprob;
   if (w > 0 && (type == GateType::gshard || type == GateType::switch_top1)) {
-    dprob   = alloc("dprob", T, E);
+    dprob   = m_dprob;
     auto bg = m_bal_grad;
     Kokkos::parallel_for(
         "moka::balance_backward", impl::row_major_2d(space, T, E),
         KOKKOS_LAMBDA(int t, int e) { dprob(t, e) = bg(e); });
   }
-  matrix dlogits = alloc("dlogits", T, E);
+  matrix dlogits = m_dlogits;
   impl::gate_backward(space, type, m_cfg.renormalize, m_logits, m_probs, idx, m_score, dscore, dprob,
                       Scalar(m_cfg.z_loss_weight), m_T_global, dlogits);
 
@@ -890,8 +898,8 @@ void MoELayer<Scalar, MemorySpace>::gate_backward(const execution_space& space, 
   if (type == GateType::noisy) {
     // logits = clean + noise * std, std = softplus(raw) + 0.01; the load
     // loss adds through Phi((clean - threshold) / std).
-    dclean = alloc("dclean", T, E);
-    draw   = alloc("draw", T, E);
+    dclean = m_dclean;
+    draw   = m_draw;
     auto clean = m_clean;
     auto raw = m_raw;
     auto sd = m_std;
