@@ -9,6 +9,7 @@
 
 #include "MoETestUtils.hpp"
 
+#include <algorithm>
 #include <cstdlib>
 #include <numeric>
 #include <random>
@@ -484,4 +485,178 @@ TEST(MoEConfig, GateSpecificChecks) {
   c.num_experts = 8;
   c.bias_balance = true;
   EXPECT_THROW(c.validate(), moka::Error);  // not for the noisy gate
+}
+
+// ------------------------------------------------------------ kernels
+// The slot assignment (chunk histograms + scans) and the packed row kernels
+// against plain sequential loops, on the host space, sizes chosen to hit the
+// edge cases: unrouted assignments, N not a multiple of the chunk, no
+// assignments at all, chunks that double for large N x E, and rows whose
+// width does (16) or does not (13) allow 16-byte packs.
+namespace {
+
+using HostExec = Kokkos::HostSpace::execution_space;
+using imat     = Kokkos::View<int**, Kokkos::LayoutRight, Kokkos::HostSpace>;
+using ivec     = Kokkos::View<int*, Kokkos::HostSpace>;
+
+struct SlotsRef {
+  std::vector<int> counts, offsets, slot;
+};
+
+SlotsRef sequential_slots(const std::vector<int>& idx, const std::vector<double>& score, int E, long cap,
+                          bool by_score) {
+  const int N = static_cast<int>(idx.size());
+  std::vector<std::vector<int>> group(E);
+  for (int i = 0; i < N; ++i)
+    if (idx[i] >= 0) group[idx[i]].push_back(i);
+  std::vector<char> keep(N, 0);
+  for (int e = 0; e < E; ++e) {
+    std::vector<int> order = group[e];
+    if (by_score)
+      std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return score[a] > score[b]; });
+    for (std::size_t r = 0; r < order.size() && long(r) < cap; ++r) keep[order[r]] = 1;
+  }
+  SlotsRef ref;
+  ref.counts.assign(E, 0);
+  ref.offsets.assign(E + 1, 0);
+  ref.slot.assign(N, -1);
+  for (int e = 0; e < E; ++e) {
+    for (int i : group[e]) ref.counts[e] += keep[i];
+    ref.offsets[e + 1] = ref.offsets[e] + ref.counts[e];
+    int r = 0;
+    for (int i : group[e])
+      if (keep[i]) ref.slot[i] = ref.offsets[e] + r++;
+  }
+  return ref;
+}
+
+}  // namespace
+
+TEST(MoEKernels, SlotAssignmentMatchesSequentialCounting) {
+  struct SlotCase {
+    int T, k, E;
+    long cap;
+    moka::DropPolicy policy;
+  };
+  const long big = 1L << 40;
+  const SlotCase cases[] = {{1000, 2, 8, 130, moka::DropPolicy::position},
+                            {1000, 2, 8, 130, moka::DropPolicy::score},
+                            {37, 3, 5, 4, moka::DropPolicy::position},
+                            {37, 3, 5, 4, moka::DropPolicy::score},
+                            {0, 2, 4, 1, moka::DropPolicy::position},
+                            {65536, 2, 1024, big, moka::DropPolicy::position}};
+  std::mt19937_64 rng(5);
+  for (const auto& c : cases) {
+    const int N = c.T * c.k;
+    std::vector<int> idx(N);
+    std::vector<double> sc(N);
+    std::uniform_int_distribution<int> pick(-1, c.E - 1);  // -1: not routed
+    for (int i = 0; i < N; ++i) {
+      idx[i] = pick(rng);
+      sc[i]  = std::uniform_real_distribution<double>(0, 1)(rng);
+      if (i % 7 == 3) sc[i] = 0.5;  // ties, broken by position
+    }
+    imat I("idx", c.T, c.k), slot("slot", c.T, c.k);
+    Kokkos::View<double**, Kokkos::LayoutRight, Kokkos::HostSpace> S("score", c.T, c.k);
+    for (int i = 0; i < N; ++i) {
+      I(i / c.k, i % c.k) = idx[i];
+      S(i / c.k, i % c.k) = sc[i];
+    }
+    ivec counts("counts", c.E), offsets("offsets", c.E + 1), rt, rc;
+    moka::impl::SlotWork<Kokkos::HostSpace> work;
+    std::vector<int> h_off;
+    const long kept = moka::impl::assign_slots(HostExec(), c.policy, c.cap, Kokkos::View<long*, Kokkos::HostSpace>(),
+                                               I, S, counts, offsets, slot, work, rt, rc, h_off);
+    const auto ref = sequential_slots(idx, sc, c.E, c.cap, c.policy == moka::DropPolicy::score);
+    const std::string at = "T=" + std::to_string(c.T) + " E=" + std::to_string(c.E);
+    ASSERT_EQ(kept, ref.offsets[c.E]) << at;
+    EXPECT_EQ(h_off, ref.offsets) << at;
+    for (int e = 0; e < c.E; ++e) ASSERT_EQ(counts(e), ref.counts[e]) << at << " expert " << e;
+    for (int i = 0; i < N; ++i) {
+      ASSERT_EQ(slot(i / c.k, i % c.k), ref.slot[i]) << at << " assignment " << i;
+      if (ref.slot[i] >= 0) {
+        EXPECT_EQ(rt(ref.slot[i]), i / c.k);
+        EXPECT_EQ(rc(ref.slot[i]), i % c.k);
+      }
+    }
+    if (c.E == 1024) EXPECT_GT(work.chunk, 16) << "the large case must use wider chunks";
+  }
+}
+
+template <class S>
+void check_row_kernels(int d) {
+  using mat = Kokkos::View<S**, Kokkos::LayoutRight, Kokkos::HostSpace>;
+  constexpr int W = 16 / sizeof(S);
+  const int T = 9, k = 2, E = 3;
+  std::mt19937_64 rng(17 + d);
+  // Slots: every (t, j) gets a distinct row except a few dropped ones.
+  imat slot("slot", T, k);
+  std::vector<int> perm(T * k);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  int rows = 0;
+  for (int i = 0; i < T * k; ++i) slot(i / k, i % k) = (i % 5 == 2) ? -1 : rows++;
+  ivec row_token("row_token", rows), group("group", rows);
+  for (int i = 0; i < T * k; ++i)
+    if (slot(i / k, i % k) >= 0) row_token(slot(i / k, i % k)) = i / k;
+  for (int r = 0; r < rows; ++r) group(r) = r % E;
+  auto fill = [&](mat& m) {
+    for (std::size_t i = 0; i < m.extent(0); ++i)
+      for (std::size_t c = 0; c < m.extent(1); ++c) m(i, c) = S(std::uniform_real_distribution<double>(-1, 1)(rng));
+  };
+  mat x("x", T, d), ys("ys", rows, d), w("w", T, k), bias("bias", E, d), dy("dy", T, d);
+  fill(x), fill(ys), fill(w), fill(bias), fill(dy);
+  EXPECT_EQ(moka::impl::packs_fit(x, d, W), d % W == 0) << "d = " << d;
+
+  mat xs("xs", rows, d);
+  moka::impl::gather_rows(HostExec(), rows, x, row_token, xs);
+  mat y("y", T, d);
+  moka::impl::combine_rows(HostExec(), ys, slot, w, y);
+  mat dx("dx", T, d);
+  fill(dx);
+  mat dx0("dx0", T, d);
+  Kokkos::deep_copy(dx0, dx);
+  moka::impl::scatter_add_rows(HostExec(), ys, slot, dx);
+  mat yb("yb", rows, d);
+  Kokkos::deep_copy(yb, ys);
+  moka::impl::add_row_bias(HostExec(), rows, yb, bias, group);
+  mat dscore("dscore", T, k), dys("dys", rows, d);
+  Kokkos::View<moka::bf16**, Kokkos::LayoutRight, Kokkos::HostSpace> dys_b("dys_b", rows, d);
+  moka::impl::combine_backward(HostExec(), dy, ys, slot, w, dscore, dys, dys_b);
+  HostExec().fence();
+
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < d; ++c) {
+      ASSERT_EQ(xs(r, c), x(row_token(r), c));
+      ASSERT_EQ(yb(r, c), ys(r, c) + bias(group(r), c));
+    }
+  for (int t = 0; t < T; ++t) {
+    for (int c = 0; c < d; ++c) {
+      S acc = 0, add = dx0(t, c);
+      for (int j = 0; j < k; ++j)
+        if (slot(t, j) >= 0) {
+          acc += w(t, j) * ys(slot(t, j), c);
+          add += ys(slot(t, j), c);
+        }
+      ASSERT_EQ(y(t, c), acc) << "combine t " << t << " c " << c;  // same order: exact
+      ASSERT_EQ(dx(t, c), add) << "undispatch t " << t << " c " << c;
+    }
+    for (int j = 0; j < k; ++j) {
+      const int r = slot(t, j);
+      double dot  = 0;
+      for (int c = 0; c < d && r >= 0; ++c) {
+        dot += double(dy(t, c)) * double(ys(r, c));
+        ASSERT_EQ(dys(r, c), w(t, j) * dy(t, c));
+        ASSERT_EQ(float(dys_b(r, c)), float(moka::bf16(float(w(t, j) * dy(t, c)))));
+      }
+      EXPECT_NEAR(double(dscore(t, j)), dot, (sizeof(S) == 8 ? 1e-13 : 1e-5) * d) << "dscore t " << t << " j " << j;
+    }
+  }
+}
+
+TEST(MoEKernels, PackedRowKernelsMatchLoops) {
+  for (int d : {13, 16}) {
+    check_row_kernels<float>(d);
+    check_row_kernels<double>(d);
+  }
 }
