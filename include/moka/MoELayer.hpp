@@ -214,7 +214,6 @@ class MoELayer {
   impl::SlotWork<MemorySpace> m_slot_work;  // workspace of the slot assignment
   std::vector<int> m_h_offsets;  // host copy of the dispatch-side expert offsets [E + 1]
   long m_rows = 0, m_capacity = 0;
-  long m_chunks = 0;  // chunks of bias_chunk expert-side rows (bias_chunks)
   int m_T = -1;
   long m_T_global = 0, m_tok0 = 0;
   // Exchange plan of the last forward (see plan_exchange).

@@ -399,7 +399,6 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
     // exchange: one rank needs them too).
     ensure_expert_workspace(m_rows_e);
     impl::row_experts(space, m_e_offsets, m_row_expert, m_rows_e);
-    m_chunks = bias_chunks();
     // bf16 on one rank: the rows go straight to the GEMMs' bf16 operand.
     if (m_cfg.bf16_compute && !m_exchange) impl::gather_rows(space, m_rows, x, m_row_token, m_xs_b);
     else impl::gather_rows(space, m_rows, x, m_row_token, m_xs);
@@ -417,7 +416,6 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
   m_ye = m_ye_buf;
   expert_gemm(space, Stage::up);
   auto b1 = m_params.b1;
-  auto rexp = m_row_expert;
   std::optional<ScopedRegion> region_act;
   region_act.emplace("moka::MoELayer::activation");
   if (bf16) {
@@ -425,6 +423,7 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
   } else {
     auto hpre = m_hpre;
     auto h    = m_h;
+    auto rexp = m_row_expert;
     Kokkos::parallel_for(
         "moka::expert_activation", impl::row_major_2d(space, m_rows_e, long(dff)),
         KOKKOS_LAMBDA(long r, long c) {
@@ -508,7 +507,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
 
   // Expert backward. Bias gradients are column sums over each expert's
   // rows (in chunks, a fixed order: deterministic).
-  const long chunks = m_chunks;
+  const long chunks = bias_chunks();
   if (m_cfg.expert_bias) {
     impl::grow_rows(m_colsum_work, chunks, std::max(d, dff_in), "colsum_work");
     impl::expert_column_sums(space, dye, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work, m_grads.b2);
