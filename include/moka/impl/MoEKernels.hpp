@@ -297,6 +297,10 @@ KOKKOS_INLINE_FUNCTION int chunk_expert(const V& chunk_start, int L, long q) {
   return lo;
 }
 
+/// Elements of T in a 16-byte pack (the widest load the row kernels use).
+template <class T>
+constexpr int pack_of = 16 / sizeof(T) > 1 ? int(16 / sizeof(T)) : 1;
+
 template <int W, class Exec, class S, class D, class M>
 void gather_rows_packs(const Exec& space, long rows, const mat<S, M>& x, const Kokkos::View<int*, M>& row_token,
                        const mat<D, M>& xs) {
@@ -317,42 +321,63 @@ template <class Exec, class S, class D, class M>
 void gather_rows(const Exec& space, long rows, const mat<S, M>& x, const Kokkos::View<int*, M>& row_token,
                  const mat<D, M>& xs) {
   const long d = static_cast<long>(x.extent(1));
-  constexpr int W = 16 / sizeof(D) > 1 ? int(16 / sizeof(D)) : 1;
+  constexpr int W = pack_of<D>;
   if (packs_fit(x, d, W) && packs_fit(xs, d, W)) gather_rows_packs<W>(space, rows, x, row_token, xs);
   else gather_rows_packs<1>(space, rows, x, row_token, xs);
 }
 
+/// out(t,:) = [out(t,:) if accumulate] + sum_j [slot >= 0] w(t,j) src(slot(t,j),:),
+/// j in order (deterministic); w empty means weights of 1. Combine and
+/// undispatch are this kernel.
 template <int W, class Exec, class S, class M>
-void combine_rows_packs(const Exec& space, const mat<S, M>& ys, const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot,
-                        const mat<S, M>& w, const mat<S, M>& y) {
-  const long T = static_cast<long>(y.extent(0)), d = static_cast<long>(y.extent(1));
+void sum_slot_rows_packs(const Exec& space, const char* label, const mat<S, M>& src,
+                         const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& w, bool accumulate,
+                         const mat<S, M>& out) {
+  const long T = static_cast<long>(out.extent(0)), d = static_cast<long>(out.extent(1));
   const int k  = static_cast<int>(slot.extent(1));
-  const long ls = ys.stride(0), ly = y.stride(0);
-  const S* YS = ys.data();
-  S* Y        = y.data();
+  const long ls = src.stride(0), lo = out.stride(0);
+  const bool weighted = w.data() != nullptr;
+  const S* SRC = src.data();
+  S* O         = out.data();
   Kokkos::parallel_for(
-      "moka::combine", impl::row_major_2d(space, T, d / W), KOKKOS_LAMBDA(long t, long cw) {
+      label, impl::row_major_2d(space, T, d / W), KOKKOS_LAMBDA(long t, long cw) {
         Pack<S, W> acc;
-        for (int i = 0; i < W; ++i) acc.v[i] = 0;
+        if (accumulate) acc = load_pack<W>(O + t * lo + cw * W);
+        else
+          for (int i = 0; i < W; ++i) acc.v[i] = 0;
         for (int j = 0; j < k; ++j) {
           const int r = slot(t, j);
           if (r < 0) continue;
-          const S wt  = w(t, j);
-          const auto v = load_pack<W>(YS + r * ls + cw * W);
+          const S wt   = weighted ? w(t, j) : S(1);
+          const auto v = load_pack<W>(SRC + r * ls + cw * W);
           for (int i = 0; i < W; ++i) acc.v[i] += wt * v.v[i];
         }
-        store_pack<W>(Y + t * ly + cw * W, acc);
+        store_pack<W>(O + t * lo + cw * W, acc);
       });
+}
+
+template <class Exec, class S, class M>
+void sum_slot_rows(const Exec& space, const char* label, const mat<S, M>& src,
+                   const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& w, bool accumulate,
+                   const mat<S, M>& out) {
+  const long d = static_cast<long>(out.extent(1));
+  constexpr int W = pack_of<S>;
+  if (packs_fit(src, d, W) && packs_fit(out, d, W)) sum_slot_rows_packs<W>(space, label, src, slot, w, accumulate, out);
+  else sum_slot_rows_packs<1>(space, label, src, slot, w, accumulate, out);
 }
 
 /// y(t,:) = sum_j [slot >= 0] w(t,j) ys(slot(t,j),:), j in order (deterministic).
 template <class Exec, class S, class M>
 void combine_rows(const Exec& space, const mat<S, M>& ys, const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot,
                   const mat<S, M>& w, const mat<S, M>& y) {
-  const long d = static_cast<long>(y.extent(1));
-  constexpr int W = 16 / sizeof(S) > 1 ? int(16 / sizeof(S)) : 1;
-  if (packs_fit(ys, d, W) && packs_fit(y, d, W)) combine_rows_packs<W>(space, ys, slot, w, y);
-  else combine_rows_packs<1>(space, ys, slot, w, y);
+  sum_slot_rows(space, "moka::combine", ys, slot, w, false, y);
+}
+
+/// dx(t,:) += sum_j [slot >= 0] dxs(slot(t,j),:).
+template <class Exec, class S, class M>
+void scatter_add_rows(const Exec& space, const mat<S, M>& dxs, const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot,
+                      const mat<S, M>& dx) {
+  sum_slot_rows(space, "moka::undispatch", dxs, slot, mat<S, M>(), true, dx);
 }
 
 template <int W, class Exec, class S, class M>
@@ -407,7 +432,7 @@ void combine_backward(const Exec& space, const mat<S, M>& dy, const mat<S, M>& y
                       const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& score,
                       const mat<S, M>& dscore, const mat<S, M>& dys, const mat<bf16, M>& dys_b) {
   const long d = static_cast<long>(dy.extent(1));
-  constexpr int W = 16 / sizeof(S) > 1 ? int(16 / sizeof(S)) : 1;
+  constexpr int W = pack_of<S>;
   if (packs_fit(dy, d, W) && packs_fit(ys, d, W) && packs_fit(dys, d, W) && (!dys_b.data() || packs_fit(dys_b, d, W)))
     combine_backward_packs<W>(space, dy, ys, slot, score, dscore, dys, dys_b);
   else combine_backward_packs<1>(space, dy, ys, slot, score, dscore, dys, dys_b);
@@ -433,40 +458,9 @@ template <class Exec, class S, class M>
 void add_row_bias(const Exec& space, long rows, const mat<S, M>& y, const mat<S, M>& bias,
                   const Kokkos::View<int*, M>& row_group) {
   const long d = static_cast<long>(y.extent(1));
-  constexpr int W = 16 / sizeof(S) > 1 ? int(16 / sizeof(S)) : 1;
+  constexpr int W = pack_of<S>;
   if (packs_fit(y, d, W) && packs_fit(bias, d, W)) add_row_bias_packs<W>(space, rows, y, bias, row_group);
   else add_row_bias_packs<1>(space, rows, y, bias, row_group);
-}
-
-template <int W, class Exec, class S, class M>
-void scatter_add_rows_packs(const Exec& space, const mat<S, M>& dxs,
-                            const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& dx) {
-  const long T = static_cast<long>(dx.extent(0)), d = static_cast<long>(dx.extent(1));
-  const int k  = static_cast<int>(slot.extent(1));
-  const long ls = dxs.stride(0), lx = dx.stride(0);
-  const S* DXS = dxs.data();
-  S* DX        = dx.data();
-  Kokkos::parallel_for(
-      "moka::undispatch", impl::row_major_2d(space, T, d / W), KOKKOS_LAMBDA(long t, long cw) {
-        auto acc = load_pack<W>(DX + t * lx + cw * W);
-        for (int j = 0; j < k; ++j) {
-          const int r = slot(t, j);
-          if (r < 0) continue;
-          const auto v = load_pack<W>(DXS + r * ls + cw * W);
-          for (int i = 0; i < W; ++i) acc.v[i] += v.v[i];
-        }
-        store_pack<W>(DX + t * lx + cw * W, acc);
-      });
-}
-
-/// dx(t,:) += sum_j [slot >= 0] dxs(slot(t,j),:).
-template <class Exec, class S, class M>
-void scatter_add_rows(const Exec& space, const mat<S, M>& dxs, const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot,
-                      const mat<S, M>& dx) {
-  const long d = static_cast<long>(dx.extent(1));
-  constexpr int W = 16 / sizeof(S) > 1 ? int(16 / sizeof(S)) : 1;
-  if (packs_fit(dxs, d, W) && packs_fit(dx, d, W)) scatter_add_rows_packs<W>(space, dxs, slot, dx);
-  else scatter_add_rows_packs<1>(space, dxs, slot, dx);
 }
 
 // ----------------------------------------------- bf16 expert activation
