@@ -3,7 +3,8 @@
 # tests that guard the code they time: builds from the bundle, runs the bf16
 # layer tests, the device variants of the distributed and communicator tests
 # (1, 2 and 4 GPUs where present), the one-layer benchmark (plain and with
-# the stage breakdown), the token-exchange benchmark on every GPU, and a
+# the stage breakdown; erf GeLU, SwiGLU, and gelu_tanh with and without the
+# cuBLASLt epilogues), the token-exchange benchmark on every GPU, and a
 # bf16 quick-start training run on one GPU.
 #
 #   scripts/gpu-perf.sh [bundle] [log-dir]
@@ -12,10 +13,11 @@ source "$(dirname "${BASH_SOURCE[0]}")/gpu-env.sh"
 nvidia-smi --query-gpu=index,name --format=csv,noheader
 ngpu=$(nvidia-smi -L | wc -l)
 stamp "build (CUDA, sm_90)"
-# MOKA_PERF_LAYER_ONLY=1: only the one-layer benchmark (one GPU is enough).
+# MOKA_PERF_LAYER_ONLY=1: only the bf16 layer tests and the one-layer
+# benchmarks (one GPU is enough).
 layer_only=${MOKA_PERF_LAYER_ONLY:-0}
 targets="moka-train moka-bench test_moe_bf16 test_distributed test_comm"
-[ "$layer_only" = 1 ] && targets=moka-bench
+[ "$layer_only" = 1 ] && targets="moka-bench test_moe_bf16"
 cmake -S "$root" -B "$root/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CXX_COMPILER="$kokkos/bin/nvcc_wrapper" -DKokkos_ROOT="$kokkos" -DKokkosKernels_ROOT="$kokkos" \
   -DMOKA_ENABLE_NCCL=ON ${MOKA_CMAKE_ARGS:-} > "$logs/perf-build.log" 2>&1 &&
@@ -25,9 +27,9 @@ b="$root/build-gpu"
 fails=0
 check() { local name=$1; shift; stamp "$name"; if "$@" > "$logs/$name.txt" 2>&1; then echo "  passed"; else
   echo "  FAILED (exit $?)"; fails=$((fails + 1)); tail -30 "$logs/$name.txt"; fi; }
-if [ "$layer_only" != 1 ]; then
 check test_moe_bf16 "$b/tests/test_moe_bf16"
 grep "bf16 relative errors" "$logs/test_moe_bf16.txt"
+if [ "$layer_only" != 1 ]; then
 check test_distributed_device_np1 "$b/tests/test_distributed" --gtest_filter='*Device*'
 for n in 2 4; do
   [ "$ngpu" -ge "$n" ] || continue
@@ -41,6 +43,14 @@ stamp "one layer, issue-3 size (bf16)"
 grep -vE "^\s*$|WARNING|OMP_PROC_BIND|OpenMP" "$logs/bench-breakdown.txt" | tail -40
 stamp "one layer, issue-3 size, SwiGLU (d_ff_in = 2 d_ff)"
 "$b/drivers/moka-bench" "$root/input_decks/bench_layer.deck" expert.activation=swiglu 2>&1 | grep -E "layer|dense"
+for epi in true false; do
+  stamp "one layer, issue-3 size, gelu_tanh, expert.gemm_epilogue=$epi"
+  "$b/drivers/moka-bench" "$root/input_decks/bench_layer.deck" expert.activation=gelu_tanh expert.gemm_epilogue=$epi \
+    2>&1 | grep -E "layer|dense|activation:"
+done
+"$b/drivers/moka-bench" "$root/input_decks/bench_layer.deck" expert.activation=gelu_tanh bench.breakdown=true \
+  > "$logs/bench-breakdown-gelu_tanh.txt" 2>&1
+grep -E "expert_|activation|dispatch|combine|gate|undispatch|layer" "$logs/bench-breakdown-gelu_tanh.txt" | tail -24
 [ "$layer_only" = 1 ] && { stamp "done (layer only)"; exit 0; }
 if [ "$ngpu" -ge 2 ]; then
   stamp "token exchange vs NCCL all-to-all on $ngpu GPUs"

@@ -95,6 +95,11 @@ DeckSchema MoEConfig::schema() {
       .set_choices({"gelu", "gelu_tanh", "relu", "silu", "swiglu"})
       .set_doc("Expert activation; gelu is the erf form, swiglu the gated form silu(x W1a) * (x W1b).");
   s.add("expert.bias", DeckType::boolean).set_default("true").set_doc("Experts have biases b1, b2.");
+  s.add("expert.gemm_epilogue", DeckType::boolean)
+      .set_default("true")
+      .set_doc("bf16 on CUDA with gelu_tanh: b1 and the activation run in the up-projection GEMM's cuBLASLt "
+               "epilogue, the activation's gradient in the epilogue of the GEMM that forms dh; false: separate "
+               "kernels. Other activations and precisions always use the kernels.");
   s.add("gate.type", DeckType::string)
       .set_default("topk")
       .set_choices({"topk", "softmax", "noisy", "gshard", "switch", "zero", "trace"})
@@ -151,6 +156,7 @@ MoEConfig MoEConfig::from_deck(const InputDeck& deck) {
   c.top_k           = deck.get<int>("moe.top_k");
   c.activation      = activation_from_string(deck.get<std::string>("expert.activation"));
   c.expert_bias     = deck.get<bool>("expert.bias");
+  c.gemm_epilogue   = deck.get<bool>("expert.gemm_epilogue");
   c.gate            = gate_type_from_string(deck.get<std::string>("gate.type"));
   c.renormalize     = deck.get<bool>("gate.renormalize");
   c.capacity_factor = deck.get<double>("gate.capacity_factor");

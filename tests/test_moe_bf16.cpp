@@ -27,7 +27,14 @@ double rel_norm_err(const std::vector<double>& a, const std::vector<double>& b) 
 }  // namespace
 
 #ifdef MOKA_HAVE_CUDA
-class Bf16Cases : public ::testing::TestWithParam<std::pair<moka::GateType, moka::Activation>> {};
+struct Bf16Case {
+  moka::GateType gate;
+  moka::Activation act;
+  bool epilogue;  // expert.gemm_epilogue
+  bool fused;     // expected: b1 and the activation in cuBLASLt epilogues
+};
+
+class Bf16Cases : public ::testing::TestWithParam<Bf16Case> {};
 
 TEST_P(Bf16Cases, MatchesReferenceWithinBf16Tolerance) {
   moka::MoEConfig cfg;
@@ -35,19 +42,28 @@ TEST_P(Bf16Cases, MatchesReferenceWithinBf16Tolerance) {
   cfg.d_ff = 96;
   cfg.num_experts = 8;
   cfg.top_k = 2;
-  cfg.gate = GetParam().first;
-  cfg.activation = GetParam().second;
+  cfg.gate = GetParam().gate;
+  cfg.activation = GetParam().act;
+  cfg.gemm_epilogue = GetParam().epilogue;
   cfg.dropless = false;
   cfg.capacity_factor = 1.0;
   const int T = 512;
   std::mt19937_64 rng(11);
   moka::MoEConfig cfg16 = cfg;
   cfg16.bf16_compute = true;
-  moka::MoELayer<float, Kokkos::CudaSpace> L16(cfg16);
+  moka::MoELayer<float, Kokkos::CudaSpace> L16(cfg16), L16b(cfg16);
   moka::MoELayer<double, Kokkos::CudaSpace> L64(cfg);
+  ASSERT_EQ(L16.fused_epilogue(), GetParam().fused);
   L16.init_parameters(21);
+  L16b.init_parameters(21);
   L64.init_parameters(21);
-  const RefParams p = params_of(L64);
+  // Non-zero biases (init_parameters zeroes them), so b1 in the epilogue counts.
+  RefParams p = params_of(L64);
+  p.b1 = random_vec(p.b1.size(), rng, 0.5);
+  p.b2 = random_vec(p.b2.size(), rng, 0.5);
+  set_params(L64, p);
+  set_params(L16, p);
+  set_params(L16b, p);
   const auto x = random_vec(T * cfg.d_model, rng);
   const auto G = random_vec(T * cfg.d_model, rng);
   const auto r16 = run_layer(L16, T, x, G);
@@ -65,8 +81,10 @@ TEST_P(Bf16Cases, MatchesReferenceWithinBf16Tolerance) {
   const double ey = rel_norm_err(r16.y, y_ref);
   const double edx = rel_norm_err(r16.dx, r64.dx), ew1 = rel_norm_err(r16.dw1, r64.dw1);
   const double ew2 = rel_norm_err(r16.dw2, r64.dw2), ewg = rel_norm_err(r16.dwg, r64.dwg);
-  std::cout << "bf16 relative errors: y " << ey << ", dx " << edx << ", dW1 " << ew1 << ", dW2 " << ew2 << ", dWg "
-            << ewg << "\n";
+  const double eb1 = rel_norm_err(r16.db1, r64.db1), eb2 = rel_norm_err(r16.db2, r64.db2);
+  std::cout << "bf16 relative errors" << (L16.fused_epilogue() ? " (fused epilogues)" : "") << ": y " << ey << ", dx "
+            << edx << ", dW1 " << ew1 << ", db1 " << eb1 << ", dW2 " << ew2 << ", db2 " << eb2 << ", dWg " << ewg
+            << "\n";
   EXPECT_LT(ey, 1e-2);
   // ReLU's derivative is a step: bf16 rounding of pre-activations near zero
   // flips some of its mask entries, which moves dx and dW1 more (3.6e-2
@@ -74,16 +92,70 @@ TEST_P(Bf16Cases, MatchesReferenceWithinBf16Tolerance) {
   const double tol_w1 = cfg.activation == moka::Activation::relu ? 5e-2 : 2e-2;
   EXPECT_LT(edx, tol_w1);
   EXPECT_LT(ew1, tol_w1);
+  EXPECT_LT(eb1, tol_w1);
   EXPECT_LT(ew2, 2e-2);
+  EXPECT_LT(eb2, 2e-2);
   EXPECT_LT(ewg, 2e-2);
   EXPECT_GT(ey, 1e-6) << "suspiciously exact: are the GEMMs in bf16?";
+  // Deterministic: a second layer with the same parameters and draws gives
+  // bitwise the same outputs and gradients.
+  const auto r16b = run_layer(L16b, T, x, G);
+  EXPECT_EQ(r16.y, r16b.y);
+  EXPECT_EQ(r16.dx, r16b.dx);
+  EXPECT_EQ(r16.dw1, r16b.dw1);
+  EXPECT_EQ(r16.db1, r16b.db1);
+  EXPECT_EQ(r16.dw2, r16b.dw2);
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Gpu, Bf16Cases,
-    ::testing::Values(std::make_pair(moka::GateType::topk, moka::Activation::gelu_erf),
-                      std::make_pair(moka::GateType::softmax, moka::Activation::swiglu),
-                      std::make_pair(moka::GateType::gshard, moka::Activation::relu)));
+    ::testing::Values(Bf16Case{moka::GateType::topk, moka::Activation::gelu_erf, true, false},
+                      Bf16Case{moka::GateType::softmax, moka::Activation::swiglu, true, false},
+                      Bf16Case{moka::GateType::gshard, moka::Activation::relu, true, false},
+                      Bf16Case{moka::GateType::topk, moka::Activation::gelu_tanh, true, true},
+                      Bf16Case{moka::GateType::topk, moka::Activation::gelu_tanh, false, false}));
+
+/// The fused epilogues against the separate kernels on the same layer
+/// parameters: both are bf16 paths, so they agree to bf16 rounding (the
+/// epilogue rounds once, the kernels round the pre-activation first).
+TEST(Bf16, EpilogueMatchesKernels) {
+  {
+    const auto act = moka::Activation::gelu_tanh;
+    moka::MoEConfig cfg;
+    cfg.d_model = 64;
+    cfg.d_ff = 128;
+    cfg.num_experts = 4;
+    cfg.top_k = 2;
+    cfg.activation = act;
+    cfg.bf16_compute = true;
+    moka::MoEConfig cfg_k = cfg;
+    cfg_k.gemm_epilogue = false;
+    moka::MoELayer<float, Kokkos::CudaSpace> Lf(cfg), Lk(cfg_k);
+    ASSERT_TRUE(Lf.fused_epilogue());
+    ASSERT_FALSE(Lk.fused_epilogue());
+    Lf.init_parameters(5);
+    Lk.init_parameters(5);
+    std::mt19937_64 rng(3);
+    RefParams p = params_of(Lf);
+    p.b1 = random_vec(p.b1.size(), rng, 0.5);
+    set_params(Lf, p);
+    set_params(Lk, p);
+    const int T = 300;  // experts get uneven, odd row counts
+    const auto x = random_vec(T * cfg.d_model, rng);
+    const auto G = random_vec(T * cfg.d_model, rng);
+    const auto rf = run_layer(Lf, T, x, G);
+    const auto rk = run_layer(Lk, T, x, G);
+    ASSERT_EQ(rf.routing.idx, rk.routing.idx);
+    const double tol = 1e-2;
+    EXPECT_LT(rel_norm_err(rf.y, rk.y), 1e-2);
+    EXPECT_LT(rel_norm_err(rf.dx, rk.dx), tol);
+    EXPECT_LT(rel_norm_err(rf.dw1, rk.dw1), tol);
+    EXPECT_LT(rel_norm_err(rf.db1, rk.db1), tol);
+    EXPECT_LT(rel_norm_err(rf.dw2, rk.dw2), 1e-2);
+    // Not the same code path by accident.
+    EXPECT_NE(rf.y, rk.y);
+  }
+}
 
 TEST(Bf16, TrainingConverges) {
   auto deck = moka::InputDeck::parse_string(

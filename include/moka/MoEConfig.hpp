@@ -62,6 +62,7 @@ struct MoEConfig {
   bool bias_balance     = false;  ///< gate.bias_balance: DeepSeek-V3 auxiliary-loss-free bias
   double bias_update_rate = 1e-3; ///< gate.bias_update_rate
   bool bf16_compute = false;      ///< expert GEMMs in bf16 with fp32 accumulation (CUDA, float layers; train.precision = bf16)
+  bool gemm_epilogue = true;      ///< expert.gemm_epilogue: bf16 gelu_tanh fused into cuBLASLt epilogues
   std::string trace_file;         ///< gate.trace_file: HDF5 trace (trace gate)
   int trace_layer     = 0;        ///< gate.trace_layer: index on the trace's layer axis
   int trace_iteration = -1;       ///< gate.trace_iteration: row of the trace (-1: the last)

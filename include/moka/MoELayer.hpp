@@ -41,7 +41,7 @@
 #include <moka/impl/MoEKernels.hpp>
 #include <moka/ProcessGroups.hpp>
 #include <moka/Profiling.hpp>
-#include <moka/impl/MoEKernels.hpp>
+#include <moka/impl/CublasGemm.hpp>
 
 #include <cstdint>
 #include <memory>
@@ -97,6 +97,10 @@ class MoELayer {
   /// \brief bf16 copies of W1 and W2 used by the bf16 GEMMs (bf16_compute).
   const btensor3& bf16_w1() const { return m_w1_b; }
   const btensor3& bf16_w2() const { return m_w2_b; }
+  /// \brief Whether b1 and the activation (and the activation's gradient)
+  /// run in cuBLASLt GEMM epilogues (bf16 on CUDA, gelu_tanh, d_ff per rank
+  /// divisible by 8, expert.gemm_epilogue).
+  bool fused_epilogue() const { return m_fused; }
   /// \brief With \p on, forward uses the bf16 copies as they are instead of
   /// converting W1 and W2 at every forward: whoever changes the weights
   /// keeps the copies equal to bf16(W) (moka::Optimizer does, fused into its
@@ -178,6 +182,10 @@ class MoELayer {
   enum class Stage { up, down, down_backward, up_backward };
   void expert_gemm(const execution_space& space, Stage stage);
   void expert_gemm_bf16(const execution_space& space, Stage stage);
+#ifdef KOKKOS_ENABLE_CUDA
+  /// The fused epilogue of expert \p e's up GEMM (forward) or dh GEMM, whose rows start at \p row0.
+  impl::GemmEpilogue epilogue(bool forward, int e, long row0) const;
+#endif
   void prepare_bf16_forward(const execution_space& space);
   void gate_forward(const execution_space& space, const matrix& x);
   void gate_backward(const execution_space& space, const matrix& dscore, const matrix& dx);
@@ -203,6 +211,12 @@ class MoELayer {
   // elementwise kernels around them move half the bytes of fp32.
   bmatrix m_xs_b, m_hpre_b, m_h_b, m_dys_b, m_dh_b, m_dhpre_b;
   btensor3 m_w1_b, m_w2_b;                     // bf16 copies of the expert weights
+  // Fused epilogues (bf16, gelu_tanh, expert.gemm_epilogue): b1 in bf16
+  // and cuBLASLt's workspace; the GELU input (b1 included) is kept in
+  // m_hpre_b.
+  bool m_fused = false;
+  bmatrix m_b1_b;
+  Kokkos::View<char*, MemorySpace> m_lt_work;
   Kokkos::View<Scalar*, MemorySpace> m_rr, m_sel_bias, m_bal_grad, m_imp_grad, m_load_grad;
   index_vector m_trace_cum;
   std::vector<long> m_trace_counts;
