@@ -267,9 +267,10 @@ int run_exchange(const moka::InputDeck& deck, int rank, int size) {
       std::printf("  %10.1f %12.3f %12.1f %12.3f %12.3f %12.1f %7.0f%%\n", sent / 1048576.0, t_ex * 1e3, bw_ex,
                   t_ex * 5e2, t_ref * 1e3, bw_ref, 100.0 * bw_ex / bw_ref);
     if (rank == 0)
-      std::printf("  %10s (counts and plan %.3f ms, rows there %.3f ms, back %.3f ms; slowest rank each; one "
-                  "send/recv per peer, same bytes: %.3f ms)\n",
-                  "", parts[0] * 1e3, parts[1] * 1e3, parts[2] * 1e3, t_p2p * 1e3);
+      std::printf("  %10s (%s; counts and plan %.3f ms, rows there %.3f ms, back %.3f ms; slowest rank each; "
+                  "one send/recv per peer, same bytes: %.3f ms)\n",
+                  "", layer.exchange_coalesced() ? "one message per peer + reorder" : "one message per block",
+                  parts[0] * 1e3, parts[1] * 1e3, parts[2] * 1e3, t_p2p * 1e3);
   }
   return 0;
 }

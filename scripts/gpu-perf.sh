@@ -56,6 +56,12 @@ if [ "$ngpu" -ge 2 ]; then
   stamp "token exchange vs NCCL all-to-all on $ngpu GPUs"
   mpirun -n "$ngpu" "$b/drivers/moka-bench" "$root/input_decks/bench_exchange.deck" > "$logs/exchange-np$ngpu.txt" 2>&1
   grep -vE "^\s*$|WARNING|OMP_PROC_BIND|OpenMP" "$logs/exchange-np$ngpu.txt" | tail -24
+  for mb in 0 1024; do
+    stamp "token exchange, comm.exchange_coalesce_mb=$mb"
+    mpirun -n "$ngpu" "$b/drivers/moka-bench" "$root/input_decks/bench_exchange.deck" comm.exchange_coalesce_mb=$mb \
+      > "$logs/exchange-np$ngpu-coalesce$mb.txt" 2>&1
+    grep -vE "^\s*$|WARNING|OMP_PROC_BIND|OpenMP" "$logs/exchange-np$ngpu-coalesce$mb.txt" | tail -18
+  done
 fi
 stamp "quick start on one GPU, bf16"
 "$b/drivers/moka-train" "$root/input_decks/quickstart.deck" train.precision=bf16 io.metrics_file=none 2>&1 |

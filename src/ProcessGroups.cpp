@@ -22,6 +22,10 @@ DeckSchema ParallelConfig::schema() {
                "auto: nccl on CUDA builds when every rank has its own GPU, mpi otherwise.");
   s.add("comm.bucket_mb", DeckType::real).set_default("32").set_min(0.001)
       .set_doc("Gradients are all-reduced in coalesced buckets of about this many MB per group.");
+  s.add("comm.exchange_coalesce_mb", DeckType::real).set_default("16").set_min(0)
+      .set_doc("Token exchange: when no rank sends more than this many MB, the rows go as one message per peer "
+               "and are put in (local expert, source rank) order on the device (one copy); above it, as one "
+               "message per (peer, local expert) block, straight to their place. 0: always blocks.");
   return s;
 }
 
@@ -32,6 +36,7 @@ ParallelConfig ParallelConfig::from_deck(const InputDeck& deck) {
   c.expert_slicing       = static_cast<int>(deck.get<long>("parallel.expert_slicing"));
   c.backend              = deck.get<std::string>("comm.backend");
   c.bucket_mb            = deck.get<double>("comm.bucket_mb");
+  c.exchange_coalesce_mb = deck.get<double>("comm.exchange_coalesce_mb");
   return c;
 }
 

@@ -263,8 +263,10 @@ void check_layer(const Layout& lay, const std::shared_ptr<moka::ProcessGroups>& 
   }
 }
 
+/// \p coalesce_mb: comm.exchange_coalesce_mb (the test's payloads are tiny:
+/// the default sends one message per peer, 0 one per (peer, local expert)).
 template <class M>
-void check_all_layouts(const std::string& backend) {
+void check_all_layouts(const std::string& backend, double coalesce_mb) {
   const moka::MoEConfig base = base_config();
   const bool device = !Kokkos::SpaceAccessibility<Kokkos::HostSpace, M>::accessible;
   for (const Layout& lay : layouts(base.num_experts, base.d_ff)) {
@@ -273,8 +275,11 @@ void check_all_layouts(const std::string& backend) {
     pc.expert_parallel = lay.ep;
     pc.expert_slicing  = lay.slice;
     pc.backend         = backend;
+    pc.exchange_coalesce_mb = coalesce_mb;
     auto groups = std::make_shared<moka::ProcessGroups>(MPI_COMM_WORLD, pc, base.num_experts, base.d_ff, device);
-    if (world_rank() == 0) std::cout << "layout " << groups->describe() << "\n";
+    if (world_rank() == 0)
+      std::cout << "layout " << groups->describe() << (coalesce_mb > 0 ? ", one message per peer" : ", blocks")
+                << "\n";
     for (const auto& gc : gate_cases()) {
       moka::MoEConfig cfg = base;
       gc.set(cfg);
@@ -292,13 +297,16 @@ void check_all_layouts(const std::string& backend) {
 
 }  // namespace
 
-TEST(Distributed, LayerEqualsOneRankHost) { check_all_layouts<Kokkos::HostSpace>("mpi"); }
+TEST(Distributed, LayerEqualsOneRankHost) { check_all_layouts<Kokkos::HostSpace>("mpi", 32); }
+TEST(Distributed, LayerEqualsOneRankHostBlocks) { check_all_layouts<Kokkos::HostSpace>("mpi", 0); }
 
 #ifdef KOKKOS_ENABLE_CUDA
 // Device builds only (a host-only build has no second memory space to test).
 TEST(Distributed, LayerEqualsOneRankDevice) {
-  check_all_layouts<moka::memory_space>("auto");  // NCCL where every rank has a GPU
-  check_all_layouts<moka::memory_space>("mpi");   // device data staged through host buffers
+  for (double mb : {32.0, 0.0}) {
+    check_all_layouts<moka::memory_space>("auto", mb);  // NCCL where every rank has a GPU
+    check_all_layouts<moka::memory_space>("mpi", mb);   // device data staged through host buffers
+  }
 }
 #endif
 

@@ -101,6 +101,9 @@ class MoELayer {
   /// run in cuBLASLt GEMM epilogues (bf16 on CUDA, gelu_tanh, d_ff per rank
   /// divisible by 8, expert.gemm_epilogue).
   bool fused_epilogue() const { return m_fused; }
+  /// \brief Whether the last forward's EP exchange sent one message per
+  /// peer through the staging buffer (comm.exchange_coalesce_mb).
+  bool exchange_coalesced() const { return m_coalesce; }
   /// \brief With \p on, forward uses the bf16 copies as they are instead of
   /// converting W1 and W2 at every forward: whoever changes the weights
   /// keeps the copies equal to bf16(W) (moka::Optimizer does, fused into its
@@ -238,6 +241,14 @@ class MoELayer {
   // them), slice gather (send, recv; back sends recv's blocks) and the
   // slice partials' landing places.
   std::vector<Communicator::Block> m_ep_send, m_ep_recv, m_sl_send, m_sl_recv, m_sl_back;
+  // Coalesced EP exchange (no rank sends more than comm.exchange_coalesce_mb):
+  // one message per peer through m_stage (rows in (source rank, local
+  // expert) order), moved to (local expert, source rank) order by the
+  // segments [3 P L]: (staging row, expert-side row, rows) each. The
+  // segments and m_e_offsets are parts of m_plan_dev (one upload).
+  bool m_coalesce = false;
+  matrix m_stage;
+  index_vector m_plan_dev, m_segments;
   std::vector<long> m_ep_off;              // [L + 1]: expert offsets after the EP exchange
   std::vector<long> m_e_off;               // [L + 1]: expert-side offsets (after slicing)
   long m_rows_ep = 0, m_rows_e = 0;

@@ -681,6 +681,42 @@ void expert_column_sums_bf16(const Exec& space, const mat<bf16, M>& src, const K
 }
 
 // ------------------------------------------------------------- exchange
+/// Rows between a staging buffer and the expert side, by segments seg[3 i
+/// .. 3 i + 2] = (staging row, expert row, rows), i < nseg, whose staging
+/// rows are increasing and cover [0, rows): expert(e + j,:) = stage(s + j,:)
+/// when \p to_expert, else stage(s + j,:) = expert(e + j,:). One thread per
+/// (staging row, W columns); the segment by binary search.
+template <int W, class Exec, class S, class M>
+void move_segments_packs(const Exec& space, bool to_expert, long rows, const Kokkos::View<int*, M>& seg, int nseg,
+                         const mat<S, M>& stage, const mat<S, M>& expert) {
+  const long d = static_cast<long>(stage.extent(1)), ls = stage.stride(0), le = expert.stride(0);
+  S* A = stage.data();
+  S* B = expert.data();
+  Kokkos::parallel_for(
+      "moka::exchange_reorder", impl::row_major_2d(space, rows, d / W), KOKKOS_LAMBDA(long r, long cw) {
+        int lo = 0, hi = nseg - 1;  // the last segment starting at or before r
+        while (lo < hi) {
+          const int mid = (lo + hi + 1) / 2;
+          if (seg(3 * mid) <= r) lo = mid;
+          else hi = mid - 1;
+        }
+        const long e = seg(3 * lo + 1) + (r - long(seg(3 * lo)));
+        if (to_expert) store_pack<W>(B + e * le + cw * W, load_pack<W>(A + r * ls + cw * W));
+        else store_pack<W>(A + r * ls + cw * W, load_pack<W>(B + e * le + cw * W));
+      });
+}
+
+template <class Exec, class S, class M>
+void move_segments(const Exec& space, bool to_expert, long rows, const Kokkos::View<int*, M>& seg, int nseg,
+                   const mat<S, M>& stage, const mat<S, M>& expert) {
+  if (rows == 0) return;
+  const long d = static_cast<long>(stage.extent(1));
+  constexpr int W = pack_of<S>;
+  if (packs_fit(stage, d, W) && packs_fit(expert, d, W))
+    move_segments_packs<W>(space, to_expert, rows, seg, nseg, stage, expert);
+  else move_segments_packs<1>(space, to_expert, rows, seg, nseg, stage, expert);
+}
+
 /// dst(r,:) = sum over p < parts of src(p rows + r,:), in order of p.
 template <class Exec, class S, class M>
 void sum_parts(const Exec& space, const mat<S, M>& src, const mat<S, M>& dst, long rows, int parts) {

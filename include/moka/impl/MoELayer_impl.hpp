@@ -6,6 +6,7 @@
 #include <moka/impl/GateKernels.hpp>
 #include <moka/impl/Init.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <optional>
@@ -63,7 +64,14 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr
       m_params(config, "moka::moe::", m_L, m_S),
       m_grads(config, "moka::moe::grad_", m_L, m_S) {
   m_exchange = m_groups && (m_groups->ep_size() > 1 || m_groups->slice_size() > 1);
-  m_e_offsets = index_vector("moka::moe::expert_offsets", m_L + 1);
+  {
+    // The expert-side offsets and the coalesced exchange's segments share
+    // one allocation, so each forward uploads its plan in one copy.
+    const int P = m_groups ? m_groups->ep_size() : 1;
+    m_plan_dev  = index_vector("moka::moe::exchange_plan", (m_L + 1) + 3 * P * m_L);
+    m_e_offsets = Kokkos::subview(m_plan_dev, std::make_pair(0, m_L + 1));
+    m_segments  = Kokkos::subview(m_plan_dev, std::make_pair(m_L + 1, m_L + 1 + 3 * P * m_L));
+  }
   m_counts    = index_vector("moka::moe::counts", config.num_experts);
   m_offsets   = index_vector("moka::moe::offsets", config.num_experts + 1);
   m_sel_bias  = Kokkos::View<Scalar*, MemorySpace>("moka::moe::selection_bias", config.num_experts);
@@ -261,18 +269,60 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
   // expert l land at (local expert l, source rank p).
   const int P = m_groups ? m_groups->ep_size() : 1;
   m_ep_counts.assign(std::size_t(P) * L, 0);
-  if (P > 1) m_groups->ep().alltoall_counts(cnt.data(), m_ep_counts.data(), L);
-  else m_ep_counts = cnt;
+  m_coalesce = false;
+  if (P > 1) {
+    // With the L counts each peer also gets this rank's total, so every
+    // rank sees every rank's total and all decide alike on coalescing.
+    std::vector<long> out(std::size_t(P) * (L + 1)), in(std::size_t(P) * (L + 1));
+    const long total = std::accumulate(cnt.begin(), cnt.end(), 0L);
+    for (int p = 0; p < P; ++p) {
+      std::copy(cnt.begin() + p * L, cnt.begin() + (p + 1) * L, out.begin() + p * (L + 1));
+      out[p * (L + 1) + L] = total;
+    }
+    m_groups->ep().alltoall_counts(out.data(), in.data(), L + 1);
+    long most = 0;
+    for (int p = 0; p < P; ++p) {
+      std::copy(in.begin() + p * (L + 1), in.begin() + p * (L + 1) + L, m_ep_counts.begin() + p * L);
+      most = std::max(most, in[p * (L + 1) + L]);
+    }
+    // One block per peer already when L = 1.
+    m_coalesce = L > 1 && double(most) * d * sizeof(Scalar) <= m_groups->config().exchange_coalesce_mb * 1048576.0;
+  } else {
+    m_ep_counts = cnt;
+  }
   std::vector<long> ep_at;
   impl::expert_major(m_ep_counts, P, L, m_ep_off, ep_at);
   m_rows_ep = m_ep_off[L];
   m_ep_send.clear();
   m_ep_recv.clear();
-  for (int p = 0; p < P; ++p)
-    for (int l = 0; l < L; ++l) {
-      m_ep_send.push_back({p, m_h_offsets[p * L + l] * d, cnt[p * L + l] * d});
-      m_ep_recv.push_back({p, ep_at[p * L + l] * d, m_ep_counts[p * L + l] * d});
+  // Host copy of the plan: expert-side offsets [L + 1], then segments.
+  auto plan = Kokkos::create_mirror_view(m_plan_dev);
+  if (m_coalesce) {
+    // Peer p's rows are contiguous on the sending side ((destination rank,
+    // local expert) order); they land in the staging buffer at srow.
+    int* seg  = plan.data() + L + 1;
+    long srow = 0;
+    for (int p = 0; p < P; ++p) {
+      long sent = 0, got = 0;
+      for (int l = 0; l < L; ++l) {
+        const long n = m_ep_counts[p * L + l];
+        seg[3 * (p * L + l)]     = static_cast<int>(srow + got);
+        seg[3 * (p * L + l) + 1] = static_cast<int>(ep_at[p * L + l]);
+        seg[3 * (p * L + l) + 2] = static_cast<int>(n);
+        sent += cnt[p * L + l];
+        got += n;
+      }
+      m_ep_send.push_back({p, long(m_h_offsets[p * L]) * d, sent * d});
+      m_ep_recv.push_back({p, srow * d, got * d});
+      srow += got;
     }
+  } else {
+    for (int p = 0; p < P; ++p)
+      for (int l = 0; l < L; ++l) {
+        m_ep_send.push_back({p, m_h_offsets[p * L + l] * d, cnt[p * L + l] * d});
+        m_ep_recv.push_back({p, ep_at[p * L + l] * d, m_ep_counts[p * L + l] * d});
+      }
+  }
   // Slice stage: every slice peer's rows per local expert, gathered at
   // (local expert, slice peer); partial outputs come back to
   // (slice peer, this rank's rows).
@@ -294,9 +344,8 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
       m_sl_recv.push_back({s, sl_at[s * L + l] * d, m_sl_counts[s * L + l] * d});
       m_sl_back.push_back({s, (s * m_rows_ep + m_ep_off[l]) * d, mine[l] * d});
     }
-  auto h = Kokkos::create_mirror_view(m_e_offsets);
-  for (int l = 0; l <= L; ++l) h(l) = static_cast<int>(m_e_off[l]);
-  Kokkos::deep_copy(space, m_e_offsets, h);
+  for (int l = 0; l <= L; ++l) plan(l) = static_cast<int>(m_e_off[l]);
+  Kokkos::deep_copy(space, m_plan_dev, plan);
   space.fence();
 }
 
@@ -314,7 +363,13 @@ typename MoELayer<Scalar, MemorySpace>::matrix MoELayer<Scalar, MemorySpace>::ex
   if (P > 1) {
     matrix& out = S > 1 ? m_buf_b : buf;
     impl::grow_rows(out, m_rows_ep, d, S > 1 ? "exchange_b" : "expert_rows");
-    m_groups->ep().alltoallv_blocks(space, dispatch.data(), m_ep_send, out.data(), m_ep_recv, type, mem);
+    if (m_coalesce) {
+      impl::grow_rows(m_stage, m_rows_ep, d, "exchange_stage");
+      m_groups->ep().alltoallv_blocks(space, dispatch.data(), m_ep_send, m_stage.data(), m_ep_recv, type, mem);
+      impl::move_segments(space, true, m_rows_ep, m_segments, P * m_L, m_stage, out);
+    } else {
+      m_groups->ep().alltoallv_blocks(space, dispatch.data(), m_ep_send, out.data(), m_ep_recv, type, mem);
+    }
     ep_rows = out;
   }
   if (S == 1) return ep_rows;
@@ -346,9 +401,16 @@ typename MoELayer<Scalar, MemorySpace>::matrix MoELayer<Scalar, MemorySpace>::ex
     ep_rows = sum;
   }
   if (P == 1) return ep_rows;
-  // (local expert, source rank) blocks back to their ranks, in dispatch order.
+  // (local expert, source rank) blocks back to their ranks, in dispatch
+  // order (coalesced: gathered per peer into the staging buffer first).
   impl::grow_rows(buf, m_rows, d, "dispatch_rows");
-  m_groups->ep().alltoallv_blocks(space, ep_rows.data(), m_ep_recv, buf.data(), m_ep_send, type, mem);
+  if (m_coalesce) {
+    impl::grow_rows(m_stage, m_rows_ep, d, "exchange_stage");
+    impl::move_segments(space, false, m_rows_ep, m_segments, P * m_L, m_stage, ep_rows);
+    m_groups->ep().alltoallv_blocks(space, m_stage.data(), m_ep_recv, buf.data(), m_ep_send, type, mem);
+  } else {
+    m_groups->ep().alltoallv_blocks(space, ep_rows.data(), m_ep_recv, buf.data(), m_ep_send, type, mem);
+  }
   return buf;
 }
 
