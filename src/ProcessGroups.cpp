@@ -22,10 +22,11 @@ DeckSchema ParallelConfig::schema() {
                "auto: nccl on CUDA builds when every rank has its own GPU, mpi otherwise.");
   s.add("comm.bucket_mb", DeckType::real).set_default("32").set_min(0.001)
       .set_doc("Gradients are all-reduced in coalesced buckets of about this many MB per group.");
-  s.add("comm.exchange_coalesce_mb", DeckType::real).set_default("16").set_min(0)
-      .set_doc("Token exchange: when no rank sends more than this many MB, the rows go as one message per peer "
-               "and are put in (local expert, source rank) order on the device (one copy); above it, as one "
-               "message per (peer, local expert) block, straight to their place. 0: always blocks.");
+  s.add("comm.exchange_coalesce_mb", DeckType::real).set_default("8").set_min(0)
+      .set_doc("Token exchange with L > 1 local experts per rank: when no rank sends more than (L - 1) times this "
+               "many MB, the rows go as one message per peer and one device pass puts them in (local expert, "
+               "source rank) order; above it, as one message per (peer, local expert) block, straight to their "
+               "place. 0: always blocks.");
   return s;
 }
 

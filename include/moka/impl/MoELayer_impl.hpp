@@ -285,8 +285,11 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
       std::copy(in.begin() + p * (L + 1), in.begin() + p * (L + 1) + L, m_ep_counts.begin() + p * L);
       most = std::max(most, in[p * (L + 1) + L]);
     }
-    // One block per peer already when L = 1.
-    m_coalesce = L > 1 && double(most) * d * sizeof(Scalar) <= m_groups->config().exchange_coalesce_mb * 1048576.0;
+    // Blocks cost a fixed time per extra message to a peer (L - 1 of
+    // them), the staging pass a time per byte: coalesce up to
+    // (L - 1) x comm.exchange_coalesce_mb. One block per peer already when L = 1.
+    const double limit = (L - 1) * m_groups->config().exchange_coalesce_mb * 1048576.0;
+    m_coalesce = L > 1 && double(most) * d * sizeof(Scalar) <= limit;
   } else {
     m_ep_counts = cnt;
   }
