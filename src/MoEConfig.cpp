@@ -97,9 +97,9 @@ DeckSchema MoEConfig::schema() {
   s.add("expert.bias", DeckType::boolean).set_default("true").set_doc("Experts have biases b1, b2.");
   s.add("expert.gemm_epilogue", DeckType::boolean)
       .set_default("true")
-      .set_doc("bf16 on CUDA with gelu_tanh: b1 and the activation run in the up-projection GEMM's cuBLASLt "
-               "epilogue, the activation's gradient in the epilogue of the GEMM that forms dh; false: separate "
-               "kernels. Other activations and precisions always use the kernels.");
+      .set_doc("bf16 on CUDA with gelu_tanh and expert biases: b1 and the activation run in the up-projection "
+               "GEMM's cuBLASLt epilogue, the activation's gradient in the epilogue of the GEMM that forms dh; "
+               "false: separate kernels. Other activations and precisions always use the kernels.");
   s.add("gate.type", DeckType::string)
       .set_default("topk")
       .set_choices({"topk", "softmax", "noisy", "gshard", "switch", "zero", "trace"})

@@ -98,8 +98,8 @@ class MoELayer {
   const btensor3& bf16_w1() const { return m_w1_b; }
   const btensor3& bf16_w2() const { return m_w2_b; }
   /// \brief Whether b1 and the activation (and the activation's gradient)
-  /// run in cuBLASLt GEMM epilogues (bf16 on CUDA, gelu_tanh, d_ff per rank
-  /// divisible by 8, expert.gemm_epilogue).
+  /// run in cuBLASLt GEMM epilogues (bf16 on CUDA, gelu_tanh, expert
+  /// biases, d_ff per rank divisible by 8, expert.gemm_epilogue).
   bool fused_epilogue() const { return m_fused; }
   /// \brief Whether the last forward's EP exchange sent one message per
   /// peer through the staging buffer (comm.exchange_coalesce_mb).

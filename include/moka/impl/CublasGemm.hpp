@@ -2,8 +2,8 @@
 /// \file CublasGemm.hpp
 /// \brief The cuBLAS backend of MoKA's GEMMs (CUDA builds only): bf16
 /// operands, fp32 accumulation, on the stream of an execution space
-/// instance; plain GEMMs through cuBLAS, GEMMs with a fused bias and
-/// activation (and their gradients) through cuBLASLt epilogues. Row-major
+/// instance; plain GEMMs through cuBLAS, GEMMs with a fused bias and GELU
+/// (or the GELU's gradient) through cuBLASLt epilogues. Row-major
 /// views of the caller are mapped onto cuBLAS's column-major convention
 /// here, so no caller sees cuBLAS types.
 

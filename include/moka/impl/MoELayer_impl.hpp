@@ -94,9 +94,12 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr
     // cuBLASLt's aux matrix needs a leading dimension divisible by 8. ReLU
     // is not fused: its mask epilogues (RELU_AUX_BIAS, DRELU) made the
     // layer slower on an H100 (14.7 ms against 12.7 ms with the kernels).
-    m_fused = config.gemm_epilogue && m_dffl % 8 == 0 && config.activation == Activation::gelu_tanh;
+    // Experts without biases keep the kernels too: the bias-less epilogue
+    // (GELU_AUX) has not been checked on a GPU.
+    m_fused = config.gemm_epilogue && config.expert_bias && m_dffl % 8 == 0 &&
+              config.activation == Activation::gelu_tanh;
     if (m_fused) {
-      if (config.expert_bias) m_b1_b = bmatrix("moka::moe::b1_bf16", m_L, m_dfil);
+      m_b1_b    = bmatrix("moka::moe::b1_bf16", m_L, m_dfil);
       m_lt_work = Kokkos::View<char*, MemorySpace>("moka::moe::cublaslt_workspace", std::size_t(32) << 20);
     }
   }
@@ -593,9 +596,8 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   expert_gemm(space, Stage::down_backward);
   stage.emplace("moka::MoELayer::activation_backward");
   if (m_fused) {
-    if (m_cfg.expert_bias)
-      impl::expert_column_sums_bf16(space, m_dhpre_b, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work,
-                                    m_grads.b1);
+    impl::expert_column_sums_bf16(space, m_dhpre_b, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work,
+                                  m_grads.b1);
   } else if (bf16) {
     // Fused with the first pass of the b1 gradient (the same chunks and
     // order as expert_column_sums).
@@ -682,7 +684,7 @@ void MoELayer<Scalar, MemorySpace>::prepare_bf16_forward(const execution_space& 
     impl::convert_to_bf16(space, "moka::w1_to_bf16", m_params.w1.data(), m_w1_b.data(), m_w1_b.size());
     impl::convert_to_bf16(space, "moka::w2_to_bf16", m_params.w2.data(), m_w2_b.data(), m_w2_b.size());
   }
-  if (m_fused && m_cfg.expert_bias)
+  if (m_fused)
     impl::convert_to_bf16(space, "moka::b1_to_bf16", m_params.b1.data(), m_b1_b.data(), m_b1_b.size());
   if (m_exchange)
     impl::convert_to_bf16(space, "moka::xs_to_bf16", m_xe.data(), m_xs_b.data(),
@@ -694,7 +696,7 @@ template <class Scalar, class MemorySpace>
 impl::GemmEpilogue MoELayer<Scalar, MemorySpace>::epilogue(bool forward, int e, long row0) const {
   impl::GemmEpilogue ep;
   ep.forward = forward;
-  if (forward && m_cfg.expert_bias) ep.bias = m_b1_b.data() + std::size_t(e) * m_dfil;
+  if (forward) ep.bias = m_b1_b.data() + std::size_t(e) * m_dfil;
   ep.aux    = m_hpre_b.data() + row0 * m_dfil;
   ep.aux_ld = m_dfil;
   return ep;
