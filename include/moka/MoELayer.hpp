@@ -102,7 +102,8 @@ class MoELayer {
   /// biases, d_ff per rank divisible by 8, expert.gemm_epilogue).
   bool fused_epilogue() const { return m_fused; }
   /// \brief Whether the last forward's EP exchange sent one message per
-  /// peer through the staging buffer (comm.exchange_coalesce_mb).
+  /// peer through the staging buffer (no rank sent more than (L - 1) x
+  /// comm.exchange_coalesce_mb, L local experts).
   bool exchange_coalesced() const { return m_coalesce; }
   /// \brief With \p on, forward uses the bf16 copies as they are instead of
   /// converting W1 and W2 at every forward: whoever changes the weights
@@ -214,7 +215,7 @@ class MoELayer {
   // elementwise kernels around them move half the bytes of fp32.
   bmatrix m_xs_b, m_hpre_b, m_h_b, m_dys_b, m_dh_b, m_dhpre_b;
   btensor3 m_w1_b, m_w2_b;                     // bf16 copies of the expert weights
-  // Fused epilogues (bf16, gelu_tanh, expert.gemm_epilogue): b1 in bf16
+  // Fused epilogues (bf16, gelu_tanh, expert biases, expert.gemm_epilogue): b1 in bf16
   // and cuBLASLt's workspace; the GELU input (b1 included) is kept in
   // m_hpre_b.
   bool m_fused = false;
@@ -241,7 +242,7 @@ class MoELayer {
   // them), slice gather (send, recv; back sends recv's blocks) and the
   // slice partials' landing places.
   std::vector<Communicator::Block> m_ep_send, m_ep_recv, m_sl_send, m_sl_recv, m_sl_back;
-  // Coalesced EP exchange (no rank sends more than comm.exchange_coalesce_mb):
+  // Coalesced EP exchange (no rank sends more than (L - 1) x comm.exchange_coalesce_mb):
   // one message per peer through m_stage (rows in (source rank, local
   // expert) order), moved to (local expert, source rank) order by the
   // segments [3 P L]: (staging row, expert-side row, rows) each. The
