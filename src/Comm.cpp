@@ -145,20 +145,17 @@ class MpiCommunicator final : public Communicator {
     // Messages between a pair are non-overtaking: blocks match in list order.
     std::vector<MPI_Request> req;
     req.reserve(sends.size() + recvs.size());
-    for (const auto& b : recvs) {
-      if (b.count == 0) continue;
-      req.emplace_back();
-      check_mpi(MPI_Irecv(rb + b.offset * es, to_int(b.count, "block count"), mpi_type(type), b.peer, 7002, m_comm,
-                          &req.back()),
-                "MPI_Irecv");
-    }
-    for (const auto& b : sends) {
-      if (b.count == 0) continue;
-      req.emplace_back();
-      check_mpi(MPI_Isend(sb + b.offset * es, to_int(b.count, "block count"), mpi_type(type), b.peer, 7002, m_comm,
-                          &req.back()),
-                "MPI_Isend");
-    }
+    const bool receive = true;
+    for (bool dir : {receive, !receive})
+      for (const auto& b : dir == receive ? recvs : sends) {
+        if (b.count == 0) continue;
+        req.emplace_back();
+        const int n = to_int(b.count, "block count");
+        if (dir == receive)
+          check_mpi(MPI_Irecv(rb + b.offset * es, n, mpi_type(type), b.peer, 7002, m_comm, &req.back()), "MPI_Irecv");
+        else
+          check_mpi(MPI_Isend(sb + b.offset * es, n, mpi_type(type), b.peer, 7002, m_comm, &req.back()), "MPI_Isend");
+      }
     check_mpi(MPI_Waitall(static_cast<int>(req.size()), req.data(), MPI_STATUSES_IGNORE), "MPI_Waitall");
     if (staged(mem)) {
       // Only the received blocks: the rest of recv keeps its contents.
