@@ -22,11 +22,12 @@ DeckSchema ParallelConfig::schema() {
                "auto: nccl on CUDA builds when every rank has its own GPU, mpi otherwise.");
   s.add("comm.bucket_mb", DeckType::real).set_default("32").set_min(0.001)
       .set_doc("Gradients are all-reduced in coalesced buckets of about this many MB per group.");
-  s.add("comm.exchange_coalesce_mb", DeckType::real).set_default("8").set_min(0)
+  s.add("comm.exchange_coalesce_mb", DeckType::real).set_default("-1").set_min(-1)
       .set_doc("Token exchange with L > 1 local experts per rank: when no rank sends more than (L - 1) times this "
                "many MB, the rows go as one message per peer and one device pass puts them in (local expert, "
                "source rank) order; above it, as one message per (peer, local expert) block, straight to their "
-               "place. 0: always blocks.");
+               "place. 0: always blocks; -1: 8 with NCCL, 0 with MPI (an MPI message costs little, a copy on the "
+               "host much).");
   return s;
 }
 

@@ -264,7 +264,7 @@ void check_layer(const Layout& lay, const std::shared_ptr<moka::ProcessGroups>& 
 }
 
 /// \p coalesce_mb: comm.exchange_coalesce_mb (the test's payloads are tiny:
-/// the default sends one message per peer, 0 one per (peer, local expert)).
+/// 32 sends one message per peer, 0 one per (peer, local expert)).
 template <class M>
 void check_all_layouts(const std::string& backend, double coalesce_mb) {
   const moka::MoEConfig base = base_config();

@@ -36,7 +36,9 @@ struct ParallelConfig {
   int expert_slicing       = 1;       ///< parallel.expert_slicing: S
   std::string backend      = "auto";  ///< comm.backend: auto, mpi or nccl
   double bucket_mb         = 32;      ///< comm.bucket_mb: gradient all-reduce bucket size
-  double exchange_coalesce_mb = 8;    ///< comm.exchange_coalesce_mb: one message per peer up to (L - 1) x this
+  /// comm.exchange_coalesce_mb: one message per peer up to (L - 1) x this;
+  /// negative: 8 with NCCL, 0 (always blocks) with MPI.
+  double exchange_coalesce_mb = -1;
 
   /// \brief Throws moka::Error naming the first inconsistency with a world of
   /// \p world ranks and experts of the given shape.

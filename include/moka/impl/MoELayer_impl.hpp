@@ -291,7 +291,9 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
     // Blocks cost a fixed time per extra message to a peer (L - 1 of
     // them), the staging pass a time per byte: coalesce up to
     // (L - 1) x comm.exchange_coalesce_mb. One block per peer already when L = 1.
-    const double limit = (L - 1) * m_groups->config().exchange_coalesce_mb * 1048576.0;
+    double mb = m_groups->config().exchange_coalesce_mb;
+    if (mb < 0) mb = m_groups->ep().backend() == CommBackend::nccl ? 8.0 : 0.0;
+    const double limit = (L - 1) * mb * 1048576.0;
     m_coalesce = L > 1 && double(most) * d * sizeof(Scalar) <= limit;
   } else {
     m_ep_counts = cnt;
