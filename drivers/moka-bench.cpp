@@ -229,38 +229,33 @@ int run_exchange(const moka::InputDeck& deck, int rank, int size) {
     // Reference: equal-count all-to-all of the same bytes per rank.
     const long count = std::max(1L, static_cast<long>(sent / sizeof(S) / size));
     Kokkos::View<S*, M> sbuf("a2a_send", std::size_t(count) * size), rbuf("a2a_recv", std::size_t(count) * size);
-    std::vector<double> ref;
-    for (long it = 0; it < warmup + iters; ++it) {
-      space.fence();
-      MPI_Barrier(MPI_COMM_WORLD);
-      const auto t0 = std::chrono::steady_clock::now();
-      groups->ep().alltoall(space, sbuf.data(), rbuf.data(), count, moka::data_type_of<S>(),
-                            moka::memory_kind_of<M>());
-      space.fence();
-      double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      MPI_Allreduce(MPI_IN_PLACE, &s, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-      if (it >= warmup) ref.push_back(s);
-    }
-    const double t_ref = median(ref);
-    // The same bytes as one variable-count send/recv per peer (what a
-    // coalesced exchange could reach at best with point-to-point calls).
-    std::vector<double> p2p;
-    {
-      std::vector<long> cnt(size, count), off(size);
-      for (int q = 0; q < size; ++q) off[q] = long(q) * count;
+    // Median over iters (after warmup) of the slowest rank's time of op,
+    // all ranks starting together.
+    auto slowest = [&](auto&& op) {
+      std::vector<double> t;
       for (long it = 0; it < warmup + iters; ++it) {
         space.fence();
         MPI_Barrier(MPI_COMM_WORLD);
         const auto t0 = std::chrono::steady_clock::now();
-        groups->ep().alltoallv(space, sbuf.data(), cnt, off, rbuf.data(), cnt, off, moka::data_type_of<S>(),
-                               moka::memory_kind_of<M>());
+        op();
         space.fence();
         double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         MPI_Allreduce(MPI_IN_PLACE, &s, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-        if (it >= warmup) p2p.push_back(s);
+        if (it >= warmup) t.push_back(s);
       }
-    }
-    const double t_p2p = median(p2p);
+      return median(t);
+    };
+    const double t_ref = slowest([&] {
+      groups->ep().alltoall(space, sbuf.data(), rbuf.data(), count, moka::data_type_of<S>(), moka::memory_kind_of<M>());
+    });
+    // The same bytes as one variable-count send/recv per peer (what a
+    // coalesced exchange could reach at best with point-to-point calls).
+    std::vector<long> cnt(size, count), off(size);
+    for (int q = 0; q < size; ++q) off[q] = long(q) * count;
+    const double t_p2p = slowest([&] {
+      groups->ep().alltoallv(space, sbuf.data(), cnt, off, rbuf.data(), cnt, off, moka::data_type_of<S>(),
+                             moka::memory_kind_of<M>());
+    });
     // The exchange moves the payload twice per forward (there and back).
     const double bw_ex = 2.0 * sent / t_ex * 1e-9, bw_ref = double(count) * size * sizeof(S) / t_ref * 1e-9;
     if (rank == 0)

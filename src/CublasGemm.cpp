@@ -18,14 +18,17 @@ namespace moka {
 namespace impl {
 
 namespace {
-cublasHandle_t handle_for(int device) {
+/// One library handle per device, made on first use (cublasCreate or
+/// cublasLtCreate) and kept.
+template <class Handle, class Create>
+Handle handle_for(int device, Create create, const char* what) {
   static std::mutex mutex;
-  static std::vector<cublasHandle_t> handles;
+  static std::vector<Handle> handles;
   std::lock_guard<std::mutex> lock(mutex);
   if (device >= static_cast<int>(handles.size())) handles.resize(device + 1, nullptr);
   if (!handles[device]) {
-    if (cublasCreate(&handles[device]) != CUBLAS_STATUS_SUCCESS)
-      throw Error("moka::impl::cublas: cublasCreate failed on device " + std::to_string(device));
+    if (create(&handles[device]) != CUBLAS_STATUS_SUCCESS)
+      throw Error(std::string("moka::impl::cublas: ") + what + " failed on device " + std::to_string(device));
   }
   return handles[device];
 }
@@ -38,7 +41,7 @@ void check(cublasStatus_t s, const char* what) {
 void gemm(const Kokkos::Cuda& space, bool ta, bool tb, int m, int n, int k, float alpha, const void* A, int lda,
           const void* B, int ldb, float beta, void* C, cudaDataType ctype, int ldc) {
   if (m == 0 || n == 0) return;
-  cublasHandle_t h = handle_for(space.cuda_device());
+  cublasHandle_t h = handle_for<cublasHandle_t>(space.cuda_device(), cublasCreate, "cublasCreate");
   check(cublasSetStream(h, space.cuda_stream()), "cublasSetStream");
   // Row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T.
   check(cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, B,
@@ -46,18 +49,6 @@ void gemm(const Kokkos::Cuda& space, bool ta, bool tb, int m, int n, int k, floa
                      CUBLAS_GEMM_DEFAULT),
         "cublasGemmEx");
 }
-cublasLtHandle_t lt_handle_for(int device) {
-  static std::mutex mutex;
-  static std::vector<cublasLtHandle_t> handles;
-  std::lock_guard<std::mutex> lock(mutex);
-  if (device >= static_cast<int>(handles.size())) handles.resize(device + 1, nullptr);
-  if (!handles[device]) {
-    if (cublasLtCreate(&handles[device]) != CUBLAS_STATUS_SUCCESS)
-      throw Error("moka::impl::cublas: cublasLtCreate failed on device " + std::to_string(device));
-  }
-  return handles[device];
-}
-
 /// Largest power of two up to 256 dividing the address (cuBLASLt's
 /// heuristic assumes 256-byte alignment unless told otherwise).
 std::uint32_t alignment_of(const void* p) {
@@ -100,7 +91,7 @@ void gemm_bf16_epilogue(const Kokkos::Cuda& space, const GemmEpilogue& ep, bool 
                         std::size_t workspace_bytes) {
   if (m == 0 || n == 0) return;
   const int device = space.cuda_device();
-  cublasLtHandle_t h = lt_handle_for(device);
+  cublasLtHandle_t h = handle_for<cublasLtHandle_t>(device, cublasLtCreate, "cublasLtCreate");
   // cuBLASLt wants its workspace 256-byte aligned (a Kokkos allocation is
   // 128-byte aligned: status 7, invalid value, otherwise).
   {
@@ -130,11 +121,11 @@ void gemm_bf16_epilogue(const Kokkos::Cuda& space, const GemmEpilogue& ep, bool 
   // The algorithm of this problem: looked up once per shape, epilogue and
   // alignment (the heuristic costs host time; the expert row counts change
   // every step, so the table is bounded).
-  const std::array<long, 16> key = {device, m, n, k, ta, tb, lda, ldb, ldc, long(epi), ep.aux_ld,
+  const std::array<long, 17> key = {device, m, n, k, ta, tb, lda, ldb, ldc, long(epi), ep.aux_ld,
                                     alignment_of(A), alignment_of(B), alignment_of(C), alignment_of(ep.bias),
-                                    alignment_of(ep.aux) * 4096L + long(workspace_bytes >> 20)};
+                                    alignment_of(ep.aux), long(workspace_bytes)};
   static std::mutex mutex;
-  static std::map<std::array<long, 16>, cublasLtMatmulAlgo_t> algos;
+  static std::map<std::array<long, 17>, cublasLtMatmulAlgo_t> algos;
   cublasLtMatmulAlgo_t algo;
   bool found = false;
   {

@@ -677,7 +677,7 @@ void expert_column_sums_bf16(const Exec& space, const mat<bf16, M>& src, const K
                              const mat<S, M>& out) {
   const long n = static_cast<long>(out.extent(1));
   if (packs_fit(src, n, 8)) expert_column_sums_bf16_packs<8>(space, src, offsets, chunk_start, chunks, chunk, work, out);
-  else expert_column_sums_bf16_packs<1>(space, src, offsets, chunk_start, chunks, chunk, work, out);
+  else expert_column_sums(space, src, offsets, chunk_start, chunks, chunk, work, out);
 }
 
 // ------------------------------------------------------------- exchange

@@ -493,30 +493,28 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
   }
   m_ye = m_ye_buf;
   expert_gemm(space, Stage::up);
-  auto b1 = m_params.b1;
-  std::optional<ScopedRegion> region_act;
-  if (!m_fused) region_act.emplace("moka::MoELayer::activation");
-  if (m_fused) {
-    // b1 and the activation ran in the up-projection's epilogue.
-  } else if (bf16) {
-    impl::activation_bf16(space, act, bias, m_rows_e, dff, m_row_expert, m_hpre_b, b1, m_h_b);
-  } else {
-    auto hpre = m_hpre;
-    auto h    = m_h;
-    auto rexp = m_row_expert;
-    Kokkos::parallel_for(
-        "moka::expert_activation", impl::row_major_2d(space, m_rows_e, long(dff)),
-        KOKKOS_LAMBDA(long r, long c) {
-          const int e = rexp(r);
-          if (bias) {
-            hpre(r, c) += b1(e, c);
-            if (act == Activation::swiglu) hpre(r, dff + c) += b1(e, dff + c);
-          }
-          const Scalar a = impl::activate(act, hpre(r, c));
-          h(r, c) = act == Activation::swiglu ? a * hpre(r, dff + c) : a;
-        });
+  if (!m_fused) {  // fused: b1 and the activation ran in the up-projection's epilogue
+    ScopedRegion region_act("moka::MoELayer::activation");
+    auto b1 = m_params.b1;
+    if (bf16) {
+      impl::activation_bf16(space, act, bias, m_rows_e, dff, m_row_expert, m_hpre_b, b1, m_h_b);
+    } else {
+      auto hpre = m_hpre;
+      auto h    = m_h;
+      auto rexp = m_row_expert;
+      Kokkos::parallel_for(
+          "moka::expert_activation", impl::row_major_2d(space, m_rows_e, long(dff)),
+          KOKKOS_LAMBDA(long r, long c) {
+            const int e = rexp(r);
+            if (bias) {
+              hpre(r, c) += b1(e, c);
+              if (act == Activation::swiglu) hpre(r, dff + c) += b1(e, dff + c);
+            }
+            const Scalar a = impl::activate(act, hpre(r, c));
+            h(r, c) = act == Activation::swiglu ? a * hpre(r, dff + c) : a;
+          });
+    }
   }
-  region_act.reset();
   expert_gemm(space, Stage::down);
   expert_bias_add(space);
   m_ys = exchange_reverse(space, m_ye, m_ys_buf);
