@@ -62,7 +62,7 @@ void emit(Level lvl, bool every_rank, const std::string& message) {
   if (!every_rank && r != 0) return;
   std::lock_guard<std::mutex> lock(g_mutex);
   if (every_rank) {
-    std::cerr << "[rank " << r << "] " << message << std::endl;
+    std::cerr << ("[rank " + std::to_string(r) + "] " + message + "\n") << std::flush;  // one write (see Runtime::abort)
   } else if (lvl == Level::warn) {
     std::cout << "warning: " << message << std::endl;
   } else {
