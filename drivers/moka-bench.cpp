@@ -256,6 +256,29 @@ int run_exchange(const moka::InputDeck& deck, int rank, int size) {
       groups->ep().alltoallv(space, sbuf.data(), cnt, off, rbuf.data(), cnt, off, moka::data_type_of<S>(),
                              moka::memory_kind_of<M>());
     });
+    // The layer's block pattern with equal blocks (L per peer, landing in
+    // (local expert, source rank) order), in one group and in L groups of
+    // one block per peer: what the blocks cost against one message per peer.
+    const int L    = cfg.num_experts / groups->ep_size();
+    const long blk = std::max(1L, count / L);
+    std::vector<std::vector<moka::Communicator::Block>> rs(L), rr(L);
+    std::vector<moka::Communicator::Block> bs, br;
+    for (int q = 0; q < size; ++q)
+      for (int l = 0; l < L; ++l) {
+        bs.push_back({q, (long(q) * L + l) * blk, blk});
+        br.push_back({q, (long(l) * size + q) * blk, blk});
+        rs[l].push_back(bs.back());
+        rr[l].push_back(br.back());
+      }
+    const auto type = moka::data_type_of<S>();
+    const auto mem  = moka::memory_kind_of<M>();
+    const double t_blocks = slowest([&] { groups->ep().alltoallv_blocks(space, sbuf.data(), bs, rbuf.data(), br, type, mem); });
+    const double t_rounds = slowest([&] {
+      for (int l = 0; l < L; ++l) groups->ep().alltoallv_blocks(space, sbuf.data(), rs[l], rbuf.data(), rr[l], type, mem);
+    });
+    // The counts all-to-all alone (host, as in the plan).
+    std::vector<long> cs(std::size_t(size) * (L + 1), 1), cr(cs.size());
+    const double t_counts = slowest([&] { groups->ep().alltoall_counts(cs.data(), cr.data(), L + 1); });
     // The exchange moves the payload twice per forward (there and back).
     const double bw_ex = 2.0 * sent / t_ex * 1e-9, bw_ref = double(count) * size * sizeof(S) / t_ref * 1e-9;
     if (rank == 0)
@@ -264,8 +287,14 @@ int run_exchange(const moka::InputDeck& deck, int rank, int size) {
     if (rank == 0)
       std::printf("  %10s (%s; counts and plan %.3f ms, rows there %.3f ms, back %.3f ms; slowest rank each; "
                   "one send/recv per peer, same bytes: %.3f ms)\n",
-                  "", layer.exchange_coalesced() ? "one message per peer + reorder" : "one message per block",
+                  "", layer.exchange_coalesced() ? "one message per peer + reorder"
+                  : layer.exchange_rounds()  ? "one message per block, in rounds of one per peer"
+                                             : "one message per block",
                   parts[0] * 1e3, parts[1] * 1e3, parts[2] * 1e3, t_p2p * 1e3);
+    if (rank == 0)
+      std::printf("  %10s (same bytes as %d equal blocks per peer: one group %.3f ms, %d groups of one block per peer "
+                  "%.3f ms; counts all-to-all alone %.3f ms)\n",
+                  "", L, t_blocks * 1e3, L, t_rounds * 1e3, t_counts * 1e3);
   }
   return 0;
 }

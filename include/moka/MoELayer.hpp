@@ -105,6 +105,9 @@ class MoELayer {
   /// peer through the staging buffer (no rank sent more than (L - 1) x
   /// comm.exchange_coalesce_mb, L local experts).
   bool exchange_coalesced() const { return m_coalesce; }
+  /// \brief Whether the last forward's blocks went in L rounds of one block
+  /// per peer (comm.exchange_rounds_mb).
+  bool exchange_rounds() const { return m_rounds; }
   /// \brief With \p on, forward uses the bf16 copies as they are instead of
   /// converting W1 and W2 at every forward: whoever changes the weights
   /// keeps the copies equal to bf16(W) (moka::Optimizer does, fused into its
@@ -179,9 +182,11 @@ class MoELayer {
   void plan_exchange(const execution_space& space);
   void align_for_timing(const execution_space& space);
   matrix exchange_forward(const execution_space& space, const matrix& dispatch, matrix& buf);
+  // The EP blocks: one group, or L rounds of one block per peer.
+  void post_ep_blocks(const execution_space& space, const Scalar* send, const std::vector<Communicator::Block>& sends,
+                      Scalar* recv, const std::vector<Communicator::Block>& recvs);
   matrix exchange_reverse(const execution_space& space, const matrix& expert, matrix& buf);
   void expert_bias_add(const execution_space& space);
-  long bias_chunks();
   static constexpr int bias_chunk = 64;  ///< rows per partial sum of the bias gradients
   enum class Stage { up, down, down_backward, up_backward };
   void expert_gemm(const execution_space& space, Stage stage);
@@ -246,15 +251,20 @@ class MoELayer {
   // one message per peer through m_stage (rows in (source rank, local
   // expert) order), moved to (local expert, source rank) order by the
   // segments [3 P L]: (staging row, expert-side row, rows) each. The
-  // segments and m_e_offsets are parts of m_plan_dev (one upload).
+  // expert-side offsets, the bias-sum chunk starts and the segments are
+  // parts of m_plan_dev, uploaded from m_plan_host in one copy per forward.
   bool m_coalesce = false;
+  bool m_rounds   = false;  // blocks in L rounds of one per peer (comm.exchange_rounds_mb)
   matrix m_stage;
   index_vector m_plan_dev, m_segments;
+  typename index_vector::HostMirror m_plan_host;
   std::vector<long> m_ep_off;              // [L + 1]: expert offsets after the EP exchange
   std::vector<long> m_e_off;               // [L + 1]: expert-side offsets (after slicing)
   long m_rows_ep = 0, m_rows_e = 0;
   index_vector m_e_offsets, m_row_expert;  // expert-side offsets [L + 1] and expert of each row
-  Kokkos::View<long*, MemorySpace> m_cap_base, m_routed, m_chunk_start;  // global capacity; bias-sum chunks
+  Kokkos::View<long*, MemorySpace> m_cap_base, m_routed;  // global capacity
+  index_vector m_chunk_start;  // [L + 1]: first bias-sum chunk of each local expert
+  long m_chunks = 0;           // bias-sum chunks in all
   matrix m_colsum_work;  // partial column sums of the bias gradients
   // Gate workspace kept across steps: jittered input, backward buffers,
   // per-expert statistics.

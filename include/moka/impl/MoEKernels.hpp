@@ -513,7 +513,7 @@ void activation_bf16(const Exec& space, Activation act, bool bias, long rows, in
 /// threads of a block read a row's columns coalesced.
 template <int W, class Exec, class S, class M>
 void activation_backward_bf16_packs(const Exec& space, Activation act, bool bias, long chunks, int chunk, int dff,
-                                    const Kokkos::View<long*, M>& chunk_start, const Kokkos::View<int*, M>& offsets,
+                                    const Kokkos::View<int*, M>& chunk_start, const Kokkos::View<int*, M>& offsets,
                                     const mat<bf16, M>& dh, const mat<bf16, M>& hpre, const mat<S, M>& b1,
                                     const mat<bf16, M>& dhpre, const mat<S, M>& work) {
   const int L    = static_cast<int>(chunk_start.extent(0)) - 1;
@@ -568,7 +568,7 @@ void activation_backward_bf16_packs(const Exec& space, Activation act, bool bias
 
 template <class Exec, class S, class M>
 void activation_backward_bf16(const Exec& space, Activation act, bool bias, long chunks, int chunk, int dff,
-                              const Kokkos::View<long*, M>& chunk_start, const Kokkos::View<int*, M>& offsets,
+                              const Kokkos::View<int*, M>& chunk_start, const Kokkos::View<int*, M>& offsets,
                               const mat<bf16, M>& dh, const mat<bf16, M>& hpre, const mat<S, M>& b1,
                               const mat<bf16, M>& dhpre, const mat<S, M>& work) {
   if (packs_fit(dh, dff, 8) && packs_fit(hpre, hpre.extent(1), 8) && packs_fit(dhpre, dhpre.extent(1), 8))
@@ -583,7 +583,7 @@ void activation_backward_bf16(const Exec& space, Activation act, bool bias, long
 /// Second pass of expert_column_sums: out(e, c) += the sum of work(q, c)
 /// over expert e's chunks, in chunk order.
 template <class Exec, class S, class M>
-void expert_column_sums_finish(const Exec& space, const Kokkos::View<long*, M>& chunk_start, const mat<S, M>& work,
+void expert_column_sums_finish(const Exec& space, const Kokkos::View<int*, M>& chunk_start, const mat<S, M>& work,
                                const mat<S, M>& out) {
   Kokkos::parallel_for(
       "moka::column_sums", impl::row_major_2d(space, long(out.extent(0)), long(out.extent(1))),
@@ -626,7 +626,7 @@ void add_column_sums(const Exec& space, long T, long n, const F& f, mat<S, M>& w
 /// (host and device copies) numbers each expert's chunks.
 template <class Exec, class SrcView, class S, class M>
 void expert_column_sums(const Exec& space, const SrcView& src, const Kokkos::View<int*, M>& offsets,
-                        const Kokkos::View<long*, M>& chunk_start, long chunks, int chunk, const mat<S, M>& work,
+                        const Kokkos::View<int*, M>& chunk_start, long chunks, int chunk, const mat<S, M>& work,
                         const mat<S, M>& out) {
   const int L = static_cast<int>(out.extent(0));
   const long n = static_cast<long>(out.extent(1));
@@ -649,7 +649,7 @@ void expert_column_sums(const Exec& space, const SrcView& src, const Kokkos::Vie
 /// expert_column_sums.
 template <int W, class Exec, class S, class M>
 void expert_column_sums_bf16_packs(const Exec& space, const mat<bf16, M>& src, const Kokkos::View<int*, M>& offsets,
-                                   const Kokkos::View<long*, M>& chunk_start, long chunks, int chunk,
+                                   const Kokkos::View<int*, M>& chunk_start, long chunks, int chunk,
                                    const mat<S, M>& work, const mat<S, M>& out) {
   const int L = static_cast<int>(out.extent(0));
   const long n = static_cast<long>(out.extent(1)), ls = src.stride(0);
@@ -673,7 +673,7 @@ void expert_column_sums_bf16_packs(const Exec& space, const mat<bf16, M>& src, c
 
 template <class Exec, class S, class M>
 void expert_column_sums_bf16(const Exec& space, const mat<bf16, M>& src, const Kokkos::View<int*, M>& offsets,
-                             const Kokkos::View<long*, M>& chunk_start, long chunks, int chunk, const mat<S, M>& work,
+                             const Kokkos::View<int*, M>& chunk_start, long chunks, int chunk, const mat<S, M>& work,
                              const mat<S, M>& out) {
   const long n = static_cast<long>(out.extent(1));
   if (packs_fit(src, n, 8)) expert_column_sums_bf16_packs<8>(space, src, offsets, chunk_start, chunks, chunk, work, out);

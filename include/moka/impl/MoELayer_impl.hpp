@@ -65,12 +65,15 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr
       m_grads(config, "moka::moe::grad_", m_L, m_S) {
   m_exchange = m_groups && (m_groups->ep_size() > 1 || m_groups->slice_size() > 1);
   {
-    // The expert-side offsets and the coalesced exchange's segments share
-    // one allocation, so each forward uploads its plan in one copy.
-    const int P = m_groups ? m_groups->ep_size() : 1;
-    m_plan_dev  = index_vector("moka::moe::exchange_plan", (m_L + 1) + 3 * P * m_L);
-    m_e_offsets = Kokkos::subview(m_plan_dev, std::make_pair(0, m_L + 1));
-    m_segments  = Kokkos::subview(m_plan_dev, std::make_pair(m_L + 1, m_L + 1 + 3 * P * m_L));
+    // The expert-side offsets, the bias-sum chunk starts and the coalesced
+    // exchange's segments share one allocation, so each forward uploads its
+    // plan in one copy (stream-ordered, from a kept host mirror: no fence).
+    const int P   = m_groups ? m_groups->ep_size() : 1;
+    m_plan_dev    = index_vector("moka::moe::exchange_plan", 2 * (m_L + 1) + 3 * P * m_L);
+    m_plan_host   = Kokkos::create_mirror_view(m_plan_dev);
+    m_e_offsets   = Kokkos::subview(m_plan_dev, std::make_pair(0, m_L + 1));
+    m_chunk_start = Kokkos::subview(m_plan_dev, std::make_pair(m_L + 1, 2 * (m_L + 1)));
+    m_segments    = Kokkos::subview(m_plan_dev, std::make_pair(2 * (m_L + 1), 2 * (m_L + 1) + 3 * P * m_L));
   }
   m_counts    = index_vector("moka::moe::counts", config.num_experts);
   m_offsets   = index_vector("moka::moe::offsets", config.num_experts + 1);
@@ -273,6 +276,7 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
   const int P = m_groups ? m_groups->ep_size() : 1;
   m_ep_counts.assign(std::size_t(P) * L, 0);
   m_coalesce = false;
+  m_rounds   = false;
   if (P > 1) {
     // With the L counts each peer also gets this rank's total, so every
     // rank sees every rank's total and all decide alike on coalescing.
@@ -295,6 +299,9 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
     if (mb < 0) mb = m_groups->ep().backend() == CommBackend::nccl ? 8.0 : 0.0;
     const double limit = (L - 1) * mb * 1048576.0;
     m_coalesce = L > 1 && double(most) * d * sizeof(Scalar) <= limit;
+    // From the same total on every rank, so all post the same groups.
+    const double rounds = m_groups->config().exchange_rounds_mb;
+    m_rounds = !m_coalesce && L > 1 && rounds >= 0 && double(most) * d * sizeof(Scalar) / (P * L) >= rounds * 1048576.0;
   } else {
     m_ep_counts = cnt;
   }
@@ -303,12 +310,14 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
   m_rows_ep = m_ep_off[L];
   m_ep_send.clear();
   m_ep_recv.clear();
-  // Host copy of the plan: expert-side offsets [L + 1], then segments.
-  auto plan = Kokkos::create_mirror_view(m_plan_dev);
+  // Host copy of the plan: expert-side offsets [L + 1], bias-sum chunk
+  // starts [L + 1], then segments. Reusing it is safe: a copy from pageable
+  // host memory has read its source when deep_copy returns.
+  auto plan = m_plan_host;
   if (m_coalesce) {
     // Peer p's rows are contiguous on the sending side ((destination rank,
     // local expert) order); they land in the staging buffer at srow.
-    int* seg  = plan.data() + L + 1;
+    int* seg  = plan.data() + 2 * (L + 1);
     long srow = 0;
     for (int p = 0; p < P; ++p) {
       long sent = 0, got = 0;
@@ -352,9 +361,39 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
       m_sl_recv.push_back({s, sl_at[s * L + l] * d, m_sl_counts[s * L + l] * d});
       m_sl_back.push_back({s, (s * m_rows_ep + m_ep_off[l]) * d, mine[l] * d});
     }
-  for (int l = 0; l <= L; ++l) plan(l) = static_cast<int>(m_e_off[l]);
+  // Bias gradients are column sums over chunks of bias_chunk rows, each
+  // expert's chunks consecutive.
+  long chunks = 0;
+  for (int l = 0; l <= L; ++l) {
+    plan(l)         = static_cast<int>(m_e_off[l]);
+    plan(L + 1 + l) = static_cast<int>(chunks);
+    if (l < L) chunks += (m_e_off[l + 1] - m_e_off[l] + bias_chunk - 1) / bias_chunk;
+  }
+  m_chunks = chunks;
   Kokkos::deep_copy(space, m_plan_dev, plan);
-  space.fence();
+}
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::post_ep_blocks(const execution_space& space, const Scalar* send,
+                                                   const std::vector<Communicator::Block>& sends, Scalar* recv,
+                                                   const std::vector<Communicator::Block>& recvs) {
+  const MemoryKind mem = memory_kind_of<MemorySpace>();
+  const DataType type  = data_type_of<Scalar>();
+  if (!m_rounds) {
+    m_groups->ep().alltoallv_blocks(space, send, sends, recv, recvs, type, mem);
+    return;
+  }
+  // Blocks are listed in (peer, local expert) order: round l is every
+  // peer's block l.
+  const int P = m_groups->ep_size(), L = m_L;
+  std::vector<Communicator::Block> s(P), r(P);
+  for (int l = 0; l < L; ++l) {
+    for (int p = 0; p < P; ++p) {
+      s[p] = sends[std::size_t(p) * L + l];
+      r[p] = recvs[std::size_t(p) * L + l];
+    }
+    m_groups->ep().alltoallv_blocks(space, send, s, recv, r, type, mem);
+  }
 }
 
 template <class Scalar, class MemorySpace>
@@ -376,7 +415,7 @@ typename MoELayer<Scalar, MemorySpace>::matrix MoELayer<Scalar, MemorySpace>::ex
       m_groups->ep().alltoallv_blocks(space, dispatch.data(), m_ep_send, m_stage.data(), m_ep_recv, type, mem);
       impl::move_segments(space, true, m_rows_ep, m_segments, P * m_L, m_stage, out);
     } else {
-      m_groups->ep().alltoallv_blocks(space, dispatch.data(), m_ep_send, out.data(), m_ep_recv, type, mem);
+      post_ep_blocks(space, dispatch.data(), m_ep_send, out.data(), m_ep_recv);
     }
     ep_rows = out;
   }
@@ -417,7 +456,7 @@ typename MoELayer<Scalar, MemorySpace>::matrix MoELayer<Scalar, MemorySpace>::ex
     impl::move_segments(space, false, m_rows_ep, m_segments, P * m_L, m_stage, ep_rows);
     m_groups->ep().alltoallv_blocks(space, m_stage.data(), m_ep_recv, buf.data(), m_ep_send, type, mem);
   } else {
-    m_groups->ep().alltoallv_blocks(space, ep_rows.data(), m_ep_recv, buf.data(), m_ep_send, type, mem);
+    post_ep_blocks(space, ep_rows.data(), m_ep_recv, buf.data(), m_ep_send);
   }
   return buf;
 }
@@ -525,17 +564,6 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
 }
 
 template <class Scalar, class MemorySpace>
-long MoELayer<Scalar, MemorySpace>::bias_chunks() {
-  if (m_chunk_start.extent(0) != static_cast<std::size_t>(m_L + 1))
-    m_chunk_start = Kokkos::View<long*, MemorySpace>("moka::moe::chunk_start", m_L + 1);
-  auto h = Kokkos::create_mirror_view(m_chunk_start);
-  h(0)   = 0;
-  for (int l = 0; l < m_L; ++l) h(l + 1) = h(l) + (m_e_off[l + 1] - m_e_off[l] + bias_chunk - 1) / bias_chunk;
-  Kokkos::deep_copy(m_chunk_start, h);
-  return h(m_L);
-}
-
-template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::expert_bias_add(const execution_space& space) {
   // b2 once per row: with slicing only the first slice rank adds it to its
   // partial output (the partials are summed).
@@ -585,7 +613,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
 
   // Expert backward. Bias gradients are column sums over each expert's
   // rows (in chunks, a fixed order: deterministic).
-  const long chunks = bias_chunks();
+  const long chunks = m_chunks;
   if (m_cfg.expert_bias) {
     impl::grow_rows(m_colsum_work, chunks, std::max(d, dff_in), "colsum_work");
     impl::expert_column_sums(space, dye, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work, m_grads.b2);
