@@ -61,7 +61,10 @@ int run(const moka::InputDeck& deck, int rank) {
     Kokkos::fence();
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   };
+  // One training step's layer work: zero_grad (which leaves the expert
+  // weight gradients to the backward's GEMMs), forward, backward.
   auto layer_step = [&]() {
+    layer.zero_grad(space);
     layer.forward(space, x, y);
     layer.backward(space, dy, dx);
   };
@@ -96,7 +99,8 @@ int run(const moka::InputDeck& deck, int rank) {
       using bm = Kokkos::View<moka::bf16*, Kokkos::CudaSpace>;
       using fm = Kokkos::View<float*, Kokkos::CudaSpace>;
       // Output types as in the layer: the pre-activation and dh in bf16,
-      // y, dx and the (accumulated) weight gradients in fp32.
+      // y, dx and the weight gradients in fp32 (written, beta 0, as the
+      // layer's first backward after zero_grad does).
       bm X("X", std::size_t(n) * di), W1("W1", std::size_t(di) * fi), H("H", std::size_t(n) * f),
           W2("W2", std::size_t(f) * di), DY("DY", std::size_t(n) * di), DH("DH", std::size_t(n) * fi);
       bm HP("HP", std::size_t(n) * fi), DHf("DHf", std::size_t(n) * f);
@@ -111,9 +115,9 @@ int run(const moka::InputDeck& deck, int rank) {
       interleave([&]() {
         moka::impl::gemm_bf16_bf16(space, false, false, n, fi, di, 1.f, X.data(), di, W1.data(), fi, 0.f, HP.data(), fi);
         moka::impl::gemm_bf16_f32(space, false, false, n, di, f, 1.f, H.data(), f, W2.data(), di, 0.f, Y.data(), di);
-        moka::impl::gemm_bf16_f32(space, true, false, f, di, n, 1.f, H.data(), f, DY.data(), di, 1.f, G2.data(), di);
+        moka::impl::gemm_bf16_f32(space, true, false, f, di, n, 1.f, H.data(), f, DY.data(), di, 0.f, G2.data(), di);
         moka::impl::gemm_bf16_bf16(space, false, true, n, f, di, 1.f, DY.data(), di, W2.data(), di, 0.f, DHf.data(), f);
-        moka::impl::gemm_bf16_f32(space, true, false, di, fi, n, 1.f, X.data(), di, DH.data(), fi, 1.f, G1.data(), fi);
+        moka::impl::gemm_bf16_f32(space, true, false, di, fi, n, 1.f, X.data(), di, DH.data(), fi, 0.f, G1.data(), fi);
         moka::impl::gemm_bf16_f32(space, false, true, n, di, fi, 1.f, DH.data(), fi, W1.data(), fi, 0.f, DX.data(), di);
       });
 #endif
@@ -125,9 +129,9 @@ int run(const moka::InputDeck& deck, int rank) {
       interleave([&]() {
         moka::impl::gemm("N", "N", S(1), X, W1, S(0), HP);
         moka::impl::gemm("N", "N", S(1), H, W2, S(0), Y);
-        moka::impl::gemm("T", "N", S(1), H, DY, S(1), G2);
+        moka::impl::gemm("T", "N", S(1), H, DY, S(0), G2);
         moka::impl::gemm("N", "T", S(1), DY, W2, S(0), DHf);
-        moka::impl::gemm("T", "N", S(1), X, DH, S(1), G1);
+        moka::impl::gemm("T", "N", S(1), X, DH, S(0), G1);
         moka::impl::gemm("N", "T", S(1), DH, W1, S(0), DX);
       });
     }
@@ -142,7 +146,7 @@ int run(const moka::InputDeck& deck, int rank) {
     std::printf("  expert rows (kept assignments): %ld; expert GEMM FLOPs per step: %.3e\n", rows, flops);
     std::printf("  b1 and activation: %s\n", layer.fused_epilogue() ? "in the GEMMs' cuBLASLt epilogues"
                                                                       : "separate kernels");
-    std::printf("  layer forward+backward:  median %.3f ms  (min %.3f ms over %ld iterations)\n", t_layer,
+    std::printf("  layer zero_grad+forward+backward:  median %.3f ms  (min %.3f ms over %ld iterations)\n", t_layer,
                 *std::min_element(times.begin(), times.end()), iters);
     std::printf("  expert GEMMs in the layer: %.4g TFLOP/s (FLOPs / layer time)\n", flops / t_layer * 1e-9);
     std::printf("  dense GEMMs, same shapes:  %.3f ms = %.4g TFLOP/s  (median; timed alternately with the layer)\n",
@@ -154,10 +158,7 @@ int run(const moka::InputDeck& deck, int rank) {
     // Per-stage device time: every region fences at its ends.
     moka::TimerTable::instance().clear();
     moka::set_fence_regions(true);
-    for (long it = 0; it < iters; ++it) {
-      layer.forward(space, x, y);
-      layer.backward(space, dy, dx);
-    }
+    for (long it = 0; it < iters; ++it) layer_step();
     moka::set_fence_regions(false);
     if (rank == 0) std::printf("  stage breakdown (seconds over %ld fenced iterations):\n", iters);
     moka::TimerTable::instance().report(MPI_COMM_WORLD, std::cout);

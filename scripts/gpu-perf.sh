@@ -55,12 +55,12 @@ grep -E "expert_|activation|dispatch|combine|gate|undispatch|layer" "$logs/bench
 if [ "$ngpu" -ge 2 ]; then
   stamp "token exchange vs NCCL all-to-all on $ngpu GPUs"
   mpirun -n "$ngpu" "$b/drivers/moka-bench" "$root/input_decks/bench_exchange.deck" > "$logs/exchange-np$ngpu.txt" 2>&1
-  grep -vE "^\s*$|WARNING|OMP_PROC_BIND|OpenMP" "$logs/exchange-np$ngpu.txt" | tail -24
-  for mb in 0 1024; do
-    stamp "token exchange, comm.exchange_coalesce_mb=$mb"
-    mpirun -n "$ngpu" "$b/drivers/moka-bench" "$root/input_decks/bench_exchange.deck" comm.exchange_coalesce_mb=$mb \
-      > "$logs/exchange-np$ngpu-coalesce$mb.txt" 2>&1
-    grep -vE "^\s*$|WARNING|OMP_PROC_BIND|OpenMP" "$logs/exchange-np$ngpu-coalesce$mb.txt" | tail -18
+  grep -vE "^\s*$|WARNING|OMP_PROC_BIND|OpenMP" "$logs/exchange-np$ngpu.txt" | tail -32
+  for opt in comm.exchange_coalesce_mb=0 comm.exchange_rounds_mb=0; do
+    stamp "token exchange, $opt"
+    mpirun -n "$ngpu" "$b/drivers/moka-bench" "$root/input_decks/bench_exchange.deck" $opt \
+      > "$logs/exchange-np$ngpu-$opt.txt" 2>&1
+    grep -vE "^\s*$|WARNING|OMP_PROC_BIND|OpenMP" "$logs/exchange-np$ngpu-$opt.txt" | grep -v "equal blocks" | tail -20
   done
 fi
 stamp "quick start on one GPU, bf16"

@@ -1,4 +1,4 @@
-// cuBLAS and cuBLASLt behind moka::impl::gemm_bf16_*: one handle of each per
+// cuBLAS and cuBLASLt behind moka::impl::gemm_*: one handle of each per
 // device, bound to the stream of the execution-space instance of each call.
 #include <moka/Error.hpp>
 #include <moka/impl/CublasGemm.hpp>
@@ -38,15 +38,17 @@ void check(cublasStatus_t s, const char* what) {
     throw Error(std::string("moka::impl::cublas: ") + what + " failed with status " + std::to_string(int(s)));
 }
 
-void gemm(const Kokkos::Cuda& space, bool ta, bool tb, int m, int n, int k, float alpha, const void* A, int lda,
-          const void* B, int ldb, float beta, void* C, cudaDataType ctype, int ldc) {
+/// Row-major C = alpha op(A) op(B) + beta C through cublasGemmEx on the
+/// instance's stream; alpha and beta point to scalars of the compute type.
+void gemm(const Kokkos::Cuda& space, bool ta, bool tb, int m, int n, int k, const void* alpha, const void* A, int lda,
+          const void* B, int ldb, const void* beta, void* C, int ldc, cudaDataType ab_type, cudaDataType c_type,
+          cublasComputeType_t compute) {
   if (m == 0 || n == 0) return;
   cublasHandle_t h = handle_for<cublasHandle_t>(space.cuda_device(), cublasCreate, "cublasCreate");
   check(cublasSetStream(h, space.cuda_stream()), "cublasSetStream");
   // Row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T.
-  check(cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, B,
-                     CUDA_R_16BF, ldb, A, CUDA_R_16BF, lda, &beta, C, ctype, ldc, CUBLAS_COMPUTE_32F,
-                     CUBLAS_GEMM_DEFAULT),
+  check(cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, alpha, B, ab_type,
+                     ldb, A, ab_type, lda, beta, C, c_type, ldc, compute, CUBLAS_GEMM_DEFAULT),
         "cublasGemmEx");
 }
 /// Largest power of two up to 256 dividing the address (cuBLASLt's
@@ -181,12 +183,22 @@ void gemm_bf16_epilogue(const Kokkos::Cuda& space, const GemmEpilogue& ep, bool 
 
 void gemm_bf16_f32(const Kokkos::Cuda& space, bool ta, bool tb, int m, int n, int k, float alpha, const bf16* A,
                    int lda, const bf16* B, int ldb, float beta, float* C, int ldc) {
-  gemm(space, ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, CUDA_R_32F, ldc);
+  gemm(space, ta, tb, m, n, k, &alpha, A, lda, B, ldb, &beta, C, ldc, CUDA_R_16BF, CUDA_R_32F, CUBLAS_COMPUTE_32F);
 }
 
 void gemm_bf16_bf16(const Kokkos::Cuda& space, bool ta, bool tb, int m, int n, int k, float alpha, const bf16* A,
                     int lda, const bf16* B, int ldb, float beta, bf16* C, int ldc) {
-  gemm(space, ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, CUDA_R_16BF, ldc);
+  gemm(space, ta, tb, m, n, k, &alpha, A, lda, B, ldb, &beta, C, ldc, CUDA_R_16BF, CUDA_R_16BF, CUBLAS_COMPUTE_32F);
+}
+
+void gemm_real(const Kokkos::Cuda& space, bool ta, bool tb, int m, int n, int k, float alpha, const float* A, int lda,
+               const float* B, int ldb, float beta, float* C, int ldc) {
+  gemm(space, ta, tb, m, n, k, &alpha, A, lda, B, ldb, &beta, C, ldc, CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F);
+}
+
+void gemm_real(const Kokkos::Cuda& space, bool ta, bool tb, int m, int n, int k, double alpha, const double* A,
+               int lda, const double* B, int ldb, double beta, double* C, int ldc) {
+  gemm(space, ta, tb, m, n, k, &alpha, A, lda, B, ldb, &beta, C, ldc, CUDA_R_64F, CUDA_R_64F, CUBLAS_COMPUTE_64F);
 }
 
 }  // namespace impl

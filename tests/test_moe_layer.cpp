@@ -204,6 +204,48 @@ TEST(MoELayer, ExpertWithNoTokens) {
   for (std::size_t i = cfg.d_model * cfg.d_ff; i < r.dw1.size(); ++i) EXPECT_EQ(r.dw1[i], 0.0);
 }
 
+TEST(MoELayer, ZeroGradOverwritesInsteadOfAccumulating) {
+  // zero_grad leaves W1 and W2's gradients to the next backward (beta 0):
+  // after a step where every expert had rows, a step where most have none
+  // must give exactly a fresh layer's gradients (zeros, not stale values);
+  // a second backward without zero_grad accumulates; grads() right after
+  // zero_grad reads zeros.
+  moka::MoEConfig cfg;
+  cfg.d_model = 6;
+  cfg.d_ff = 5;
+  cfg.num_experts = 4;
+  cfg.top_k = 1;
+  HostLayer<double> L(cfg), fresh(cfg);
+  L.init_parameters(3);
+  fresh.init_parameters(3);
+  std::mt19937_64 rng(2);
+  const auto big = run_layer(L, 40, random_vec(40 * cfg.d_model, rng), random_vec(40 * cfg.d_model, rng));
+  for (int c : big.counts) ASSERT_GT(c, 0);
+  const auto x = random_vec(cfg.d_model, rng), G = random_vec(cfg.d_model, rng);
+  const auto a = run_layer(L, 1, x, G);
+  const auto f = run_layer(fresh, 1, x, G);
+  EXPECT_EQ(a.dw1, f.dw1);
+  EXPECT_EQ(a.dw2, f.dw2);
+  EXPECT_EQ(a.db1, f.db1);
+  // Accumulation: the same step again without zero_grad doubles them.
+  {
+    using matrix = HostLayer<double>::matrix;
+    HostLayer<double>::execution_space space;
+    matrix X("x", 1, cfg.d_model), Y("y", 1, cfg.d_model), DY("dy", 1, cfg.d_model), DX("dx", 1, cfg.d_model);
+    from_vec(X, x);
+    from_vec(DY, G);
+    L.forward(space, X, Y);
+    L.backward(space, DY, DX);
+    space.fence();
+    const auto w1 = to_vec(L.grads().w1), w2 = to_vec(L.grads().w2);
+    for (std::size_t i = 0; i < w1.size(); ++i) EXPECT_EQ(w1[i], 2 * a.dw1[i]) << i;
+    for (std::size_t i = 0; i < w2.size(); ++i) EXPECT_EQ(w2[i], 2 * a.dw2[i]) << i;
+    L.zero_grad(space);
+  }
+  for (double v : to_vec(L.grads().w1)) EXPECT_EQ(v, 0.0);
+  for (double v : to_vec(L.grads().w2)) EXPECT_EQ(v, 0.0);
+}
+
 TEST(MoELayer, BadInputIsAClearError) {
   moka::MoEConfig cfg;
   cfg.num_experts = 4;

@@ -43,9 +43,7 @@ class Linear {
     require_extent(where, y, 0, x.extent(0), "rows");
     require_extent(where, y, 1, m_w.extent(1), "columns");
     m_x = x;
-    space.fence();
-    impl::gemm("N", "N", Scalar(1), x, m_w, Scalar(0), y);
-    execution_space().fence();
+    impl::gemm(space, "N", "N", Scalar(1), x, m_w, Scalar(0), y);
     auto b = m_b;
     Kokkos::parallel_for(
         "moka::linear_bias",
@@ -62,14 +60,12 @@ class Linear {
     impl::add_column_sums(
         space, long(dy.extent(0)), long(dy.extent(1)), KOKKOS_LAMBDA(long t, long c) { return dy(t, c); }, m_work,
         m_db);
-    space.fence();
-    impl::gemm("T", "N", Scalar(1), m_x, dy, Scalar(1), m_dw);
+    impl::gemm(space, "T", "N", Scalar(1), m_x, dy, Scalar(1), m_dw);
     if (dx.extent(0) > 0) {
       require_extent(where, dx, 0, m_x.extent(0), "rows");
       require_extent(where, dx, 1, m_w.extent(0), "columns");
-      impl::gemm("N", "T", Scalar(1), dy, m_w, Scalar(0), dx);
+      impl::gemm(space, "N", "T", Scalar(1), dy, m_w, Scalar(0), dx);
     }
-    execution_space().fence();
   }
 
   void zero_grad(const execution_space& space) {

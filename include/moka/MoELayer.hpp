@@ -90,9 +90,16 @@ class MoELayer {
   /// \brief Parameters.
   params_type& params() { return m_params; }
   const params_type& params() const { return m_params; }
-  /// \brief Accumulated gradients.
-  params_type& grads() { return m_grads; }
-  const params_type& grads() const { return m_grads; }
+  /// \brief Accumulated gradients (clears the expert weight gradients now
+  /// if zero_grad() deferred that and no backward has run since).
+  params_type& grads() {
+    settle_grads();
+    return m_grads;
+  }
+  const params_type& grads() const {
+    settle_grads();
+    return m_grads;
+  }
 
   /// \brief bf16 copies of W1 and W2 used by the bf16 GEMMs (bf16_compute).
   const btensor3& bf16_w1() const { return m_w1_b; }
@@ -132,7 +139,11 @@ class MoELayer {
   /// every backend and layout: each rank keeps its part of the single-rank
   /// tensors): uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights, zero biases.
   void init_parameters(std::uint64_t seed);
-  /// \brief Sets every gradient to zero.
+  /// \brief Sets every gradient to zero. The expert weight gradients (W1
+  /// and W2, the large ones) are cleared lazily: the next backward's
+  /// weight-gradient GEMMs overwrite them (beta 0) instead of accumulating,
+  /// which saves a pass over them and the GEMMs' reads; grads() clears them
+  /// at once if asked for before that backward.
   void zero_grad(const execution_space& space);
 
   /// \brief y = MoE(x). x and y are [T, d]; keeps what backward needs.
@@ -206,6 +217,9 @@ class MoELayer {
   std::shared_ptr<ProcessGroups> m_groups;
   int m_S = 1, m_L = 0, m_e0 = 0, m_dffl = 0, m_dfil = 0;  // slices, local experts, first expert, local d_ff, d_ff_in
   params_type m_params, m_grads;
+  // zero_grad() left W1 and W2's gradients to the next backward (beta 0).
+  mutable bool m_wgrad_zero = false;
+  void settle_grads() const;
   // Saved by forward for backward. Dispatch side (this rank's tokens, rows
   // ordered by destination expert): xs, ys, dys, dxs. Expert side (rows the
   // local experts process): xe, hpre, h, ye, dye, dh, dhpre, dxe; on one

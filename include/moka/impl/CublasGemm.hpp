@@ -1,8 +1,8 @@
 #pragma once
 /// \file CublasGemm.hpp
 /// \brief The cuBLAS backend of MoKA's GEMMs (CUDA builds only): bf16
-/// operands, fp32 accumulation, on the stream of an execution space
-/// instance; plain GEMMs through cuBLAS, GEMMs with a fused bias and GELU
+/// operands with fp32 accumulation, or fp32 / fp64 throughout, on the stream
+/// of an execution space instance; plain GEMMs through cuBLAS, GEMMs with a fused bias and GELU
 /// (or the GELU's gradient) through cuBLASLt epilogues. Row-major
 /// views of the caller are mapped onto cuBLAS's column-major convention
 /// here, so no caller sees cuBLAS types.
@@ -26,6 +26,13 @@ void gemm_bf16_f32(const Kokkos::Cuda& space, bool trans_a, bool trans_b, int m,
 /// \brief The same with a bf16 output C (fp32 accumulation, rounded once).
 void gemm_bf16_bf16(const Kokkos::Cuda& space, bool trans_a, bool trans_b, int m, int n, int k, float alpha,
                     const bf16* A, int lda, const bf16* B, int ldb, float beta, bf16* C, int ldc);
+
+/// \brief Row-major fp32 or fp64 C[m,n] = alpha op(A) op(B) + beta C at full
+/// precision (CUBLAS_COMPUTE_32F / 64F: no TF32), on the instance's stream.
+void gemm_real(const Kokkos::Cuda& space, bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* A,
+               int lda, const float* B, int ldb, float beta, float* C, int ldc);
+void gemm_real(const Kokkos::Cuda& space, bool trans_a, bool trans_b, int m, int n, int k, double alpha,
+               const double* A, int lda, const double* B, int ldb, double beta, double* C, int ldc);
 
 /// \brief What a fused GEMM does after the product P = op(A) op(B) (row-major
 /// [m, n], fp32 accumulator), with cuBLASLt's GELU (the tanh form,

@@ -155,10 +155,17 @@ template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::zero_grad(const execution_space& space) {
   Kokkos::deep_copy(space, m_grads.gate_w, Scalar(0));
   Kokkos::deep_copy(space, m_grads.noise_w, Scalar(0));
-  Kokkos::deep_copy(space, m_grads.w1, Scalar(0));
   Kokkos::deep_copy(space, m_grads.b1, Scalar(0));
-  Kokkos::deep_copy(space, m_grads.w2, Scalar(0));
   Kokkos::deep_copy(space, m_grads.b2, Scalar(0));
+  m_wgrad_zero = true;  // W1 and W2: the next backward overwrites them
+}
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::settle_grads() const {
+  if (!m_wgrad_zero) return;
+  Kokkos::deep_copy(m_grads.w1, Scalar(0));
+  Kokkos::deep_copy(m_grads.w2, Scalar(0));
+  m_wgrad_zero = false;
 }
 
 namespace impl {
@@ -654,6 +661,15 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
                              m_grads.b1);
   stage.reset();
   expert_gemm(space, Stage::up_backward);
+  if (m_wgrad_zero) {
+    // Overwritten by the GEMMs above, except where an expert had no rows.
+    for (int e = 0; e < m_L; ++e)
+      if (m_e_off[e + 1] == m_e_off[e]) {
+        Kokkos::deep_copy(space, Kokkos::subview(m_grads.w1, e, Kokkos::ALL, Kokkos::ALL), Scalar(0));
+        Kokkos::deep_copy(space, Kokkos::subview(m_grads.w2, e, Kokkos::ALL, Kokkos::ALL), Scalar(0));
+      }
+    m_wgrad_zero = false;
+  }
   const matrix dxs = exchange_reverse(space, m_dxe, m_dxs_buf);
 
   // Gate backward (into dx), then the expert rows of each token.
@@ -671,36 +687,30 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm(const execution_space& space, St
     expert_gemm_bf16(space, stage);
     return;
   }
-  // Kokkos Kernels (3.4 has no instance argument): fence around the calls.
-  space.fence();
   const matrix& dye = m_dye;
+  const Scalar beta_w = m_wgrad_zero ? Scalar(0) : Scalar(1);  // after zero_grad: overwrite
+  const Scalar one(1), zero(0);
   for (int e = 0; e < m_L; ++e) {
     const long b = m_e_off[e], n = m_e_off[e + 1] - b;
     if (n == 0) continue;
+    auto rows = [&](const matrix& m) { return impl::rows_of(m, b, b + n); };
     switch (stage) {
       case Stage::up:
-        impl::gemm("N", "N", Scalar(1), impl::rows_of(m_xe, b, b + n), impl::expert_of(m_params.w1, e), Scalar(0),
-                   impl::rows_of(m_hpre, b, b + n));
+        impl::gemm(space, "N", "N", one, rows(m_xe), impl::expert_of(m_params.w1, e), zero, rows(m_hpre));
         break;
       case Stage::down:
-        impl::gemm("N", "N", Scalar(1), impl::rows_of(m_h, b, b + n), impl::expert_of(m_params.w2, e), Scalar(0),
-                   impl::rows_of(m_ye, b, b + n));
+        impl::gemm(space, "N", "N", one, rows(m_h), impl::expert_of(m_params.w2, e), zero, rows(m_ye));
         break;
       case Stage::down_backward:
-        impl::gemm("T", "N", Scalar(1), impl::rows_of(m_h, b, b + n), impl::rows_of(dye, b, b + n), Scalar(1),
-                   impl::expert_of(m_grads.w2, e));
-        impl::gemm("N", "T", Scalar(1), impl::rows_of(dye, b, b + n), impl::expert_of(m_params.w2, e), Scalar(0),
-                   impl::rows_of(m_dh, b, b + n));
+        impl::gemm(space, "T", "N", one, rows(m_h), rows(dye), beta_w, impl::expert_of(m_grads.w2, e));
+        impl::gemm(space, "N", "T", one, rows(dye), impl::expert_of(m_params.w2, e), zero, rows(m_dh));
         break;
       case Stage::up_backward:
-        impl::gemm("T", "N", Scalar(1), impl::rows_of(m_xe, b, b + n), impl::rows_of(m_dhpre, b, b + n), Scalar(1),
-                   impl::expert_of(m_grads.w1, e));
-        impl::gemm("N", "T", Scalar(1), impl::rows_of(m_dhpre, b, b + n), impl::expert_of(m_params.w1, e), Scalar(0),
-                   impl::rows_of(m_dxe, b, b + n));
+        impl::gemm(space, "T", "N", one, rows(m_xe), rows(m_dhpre), beta_w, impl::expert_of(m_grads.w1, e));
+        impl::gemm(space, "N", "T", one, rows(m_dhpre), impl::expert_of(m_params.w1, e), zero, rows(m_dxe));
         break;
     }
   }
-  execution_space().fence();
 }
 
 template <class Scalar, class MemorySpace>
@@ -736,6 +746,7 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& spac
 #ifdef KOKKOS_ENABLE_CUDA
   if constexpr (std::is_same<Scalar, float>::value && std::is_same<MemorySpace, Kokkos::CudaSpace>::value) {
     const int d = m_cfg.d_model, dff = m_dffl, dfi = m_dfil;
+    const float beta_w = m_wgrad_zero ? 0.f : 1.f;  // after zero_grad: overwrite
     if (stage == Stage::down_backward && m_exchange) {  // else written by the combine backward
       impl::grow_rows(m_dys_b, m_rows_e, d, "dys_bf16");
       impl::convert_to_bf16(space, "moka::dys_to_bf16", m_dye.data(), m_dys_b.data(), std::size_t(m_rows_e) * d);
@@ -762,7 +773,7 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& spac
           break;
         case Stage::down_backward:
           impl::gemm_bf16_f32(space, true, false, dff, d, n, 1.f, m_h_b.data() + b * dff, dff, m_dys_b.data() + b * d,
-                              d, 1.f, m_grads.w2.data() + std::size_t(e) * dff * d, d);
+                              d, beta_w, m_grads.w2.data() + std::size_t(e) * dff * d, d);
           if (m_fused) {
             impl::gemm_bf16_epilogue(space, epilogue(false, e, b), false, true, n, dff, d, m_dys_b.data() + b * d, d,
                                      w2, d, m_dhpre_b.data() + b * dff, dff, m_lt_work.data(), m_lt_work.size());
@@ -773,7 +784,8 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& spac
           break;
         case Stage::up_backward:
           impl::gemm_bf16_f32(space, true, false, d, dfi, n, 1.f, m_xs_b.data() + b * d, d,
-                              m_dhpre_b.data() + b * dfi, dfi, 1.f, m_grads.w1.data() + std::size_t(e) * d * dfi, dfi);
+                              m_dhpre_b.data() + b * dfi, dfi, beta_w, m_grads.w1.data() + std::size_t(e) * d * dfi,
+                              dfi);
           impl::gemm_bf16_f32(space, false, true, n, d, dfi, 1.f, m_dhpre_b.data() + b * dfi, dfi, w1, dfi, 0.f,
                               m_dxe.data() + b * d, d);
           break;
@@ -819,10 +831,8 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
   }
 
   // Logits (noisy gate: clean + N(0,1) * (softplus(x Wn) + 0.01) in training).
-  space.fence();
-  impl::gemm("N", "N", Scalar(1), m_gin, m_params.gate_w, Scalar(0), m_clean);
-  if (type == GateType::noisy) impl::gemm("N", "N", Scalar(1), m_gin, m_params.noise_w, Scalar(0), m_raw);
-  execution_space().fence();
+  impl::gemm(space, "N", "N", Scalar(1), m_gin, m_params.gate_w, Scalar(0), m_clean);
+  if (type == GateType::noisy) impl::gemm(space, "N", "N", Scalar(1), m_gin, m_params.noise_w, Scalar(0), m_raw);
   if (type == GateType::noisy) {
     auto clean = m_clean;
     auto raw = m_raw;
@@ -1070,14 +1080,12 @@ void MoELayer<Scalar, MemorySpace>::gate_backward(const execution_space& space, 
           }
         });
   }
-  space.fence();
-  impl::gemm("T", "N", Scalar(1), m_gin, dclean, Scalar(1), m_grads.gate_w);
-  impl::gemm("N", "T", Scalar(1), dclean, m_params.gate_w, Scalar(0), dx);
+  impl::gemm(space, "T", "N", Scalar(1), m_gin, dclean, Scalar(1), m_grads.gate_w);
+  impl::gemm(space, "N", "T", Scalar(1), dclean, m_params.gate_w, Scalar(0), dx);
   if (type == GateType::noisy) {
-    impl::gemm("T", "N", Scalar(1), m_gin, draw, Scalar(1), m_grads.noise_w);
-    impl::gemm("N", "T", Scalar(1), draw, m_params.noise_w, Scalar(1), dx);
+    impl::gemm(space, "T", "N", Scalar(1), m_gin, draw, Scalar(1), m_grads.noise_w);
+    impl::gemm(space, "N", "T", Scalar(1), draw, m_params.noise_w, Scalar(1), dx);
   }
-  execution_space().fence();
   if (type == GateType::switch_top1) {
     auto jit = m_jitter;
     Kokkos::parallel_for(
