@@ -258,25 +258,44 @@ int run_exchange(const moka::InputDeck& deck, int rank, int size) {
                              moka::memory_kind_of<M>());
     });
     // The layer's block pattern with equal blocks (L per peer, landing in
-    // (local expert, source rank) order), in one group and in L groups of
-    // one block per peer: what the blocks cost against one message per peer.
+    // (local expert, source rank) order), and with the block sizes of this
+    // forward's routing, whole and in pieces of at most 64 MB: what the
+    // blocks and their sizes cost against one message per peer.
     const int L    = cfg.num_experts / groups->ep_size();
     const long blk = std::max(1L, count / L);
-    std::vector<std::vector<moka::Communicator::Block>> rs(L), rr(L);
+    const auto type = moka::data_type_of<S>();
+    const auto mem  = moka::memory_kind_of<M>();
     std::vector<moka::Communicator::Block> bs, br;
     for (int q = 0; q < size; ++q)
       for (int l = 0; l < L; ++l) {
         bs.push_back({q, (long(q) * L + l) * blk, blk});
         br.push_back({q, (long(l) * size + q) * blk, blk});
-        rs[l].push_back(bs.back());
-        rr[l].push_back(br.back());
       }
-    const auto type = moka::data_type_of<S>();
-    const auto mem  = moka::memory_kind_of<M>();
-    const double t_blocks = slowest([&] { groups->ep().alltoallv_blocks(space, sbuf.data(), bs, rbuf.data(), br, type, mem); });
-    const double t_rounds = slowest([&] {
-      for (int l = 0; l < L; ++l) groups->ep().alltoallv_blocks(space, sbuf.data(), rs[l], rbuf.data(), rr[l], type, mem);
-    });
+    const double t_blocks =
+        slowest([&] { groups->ep().alltoallv_blocks(space, sbuf.data(), bs, rbuf.data(), br, type, mem); });
+    double t_layer_blocks = 0, t_layer_pieces = 0;
+    {
+      auto hc = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.expert_counts());
+      std::vector<long> out(hc.extent(0)), in(hc.extent(0)), at(hc.extent(0));
+      for (std::size_t e = 0; e < hc.extent(0); ++e) out[e] = long(hc(e)) * cfg.d_model;
+      groups->ep().alltoall_counts(out.data(), in.data(), L);
+      long so = 0, ro = 0;
+      for (int l = 0; l < L; ++l)
+        for (int q = 0; q < size; ++q) at[q * L + l] = ro, ro += in[q * L + l];
+      std::vector<moka::Communicator::Block> ls, lr;
+      for (int q = 0; q < size; ++q)
+        for (int l = 0; l < L; ++l) {
+          ls.push_back({q, so, out[q * L + l]});
+          lr.push_back({q, at[q * L + l], in[q * L + l]});
+          so += out[q * L + l];
+        }
+      Kokkos::View<S*, M> s2("layer_blocks_send", std::max(1L, so)), r2("layer_blocks_recv", std::max(1L, ro));
+      t_layer_blocks = slowest([&] { groups->ep().alltoallv_blocks(space, s2.data(), ls, r2.data(), lr, type, mem); });
+      const long cap = (64L << 20) / long(sizeof(S));
+      moka::impl::split_blocks(ls, cap);
+      moka::impl::split_blocks(lr, cap);
+      t_layer_pieces = slowest([&] { groups->ep().alltoallv_blocks(space, s2.data(), ls, r2.data(), lr, type, mem); });
+    }
     // The counts all-to-all alone (host, as in the plan).
     std::vector<long> cs(std::size_t(size) * (L + 1), 1), cr(cs.size());
     const double t_counts = slowest([&] { groups->ep().alltoall_counts(cs.data(), cr.data(), L + 1); });
@@ -288,14 +307,12 @@ int run_exchange(const moka::InputDeck& deck, int rank, int size) {
     if (rank == 0)
       std::printf("  %10s (%s; counts and plan %.3f ms, rows there %.3f ms, back %.3f ms; slowest rank each; "
                   "one send/recv per peer, same bytes: %.3f ms)\n",
-                  "", layer.exchange_coalesced() ? "one message per peer + reorder"
-                  : layer.exchange_rounds()  ? "one message per block, in rounds of one per peer"
-                                             : "one message per block",
+                  "", layer.exchange_coalesced() ? "one message per peer + reorder" : "one message per block",
                   parts[0] * 1e3, parts[1] * 1e3, parts[2] * 1e3, t_p2p * 1e3);
     if (rank == 0)
-      std::printf("  %10s (same bytes as %d equal blocks per peer: one group %.3f ms, %d groups of one block per peer "
-                  "%.3f ms; counts all-to-all alone %.3f ms)\n",
-                  "", L, t_blocks * 1e3, L, t_rounds * 1e3, t_counts * 1e3);
+      std::printf("  %10s (same bytes as %d equal blocks per peer %.3f ms; the layer's block sizes, fresh buffers "
+                  "%.3f ms, in pieces of at most 64 MB %.3f ms; counts all-to-all alone %.3f ms)\n",
+                  "", L, t_blocks * 1e3, t_layer_blocks * 1e3, t_layer_pieces * 1e3, t_counts * 1e3);
   }
   return 0;
 }

@@ -34,7 +34,8 @@ check test_distributed_device_np1 "$b/tests/test_distributed" --gtest_filter='*D
 for n in 2 4; do
   [ "$ngpu" -ge "$n" ] || continue
   check "test_distributed_device_np$n" mpirun -n $n "$b/tests/test_distributed" --gtest_filter='*Device*'
-  check "test_comm_np$n" mpirun -n $n "$b/tests/test_comm"
+  # MOKA_PERF_SKIP_COMM=1: the communicator tests are left out (unchanged code).
+  [ "${MOKA_PERF_SKIP_COMM:-0}" = 1 ] || check "test_comm_np$n" mpirun -n $n "$b/tests/test_comm"
 done
 fi
 stamp "one layer, issue-3 size (bf16)"
@@ -56,7 +57,7 @@ if [ "$ngpu" -ge 2 ]; then
   stamp "token exchange vs NCCL all-to-all on $ngpu GPUs"
   mpirun -n "$ngpu" "$b/drivers/moka-bench" "$root/input_decks/bench_exchange.deck" > "$logs/exchange-np$ngpu.txt" 2>&1
   grep -vE "^\s*$|WARNING|OMP_PROC_BIND|OpenMP" "$logs/exchange-np$ngpu.txt" | tail -32
-  for opt in comm.exchange_coalesce_mb=0 comm.exchange_rounds_mb=0; do
+  for opt in comm.exchange_coalesce_mb=0 comm.exchange_max_message_mb=64; do
     stamp "token exchange, $opt"
     mpirun -n "$ngpu" "$b/drivers/moka-bench" "$root/input_decks/bench_exchange.deck" $opt \
       > "$logs/exchange-np$ngpu-$opt.txt" 2>&1

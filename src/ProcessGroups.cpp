@@ -28,10 +28,9 @@ DeckSchema ParallelConfig::schema() {
                "source rank) order; above it, as one message per (peer, local expert) block, straight to their "
                "place. 0: always blocks; -1: 8 with NCCL, 0 with MPI (an MPI message costs little, a copy on the "
                "host much).");
-  s.add("comm.exchange_rounds_mb", DeckType::real).set_default("-1").set_min(-1)
-      .set_doc("Token exchange in blocks (above the coalescing threshold): when the blocks average at least this "
-               "many MB, they go as L rounds of one block per peer (one NCCL group each) instead of one group of "
-               "all blocks. 0: always rounds; -1: never.");
+  s.add("comm.exchange_max_message_mb", DeckType::real).set_default("0").set_min(0)
+      .set_doc("Token exchange: a message (a block, or a peer's rows when coalesced) of more than this many MB goes "
+               "as consecutive pieces of at most this size. 0: no limit.");
   return s;
 }
 
@@ -43,7 +42,7 @@ ParallelConfig ParallelConfig::from_deck(const InputDeck& deck) {
   c.backend              = deck.get<std::string>("comm.backend");
   c.bucket_mb            = deck.get<double>("comm.bucket_mb");
   c.exchange_coalesce_mb = deck.get<double>("comm.exchange_coalesce_mb");
-  c.exchange_rounds_mb   = deck.get<double>("comm.exchange_rounds_mb");
+  c.exchange_max_message_mb = deck.get<double>("comm.exchange_max_message_mb");
   return c;
 }
 

@@ -245,7 +245,6 @@ void check_layer(const Layout& lay, const std::shared_ptr<moka::ProcessGroups>& 
       // The way the deck asks for ran (the test's payloads are tiny).
       const bool coalesced = groups->config().exchange_coalesce_mb > 0;
       EXPECT_EQ(dist.exchange_coalesced(), coalesced) << at;
-      EXPECT_EQ(dist.exchange_rounds(), !coalesced && groups->config().exchange_rounds_mb >= 0) << at;
     }
     EXPECT_EQ(dist.tokens_global(), T_global) << at;
     EXPECT_EQ(dist.token_offset(), t0) << at;
@@ -271,10 +270,10 @@ void check_layer(const Layout& lay, const std::shared_ptr<moka::ProcessGroups>& 
 
 /// \p coalesce_mb: comm.exchange_coalesce_mb (the test's payloads are tiny:
 /// 32 sends one message per peer, 0 one per (peer, local expert));
-/// \p rounds_mb: comm.exchange_rounds_mb (0: the blocks in rounds, -1: in
-/// one group).
+/// \p max_message_mb: comm.exchange_max_message_mb (1e-4, about 100 bytes,
+/// cuts every message into many pieces, mid-row; 0: whole messages).
 template <class M>
-void check_all_layouts(const std::string& backend, double coalesce_mb, double rounds_mb = -1) {
+void check_all_layouts(const std::string& backend, double coalesce_mb, double max_message_mb = 0) {
   const moka::MoEConfig base = base_config();
   const bool device = !Kokkos::SpaceAccessibility<Kokkos::HostSpace, M>::accessible;
   for (const Layout& lay : layouts(base.num_experts, base.d_ff)) {
@@ -284,11 +283,12 @@ void check_all_layouts(const std::string& backend, double coalesce_mb, double ro
     pc.expert_slicing  = lay.slice;
     pc.backend         = backend;
     pc.exchange_coalesce_mb = coalesce_mb;
-    pc.exchange_rounds_mb   = rounds_mb;
+    pc.exchange_max_message_mb = max_message_mb;
     auto groups = std::make_shared<moka::ProcessGroups>(MPI_COMM_WORLD, pc, base.num_experts, base.d_ff, device);
     if (world_rank() == 0)
       std::cout << "layout " << groups->describe()
-                << (coalesce_mb > 0 ? ", one message per peer" : rounds_mb >= 0 ? ", blocks in rounds" : ", blocks")
+                << (coalesce_mb > 0 ? ", one message per peer" : ", blocks")
+                << (max_message_mb > 0 ? ", in pieces" : "")
                 << "\n";
     for (const auto& gc : gate_cases()) {
       moka::MoEConfig cfg = base;
@@ -309,15 +309,15 @@ void check_all_layouts(const std::string& backend, double coalesce_mb, double ro
 
 TEST(Distributed, LayerEqualsOneRankHost) { check_all_layouts<Kokkos::HostSpace>("mpi", 32); }
 TEST(Distributed, LayerEqualsOneRankHostBlocks) { check_all_layouts<Kokkos::HostSpace>("mpi", 0); }
-TEST(Distributed, LayerEqualsOneRankHostRounds) { check_all_layouts<Kokkos::HostSpace>("mpi", 0, 0); }
+TEST(Distributed, LayerEqualsOneRankHostPieces) { check_all_layouts<Kokkos::HostSpace>("mpi", 0, 1e-4); }
 
 #ifdef KOKKOS_ENABLE_CUDA
 // Device builds only (a host-only build has no second memory space to test).
 TEST(Distributed, LayerEqualsOneRankDevice) {
-  // One message per peer, blocks in one group, blocks in rounds.
-  for (auto [mb, rounds] : {std::pair{32.0, -1.0}, {0.0, -1.0}, {0.0, 0.0}}) {
-    check_all_layouts<moka::memory_space>("auto", mb, rounds);  // NCCL where every rank has a GPU
-    check_all_layouts<moka::memory_space>("mpi", mb, rounds);   // device data staged through host buffers
+  // One message per peer, blocks, blocks in pieces.
+  for (auto [mb, cap] : {std::pair{32.0, 0.0}, {0.0, 0.0}, {0.0, 1e-4}}) {
+    check_all_layouts<moka::memory_space>("auto", mb, cap);  // NCCL where every rank has a GPU
+    check_all_layouts<moka::memory_space>("mpi", mb, cap);   // device data staged through host buffers
   }
 }
 #endif

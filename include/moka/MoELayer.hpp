@@ -112,9 +112,6 @@ class MoELayer {
   /// peer through the staging buffer (no rank sent more than (L - 1) x
   /// comm.exchange_coalesce_mb, L local experts).
   bool exchange_coalesced() const { return m_coalesce; }
-  /// \brief Whether the last forward's blocks went in L rounds of one block
-  /// per peer (comm.exchange_rounds_mb).
-  bool exchange_rounds() const { return m_rounds; }
   /// \brief With \p on, forward uses the bf16 copies as they are instead of
   /// converting W1 and W2 at every forward: whoever changes the weights
   /// keeps the copies equal to bf16(W) (moka::Optimizer does, fused into its
@@ -193,9 +190,6 @@ class MoELayer {
   void plan_exchange(const execution_space& space);
   void align_for_timing(const execution_space& space);
   matrix exchange_forward(const execution_space& space, const matrix& dispatch, matrix& buf);
-  // The EP blocks: one group, or L rounds of one block per peer.
-  void post_ep_blocks(const execution_space& space, const Scalar* send, const std::vector<Communicator::Block>& sends,
-                      Scalar* recv, const std::vector<Communicator::Block>& recvs);
   matrix exchange_reverse(const execution_space& space, const matrix& expert, matrix& buf);
   void expert_bias_add(const execution_space& space);
   static constexpr int bias_chunk = 64;  ///< rows per partial sum of the bias gradients
@@ -268,7 +262,6 @@ class MoELayer {
   // expert-side offsets, the bias-sum chunk starts and the segments are
   // parts of m_plan_dev, uploaded from m_plan_host in one copy per forward.
   bool m_coalesce = false;
-  bool m_rounds   = false;  // blocks in L rounds of one per peer (comm.exchange_rounds_mb)
   matrix m_stage;
   index_vector m_plan_dev, m_segments;
   typename index_vector::HostMirror m_plan_host;

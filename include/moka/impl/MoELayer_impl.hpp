@@ -262,6 +262,25 @@ inline void expert_major(const std::vector<long>& counts, int G, int L, std::vec
 }
 }  // namespace impl
 
+namespace impl {
+/// Blocks of more than \p cap elements as consecutive pieces of at most
+/// \p cap (an empty block stays one empty block).
+inline void split_blocks(std::vector<Communicator::Block>& blocks, long cap) {
+  std::vector<Communicator::Block> out;
+  out.reserve(blocks.size());
+  for (const auto& b : blocks) {
+    long at = b.offset, left = b.count;
+    do {
+      const long n = std::min(left, cap);
+      out.push_back({b.peer, at, n});
+      at += n;
+      left -= n;
+    } while (left > 0);
+  }
+  blocks.swap(out);
+}
+}  // namespace impl
+
 template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::align_for_timing(const execution_space& space) {
   // Only when regions fence (stage breakdowns, the exchange benchmark): all
@@ -283,7 +302,6 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
   const int P = m_groups ? m_groups->ep_size() : 1;
   m_ep_counts.assign(std::size_t(P) * L, 0);
   m_coalesce = false;
-  m_rounds   = false;
   if (P > 1) {
     // With the L counts each peer also gets this rank's total, so every
     // rank sees every rank's total and all decide alike on coalescing.
@@ -306,9 +324,6 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
     if (mb < 0) mb = m_groups->ep().backend() == CommBackend::nccl ? 8.0 : 0.0;
     const double limit = (L - 1) * mb * 1048576.0;
     m_coalesce = L > 1 && double(most) * d * sizeof(Scalar) <= limit;
-    // From the same total on every rank, so all post the same groups.
-    const double rounds = m_groups->config().exchange_rounds_mb;
-    m_rounds = !m_coalesce && L > 1 && rounds >= 0 && double(most) * d * sizeof(Scalar) / (P * L) >= rounds * 1048576.0;
   } else {
     m_ep_counts = cnt;
   }
@@ -368,6 +383,13 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
       m_sl_recv.push_back({s, sl_at[s * L + l] * d, m_sl_counts[s * L + l] * d});
       m_sl_back.push_back({s, (s * m_rows_ep + m_ep_off[l]) * d, mine[l] * d});
     }
+  // Messages above comm.exchange_max_message_mb in pieces (a pair's
+  // matching blocks have equal counts, so both sides cut them alike).
+  const double cap_mb = m_groups ? m_groups->config().exchange_max_message_mb : 0;
+  if (cap_mb > 0) {
+    const long cap = std::max(1L, static_cast<long>(cap_mb * 1048576.0 / sizeof(Scalar)));
+    for (auto* list : {&m_ep_send, &m_ep_recv, &m_sl_send, &m_sl_recv, &m_sl_back}) impl::split_blocks(*list, cap);
+  }
   // Bias gradients are column sums over chunks of bias_chunk rows, each
   // expert's chunks consecutive.
   long chunks = 0;
@@ -378,29 +400,6 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
   }
   m_chunks = chunks;
   Kokkos::deep_copy(space, m_plan_dev, plan);
-}
-
-template <class Scalar, class MemorySpace>
-void MoELayer<Scalar, MemorySpace>::post_ep_blocks(const execution_space& space, const Scalar* send,
-                                                   const std::vector<Communicator::Block>& sends, Scalar* recv,
-                                                   const std::vector<Communicator::Block>& recvs) {
-  const MemoryKind mem = memory_kind_of<MemorySpace>();
-  const DataType type  = data_type_of<Scalar>();
-  if (!m_rounds) {
-    m_groups->ep().alltoallv_blocks(space, send, sends, recv, recvs, type, mem);
-    return;
-  }
-  // Blocks are listed in (peer, local expert) order: round l is every
-  // peer's block l.
-  const int P = m_groups->ep_size(), L = m_L;
-  std::vector<Communicator::Block> s(P), r(P);
-  for (int l = 0; l < L; ++l) {
-    for (int p = 0; p < P; ++p) {
-      s[p] = sends[std::size_t(p) * L + l];
-      r[p] = recvs[std::size_t(p) * L + l];
-    }
-    m_groups->ep().alltoallv_blocks(space, send, s, recv, r, type, mem);
-  }
 }
 
 template <class Scalar, class MemorySpace>
@@ -422,7 +421,7 @@ typename MoELayer<Scalar, MemorySpace>::matrix MoELayer<Scalar, MemorySpace>::ex
       m_groups->ep().alltoallv_blocks(space, dispatch.data(), m_ep_send, m_stage.data(), m_ep_recv, type, mem);
       impl::move_segments(space, true, m_rows_ep, m_segments, P * m_L, m_stage, out);
     } else {
-      post_ep_blocks(space, dispatch.data(), m_ep_send, out.data(), m_ep_recv);
+      m_groups->ep().alltoallv_blocks(space, dispatch.data(), m_ep_send, out.data(), m_ep_recv, type, mem);
     }
     ep_rows = out;
   }
@@ -463,7 +462,7 @@ typename MoELayer<Scalar, MemorySpace>::matrix MoELayer<Scalar, MemorySpace>::ex
     impl::move_segments(space, false, m_rows_ep, m_segments, P * m_L, m_stage, ep_rows);
     m_groups->ep().alltoallv_blocks(space, m_stage.data(), m_ep_recv, buf.data(), m_ep_send, type, mem);
   } else {
-    post_ep_blocks(space, ep_rows.data(), m_ep_recv, buf.data(), m_ep_send);
+    m_groups->ep().alltoallv_blocks(space, ep_rows.data(), m_ep_recv, buf.data(), m_ep_send, type, mem);
   }
   return buf;
 }
