@@ -259,7 +259,7 @@ int run_exchange(const moka::InputDeck& deck, int rank, int size) {
     });
     // The layer's block pattern with equal blocks (L per peer, landing in
     // (local expert, source rank) order), and with the block sizes of this
-    // forward's routing, whole and in pieces of at most 64 MB: what the
+    // forward's routing, whole and in pieces of at most 96 MB: what the
     // blocks and their sizes cost against one message per peer.
     const int L    = cfg.num_experts / groups->ep_size();
     const long blk = std::max(1L, count / L);
@@ -291,7 +291,7 @@ int run_exchange(const moka::InputDeck& deck, int rank, int size) {
         }
       Kokkos::View<S*, M> s2("layer_blocks_send", std::max(1L, so)), r2("layer_blocks_recv", std::max(1L, ro));
       t_layer_blocks = slowest([&] { groups->ep().alltoallv_blocks(space, s2.data(), ls, r2.data(), lr, type, mem); });
-      const long cap = (64L << 20) / long(sizeof(S));
+      const long cap = (96L << 20) / long(sizeof(S));
       moka::impl::split_blocks(ls, cap);
       moka::impl::split_blocks(lr, cap);
       t_layer_pieces = slowest([&] { groups->ep().alltoallv_blocks(space, s2.data(), ls, r2.data(), lr, type, mem); });
@@ -311,7 +311,7 @@ int run_exchange(const moka::InputDeck& deck, int rank, int size) {
                   parts[0] * 1e3, parts[1] * 1e3, parts[2] * 1e3, t_p2p * 1e3);
     if (rank == 0)
       std::printf("  %10s (same bytes as %d equal blocks per peer %.3f ms; the layer's block sizes, fresh buffers "
-                  "%.3f ms, in pieces of at most 64 MB %.3f ms; counts all-to-all alone %.3f ms)\n",
+                  "%.3f ms, in pieces of at most 96 MB %.3f ms; counts all-to-all alone %.3f ms)\n",
                   "", L, t_blocks * 1e3, t_layer_blocks * 1e3, t_layer_pieces * 1e3, t_counts * 1e3);
   }
   return 0;

@@ -28,9 +28,10 @@ DeckSchema ParallelConfig::schema() {
                "source rank) order; above it, as one message per (peer, local expert) block, straight to their "
                "place. 0: always blocks; -1: 8 with NCCL, 0 with MPI (an MPI message costs little, a copy on the "
                "host much).");
-  s.add("comm.exchange_max_message_mb", DeckType::real).set_default("0").set_min(0)
+  s.add("comm.exchange_max_message_mb", DeckType::real).set_default("96").set_min(0)
       .set_doc("Token exchange: a message (a block, or a peer's rows when coalesced) of more than this many MB goes "
-               "as consecutive pieces of at most this size. 0: no limit.");
+               "as consecutive pieces of nearly equal size, each at most this (on 4 x H200 with NCCL 2.28, blocks "
+               "of about 128 MB ran at 79% of NCCL's all-to-all, in pieces of 96 MB at most at 97%). 0: no limit.");
   return s;
 }
 

@@ -10,6 +10,7 @@
 #include "MoETestUtils.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <numeric>
 #include <random>
@@ -244,6 +245,21 @@ TEST(MoELayer, ZeroGradOverwritesInsteadOfAccumulating) {
   }
   for (double v : to_vec(L.grads().w1)) EXPECT_EQ(v, 0.0);
   for (double v : to_vec(L.grads().w2)) EXPECT_EQ(v, 0.0);
+}
+
+TEST(MoEKernels, SplitBlocksCutsNearlyEqualPieces) {
+  // 66 elements under a cap of 64 go as 33 + 33 (not 64 + 2), in order,
+  // covering the block; small and empty blocks stay whole.
+  std::vector<moka::Communicator::Block> b = {{1, 100, 66}, {2, 0, 64}, {3, 7, 0}, {0, 200, 129}};
+  moka::impl::split_blocks(b, 64);
+  const std::vector<std::array<long, 3>> want = {{1, 100, 33}, {1, 133, 33}, {2, 0, 64}, {3, 7, 0},
+                                                 {0, 200, 43},  {0, 243, 43}, {0, 286, 43}};
+  ASSERT_EQ(b.size(), want.size());
+  for (std::size_t i = 0; i < b.size(); ++i) {
+    EXPECT_EQ(b[i].peer, want[i][0]) << i;
+    EXPECT_EQ(b[i].offset, want[i][1]) << i;
+    EXPECT_EQ(b[i].count, want[i][2]) << i;
+  }
 }
 
 TEST(MoELayer, BadInputIsAClearError) {

@@ -39,9 +39,9 @@ struct ParallelConfig {
   /// comm.exchange_coalesce_mb: one message per peer up to (L - 1) x this;
   /// negative: 8 with NCCL, 0 (always blocks) with MPI.
   double exchange_coalesce_mb = -1;
-  /// comm.exchange_max_message_mb: larger exchange messages go in pieces of
-  /// at most this; 0: no limit.
-  double exchange_max_message_mb = 0;
+  /// comm.exchange_max_message_mb: larger exchange messages go in nearly
+  /// equal pieces of at most this; 0: no limit.
+  double exchange_max_message_mb = 96;
 
   /// \brief Throws moka::Error naming the first inconsistency with a world of
   /// \p world ranks and experts of the given shape.

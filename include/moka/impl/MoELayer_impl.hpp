@@ -263,19 +263,22 @@ inline void expert_major(const std::vector<long>& counts, int G, int L, std::vec
 }  // namespace impl
 
 namespace impl {
-/// Blocks of more than \p cap elements as consecutive pieces of at most
-/// \p cap (an empty block stays one empty block).
+/// Blocks of more than \p cap elements as consecutive pieces of nearly
+/// equal size, each at most \p cap (a 64 MB cap cutting 66 MB into 64 + 2
+/// made NCCL's grouped exchange 35% slower on 4 x H200; 33 + 33 does not).
+/// An empty block stays one empty block.
 inline void split_blocks(std::vector<Communicator::Block>& blocks, long cap) {
   std::vector<Communicator::Block> out;
   out.reserve(blocks.size());
   for (const auto& b : blocks) {
-    long at = b.offset, left = b.count;
-    do {
-      const long n = std::min(left, cap);
+    const long pieces = std::max(1L, (b.count + cap - 1) / cap);
+    long at = b.offset;
+    for (long i = 0; i < pieces; ++i) {
+      // Piece i: elements [i count / pieces, (i + 1) count / pieces).
+      const long n = (i + 1) * b.count / pieces - i * b.count / pieces;
       out.push_back({b.peer, at, n});
       at += n;
-      left -= n;
-    } while (left > 0);
+    }
   }
   blocks.swap(out);
 }
