@@ -1,4 +1,4 @@
-// moka-bench: times forward + backward of one MoE layer for a deck and
+// moka-bench: times zero_grad + forward + backward of one MoE layer for a deck and
 // prints ms, the TFLOP/s of the expert GEMMs, and the rate of plain dense
 // GEMMs of the same shapes and FLOPs measured in the same run.
 //
