@@ -276,12 +276,12 @@ int run_exchange(const moka::InputDeck& deck, int rank, int size) {
     double t_layer_blocks = 0, t_layer_pieces = 0;
     {
       auto hc = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.expert_counts());
-      std::vector<long> out(hc.extent(0)), in(hc.extent(0)), at(hc.extent(0));
+      std::vector<long> out(hc.extent(0)), in(hc.extent(0)), off, at;
       for (std::size_t e = 0; e < hc.extent(0); ++e) out[e] = long(hc(e)) * cfg.d_model;
       groups->ep().alltoall_counts(out.data(), in.data(), L);
-      long so = 0, ro = 0;
-      for (int l = 0; l < L; ++l)
-        for (int q = 0; q < size; ++q) at[q * L + l] = ro, ro += in[q * L + l];
+      moka::impl::expert_major(in, size, L, off, at);  // the layer's (local expert, source rank) landing places
+      long so = 0;
+      const long ro = off[L];
       std::vector<moka::Communicator::Block> ls, lr;
       for (int q = 0; q < size; ++q)
         for (int l = 0; l < L; ++l) {

@@ -2,10 +2,10 @@
 /// \file CublasGemm.hpp
 /// \brief The cuBLAS backend of MoKA's GEMMs (CUDA builds only): bf16
 /// operands with fp32 accumulation, or fp32 / fp64 throughout, on the stream
-/// of an execution space instance; plain GEMMs through cuBLAS, GEMMs with a fused bias and GELU
-/// (or the GELU's gradient) through cuBLASLt epilogues. Row-major
-/// views of the caller are mapped onto cuBLAS's column-major convention
-/// here, so no caller sees cuBLAS types.
+/// of an execution space instance; plain GEMMs through cuBLAS, GEMMs with a
+/// fused bias and GELU (or the GELU's gradient) through cuBLASLt epilogues.
+/// Row-major views of the caller are mapped onto cuBLAS's column-major
+/// convention here, so no caller sees cuBLAS types.
 
 #include <moka/BFloat16.hpp>
 
