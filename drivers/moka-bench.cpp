@@ -307,7 +307,10 @@ int run_exchange(const moka::InputDeck& deck, int rank, int size) {
     if (rank == 0)
       std::printf("  %10s (%s; counts and plan %.3f ms, rows there %.3f ms, back %.3f ms; slowest rank each; "
                   "one send/recv per peer, same bytes: %.3f ms)\n",
-                  "", layer.exchange_coalesced() ? "one message per peer + reorder" : "one message per block",
+                  "",
+                  layer.exchange_direct()      ? "direct: one put kernel into symmetric windows"
+                  : layer.exchange_coalesced() ? "one message per peer + reorder"
+                                               : "one message per block",
                   parts[0] * 1e3, parts[1] * 1e3, parts[2] * 1e3, t_p2p * 1e3);
     if (rank == 0)
       std::printf("  %10s (same bytes as %d equal blocks per peer %.3f ms; the layer's block sizes, fresh buffers "

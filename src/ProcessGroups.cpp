@@ -32,6 +32,12 @@ DeckSchema ParallelConfig::schema() {
       .set_doc("Token exchange: a message (a block, or a peer's rows when coalesced) of more than this many MB goes "
                "as consecutive pieces of nearly equal size, each at most this (on 4 x H200 with NCCL 2.28, blocks "
                "of about 128 MB ran at 79% of NCCL's all-to-all, in pieces of 96 MB at most at 97%). 0: no limit.");
+  s.add("comm.exchange_direct", DeckType::string).set_default("auto").set_choices({"auto", "on", "off"})
+      .set_doc("Token exchange between EP ranks whose GPUs reach each other's memory (one node, NVLink or P2P; "
+               "NCCL 2.28 or later, comm.backend = nccl, no expert slicing): on: one kernel stores every row "
+               "straight into its place in the receiving GPU's buffer (NCCL symmetric windows), no messages per "
+               "block and no reordering pass; off: NCCL send/recv messages; auto: on where possible. on where it "
+               "is not possible is an error naming why.");
   return s;
 }
 
@@ -44,6 +50,7 @@ ParallelConfig ParallelConfig::from_deck(const InputDeck& deck) {
   c.bucket_mb            = deck.get<double>("comm.bucket_mb");
   c.exchange_coalesce_mb = deck.get<double>("comm.exchange_coalesce_mb");
   c.exchange_max_message_mb = deck.get<double>("comm.exchange_max_message_mb");
+  c.exchange_direct      = deck.get<std::string>("comm.exchange_direct");
   return c;
 }
 
@@ -61,6 +68,8 @@ void ParallelConfig::validate(int world, int num_experts, int d_ff) const {
                " is not divisible by parallel.expert_parallel = ", ep);
   MOKA_REQUIRE(d_ff % s == 0, "moe.d_ff = ", d_ff, " is not divisible by parallel.expert_slicing = ", s);
   (void)comm_backend_from_string(backend);
+  MOKA_REQUIRE(exchange_direct == "auto" || exchange_direct == "on" || exchange_direct == "off",
+               "comm.exchange_direct = '", exchange_direct, "' (expected auto, on or off)");
 }
 
 ProcessGroups::ProcessGroups(MPI_Comm world, const ParallelConfig& config, int num_experts, int d_ff,

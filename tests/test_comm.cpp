@@ -6,6 +6,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
 #include <numeric>
 
 namespace {
@@ -163,6 +166,106 @@ TEST(Comm, MpiDeviceMemoryStaged) { check_backend<Kokkos::CudaSpace>(moka::CommB
 TEST(Comm, NcclDeviceMemory) {
   if (!moka::nccl_usable(MPI_COMM_WORLD)) GTEST_SKIP() << "ranks share a GPU: NCCL needs one per rank";
   check_backend<Kokkos::CudaSpace>(moka::CommBackend::nccl);
+}
+#endif
+
+#ifdef KOKKOS_ENABLE_CUDA
+namespace {
+/// Elements rank s puts into rank q's window (several 256 KB tiles of doubles).
+long put_count(int s, int q) { return 50000 + 997 * s + 13 * q; }
+}  // namespace
+
+TEST(Comm, NcclWindowPuts) {
+  // Symmetric windows: every rank puts a run to every peer, cut into a
+  // number of pieces that differs by rank (so that ranks pass different
+  // numbers of puts, through every kernel size), then bf16 runs of odd
+  // lengths at odd offsets (2-byte accesses) with one rank putting nothing.
+  if (!moka::nccl_usable(MPI_COMM_WORLD)) GTEST_SKIP() << "ranks share a GPU: NCCL needs one per rank";
+  auto comm = moka::make_communicator(MPI_COMM_WORLD, moka::CommBackend::nccl);
+  if (!comm->windows_usable()) {
+    if (std::getenv("MOKA_TEST_REQUIRE_DIRECT")) FAIL() << "symmetric windows are not usable on these GPUs";
+    GTEST_SKIP() << "symmetric windows are not usable here (NCCL 2.28 and GPUs that reach each other's memory)";
+  }
+  Kokkos::Cuda space;
+  const int r = comm->rank(), P = comm->size();
+  using u16 = std::uint16_t;
+  // Where rank s's run lands in rank q's window, and the window's size (the
+  // same on every rank: the largest part).
+  auto landing = [&](int s, int q) {
+    long at = 0;
+    for (int t = 0; t < s; ++t) at += put_count(t, q);
+    return at;
+  };
+  long most = 0;
+  for (int q = 0; q < P; ++q) most = std::max(most, landing(P, q));
+  auto win = comm->make_window(std::size_t(most) * sizeof(double));
+  ASSERT_GE(win->bytes(), std::size_t(most) * sizeof(double));
+  Kokkos::View<double*, Kokkos::CudaSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> part(
+      static_cast<double*>(win->data()), most);
+  {
+    std::vector<double> send;
+    std::vector<moka::Communicator::Put> puts;
+    const int pieces = r == 0 ? 1 : 60 * r;  // 1 put per peer on rank 0; up to 720 on rank 3
+    for (int q = 0; q < P; ++q) {
+      const long n = put_count(r, q), src = static_cast<long>(send.size()), dst = landing(r, q);
+      for (long i = 0; i < n; ++i) send.push_back(value(r, q, i));
+      for (int k = 0; k < pieces; ++k) {
+        const long b = k * n / pieces, e = (k + 1) * n / pieces;
+        puts.push_back({q, src + b, dst + b, e - b});
+      }
+    }
+    auto s = make<Kokkos::CudaSpace>(send);
+    Kokkos::deep_copy(space, part, -1.0);
+    comm->put(space, *win, s.data(), puts, moka::DataType::f64);
+    space.fence();
+    auto got = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), part);
+    long bad = 0;
+    for (int src = 0; src < P; ++src)
+      for (long i = 0; i < put_count(src, r); ++i) bad += got(landing(src, r) + i) != value(src, r, i);
+    for (long i = landing(P, r); i < most; ++i) bad += got(i) != -1.0;  // beyond the runs: untouched
+    EXPECT_EQ(bad, 0) << "rank " << r;
+  }
+  {
+    // bf16-sized elements: rank s sends 7 + 2 s + q to rank q, landing at
+    // odd offsets; rank 1 sends nothing (its places keep the fill).
+    auto n = [&](int s, int q) { return P > 1 && s == 1 ? 0L : 7L + 2 * s + q; };
+    auto at = [&](int s, int q) {
+      long a = 1;
+      for (int t = 0; t < s; ++t) a += 7 + 2 * t + q;  // every rank's place kept, used or not
+      return a;
+    };
+    std::vector<u16> send;
+    std::vector<moka::Communicator::Put> puts;
+    for (int q = 0; q < P; ++q) {
+      const long src = static_cast<long>(send.size());
+      for (long i = 0; i < n(r, q); ++i) send.push_back(static_cast<u16>(100 * r + 10 * q + i));
+      if (n(r, q) > 0) puts.push_back({q, src, at(r, q), n(r, q)});
+    }
+    Kokkos::View<u16*, Kokkos::CudaSpace> s("send16", std::max<std::size_t>(1, send.size()));
+    if (!send.empty())
+      Kokkos::deep_copy(s, Kokkos::View<u16*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>>(
+                               send.data(), send.size()));
+    Kokkos::View<u16*, Kokkos::CudaSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> part16(
+        static_cast<u16*>(win->data()), 2 * most);
+    Kokkos::deep_copy(space, part16, u16(0xFFFF));
+    comm->put(space, *win, s.data(), puts, moka::DataType::bf16);
+    space.fence();
+    auto got = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), part16);
+    long bad = 0;
+    for (int src = 0; src < P; ++src)
+      for (long i = 0; i < 7 + 2 * src + r; ++i)
+        bad += got(at(src, r) + i) != (n(src, r) > 0 ? u16(100 * src + 10 * r + i) : u16(0xFFFF));
+    bad += got(0) != u16(0xFFFF);
+    EXPECT_EQ(bad, 0) << "rank " << r;
+  }
+  // A put past the window's end is refused, naming it.
+  std::vector<moka::Communicator::Put> past{{r, 0, most - 1, 2}};
+  try {
+    comm->put(space, *win, win->data(), past, moka::DataType::f64);
+    FAIL() << "a put past the window accepted";
+  } catch (const moka::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("window"), std::string::npos) << e.what();
+  }
 }
 #endif
 

@@ -243,9 +243,11 @@ void check_layer(const Layout& lay, const std::shared_ptr<moka::ProcessGroups>& 
     const std::string at = what + " iteration " + std::to_string(it);
     if (groups->ep_size() > 1 && cfg.num_experts > groups->ep_size() && T_global >= 8) {
       // The way the deck asks for ran (the test's payloads are tiny).
-      const bool coalesced = groups->config().exchange_coalesce_mb > 0;
+      const bool coalesced = groups->config().exchange_coalesce_mb > 0 && !dist.exchange_direct();
       EXPECT_EQ(dist.exchange_coalesced(), coalesced) << at;
     }
+    if (groups->config().exchange_direct != "auto")
+      EXPECT_EQ(dist.exchange_direct(), groups->config().exchange_direct == "on") << at;
     EXPECT_EQ(dist.tokens_global(), T_global) << at;
     EXPECT_EQ(dist.token_offset(), t0) << at;
     compare(moka_test::to_vec(Y), rows(r.y, t0, T, d), rows_exact, tol, at + " y");
@@ -271,9 +273,13 @@ void check_layer(const Layout& lay, const std::shared_ptr<moka::ProcessGroups>& 
 /// \p coalesce_mb: comm.exchange_coalesce_mb (the test's payloads are tiny:
 /// 32 sends one message per peer, 0 one per (peer, local expert));
 /// \p max_message_mb: comm.exchange_max_message_mb (1e-4, about 100 bytes,
-/// cuts every message into many pieces, mid-row; 0: whole messages).
+/// cuts every message into many pieces, mid-row; 0: whole messages);
+/// \p direct: comm.exchange_direct ("on" only where it can run: EP > 1,
+/// S = 1, NCCL symmetric windows usable or MOKA_TEST_REQUIRE_DIRECT=1,
+/// which makes their absence an error; "auto" elsewhere).
 template <class M>
-void check_all_layouts(const std::string& backend, double coalesce_mb, double max_message_mb = 0) {
+void check_all_layouts(const std::string& backend, double coalesce_mb, double max_message_mb = 0,
+                       const std::string& direct = "off") {
   const moka::MoEConfig base = base_config();
   const bool device = !Kokkos::SpaceAccessibility<Kokkos::HostSpace, M>::accessible;
   for (const Layout& lay : layouts(base.num_experts, base.d_ff)) {
@@ -284,10 +290,17 @@ void check_all_layouts(const std::string& backend, double coalesce_mb, double ma
     pc.backend         = backend;
     pc.exchange_coalesce_mb = coalesce_mb;
     pc.exchange_max_message_mb = max_message_mb;
+    pc.exchange_direct = direct == "on" && (lay.ep == 1 || lay.slice > 1) ? "auto" : direct;
     auto groups = std::make_shared<moka::ProcessGroups>(MPI_COMM_WORLD, pc, base.num_experts, base.d_ff, device);
+    if (pc.exchange_direct == "on" && !groups->ep().windows_usable() && !std::getenv("MOKA_TEST_REQUIRE_DIRECT")) {
+      if (world_rank() == 0) std::cout << "layout " << groups->describe() << ": no symmetric windows here, skipped\n";
+      continue;
+    }
     if (world_rank() == 0)
       std::cout << "layout " << groups->describe()
-                << (coalesce_mb > 0 ? ", one message per peer" : ", blocks")
+                << (pc.exchange_direct == "on" ? ", direct puts"
+                    : coalesce_mb > 0          ? ", one message per peer"
+                                               : ", blocks")
                 << (max_message_mb > 0 ? ", in pieces" : "")
                 << "\n";
     for (const auto& gc : gate_cases()) {
@@ -314,13 +327,39 @@ TEST(Distributed, LayerEqualsOneRankHostPieces) { check_all_layouts<Kokkos::Host
 #ifdef KOKKOS_ENABLE_CUDA
 // Device builds only (a host-only build has no second memory space to test).
 TEST(Distributed, LayerEqualsOneRankDevice) {
-  // One message per peer, blocks, blocks in pieces.
+  // Direct puts into symmetric windows (NCCL on one node's GPUs), then
+  // messages: one per peer, blocks, blocks in pieces.
+  check_all_layouts<moka::memory_space>("auto", 0, 0, "on");
   for (auto [mb, cap] : {std::pair{32.0, 0.0}, {0.0, 0.0}, {0.0, 1e-4}}) {
     check_all_layouts<moka::memory_space>("auto", mb, cap);  // NCCL where every rank has a GPU
     check_all_layouts<moka::memory_space>("mpi", mb, cap);   // device data staged through host buffers
   }
 }
 #endif
+
+TEST(Distributed, DirectExchangeWhereImpossibleIsAnError) {
+  // comm.exchange_direct = on with the rows in host memory (MPI): every rank
+  // stops at the plan with the reason, before any row moves.
+  if (world_size() < 2) GTEST_SKIP() << "needs 2 ranks or more";
+  moka::MoEConfig cfg = base_config();
+  moka::ParallelConfig pc;
+  pc.expert_parallel = 2;
+  pc.backend         = "mpi";
+  pc.exchange_direct = "on";
+  auto groups = std::make_shared<moka::ProcessGroups>(MPI_COMM_WORLD, pc, cfg.num_experts, cfg.d_ff, false);
+  moka::MoELayer<double, Kokkos::HostSpace> layer(cfg, groups);
+  using matrix = moka::MoELayer<double, Kokkos::HostSpace>::matrix;
+  matrix X("x", 6, cfg.d_model), Y("y", 6, cfg.d_model);
+  try {
+    layer.forward(Kokkos::DefaultHostExecutionSpace(), X, Y);
+    FAIL() << "the layer ran with comm.exchange_direct = on in host memory";
+  } catch (const moka::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("comm.exchange_direct = on, but the layer's rows are in host memory"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_FALSE(layer.exchange_direct());
+}
 
 TEST(Distributed, LocalCapacityPerRank) {
   // GShard's local capacity: each rank keeps at most ceil(f T_rank k / E)
@@ -409,6 +448,10 @@ TEST(Distributed, InvalidLayoutsAreRejected) {
   EXPECT_EQ(msg(p, 4, 4, 8), "no error");
   p.backend = "gloo";
   EXPECT_NE(msg(p, 4, 4, 8).find("unknown communication backend 'gloo'"), std::string::npos);
+  p.backend         = "auto";
+  p.exchange_direct = "yes";
+  EXPECT_NE(msg(p, 4, 4, 8).find("comm.exchange_direct = 'yes' (expected auto, on or off)"), std::string::npos)
+      << msg(p, 4, 4, 8);
   // A global capacity keeps the first assignments in global order: not by score.
   moka::MoEConfig c = base_config();
   c.gate            = moka::GateType::switch_top1;

@@ -9,7 +9,9 @@
 /// Operations: variable-count all-to-all of rows (per peer, or per block),
 /// equal-count all-to-all, all-to-all / all-gather of
 /// counts (host, over MPI in both backends: they size the buffers), in-place
-/// all-reduce, broadcast, reduce, point-to-point send/recv, sub-communicators.
+/// all-reduce, broadcast, reduce, point-to-point send/recv, sub-communicators,
+/// and, where the ranks' GPUs can store into each other's memory (NCCL 2.28's
+/// symmetric memory over NVLink), symmetric windows and puts into them.
 ///
 /// Completion: the MPI backend fences \p space and completes every operation
 /// before it returns; the NCCL backend
@@ -99,6 +101,24 @@ class CommStream {
   void* m_stream = nullptr;
 };
 
+/// \brief Device memory of the same size on every rank of a communicator that
+/// every rank's kernels can store into (Communicator::make_window). Freed
+/// when destroyed: collective, like its creation.
+class SymmetricWindow {
+ public:
+  virtual ~SymmetricWindow();
+  SymmetricWindow(const SymmetricWindow&) = delete;
+  SymmetricWindow& operator=(const SymmetricWindow&) = delete;
+  /// \brief This rank's part (device memory).
+  void* data() const { return m_data; }
+  std::size_t bytes() const { return m_bytes; }
+
+ protected:
+  SymmetricWindow(void* data, std::size_t bytes) : m_data(data), m_bytes(bytes) {}
+  void* m_data        = nullptr;
+  std::size_t m_bytes = 0;
+};
+
 /// \brief A group of ranks and the collectives over them. Counts and
 /// displacements are in elements. Collective calls must be made by every
 /// rank of the communicator in the same order.
@@ -152,6 +172,32 @@ class Communicator {
                     MemoryKind mem) = 0;
   virtual void recv(const CommStream& space, void* data, long count, DataType type, int peer,
                     MemoryKind mem) = 0;
+  /// \name Symmetric windows: kernels store straight into peers' memory.
+  /// @{
+  /// \brief Whether make_window and put work over this communicator: the
+  /// NCCL backend built with NCCL's device API (2.28 or later), and every
+  /// rank load/store accessible to every other (one node's GPUs over NVLink
+  /// or P2P PCIe). The same answer on every rank. Collective the first time.
+  virtual bool windows_usable() { return false; }
+  /// \brief A window of \p bytes on every rank (every rank passes the same
+  /// size). Collective; moka::Error where windows are not usable.
+  virtual std::unique_ptr<SymmetricWindow> make_window(std::size_t bytes);
+  /// \brief \p count elements from send + \p src into \p peer's part of a
+  /// window at element \p dst.
+  struct Put {
+    int peer;
+    long src, dst, count;
+  };
+  /// \brief Collective and stream-ordered on \p space: waits until every
+  /// rank has reached this call on its stream (so that no rank still reads
+  /// its part of the window), stores every put, then waits until every
+  /// rank's puts have landed. Later work on \p space sees this rank's part
+  /// of \p window holding what the peers put. Ranks may pass different
+  /// numbers of puts (none too).
+  virtual void put(const CommStream& space, const SymmetricWindow& window, const void* send,
+                   const std::vector<Put>& puts, DataType type);
+  /// @}
+
   /// \brief A communicator over the ranks with the same \p color, ordered by
   /// \p key (then rank), with the same backend. Collective.
   virtual std::unique_ptr<Communicator> split(int color, int key) const = 0;

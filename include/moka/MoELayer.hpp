@@ -112,6 +112,9 @@ class MoELayer {
   /// peer through the staging buffer (no rank sent more than (L - 1) x
   /// comm.exchange_coalesce_mb, L local experts).
   bool exchange_coalesced() const { return m_coalesce; }
+  /// \brief Whether the EP exchange stores rows straight into the peers'
+  /// receive buffers (comm.exchange_direct; known after the first forward).
+  bool exchange_direct() const { return m_direct == 1; }
   /// \brief With \p on, forward uses the bf16 copies as they are instead of
   /// converting W1 and W2 at every forward: whoever changes the weights
   /// keeps the copies equal to bf16(W) (moka::Optimizer does, fused into its
@@ -188,6 +191,10 @@ class MoELayer {
   void ensure_expert_workspace(long rows);
   void global_batch(int T);
   void plan_exchange(const execution_space& space);
+  bool decide_direct();
+  void plan_direct(const std::vector<long>& cnt);
+  void direct_put(const execution_space& space, const std::vector<Communicator::Put>& puts, const matrix& from,
+                  const matrix& to);
   void align_for_timing(const execution_space& space);
   matrix exchange_forward(const execution_space& space, const matrix& dispatch, matrix& buf);
   matrix exchange_reverse(const execution_space& space, const matrix& expert, matrix& buf);
@@ -263,6 +270,15 @@ class MoELayer {
   // parts of m_plan_dev, uploaded from m_plan_host in one copy per forward.
   bool m_coalesce = false;
   matrix m_stage;
+  // Direct EP exchange (comm.exchange_direct): the four receive buffers
+  // (xe and dye of up to m_win_ep rows, ys and dxs of up to m_win_rows) are
+  // parts of one symmetric window, the same size on every EP rank; the puts
+  // there (dispatch rows to (local expert, source rank) places on the
+  // experts' ranks) and back, with element offsets within a part.
+  int m_direct = -1;  // -1 not decided yet, 0 no, 1 yes
+  std::unique_ptr<SymmetricWindow> m_window;
+  long m_win_ep = 0, m_win_rows = 0;
+  std::vector<Communicator::Put> m_put_there, m_put_back, m_put_now;
   index_vector m_plan_dev, m_segments;
   typename index_vector::HostMirror m_plan_host;
   std::vector<long> m_ep_off;              // [L + 1]: expert offsets after the EP exchange

@@ -42,6 +42,10 @@ struct ParallelConfig {
   /// comm.exchange_max_message_mb: larger exchange messages go in nearly
   /// equal pieces of at most this; 0: no limit.
   double exchange_max_message_mb = 96;
+  /// comm.exchange_direct: auto, on or off: the EP token exchange stores rows
+  /// straight into the peers' receive buffers (NCCL symmetric windows)
+  /// where the ranks' GPUs reach each other's memory.
+  std::string exchange_direct = "auto";
 
   /// \brief Throws moka::Error naming the first inconsistency with a world of
   /// \p world ranks and experts of the given shape.

@@ -1,6 +1,7 @@
 #pragma once
 // Template bodies of moka::MoELayer (included by MoELayer.hpp).
 
+#include <moka/Log.hpp>
 #include <moka/RoutingTrace.hpp>
 #include <moka/impl/CublasGemm.hpp>
 #include <moka/impl/GateKernels.hpp>
@@ -288,6 +289,94 @@ inline void split_blocks(std::vector<Communicator::Block>& blocks, long cap) {
 }  // namespace impl
 
 template <class Scalar, class MemorySpace>
+bool MoELayer<Scalar, MemorySpace>::decide_direct() {
+  if (m_direct >= 0) return m_direct == 1;
+  // The same on every rank: the deck, the layout, the build and the
+  // communicator's collective answer.
+  const std::string& mode = m_groups->config().exchange_direct;
+  std::string why;
+  if (mode == "off") why = "off";
+  else if (m_groups->slice_size() > 1) why = "parallel.expert_slicing > 1 (the slice stage exchanges messages)";
+  else if (memory_kind_of<MemorySpace>() != MemoryKind::device) why = "the layer's rows are in host memory";
+  else if (m_groups->ep().backend() != CommBackend::nccl) why = "the EP group's comm.backend is mpi";
+  else if (!m_groups->ep().windows_usable())
+    why = "the EP ranks' GPUs cannot store into each other's memory through NCCL symmetric windows (they need "
+          "NCCL 2.28 or later and one node's GPUs linked by NVLink or P2P)";
+  MOKA_REQUIRE(mode != "on" || why.empty(), "comm.exchange_direct = on, but ", why);
+  m_direct = why.empty() ? 1 : 0;
+  static bool told = false;  // once per process (and scalar type), not per layer
+  if (!told) {
+    told = true;
+    if (m_direct == 1) log::info("token exchange: direct puts into NCCL symmetric windows (comm.exchange_direct)");
+    else if (mode == "auto") log::info("token exchange: ", to_string(m_groups->ep().backend()), " messages (direct puts not possible: ", why, ")");
+  }
+  return m_direct == 1;
+}
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::plan_direct(const std::vector<long>& cnt) {
+  // Every rank's rows per expert: all[q E + e] (rank q's rows for expert e,
+  // which lives on rank e / L as its local expert e % L). With them each
+  // rank knows where its rows land on every peer, both ways.
+  const int P = m_groups->ep_size(), L = m_L, E = m_cfg.num_experts, me = m_groups->ep_rank();
+  const long d = m_cfg.d_model;
+  std::vector<long> all(std::size_t(P) * E);
+  m_groups->ep().allgather_counts(cnt.data(), all.data(), E);
+  auto received_by = [&](int q) {  // [P L]: rows from rank p for rank q's local expert l
+    std::vector<long> c(std::size_t(P) * L);
+    for (int p = 0; p < P; ++p)
+      for (int l = 0; l < L; ++l) c[p * L + l] = all[std::size_t(p) * E + q * L + l];
+    return c;
+  };
+  m_ep_counts = received_by(me);
+  std::vector<long> off, at, mine_at;
+  impl::expert_major(m_ep_counts, P, L, off, mine_at);
+  long most_ep = 0, most_rows = 0;
+  m_put_there.clear();
+  m_put_back.clear();
+  for (int q = 0; q < P; ++q) {
+    impl::expert_major(received_by(q), P, L, off, at);
+    most_ep = std::max(most_ep, off[L]);
+    const long* cq = all.data() + std::size_t(q) * E;
+    most_rows      = std::max(most_rows, std::accumulate(cq, cq + E, 0L));
+    long hq        = std::accumulate(cq, cq + me * L, 0L);  // rank q's dispatch row of expert me L
+    for (int l = 0; l < L; ++l) {
+      // There: this rank's rows for q's expert l land at (l, this rank).
+      m_put_there.push_back({q, long(m_h_offsets[q * L + l]) * d, at[me * L + l] * d, cnt[q * L + l] * d});
+      // Back: this rank's expert l's rows from q return to q's dispatch order.
+      m_put_back.push_back({q, mine_at[q * L + l] * d, hq * d, m_ep_counts[q * L + l] * d});
+      hq += cq[me * L + l];
+    }
+  }
+  if (m_window && most_ep <= m_win_ep && most_rows <= m_win_rows) return;
+  // A larger window (every rank decides alike: the same counts), with spare
+  // rows as grow_rows keeps. The old one is free: this rank fenced for the
+  // counts, and every put into it ended with a barrier of all ranks.
+  m_win_ep   = std::max(m_win_ep, most_ep + most_ep / 8 + 1);
+  m_win_rows = std::max(m_win_rows, most_rows + most_rows / 8 + 1);
+  m_xe_buf = m_dye_buf = m_ys_buf = m_dxs_buf = matrix();
+  m_xe = m_ys = m_dye = matrix();
+  m_window.reset();
+  m_window     = m_groups->ep().make_window(std::size_t(2 * (m_win_ep + m_win_rows) * d) * sizeof(Scalar));
+  Scalar* base = static_cast<Scalar*>(m_window->data());
+  m_xe_buf     = matrix(base, m_win_ep, d);
+  m_dye_buf    = matrix(base + m_win_ep * d, m_win_ep, d);
+  m_ys_buf     = matrix(base + 2 * m_win_ep * d, m_win_rows, d);
+  m_dxs_buf    = matrix(base + (2 * m_win_ep + m_win_rows) * d, m_win_rows, d);
+}
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::direct_put(const execution_space& space,
+                                               const std::vector<Communicator::Put>& puts, const matrix& from,
+                                               const matrix& to) {
+  // \p to is one of the window's four parts, at the same offset on every rank.
+  const long base = static_cast<long>(to.data() - static_cast<Scalar*>(m_window->data()));
+  m_put_now       = puts;
+  for (auto& p : m_put_now) p.dst += base;
+  m_groups->ep().put(space, *m_window, from.data(), m_put_now, data_type_of<Scalar>());
+}
+
+template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::align_for_timing(const execution_space& space) {
   // Only when regions fence (stage breakdowns, the exchange benchmark): all
   // ranks enter the exchange together, so its timer holds the exchange and
@@ -308,7 +397,9 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
   const int P = m_groups ? m_groups->ep_size() : 1;
   m_ep_counts.assign(std::size_t(P) * L, 0);
   m_coalesce = false;
-  if (P > 1) {
+  if (P > 1 && decide_direct()) {
+    plan_direct(cnt);
+  } else if (P > 1) {
     // With the L counts each peer also gets this rank's total, so every
     // rank sees every rank's total and all decide alike on coalescing.
     std::vector<long> out(std::size_t(P) * (L + 1)), in(std::size_t(P) * (L + 1));
@@ -342,7 +433,9 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
   // starts [L + 1], then segments. Reusing it is safe: a copy from pageable
   // host memory has read its source when deep_copy returns.
   auto plan = m_plan_host;
-  if (m_coalesce) {
+  if (m_direct == 1) {
+    // The puts were made by plan_direct.
+  } else if (m_coalesce) {
     // Peer p's rows are contiguous on the sending side ((destination rank,
     // local expert) order); they land in the staging buffer at srow.
     int* seg  = plan.data() + 2 * (L + 1);
@@ -419,6 +512,10 @@ typename MoELayer<Scalar, MemorySpace>::matrix MoELayer<Scalar, MemorySpace>::ex
   const MemoryKind mem = memory_kind_of<MemorySpace>();
   const DataType type  = data_type_of<Scalar>();
   matrix ep_rows = dispatch;  // rows of the local experts, (local expert, source rank, position)
+  if (P > 1 && m_direct == 1) {  // S == 1
+    direct_put(space, m_put_there, dispatch, buf);
+    return buf;
+  }
   if (P > 1) {
     matrix& out = S > 1 ? m_buf_b : buf;
     impl::grow_rows(out, m_rows_ep, d, S > 1 ? "exchange_b" : "expert_rows");
@@ -460,6 +557,10 @@ typename MoELayer<Scalar, MemorySpace>::matrix MoELayer<Scalar, MemorySpace>::ex
     ep_rows = sum;
   }
   if (P == 1) return ep_rows;
+  if (m_direct == 1) {  // S == 1
+    direct_put(space, m_put_back, ep_rows, buf);
+    return buf;
+  }
   // (local expert, source rank) blocks back to their ranks, in dispatch
   // order (coalesced: gathered per peer into the staging buffer first).
   impl::grow_rows(buf, m_rows, d, "dispatch_rows");
