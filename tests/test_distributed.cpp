@@ -340,7 +340,9 @@ TEST(Distributed, LayerEqualsOneRankDevice) {
 TEST(Distributed, DirectExchangeWhereImpossibleIsAnError) {
   // comm.exchange_direct = on with the rows in host memory (MPI): every rank
   // stops at the plan with the reason, before any row moves.
-  if (world_size() < 2) GTEST_SKIP() << "needs 2 ranks or more";
+  // One rank has no EP exchange to decide on; the check runs at 2 and 4
+  // ranks (not GTEST_SKIP: ctest would mark the whole np1 run skipped).
+  if (world_size() < 2) return;
   moka::MoEConfig cfg = base_config();
   moka::ParallelConfig pc;
   pc.expert_parallel = 2;
