@@ -315,6 +315,14 @@ TEST(Comm, BadInputIsNamed) {
     EXPECT_NE(std::string(e.what()).find("bf16 is not reduced"), std::string::npos) << e.what();
   }
   EXPECT_THROW(moka::comm_backend_from_string("gloo"), moka::Error);
+  // Symmetric windows are the NCCL backend's; MPI says so.
+  EXPECT_FALSE(comm->windows_usable());
+  try {
+    comm->make_window(64);
+    FAIL() << "an MPI communicator made a symmetric window";
+  } catch (const moka::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("symmetric windows need the NCCL backend"), std::string::npos) << e.what();
+  }
 #ifndef MOKA_HAVE_NCCL
   try {
     moka::make_communicator(MPI_COMM_WORLD, moka::CommBackend::nccl);

@@ -308,7 +308,9 @@ bool MoELayer<Scalar, MemorySpace>::decide_direct() {
   if (!told) {
     told = true;
     if (m_direct == 1) log::info("token exchange: direct puts into NCCL symmetric windows (comm.exchange_direct)");
-    else if (mode == "auto") log::info("token exchange: ", to_string(m_groups->ep().backend()), " messages (direct puts not possible: ", why, ")");
+    else if (mode == "auto")
+      log::info("token exchange: ", to_string(m_groups->ep().backend()), " messages (direct puts not possible: ", why,
+                ")");
   }
   return m_direct == 1;
 }
