@@ -34,10 +34,10 @@ DeckSchema ParallelConfig::schema() {
                "of about 128 MB ran at 79% of NCCL's all-to-all, in pieces of 96 MB at most at 97%). 0: no limit.");
   s.add("comm.exchange_direct", DeckType::string).set_default("auto").set_choices({"auto", "on", "off"})
       .set_doc("Token exchange between EP ranks whose GPUs reach each other's memory (one node, NVLink or P2P; "
-               "NCCL 2.28 or later, comm.backend = nccl, no expert slicing): on: one kernel stores every row "
-               "straight into its place in the receiving GPU's buffer (NCCL symmetric windows), no messages per "
-               "block and no reordering pass; off: NCCL send/recv messages; auto: on where possible. on where it "
-               "is not possible is an error naming why.");
+               "NCCL 2.28 or later, comm.backend = nccl; with expert slicing the slice stage still sends messages): "
+               "on: one kernel stores every row straight into its place in the receiving GPU's buffer (NCCL "
+               "symmetric windows), no messages per block and no reordering pass; off: NCCL send/recv messages; "
+               "auto: on where possible. on where it is not possible is an error naming why.");
   return s;
 }
 

@@ -275,8 +275,8 @@ void check_layer(const Layout& lay, const std::shared_ptr<moka::ProcessGroups>& 
 /// \p max_message_mb: comm.exchange_max_message_mb (1e-4, about 100 bytes,
 /// cuts every message into many pieces, mid-row; 0: whole messages);
 /// \p direct: comm.exchange_direct ("on" only where it can run: EP > 1,
-/// S = 1, NCCL symmetric windows usable or MOKA_TEST_REQUIRE_DIRECT=1,
-/// which makes their absence an error; "auto" elsewhere).
+/// NCCL symmetric windows usable or MOKA_TEST_REQUIRE_DIRECT=1, which makes
+/// their absence an error; "auto" elsewhere).
 template <class M>
 void check_all_layouts(const std::string& backend, double coalesce_mb, double max_message_mb = 0,
                        const std::string& direct = "off") {
@@ -290,7 +290,7 @@ void check_all_layouts(const std::string& backend, double coalesce_mb, double ma
     pc.backend         = backend;
     pc.exchange_coalesce_mb = coalesce_mb;
     pc.exchange_max_message_mb = max_message_mb;
-    pc.exchange_direct = direct == "on" && (lay.ep == 1 || lay.slice > 1) ? "auto" : direct;
+    pc.exchange_direct = direct == "on" && lay.ep == 1 ? "auto" : direct;
     auto groups = std::make_shared<moka::ProcessGroups>(MPI_COMM_WORLD, pc, base.num_experts, base.d_ff, device);
     if (pc.exchange_direct == "on" && !groups->ep().windows_usable() && !std::getenv("MOKA_TEST_REQUIRE_DIRECT")) {
       if (world_rank() == 0) std::cout << "layout " << groups->describe() << ": no symmetric windows here, skipped\n";

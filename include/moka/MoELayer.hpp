@@ -270,13 +270,16 @@ class MoELayer {
   // parts of m_plan_dev, uploaded from m_plan_host in one copy per forward.
   bool m_coalesce = false;
   matrix m_stage;
-  // Direct EP exchange (comm.exchange_direct): the four receive buffers
-  // (xe and dye of up to m_win_ep rows, ys and dxs of up to m_win_rows) are
-  // parts of one symmetric window, the same size on every EP rank; the puts
-  // there (dispatch rows to (local expert, source rank) places on the
-  // experts' ranks) and back, with element offsets within a part.
+  // Direct EP exchange (comm.exchange_direct): the EP stage's receive
+  // buffers are parts of one symmetric window, the same size on every EP
+  // rank: with S = 1 xe and dye (up to m_win_ep rows), with S > 1 the one
+  // landing part m_ep_land (the slice stage gathers from it into xe / dye),
+  // then ys and dxs (up to m_win_rows); the puts there (dispatch rows to
+  // (local expert, source rank) places on the experts' ranks) and back,
+  // with element offsets within a part.
   int m_direct = -1;  // -1 not decided yet, 0 no, 1 yes
   std::unique_ptr<SymmetricWindow> m_window;
+  matrix m_ep_land;
   long m_win_ep = 0, m_win_rows = 0;
   std::vector<Communicator::Put> m_put_there, m_put_back, m_put_now;
   index_vector m_plan_dev, m_segments;

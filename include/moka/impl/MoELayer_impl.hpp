@@ -296,7 +296,6 @@ bool MoELayer<Scalar, MemorySpace>::decide_direct() {
   const std::string& mode = m_groups->config().exchange_direct;
   std::string why;
   if (mode == "off") why = "off";
-  else if (m_groups->slice_size() > 1) why = "parallel.expert_slicing > 1 (the slice stage exchanges messages)";
   else if (memory_kind_of<MemorySpace>() != MemoryKind::device) why = "the layer's rows are in host memory";
   else if (m_groups->ep().backend() != CommBackend::nccl) why = "the EP group's comm.backend is mpi";
   else if (!m_groups->ep().windows_usable())
@@ -356,15 +355,22 @@ void MoELayer<Scalar, MemorySpace>::plan_direct(const std::vector<long>& cnt) {
   // counts, and every put into it ended with a barrier of all ranks.
   m_win_ep   = std::max(m_win_ep, most_ep + most_ep / 8 + 1);
   m_win_rows = std::max(m_win_rows, most_rows + most_rows / 8 + 1);
-  m_xe_buf = m_dye_buf = m_ys_buf = m_dxs_buf = matrix();
+  // With S = 1 the EP stage lands in xe (forward) and dye (backward); with
+  // S > 1 in one landing part, gathered over the slice group from there.
+  const long ep_parts = m_S > 1 ? 1 : 2;
+  m_xe_buf = m_dye_buf = m_ys_buf = m_dxs_buf = m_ep_land = matrix();
   m_xe = m_ys = m_dye = matrix();
   m_window.reset();
-  m_window     = m_groups->ep().make_window(std::size_t(2 * (m_win_ep + m_win_rows) * d) * sizeof(Scalar));
+  m_window = m_groups->ep().make_window(std::size_t((ep_parts * m_win_ep + 2 * m_win_rows) * d) * sizeof(Scalar));
   Scalar* base = static_cast<Scalar*>(m_window->data());
-  m_xe_buf     = matrix(base, m_win_ep, d);
-  m_dye_buf    = matrix(base + m_win_ep * d, m_win_ep, d);
-  m_ys_buf     = matrix(base + 2 * m_win_ep * d, m_win_rows, d);
-  m_dxs_buf    = matrix(base + (2 * m_win_ep + m_win_rows) * d, m_win_rows, d);
+  if (m_S > 1) {
+    m_ep_land = matrix(base, m_win_ep, d);
+  } else {
+    m_xe_buf  = matrix(base, m_win_ep, d);
+    m_dye_buf = matrix(base + m_win_ep * d, m_win_ep, d);
+  }
+  m_ys_buf  = matrix(base + ep_parts * m_win_ep * d, m_win_rows, d);
+  m_dxs_buf = matrix(base + (ep_parts * m_win_ep + m_win_rows) * d, m_win_rows, d);
 }
 
 template <class Scalar, class MemorySpace>
@@ -514,11 +520,11 @@ typename MoELayer<Scalar, MemorySpace>::matrix MoELayer<Scalar, MemorySpace>::ex
   const MemoryKind mem = memory_kind_of<MemorySpace>();
   const DataType type  = data_type_of<Scalar>();
   matrix ep_rows = dispatch;  // rows of the local experts, (local expert, source rank, position)
-  if (P > 1 && m_direct == 1) {  // S == 1
-    direct_put(space, m_put_there, dispatch, buf);
-    return buf;
-  }
-  if (P > 1) {
+  if (P > 1 && m_direct == 1) {
+    matrix& land = S > 1 ? m_ep_land : buf;
+    direct_put(space, m_put_there, dispatch, land);
+    ep_rows = land;
+  } else if (P > 1) {
     matrix& out = S > 1 ? m_buf_b : buf;
     impl::grow_rows(out, m_rows_ep, d, S > 1 ? "exchange_b" : "expert_rows");
     if (m_coalesce) {
@@ -559,7 +565,7 @@ typename MoELayer<Scalar, MemorySpace>::matrix MoELayer<Scalar, MemorySpace>::ex
     ep_rows = sum;
   }
   if (P == 1) return ep_rows;
-  if (m_direct == 1) {  // S == 1
+  if (m_direct == 1) {  // from the slice sum (S > 1) or the experts' rows
     direct_put(space, m_put_back, ep_rows, buf);
     return buf;
   }
