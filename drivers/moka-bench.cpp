@@ -306,9 +306,14 @@ int run_exchange(const moka::InputDeck& deck, int rank, int size) {
       moka::impl::split_blocks(lr, cap);
       t_layer_pieces = slowest([&] { groups->ep().alltoallv_blocks(space, s2.data(), ls, r2.data(), lr, type, mem); });
     }
-    // The counts all-to-all alone (host, as in the plan).
-    std::vector<long> cs(std::size_t(size) * (L + 1), 1), cr(cs.size());
-    const double t_counts = slowest([&] { groups->ep().alltoall_counts(cs.data(), cr.data(), L + 1); });
+    // The plan's counts exchange alone (host): the direct exchange
+    // all-gathers every rank's E counts, the message path sends L + 1 per peer.
+    const bool direct = layer.exchange_direct();
+    std::vector<long> cs(std::size_t(size) * (L + 1), 1), cr(std::size_t(size) * std::max(L + 1, cfg.num_experts));
+    const double t_counts = slowest([&] {
+      if (direct) groups->ep().allgather_counts(cs.data(), cr.data(), cfg.num_experts);
+      else groups->ep().alltoall_counts(cs.data(), cr.data(), L + 1);
+    });
     // The exchange moves the payload twice per forward (there and back).
     const double bw_ex = 2.0 * sent / t_ex * 1e-9, bw_ref = double(count) * size * sizeof(S) / t_ref * 1e-9;
     if (rank == 0)
@@ -318,14 +323,15 @@ int run_exchange(const moka::InputDeck& deck, int rank, int size) {
       std::printf("  %10s (%s; counts and plan %.3f ms, rows there %.3f ms, back %.3f ms; slowest rank each; "
                   "one send/recv per peer, same bytes: %.3f ms)\n",
                   "",
-                  layer.exchange_direct()      ? "direct: one put kernel into symmetric windows"
+                  direct                       ? "direct: one put kernel into symmetric windows"
                   : layer.exchange_coalesced() ? "one message per peer + reorder"
                                                : "one message per block",
                   parts[0] * 1e3, parts[1] * 1e3, parts[2] * 1e3, t_p2p * 1e3);
     if (rank == 0)
       std::printf("  %10s (same bytes as %d equal blocks per peer %.3f ms; the layer's block sizes, fresh buffers "
-                  "%.3f ms, in pieces of at most 96 MB %.3f ms; counts all-to-all alone %.3f ms)\n",
-                  "", L, t_blocks * 1e3, t_layer_blocks * 1e3, t_layer_pieces * 1e3, t_counts * 1e3);
+                  "%.3f ms, in pieces of at most 96 MB %.3f ms; counts %s alone %.3f ms)\n",
+                  "", L, t_blocks * 1e3, t_layer_blocks * 1e3, t_layer_pieces * 1e3,
+                  direct ? "all-gather" : "all-to-all", t_counts * 1e3);
   }
   return 0;
 }
