@@ -6,14 +6,14 @@
 //   moka-bench input_decks/bench_cpu.deck                     (CPU, fp32)
 //   mpirun -np 4 moka-bench input_decks/bench_exchange.deck    (token exchange vs all-to-all)
 
-#include <moka/BenchConfig.hpp>
-#include <moka/InputDeck.hpp>
-#include <moka/MoELayer.hpp>
-#include <moka/ProcessGroups.hpp>
-#include <moka/Profiling.hpp>
-#include <moka/RunConfig.hpp>
-#include <moka/Runtime.hpp>
-#include <moka/impl/CublasGemm.hpp>
+#include <moka/train/BenchConfig.hpp>
+#include <moka/deck/InputDeck.hpp>
+#include <moka/moe/MoELayer.hpp>
+#include <moka/parallel/ProcessGroups.hpp>
+#include <moka/core/Profiling.hpp>
+#include <moka/train/RunConfig.hpp>
+#include <moka/core/Runtime.hpp>
+#include <moka/linalg/impl/CublasGemm.hpp>
 
 #include <Kokkos_Random.hpp>
 

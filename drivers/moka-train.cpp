@@ -5,13 +5,12 @@
 //   moka-train <deck> [key=value ...]
 //   moka-train --deck-reference      # the deck keys, as a Markdown table
 
-#include <moka/CommCheck.hpp>
-#include <moka/InputDeck.hpp>
-#include <moka/Log.hpp>
-#include <moka/Profiling.hpp>
-#include <moka/RunConfig.hpp>
-#include <moka/Runtime.hpp>
-#include <moka/Trainer.hpp>
+#include <moka/deck/InputDeck.hpp>
+#include <moka/core/Log.hpp>
+#include <moka/core/Profiling.hpp>
+#include <moka/train/RunConfig.hpp>
+#include <moka/core/Runtime.hpp>
+#include <moka/train/Trainer.hpp>
 
 #include <cstring>
 #include <iostream>
@@ -62,13 +61,6 @@ int main(int argc, char* argv[]) {
     moka::log::set_level(run.log_level);
     moka::log::info(deck.resolved_table());
     runtime.print_configuration(std::cout);
-    if (run.comm_check) {
-      const moka::CommCheckResult c = moka::check_communication(runtime);
-      moka::log::info(c.summary());
-      if (!c.mpi_ok || (c.nccl_ran && !c.nccl_ok)) {
-        throw moka::Error("communication check failed: " + c.summary());
-      }
-    }
     moka::train_regime_model(runtime.comm(), deck, std::cout);
     moka::log::info("run '", run.name, "' done");
   } catch (const std::exception& e) {

@@ -2,7 +2,7 @@
 // A plain double-precision reference of the MoE layer: per-token loops, no
 // Kokkos, written from the definitions (not from the library's kernels).
 
-#include <moka/MoEConfig.hpp>
+#include <moka/moe/MoEConfig.hpp>
 
 #include <algorithm>
 #include <cmath>

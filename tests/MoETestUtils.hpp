@@ -3,11 +3,12 @@
 // std::vector<double>, running forward + backward, finite differences of
 // the double-precision reference.
 
-#include <moka/MoELayer.hpp>
+#include <moka/moe/MoELayer.hpp>
 
 #include <gtest/gtest.h>
 
 #include "MoEReference.hpp"
+#include "TestHelpers.hpp"
 
 #include <random>
 #include <string>

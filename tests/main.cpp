@@ -2,7 +2,7 @@
 // GPU builds) NCCL through moka::Runtime, runs GoogleTest on every rank,
 // prints results on rank 0 only, and fails on every rank if any rank failed.
 
-#include <moka/Runtime.hpp>
+#include <moka/core/Runtime.hpp>
 
 #include <gtest/gtest.h>
 

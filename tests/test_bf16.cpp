@@ -1,4 +1,4 @@
-#include <moka/Core.hpp>
+#include <moka/core/Core.hpp>
 
 #include <gtest/gtest.h>
 

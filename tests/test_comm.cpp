@@ -2,7 +2,7 @@
 // out alone, at 1, 2 and 4 ranks, on host memory (MPI) and, on CUDA builds,
 // on device memory through NCCL (when every rank has a GPU) and through
 // MPI with host staging. Also sub-communicators and the host control ops.
-#include <moka/Comm.hpp>
+#include <moka/comm/Communicator.hpp>
 
 #include <gtest/gtest.h>
 

@@ -1,7 +1,7 @@
 // Deck loading in MPI runs: rank 0 parses and broadcasts; every rank ends up
 // with the same deck, and an error on rank 0 is thrown on every rank.
-#include <moka/InputDeck.hpp>
-#include <moka/RunConfig.hpp>
+#include <moka/deck/InputDeck.hpp>
+#include <moka/train/RunConfig.hpp>
 
 #include <gtest/gtest.h>
 

@@ -1,8 +1,8 @@
-// GPU checks (label gpu): the CUDA device Kokkos runs on, and an NCCL
-// all-reduce through the communicator moka::Runtime created. Skipped where
+// GPU checks (label gpu): the CUDA device Kokkos runs on, and the start-up
+// communication check through an NCCL world communicator. Skipped where
 // MoKA was built without CUDA/NCCL.
-#include <moka/CommCheck.hpp>
-#include <moka/Runtime.hpp>
+#include <moka/comm/CommCheck.hpp>
+#include <moka/core/Runtime.hpp>
 
 #include "TestHelpers.hpp"
 
@@ -21,7 +21,7 @@ TEST(GPU, KokkosRunsOnCuda) {
   GTEST_SKIP() << "built without CUDA";
 #else
   EXPECT_STREQ(Kokkos::DefaultExecutionSpace::name(), "Cuda");
-  auto rt_ptr = moka_test::nested_runtime(false);
+  auto rt_ptr = moka_test::nested_runtime();
   const moka::Runtime& rt = *rt_ptr;
   std::ostringstream os;
   rt.print_configuration(os);
@@ -37,26 +37,18 @@ TEST(GPU, KokkosRunsOnCuda) {
 #endif
 }
 
-TEST(GPU, NcclAllReduceThroughRuntime) {
+TEST(GPU, NcclCommCheck) {
 #ifndef MOKA_HAVE_NCCL
   GTEST_SKIP() << "built without NCCL";
 #else
-  // A second NCCL communicator over the same ranks, made by a nested guard.
-  auto rt_ptr = moka_test::nested_runtime(true);
-  const moka::Runtime& rt = *rt_ptr;
-  int ndev = 0;
-  cudaGetDeviceCount(&ndev);
-  if (ndev < rt.local_size()) {
-    EXPECT_FALSE(rt.has_nccl());
-    GTEST_SKIP() << rt.local_size() << " ranks share " << ndev << " GPUs: NCCL needs one per rank";
-  }
-  ASSERT_TRUE(rt.has_nccl());
-  EXPECT_EQ(rt.nccl().size(), world_size());
-  const auto r = moka::check_communication(rt, 1 << 22);
+  if (!moka::nccl_usable(MPI_COMM_WORLD)) GTEST_SKIP() << "ranks share a GPU: NCCL needs one per rank";
+  auto world = moka::make_communicator(MPI_COMM_WORLD, moka::CommBackend::nccl);
+  EXPECT_EQ(world->size(), world_size());
+  const auto r = moka::check_communication(*world, 1 << 22);
   EXPECT_TRUE(r.mpi_ok);
   EXPECT_TRUE(r.nccl_ran);
   EXPECT_TRUE(r.nccl_ok) << r.summary();
   EXPECT_EQ(r.nccl_bad, 0);
-  if (rt.rank() == 0) std::cout << r.summary() << " on " << world_size() << " ranks\n";
+  if (world->rank() == 0) std::cout << r.summary() << " on " << world_size() << " ranks\n";
 #endif
 }

@@ -1,7 +1,7 @@
-#include <moka/BenchConfig.hpp>
-#include <moka/InputDeck.hpp>
-#include <moka/RunConfig.hpp>
-#include <moka/Trainer.hpp>
+#include <moka/train/BenchConfig.hpp>
+#include <moka/deck/InputDeck.hpp>
+#include <moka/train/RunConfig.hpp>
+#include <moka/train/Trainer.hpp>
 
 #include <gtest/gtest.h>
 

@@ -3,7 +3,7 @@
 // references. Kokkos 3.4.01 predates Hopper: this suite is part of the proof
 // that the patched build is sound there (docs/gpu-validation.md).
 
-#include <moka/Core.hpp>
+#include <moka/core/Core.hpp>
 
 #include <KokkosBlas3_gemm.hpp>
 #include <Kokkos_Random.hpp>

@@ -1,10 +1,10 @@
 // Dense layers, the model and the trainer: forward against direct formulas,
 // every backward against central finite differences in fp64, and training
 // that lowers the held-out loss.
-#include <moka/Dense.hpp>
-#include <moka/MoEModel.hpp>
-#include <moka/RegimeTask.hpp>
-#include <moka/Trainer.hpp>
+#include <moka/model/Dense.hpp>
+#include <moka/model/MoEModel.hpp>
+#include <moka/train/RegimeTask.hpp>
+#include <moka/train/Trainer.hpp>
 
 #include <gtest/gtest.h>
 

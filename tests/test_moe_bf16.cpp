@@ -1,8 +1,8 @@
 // bf16 expert GEMMs on CUDA (label gpu): the float layer with bf16 operands
 // and fp32 accumulation against the double-precision reference and the
 // fp64 layer, and a bf16 training run. Skipped without CUDA.
-#include <moka/MoELayer.hpp>
-#include <moka/Trainer.hpp>
+#include <moka/moe/MoELayer.hpp>
+#include <moka/train/Trainer.hpp>
 
 #include <gtest/gtest.h>
 

@@ -2,8 +2,8 @@
 // for every gate x activation x capacity mode: outputs, routing, drops, and
 // every gradient against central finite differences of the reference.
 
-#include <moka/MoELayer.hpp>
-#include <moka/RoutingTrace.hpp>
+#include <moka/moe/MoELayer.hpp>
+#include <moka/io/RoutingTrace.hpp>
 
 #include <gtest/gtest.h>
 
@@ -473,20 +473,19 @@ TEST(MoELayer, RandomDrawsAreReproducibleAndChangeEveryStep) {
   EXPECT_NE(a1.random.noise, a2.random.noise);  // next step, new noise
 }
 
-// The shared/ folder: MOKA_SHARED_DIR in the environment (a copy carried to
-// another machine), else where CMake found it.
-std::string shared_dir() {
-  const char* env = std::getenv("MOKA_SHARED_DIR");
-  return env ? std::string(env) : std::string(MOKA_SHARED_DIR);
-}
+// The routing-trace fixture in the repository: 10 iteration rows (the last
+// one the trace's last) and layers 0 and 3 of the shared GPT-MoE trace, the
+// numbers unchanged (tests/data/cut_trace.cpp made it).
+std::string fixture() { return moka_test::data_file("gpt_moe_32e_cut.h5"); }
 
 TEST(MoELayer, TraceGateReplaysRecordedCounts) {
-  const std::string path = shared_dir() + "/traces/gpt_moe_32e_layers00-11.h5";
+  const std::string path = fixture();
   const moka::RoutingTrace trace = moka::read_routing_trace(path);
   ASSERT_EQ(trace.n_experts, 32);
   ASSERT_EQ(trace.top_k, 2);
+  ASSERT_EQ(trace.n_layers, 2);
   // Every (rank, micro-batch) row of 32 sums to 4096 assignments.
-  const auto last = trace.expert_counts(-1, 3);
+  const auto last = trace.expert_counts(-1, 1);
   EXPECT_EQ(std::accumulate(last.begin(), last.end(), 0L), 16L * 4 * 4096);
   moka::MoEConfig cfg;
   cfg.d_model = 8;
@@ -495,7 +494,7 @@ TEST(MoELayer, TraceGateReplaysRecordedCounts) {
   cfg.top_k = 2;
   cfg.gate = moka::GateType::trace;
   cfg.trace_file = path;
-  cfg.trace_layer = 3;
+  cfg.trace_layer = 1;
   cfg.trace_iteration = -1;
   HostLayer<double> L(cfg);
   L.init_parameters(1);
@@ -507,6 +506,14 @@ TEST(MoELayer, TraceGateReplaysRecordedCounts) {
   EXPECT_EQ(std::accumulate(want.begin(), want.end(), 0L), 2000L);
   // The recorded skew survives: the busiest expert gets several times the mean.
   EXPECT_GT(*std::max_element(want.begin(), want.end()), 3 * 2000 / 32);
+  // Another row of the trace routes differently (the trace is replayed, not a constant).
+  cfg.trace_iteration = 0;
+  HostLayer<double> first(cfg);
+  first.init_parameters(1);
+  const auto r0 = run_layer(first, T, random_vec(T * 8, rng), random_vec(T * 8, rng));
+  EXPECT_EQ(std::vector<long>(r0.counts.begin(), r0.counts.end()),
+            moka::scale_counts(trace.expert_counts(0, 1), long(T) * 2));
+  EXPECT_NE(r0.counts, r.counts);
 }
 
 TEST(MoELayer, TraceGateBadInput) {
@@ -520,11 +527,11 @@ TEST(MoELayer, TraceGateBadInput) {
   } catch (const moka::Error& e) {
     EXPECT_NE(std::string(e.what()).find("cannot open '/nonexistent/trace.h5'"), std::string::npos) << e.what();
   }
-  cfg.trace_file = shared_dir() + "/traces/gpt_moe_32e_layers00-11.h5";
+  cfg.trace_file = fixture();
   cfg.num_experts = 8;  // the trace has 32
   EXPECT_THROW(HostLayer<double>{cfg}, moka::Error);
   // Not an HDF5 file.
-  cfg.trace_file = shared_dir() + "/traces/README.md";
+  cfg.trace_file = moka_test::data_file("cut_trace.cpp");
   cfg.num_experts = 32;
   EXPECT_THROW(HostLayer<double>{cfg}, moka::Error);
 }

@@ -1,5 +1,5 @@
 // Optimizers against steps worked out by hand, clipping, the schedule.
-#include <moka/Optimizer.hpp>
+#include <moka/model/Optimizer.hpp>
 
 #include <gtest/gtest.h>
 

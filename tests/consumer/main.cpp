@@ -1,9 +1,9 @@
 // Embedding MoKA: start the runtime, read a deck from a string, validate it
 // against the run schema, use a View. Prints "consumer: ok" on success.
-#include <moka/Core.hpp>
-#include <moka/InputDeck.hpp>
-#include <moka/RunConfig.hpp>
-#include <moka/Runtime.hpp>
+#include <moka/core/Core.hpp>
+#include <moka/deck/InputDeck.hpp>
+#include <moka/train/RunConfig.hpp>
+#include <moka/core/Runtime.hpp>
 
 #include <iostream>
 

@@ -1,0 +1,304 @@
+#pragma once
+/// \file MoELayer.hpp
+/// \brief moka::MoELayer: gate, capacity, dispatch, expert FFNs, combine,
+/// and the backward of all of them, on one rank or distributed over the
+/// process groups of moka::ProcessGroups (EP x EDP x expert slicing).
+///
+/// Data flow of forward (T tokens of width d, E experts, top-k):
+///   logits[T,E] = x Wg;  gate -> idx[T,k], score[T,k]
+///   capacity / drop -> slot[T,k] (row in the expert-ordered buffer, or -1)
+///   dispatch: xs[rows,d] = x[row_token]            (rows ordered by destination expert)
+///   exchange: counts, then rows, to the experts' EP ranks; received rows
+///             ordered by (local expert, source rank, source position);
+///             with slicing, gathered over the slice group (one rank: nothing moves)
+///   experts:  h = act(xs_e W1_e + b1_e), ys_e = h W2_e + b2_e    (one GEMM pair per expert)
+///   exchange back (slicing: partial outputs summed over the slice group)
+///   combine:  y[t] = sum_j score[t,j] ys[slot[t,j]]
+/// Rows of an expert keep token order, so results do not depend on where
+/// an expert lives, and no floating-point atomics are used: the same inputs
+/// give bitwise the same outputs on the same backend.
+///
+/// backward(dy) gives dx and accumulates (+=) the parameter gradients,
+/// including those of the gate's auxiliary losses (aux_loss(): balance
+/// loss + z-loss, to be added to the model's loss); zero_grad() clears them.
+///
+/// Distributed (a ProcessGroups given): each rank passes its own tokens; the
+/// batch is the concatenation of all ranks' tokens in world-rank order.
+/// Gate statistics (balance losses, z-loss, bias-balancing loads, random
+/// streams, trace assignment) are over that whole batch, so outputs equal a
+/// single-rank run of the whole batch. Gradients are this rank's share:
+/// summing them over the group of each parameter's tag (moka::GradSync)
+/// gives the gradient of the whole batch; the caller scales dy so that the
+/// sum over ranks is the gradient of its loss.
+///
+/// Training mode (the default) turns on the random parts of the gates
+/// (noise, jitter, random routing), the training capacity factor and the
+/// bias-balancing updates. Random numbers come from a counter-based stream
+/// of (seed, forward count, position): reproducible on every backend.
+
+#include <moka/core/Core.hpp>
+#include <moka/moe/MoEConfig.hpp>
+#include <moka/moe/impl/MoEKernels.hpp>
+#include <moka/parallel/ProcessGroups.hpp>
+#include <moka/core/Profiling.hpp>
+#include <moka/linalg/impl/CublasGemm.hpp>
+
+#include <cstdint>
+#include <memory>
+
+namespace moka {
+
+/// \brief The trainable tensors of an MoE layer (or their gradients).
+template <class Scalar, class MemorySpace>
+struct MoEParams {
+  using matrix  = Kokkos::View<Scalar**, Kokkos::LayoutRight, MemorySpace>;
+  using tensor3 = Kokkos::View<Scalar***, Kokkos::LayoutRight, MemorySpace>;
+  matrix gate_w;  ///< Wg [d, E]
+  matrix noise_w; ///< noise weights Wn [d, E] (noisy gate; 0 x 0 otherwise)
+  tensor3 w1;     ///< W1 [L, d, d_ff_in / S] of the L = E / EP local experts (slice of d_ff)
+  matrix b1;      ///< b1 [L, d_ff_in / S] (extent 0 rows without biases)
+  tensor3 w2;     ///< W2 [L, d_ff / S, d]
+  matrix b2;      ///< b2 [L, d] (the same on every slice rank)
+
+  /// \brief Allocates zero-filled tensors for \p cfg with \p local_experts
+  /// experts of d_ff / \p slices columns, labelled with \p prefix.
+  MoEParams(const MoEConfig& cfg, const std::string& prefix, int local_experts, int slices);
+  MoEParams() = default;
+};
+
+/// \brief One Mixture-of-Experts layer, templated on the scalar type
+/// (double, float) and the memory space of its Views.
+template <class Scalar, class MemorySpace = memory_space>
+class MoELayer {
+  static_assert(Kokkos::is_memory_space<MemorySpace>::value, "MoELayer needs a Kokkos memory space");
+
+ public:
+  using execution_space = typename MemorySpace::execution_space;
+  using matrix          = Kokkos::View<Scalar**, Kokkos::LayoutRight, MemorySpace>;
+  using index_matrix    = Kokkos::View<int**, Kokkos::LayoutRight, MemorySpace>;
+  using index_vector    = Kokkos::View<int*, MemorySpace>;
+  using params_type     = MoEParams<Scalar, MemorySpace>;
+  using bmatrix         = Kokkos::View<bf16**, Kokkos::LayoutRight, MemorySpace>;
+  using btensor3        = Kokkos::View<bf16***, Kokkos::LayoutRight, MemorySpace>;
+
+  /// \brief Allocates parameters (zero) and gradients; throws moka::Error on
+  /// a bad config. \p groups: the layout over ranks (nullptr: this rank alone).
+  explicit MoELayer(const MoEConfig& config, std::shared_ptr<ProcessGroups> groups = nullptr);
+
+  /// \brief The configuration.
+  const MoEConfig& config() const { return m_cfg; }
+  /// \brief Parameters.
+  params_type& params() { return m_params; }
+  const params_type& params() const { return m_params; }
+  /// \brief Accumulated gradients (clears the expert weight gradients now
+  /// if zero_grad() deferred that and no backward has run since).
+  params_type& grads() {
+    settle_grads();
+    return m_grads;
+  }
+  const params_type& grads() const {
+    settle_grads();
+    return m_grads;
+  }
+
+  /// \brief bf16 copies of W1 and W2 used by the bf16 GEMMs (bf16_compute).
+  const btensor3& bf16_w1() const { return m_w1_b; }
+  const btensor3& bf16_w2() const { return m_w2_b; }
+  /// \brief Whether b1 and the activation (and the activation's gradient)
+  /// run in cuBLASLt GEMM epilogues (bf16 on CUDA, gelu_tanh, expert
+  /// biases, d_ff per rank divisible by 8, expert.gemm_epilogue).
+  bool fused_epilogue() const { return m_fused; }
+  /// \brief Whether the last forward's EP exchange sent one message per
+  /// peer through the staging buffer (no rank sent more than (L - 1) x
+  /// comm.exchange_coalesce_mb, L local experts).
+  bool exchange_coalesced() const { return m_coalesce; }
+  /// \brief Whether the EP exchange stores rows straight into the peers'
+  /// receive buffers (comm.exchange_direct; known after the first forward).
+  bool exchange_direct() const { return m_direct == 1; }
+  /// \brief With \p on, forward uses the bf16 copies as they are instead of
+  /// converting W1 and W2 at every forward: whoever changes the weights
+  /// keeps the copies equal to bf16(W) (moka::Optimizer does, fused into its
+  /// update, for tensors registered with a bf16 copy; init_parameters does).
+  /// Off by default.
+  void set_bf16_weights_managed(bool on) { m_bf16_managed = on; }
+  bool bf16_weights_managed() const { return m_bf16_managed; }
+  /// \brief The process groups (nullptr: one rank).
+  const ProcessGroups* groups() const { return m_groups.get(); }
+  /// \brief Experts held here (E / EP), the first one's global index, and the
+  /// d_ff columns of each held here (d_ff / S).
+  int local_experts() const { return m_L; }
+  int first_expert() const { return m_e0; }
+  int local_d_ff() const { return m_dffl; }
+  /// \brief Tokens of the whole batch over all ranks, and this rank's first (last forward).
+  long tokens_global() const { return m_T_global; }
+  long token_offset() const { return m_tok0; }
+  /// \brief Rows the local experts processed in the last forward.
+  long expert_rows() const { return m_rows_e; }
+
+  /// \brief Deterministic initialisation from \p seed (the same numbers on
+  /// every backend and layout: each rank keeps its part of the single-rank
+  /// tensors): uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights, zero biases.
+  void init_parameters(std::uint64_t seed);
+  /// \brief Sets every gradient to zero. The expert weight gradients (W1
+  /// and W2, the large ones) are cleared lazily: the next backward's
+  /// weight-gradient GEMMs overwrite them (beta 0) instead of accumulating,
+  /// which saves a pass over them and the GEMMs' reads; grads() clears them
+  /// at once if asked for before that backward.
+  void zero_grad(const execution_space& space);
+
+  /// \brief y = MoE(x). x and y are [T, d]; keeps what backward needs.
+  void forward(const execution_space& space, const matrix& x, const matrix& y);
+  /// \brief dx = dMoE/dx^T dy, and parameter gradients += their part.
+  /// Needs the forward of the same x just before.
+  void backward(const execution_space& space, const matrix& dy, const matrix& dx);
+
+  /// \brief Training (noise, jitter, random routing, bias updates) or evaluation.
+  void set_training(bool training) { m_training = training; }
+  bool training() const { return m_training; }
+  /// \brief Gate balance loss + z-loss of the last forward (already weighted).
+  double aux_loss() const { return m_balance_loss + m_z_loss; }
+  /// \brief The weighted balance loss of the last forward.
+  double balance_loss() const { return m_balance_loss; }
+  /// \brief The weighted z-loss of the last forward.
+  double z_loss() const { return m_z_loss; }
+
+  /// \brief Expert of each (token, choice) of the last forward, [T, k].
+  const index_matrix& expert_index() const { return m_idx; }
+  /// \brief As expert_index(), with -1 where random routing dropped a choice.
+  const index_matrix& routed_index() const { return m_route; }
+  /// \brief Standard-normal noise of the noisy gate in the last forward, [T, E].
+  const matrix& gate_noise() const { return m_noise; }
+  /// \brief Switch jitter factors of the last forward, [T, d] (empty when off).
+  const matrix& gate_jitter() const { return m_jitter; }
+  /// \brief Uniforms of GShard random routing in the last forward, [T].
+  const Kokkos::View<Scalar*, MemorySpace>& routing_uniforms() const { return m_rr; }
+  /// \brief Per-expert selection bias (bias balancing), [E].
+  const Kokkos::View<Scalar*, MemorySpace>& selection_bias() const { return m_sel_bias; }
+  /// \brief Gate score of each (token, choice), [T, k].
+  const matrix& scores() const { return m_score; }
+  /// \brief Row of each (token, choice) in the expert buffer, or -1 if dropped, [T, k].
+  const index_matrix& slots() const { return m_slot; }
+  /// \brief Kept assignments per expert, [E].
+  const index_vector& expert_counts() const { return m_counts; }
+  /// \brief Capacity used by the last forward (T * k when dropless).
+  long capacity() const { return m_capacity; }
+
+  /// \name Implementation steps of forward / backward.
+  /// Public only because nvcc cannot compile device lambdas inside private
+  /// member functions; not part of the interface.
+  /// @{
+  void ensure_workspace(int T);
+  void ensure_expert_workspace(long rows);
+  void global_batch(int T);
+  void plan_exchange(const execution_space& space);
+  bool decide_direct();
+  void plan_direct(const std::vector<long>& cnt);
+  void direct_put(const execution_space& space, const std::vector<Communicator::Put>& puts, const matrix& from,
+                  const matrix& to);
+  void align_for_timing(const execution_space& space);
+  matrix exchange_forward(const execution_space& space, const matrix& dispatch, matrix& buf);
+  matrix exchange_reverse(const execution_space& space, const matrix& expert, matrix& buf);
+  void expert_bias_add(const execution_space& space);
+  static constexpr int bias_chunk = 64;  ///< rows per partial sum of the bias gradients
+  enum class Stage { up, down, down_backward, up_backward };
+  void expert_gemm(const execution_space& space, Stage stage);
+  void expert_gemm_bf16(const execution_space& space, Stage stage);
+#ifdef KOKKOS_ENABLE_CUDA
+  /// The fused epilogue of expert \p e's up GEMM (forward) or dh GEMM, whose rows start at \p row0.
+  impl::GemmEpilogue epilogue(bool forward, int e, long row0) const;
+#endif
+  void prepare_bf16_forward(const execution_space& space);
+  void gate_forward(const execution_space& space, const matrix& x);
+  void gate_backward(const execution_space& space, const matrix& dscore, const matrix& dx);
+  /// @}
+
+ private:
+
+  MoEConfig m_cfg;
+  std::shared_ptr<ProcessGroups> m_groups;
+  int m_S = 1, m_L = 0, m_e0 = 0, m_dffl = 0, m_dfil = 0;  // slices, local experts, first expert, local d_ff, d_ff_in
+  params_type m_params, m_grads;
+  // zero_grad() left W1 and W2's gradients to the next backward (beta 0).
+  mutable bool m_wgrad_zero = false;
+  void settle_grads() const;
+  // Saved by forward for backward. Dispatch side (this rank's tokens, rows
+  // ordered by destination expert): xs, ys, dys, dxs. Expert side (rows the
+  // local experts process): xe, hpre, h, ye, dye, dh, dhpre, dxe; on one
+  // rank without slicing the two sides are the same Views.
+  matrix m_x, m_gin, m_jitter, m_clean, m_raw, m_std, m_noise, m_logits, m_probs, m_score, m_xs, m_ys;
+  matrix m_xe, m_hpre, m_h, m_ye, m_dye, m_ye_buf, m_ys_buf, m_xe_buf, m_dye_buf, m_dxs_buf;
+  index_matrix m_idx, m_route, m_slot, m_thr;
+  matrix m_dys, m_dh, m_dhpre, m_dxe, m_dscore;  // backward workspace
+  matrix m_buf_b, m_buf_c;                     // exchange staging (grow-only)
+  // bf16 operands and intermediates (bf16_compute), expert side: the GEMMs
+  // write the pre-activation (without b1) and dh in bf16, so the
+  // elementwise kernels around them move half the bytes of fp32.
+  bmatrix m_xs_b, m_hpre_b, m_h_b, m_dys_b, m_dh_b, m_dhpre_b;
+  btensor3 m_w1_b, m_w2_b;                     // bf16 copies of the expert weights
+  // Fused epilogues (bf16, gelu_tanh, expert biases, expert.gemm_epilogue): b1 in bf16
+  // and cuBLASLt's workspace; the GELU input (b1 included) is kept in
+  // m_hpre_b.
+  bool m_fused = false;
+  bmatrix m_b1_b;
+  Kokkos::View<char*, MemorySpace> m_lt_work;
+  Kokkos::View<Scalar*, MemorySpace> m_rr, m_sel_bias, m_bal_grad, m_imp_grad, m_load_grad;
+  index_vector m_trace_cum;
+  std::vector<long> m_trace_counts;
+  bool m_training = true;
+  bool m_bf16_managed = false;
+  std::uint64_t m_seed = 0, m_counter = 0;
+  double m_balance_loss = 0, m_z_loss = 0;
+  index_vector m_counts, m_offsets, m_row_token, m_row_choice;
+  impl::SlotWork<MemorySpace> m_slot_work;  // workspace of the slot assignment
+  std::vector<int> m_h_offsets;  // host copy of the dispatch-side expert offsets [E + 1]
+  long m_rows = 0, m_capacity = 0;
+  int m_T = -1;
+  long m_T_global = 0, m_tok0 = 0;
+  // Exchange plan of the last forward (see plan_exchange).
+  bool m_exchange = false;                 // rows move (EP > 1 or S > 1)
+  std::vector<long> m_ep_counts;           // [P * L]: rows from EP peer p for local expert l
+  std::vector<long> m_sl_counts;           // [S * L]: rows of slice peer s for local expert l
+  // Blocks (elements) of the exchanges: EP there (send, recv; back swaps
+  // them), slice gather (send, recv; back sends recv's blocks) and the
+  // slice partials' landing places.
+  std::vector<Communicator::Block> m_ep_send, m_ep_recv, m_sl_send, m_sl_recv, m_sl_back;
+  // Coalesced EP exchange (no rank sends more than (L - 1) x comm.exchange_coalesce_mb):
+  // one message per peer through m_stage (rows in (source rank, local
+  // expert) order), moved to (local expert, source rank) order by the
+  // segments [3 P L]: (staging row, expert-side row, rows) each. The
+  // expert-side offsets, the bias-sum chunk starts and the segments are
+  // parts of m_plan_dev, uploaded from m_plan_host in one copy per forward.
+  bool m_coalesce = false;
+  matrix m_stage;
+  // Direct EP exchange (comm.exchange_direct): the EP stage's receive
+  // buffers are parts of one symmetric window, the same size on every EP
+  // rank: with S = 1 xe and dye (up to m_win_ep rows), with S > 1 the one
+  // landing part m_ep_land (the slice stage gathers from it into xe / dye),
+  // then ys and dxs (up to m_win_rows); the puts there (dispatch rows to
+  // (local expert, source rank) places on the experts' ranks) and back,
+  // with element offsets within a part.
+  int m_direct = -1;  // -1 not decided yet, 0 no, 1 yes
+  std::unique_ptr<SymmetricWindow> m_window;
+  matrix m_ep_land;
+  long m_win_ep = 0, m_win_rows = 0;
+  std::vector<Communicator::Put> m_put_there, m_put_back, m_put_now;
+  index_vector m_plan_dev, m_segments;
+  typename index_vector::HostMirror m_plan_host;
+  std::vector<long> m_ep_off;              // [L + 1]: expert offsets after the EP exchange
+  std::vector<long> m_e_off;               // [L + 1]: expert-side offsets (after slicing)
+  long m_rows_ep = 0, m_rows_e = 0;
+  index_vector m_e_offsets, m_row_expert;  // expert-side offsets [L + 1] and expert of each row
+  Kokkos::View<long*, MemorySpace> m_cap_base, m_routed;  // global capacity
+  index_vector m_chunk_start;  // [L + 1]: first bias-sum chunk of each local expert
+  long m_chunks = 0;           // bias-sum chunks in all
+  matrix m_colsum_work;  // partial column sums of the bias gradients
+  // Gate workspace kept across steps: jittered input, backward buffers,
+  // per-expert statistics.
+  matrix m_gate_in, m_dprob, m_dlogits, m_dclean, m_draw;
+  Kokkos::View<double*, MemorySpace> m_stat_a, m_stat_b;
+  Kokkos::View<long*, MemorySpace> m_sel_count;
+};
+
+}  // namespace moka
+
+#include <moka/moe/impl/MoELayer_impl.hpp>

@@ -1,0 +1,220 @@
+#pragma once
+/// \file GateKernels.hpp
+/// \brief Kernels of the gates: random streams, top-k selection and scores
+/// for every gate type, and the backward of scores, balance losses and
+/// z-loss into the logits. Internal: use moka::MoELayer.
+
+#include <moka/core/Core.hpp>
+#include <moka/moe/MoEConfig.hpp>
+#include <moka/core/impl/Math.hpp>
+
+#include <cstdint>
+#include <vector>
+
+namespace moka {
+namespace impl {
+
+template <class S, class M>
+using gmat = Kokkos::View<S**, Kokkos::LayoutRight, M>;
+template <class M>
+using imat = Kokkos::View<int**, Kokkos::LayoutRight, M>;
+
+// ------------------------------------------------------------ randomness
+/// A counter-based generator: the same (seed, counter) gives the same
+/// number on every backend and thread count. Uniform in (0, 1).
+KOKKOS_INLINE_FUNCTION double hash_uniform(std::uint64_t seed, std::uint64_t counter) {
+  std::uint64_t z = seed + 0x9e3779b97f4a7c15ull * (counter + 1);
+  z               = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z               = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z               = z ^ (z >> 31);
+  return (static_cast<double>(z >> 11) + 0.5) * 0x1.0p-53;
+}
+
+/// Standard normal from two counter-based uniforms (Box-Muller).
+KOKKOS_INLINE_FUNCTION double hash_normal(std::uint64_t seed, std::uint64_t counter) {
+  const double u1 = hash_uniform(seed, 2 * counter), u2 = hash_uniform(seed, 2 * counter + 1);
+  return impl::sqrt(-2.0 * impl::log(u1)) * impl::cos(6.283185307179586477 * u2);
+}
+
+KOKKOS_INLINE_FUNCTION double normal_cdf(double z) { return 0.5 * (1.0 + impl::erf(z * 0.70710678118654752440)); }
+KOKKOS_INLINE_FUNCTION double normal_pdf(double z) { return 0.39894228040143267794 * impl::exp(-0.5 * z * z); }
+
+template <class S>
+KOKKOS_INLINE_FUNCTION S softplus(S x) {
+  return x > S(20) ? x : impl::log(S(1) + impl::exp(x));
+}
+
+/// What the selection kernel needs to know about the gate.
+struct GateArgs {
+  GateType type;
+  bool renormalize;
+  bool random_routing;  // gshard, in training
+  bool use_bias;        // selection bias (bias balancing)
+  std::uint64_t seed;   // random-routing stream
+  std::uint64_t counter;
+  std::uint64_t tokens_global;  // tokens of the whole batch over all ranks (the stream's period)
+  std::uint64_t token_offset;   // global index of this rank's first token
+};
+
+/// probs = softmax(logits) over experts; selection of the top k by
+/// logits + bias into idx; scores per gate type; route = idx, except -1
+/// for a second GShard choice dropped by random routing (u[t] is recorded). For the noisy gate,
+/// thr_idx(t, 0 / 1) are the experts whose logits are the (k+1)-th and
+/// k-th largest (the load thresholds "if in" / "if out"). Ties go to the
+/// lower expert index.
+template <class Exec, class S, class M>
+void gate_select(const Exec& space, const GateArgs a, const gmat<S, M>& logits,
+                 const Kokkos::View<S*, M>& bias, const gmat<S, M>& probs, const imat<M>& idx,
+                 const gmat<S, M>& score, const imat<M>& route, const imat<M>& thr_idx,
+                 const Kokkos::View<S*, M>& rr_u) {
+  const int T = static_cast<int>(logits.extent(0));
+  const int E = static_cast<int>(logits.extent(1));
+  const int k = static_cast<int>(idx.extent(1));
+  Kokkos::parallel_for(
+      "moka::gate_select", Kokkos::RangePolicy<Exec>(space, 0, T), KOKKOS_LAMBDA(int t) {
+        // softmax over all experts (scores of softmax/gshard/switch, z-loss, balance).
+        S m = logits(t, 0);
+        for (int e = 1; e < E; ++e) m = logits(t, e) > m ? logits(t, e) : m;
+        S sum = 0;
+        for (int e = 0; e < E; ++e) {
+          probs(t, e) = impl::exp(logits(t, e) - m);
+          sum += probs(t, e);
+        }
+        for (int e = 0; e < E; ++e) probs(t, e) /= sum;
+        if (a.type == GateType::zero) {
+          for (int j = 0; j < k; ++j) {
+            idx(t, j)   = 0;
+            route(t, j) = 0;
+            score(t, j) = S(1) / S(k);
+          }
+          return;
+        }
+        // k passes (k+1 for the noisy gate's threshold) over the experts.
+        const int K = a.type == GateType::noisy ? k + 1 : k;
+        int chosen_extra = -1;
+        for (int j = 0; j < K; ++j) {
+          int best   = -1;
+          S best_val = 0;
+          for (int e = 0; e < E; ++e) {
+            bool taken = false;
+            for (int i = 0; i < j && i < k; ++i) taken = taken || idx(t, i) == e;
+            if (taken) continue;
+            const S v = logits(t, e) + (a.use_bias ? bias(e) : S(0));
+            if (best < 0 || v > best_val) {
+              best     = e;
+              best_val = v;
+            }
+          }
+          if (j < k) {
+            idx(t, j)   = best;
+            route(t, j) = best;
+          } else {
+            chosen_extra = best;
+          }
+        }
+        if (a.type == GateType::noisy) {
+          thr_idx(t, 0) = chosen_extra;  // (k+1)-th largest: threshold if in
+          thr_idx(t, 1) = idx(t, k - 1); // k-th largest: threshold if out
+        }
+        if (a.type == GateType::topk || a.type == GateType::noisy) {
+          // softmax over the selected (unbiased) logits
+          S mm = logits(t, idx(t, 0));
+          for (int j = 1; j < k; ++j) mm = logits(t, idx(t, j)) > mm ? logits(t, idx(t, j)) : mm;
+          S s = 0;
+          for (int j = 0; j < k; ++j) s += impl::exp(logits(t, idx(t, j)) - mm);
+          for (int j = 0; j < k; ++j) score(t, j) = impl::exp(logits(t, idx(t, j)) - mm) / s;
+          return;
+        }
+        S sel = 0;
+        for (int j = 0; j < k; ++j) sel += probs(t, idx(t, j));
+        const bool renorm = a.renormalize || a.type == GateType::gshard;
+        for (int j = 0; j < k; ++j) score(t, j) = renorm ? probs(t, idx(t, j)) / sel : probs(t, idx(t, j));
+        if (a.type == GateType::gshard && a.random_routing) {
+          const S u = S(hash_uniform(a.seed, a.counter * a.tokens_global + a.token_offset + std::uint64_t(t)));
+          rr_u(t)   = u;
+          if (S(2) * score(t, 1) < u) route(t, 1) = -1;
+        }
+      });
+}
+
+/// dlogits = d(loss)/d(logits) from the score gradients dscore, the
+/// per-(token, expert) gradient reaching the softmax probabilities dprob
+/// (balance losses; may be empty), and the z-loss of weight wz (lse of
+/// each token recomputed). Overwrites dlogits.
+template <class Exec, class S, class M>
+void gate_backward(const Exec& space, GateType type, bool renormalize, const gmat<S, M>& logits,
+                   const gmat<S, M>& probs, const imat<M>& idx, const gmat<S, M>& score,
+                   const gmat<S, M>& dscore, const gmat<S, M>& dprob, S wz, long tokens_global,
+                   const gmat<S, M>& dlogits) {
+  const int T = static_cast<int>(dlogits.extent(0));
+  const int E = static_cast<int>(dlogits.extent(1));
+  const int k = static_cast<int>(idx.extent(1));
+  const bool has_dprob = dprob.extent(0) > 0;
+  Kokkos::parallel_for(
+      "moka::gate_backward", Kokkos::RangePolicy<Exec>(space, 0, T), KOKKOS_LAMBDA(int t) {
+        // dp: gradient at the softmax probabilities (used by the gates that
+        // score from them, and by the balance losses).
+        for (int e = 0; e < E; ++e) dlogits(t, e) = has_dprob ? dprob(t, e) : S(0);
+        if (type == GateType::topk || type == GateType::noisy) {
+          // softmax over the selected logits: dl_j = s_j (ds_j - sum_i s_i ds_i)
+          S dot = 0;
+          for (int j = 0; j < k; ++j) dot += score(t, j) * dscore(t, j);
+          // first turn dp into dlogits (through the full softmax), then add the selected part
+          S pd = 0;
+          for (int e = 0; e < E; ++e) pd += probs(t, e) * dlogits(t, e);
+          for (int e = 0; e < E; ++e) dlogits(t, e) = probs(t, e) * (dlogits(t, e) - pd);
+          for (int j = 0; j < k; ++j) dlogits(t, idx(t, j)) += score(t, j) * (dscore(t, j) - dot);
+        } else if (type == GateType::softmax || type == GateType::gshard || type == GateType::switch_top1) {
+          // A GShard second choice dropped by random routing still sets the
+          // normalisation; its dscore is zero.
+          const bool renorm = renormalize || type == GateType::gshard;
+          S sel = 0, dot_sel = 0;
+          for (int j = 0; j < k; ++j) {
+            sel += probs(t, idx(t, j));
+            dot_sel += dscore(t, j) * score(t, j);
+          }
+          for (int j = 0; j < k; ++j)
+            dlogits(t, idx(t, j)) += renorm ? (dscore(t, j) - dot_sel) / sel : dscore(t, j);
+          S pd = 0;
+          for (int e = 0; e < E; ++e) pd += probs(t, e) * dlogits(t, e);
+          for (int e = 0; e < E; ++e) dlogits(t, e) = probs(t, e) * (dlogits(t, e) - pd);
+        } else {  // zero and trace gates: scores do not depend on the logits
+          S pd = 0;
+          for (int e = 0; e < E; ++e) pd += probs(t, e) * dlogits(t, e);
+          for (int e = 0; e < E; ++e) dlogits(t, e) = probs(t, e) * (dlogits(t, e) - pd);
+        }
+        if (wz != S(0)) {
+          // z-loss wz / T sum_t lse_t^2 (T over all ranks): d/dlogit = 2 wz lse p / T
+          S m = logits(t, 0);
+          for (int e = 1; e < E; ++e) m = logits(t, e) > m ? logits(t, e) : m;
+          S s = 0;
+          for (int e = 0; e < E; ++e) s += impl::exp(logits(t, e) - m);
+          const S lse = m + impl::log(s);
+          for (int e = 0; e < E; ++e) dlogits(t, e) += S(2) * wz * lse * probs(t, e) / S(tokens_global);
+        }
+      });
+}
+
+/// Host helper: cv^2 = var / (mean^2 + 1e-10), var with Bessel's correction
+/// (as torch.var, which FastMoE's noisy gate uses), and its gradient.
+inline double cv_squared(const std::vector<double>& v, std::vector<double>* grad) {
+  const double n = double(v.size());
+  if (v.size() < 2) {
+    if (grad) grad->assign(v.size(), 0.0);
+    return 0.0;
+  }
+  double mean = 0;
+  for (double x : v) mean += x / n;
+  double var = 0;
+  for (double x : v) var += (x - mean) * (x - mean) / (n - 1);
+  const double den = mean * mean + 1e-10;
+  if (grad) {
+    grad->resize(v.size());
+    for (std::size_t e = 0; e < v.size(); ++e)
+      (*grad)[e] = 2 * (v[e] - mean) / (n - 1) / den - var * 2 * mean / (den * den) / n;
+  }
+  return var / den;
+}
+
+}  // namespace impl
+}  // namespace moka

@@ -1,0 +1,782 @@
+#pragma once
+/// \file MoEKernels.hpp
+/// \brief Kokkos kernels of the MoE layer (gating, top-k, capacity,
+/// dispatch, activation, combine) and their backward. Internal: use
+/// moka::MoELayer.
+///
+/// Kernels are free functions (nvcc does not compile device lambdas inside
+/// private member functions) that take the execution-space instance first.
+/// None uses atomics on floating-point data, so results are bitwise
+/// reproducible on a given backend.
+
+#include <moka/core/Core.hpp>
+#include <moka/moe/MoEConfig.hpp>
+#include <moka/linalg/impl/CublasGemm.hpp>
+#include <moka/core/impl/Math.hpp>
+
+#include <KokkosBlas1_scal.hpp>
+#include <KokkosBlas3_gemm.hpp>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace moka {
+namespace impl {
+
+template <class S, class M>
+using mat = Kokkos::View<S**, Kokkos::LayoutRight, M>;
+template <class S, class M>
+using vec = Kokkos::View<S*, Kokkos::LayoutRight, M>;
+
+// ------------------------------------------------------------ activations
+template <class S>
+KOKKOS_INLINE_FUNCTION S sigmoid(S x) {
+  return S(1) / (S(1) + impl::exp(-x));
+}
+
+/// act(x) for the elementwise activations (swiglu uses silu on its gate half).
+template <class S>
+KOKKOS_INLINE_FUNCTION S activate(Activation a, S x) {
+  switch (a) {
+    case Activation::gelu_erf: return S(0.5) * x * (S(1) + impl::erf(x * S(0.70710678118654752440)));
+    case Activation::gelu_tanh: {
+      const S c = S(0.79788456080286535588);  // sqrt(2/pi)
+      return S(0.5) * x * (S(1) + impl::tanh(c * (x + S(0.044715) * x * x * x)));
+    }
+    case Activation::relu: return x > S(0) ? x : S(0);
+    case Activation::silu:
+    case Activation::swiglu: return x * sigmoid(x);
+  }
+  return x;
+}
+
+/// d act / dx.
+template <class S>
+KOKKOS_INLINE_FUNCTION S activate_grad(Activation a, S x) {
+  switch (a) {
+    case Activation::gelu_erf: {
+      const S cdf = S(0.5) * (S(1) + impl::erf(x * S(0.70710678118654752440)));
+      const S pdf = S(0.39894228040143267794) * impl::exp(S(-0.5) * x * x);
+      return cdf + x * pdf;
+    }
+    case Activation::gelu_tanh: {
+      const S c = S(0.79788456080286535588);
+      const S u = c * (x + S(0.044715) * x * x * x);
+      const S th = impl::tanh(u);
+      return S(0.5) * (S(1) + th) + S(0.5) * x * (S(1) - th * th) * c * (S(1) + S(3 * 0.044715) * x * x);
+    }
+    case Activation::relu: return x > S(0) ? S(1) : S(0);
+    case Activation::silu:
+    case Activation::swiglu: {
+      const S sg = sigmoid(x);
+      return sg * (S(1) + x * (S(1) - sg));
+    }
+  }
+  return S(1);
+}
+
+// ------------------------------------------------------------------ GEMM
+/// C = alpha op(A) op(B) + beta C through Kokkos Kernels (cuBLAS on CUDA).
+/// Skips empty products (an expert with no rows), where beta still applies.
+/// \note Kokkos Kernels 3.4's gemm has no execution-space argument: it runs
+/// on the default instance; the overload below takes the caller's.
+template <class S, class M>
+void gemm(const char* ta, const char* tb, S alpha, const mat<S, M>& A, const mat<S, M>& B, S beta,
+          const mat<S, M>& C) {
+  if (C.extent(0) == 0 || C.extent(1) == 0) return;
+  const std::size_t inner = (ta[0] == 'N') ? A.extent(1) : A.extent(0);
+  if (inner == 0) {
+    if (beta == S(0)) Kokkos::deep_copy(C, S(0));
+    else if (beta != S(1)) KokkosBlas::scal(C, beta, C);
+    return;
+  }
+  KokkosBlas::gemm(ta, tb, alpha, A, B, beta, C);
+}
+
+/// The same on \p space: device views of a CUDA build go to cuBLAS on the
+/// instance's stream (fp32 / fp64 compute, no fence); the rest to Kokkos
+/// Kernels above, with the fences its missing instance argument needs.
+template <class Exec, class S, class M>
+void gemm(const Exec& space, const char* ta, const char* tb, S alpha, const mat<S, M>& A, const mat<S, M>& B, S beta,
+          const mat<S, M>& C) {
+#ifdef KOKKOS_ENABLE_CUDA
+  if constexpr (std::is_same<Exec, Kokkos::Cuda>::value && std::is_same<M, Kokkos::CudaSpace>::value &&
+                (std::is_same<S, float>::value || std::is_same<S, double>::value)) {
+    if (C.extent(0) == 0 || C.extent(1) == 0) return;
+    const bool at = ta[0] == 'T', bt = tb[0] == 'T';
+    const long inner = static_cast<long>(at ? A.extent(0) : A.extent(1));
+    if (inner == 0) {  // an expert with no rows: C = beta C
+      const long n = static_cast<long>(C.extent(1));
+      Kokkos::parallel_for(
+          "moka::gemm_scale", Kokkos::RangePolicy<Exec>(space, 0, long(C.extent(0)) * n), KOKKOS_LAMBDA(long i) {
+            C(i / n, i % n) = beta == S(0) ? S(0) : beta * C(i / n, i % n);
+          });
+      return;
+    }
+    auto ld = [](const mat<S, M>& v) { return static_cast<int>(std::max<std::size_t>(v.stride(0), v.extent(1))); };
+    gemm_real(space, at, bt, static_cast<int>(C.extent(0)), static_cast<int>(C.extent(1)), static_cast<int>(inner),
+              alpha, A.data(), ld(A), B.data(), ld(B), beta, C.data(), ld(C));
+    return;
+  }
+#endif
+  space.fence();
+  gemm(ta, tb, alpha, A, B, beta, C);
+  Exec().fence();
+}
+
+// --------------------------------------------------- capacity and slots
+/// Workspace of assign_slots, kept by the layer across steps (grow-only):
+/// allocating it per forward costs device allocations and synchronising
+/// frees.
+template <class M>
+struct SlotWork {
+  Kokkos::View<int*, M> total, start;                 // per expert [E], offsets [E + 1]
+  Kokkos::View<int*, M> rank, keep, group;            // per assignment [N]
+  Kokkos::View<int**, Kokkos::LayoutRight, M> hist;   // per (chunk, expert)
+  int chunk = 16;                                     // assignments per chunk
+
+  void ensure(long N, int E) {
+    chunk = 16;
+    while (((N + chunk - 1) / chunk) * long(E) > (1L << 22)) chunk *= 2;
+    const long chunks = (N + chunk - 1) / chunk;
+    auto grow = [](Kokkos::View<int*, M>& v, long n, const char* label) {
+      if (static_cast<long>(v.extent(0)) < n)
+        v = Kokkos::View<int*, M>(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), n);
+    };
+    grow(total, E, "moka::slots::total");
+    grow(start, E + 1, "moka::slots::start");
+    grow(rank, N, "moka::slots::rank");
+    grow(keep, N, "moka::slots::keep");
+    grow(group, N, "moka::slots::group");
+    if (static_cast<long>(hist.extent(0)) < chunks || static_cast<int>(hist.extent(1)) != E)
+      hist = Kokkos::View<int**, Kokkos::LayoutRight, M>(
+          Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::slots::hist"), chunks, E);
+  }
+};
+
+/// rank(i) = how many assignments i' < i ((token, choice) order) go to the
+/// same expert and pass \p mask (every routed one when \p use_mask is
+/// false); total(e) = how many pass per expert. Assignments that do not
+/// pass get rank -1. A histogram per chunk of assignments (one thread per
+/// chunk), an exclusive scan of the chunks per expert (one team per
+/// expert), then one thread per chunk hands out the ranks: the same
+/// result as a sequential count, in O(N) work.
+template <class Exec, class M>
+void rank_within_expert(const Exec& space, const Kokkos::View<int**, Kokkos::LayoutRight, M>& idx, bool use_mask,
+                        const Kokkos::View<int*, M>& mask, SlotWork<M>& work, const Kokkos::View<int*, M>& rank,
+                        const Kokkos::View<int*, M>& total) {
+  using team_policy = Kokkos::TeamPolicy<Exec>;
+  using member      = typename team_policy::member_type;
+  const int k = static_cast<int>(idx.extent(1));
+  const int N = static_cast<int>(idx.extent(0)) * k;
+  const int E = static_cast<int>(work.hist.extent(1));
+  const int chunk = work.chunk, chunks = (N + chunk - 1) / chunk;
+  auto hist = work.hist;
+  Kokkos::parallel_for(
+      "moka::rank_histogram", Kokkos::RangePolicy<Exec>(space, 0, chunks), KOKKOS_LAMBDA(int q) {
+        for (int e = 0; e < E; ++e) hist(q, e) = 0;
+        const int end = (q + 1) * chunk < N ? (q + 1) * chunk : N;
+        for (int i = q * chunk; i < end; ++i) {
+          const int e = idx(i / k, i % k);
+          if (e >= 0 && (!use_mask || mask(i))) ++hist(q, e);
+        }
+      });
+  Kokkos::parallel_for(
+      "moka::rank_scan", team_policy(space, E, Kokkos::AUTO), KOKKOS_LAMBDA(const member& team) {
+        const int e = team.league_rank();
+        Kokkos::parallel_scan(Kokkos::TeamThreadRange(team, chunks), [&](int q, int& partial, bool final) {
+          const int c = hist(q, e);
+          if (final) {
+            hist(q, e) = partial;
+            if (q == chunks - 1) total(e) = partial + c;
+          }
+          partial += c;
+        });
+        if (chunks == 0) Kokkos::single(Kokkos::PerTeam(team), [&]() { total(e) = 0; });
+      });
+  Kokkos::parallel_for(
+      "moka::rank_assign", Kokkos::RangePolicy<Exec>(space, 0, chunks), KOKKOS_LAMBDA(int q) {
+        const int end = (q + 1) * chunk < N ? (q + 1) * chunk : N;
+        for (int i = q * chunk; i < end; ++i) {
+          const int e = idx(i / k, i % k);
+          rank(i)     = (e >= 0 && (!use_mask || mask(i))) ? hist(q, e)++ : -1;
+        }
+      });
+}
+
+/// Turns the routing idx[T,k] (and score, for the score policy) into slots:
+/// slot(t,j) = row of assignment (t,j) in the expert-ordered buffer, or -1
+/// if dropped (over capacity, or not routed: idx = -1). Rows of an expert
+/// keep token order (t, then j). counts[E] and offsets[E+1] describe the
+/// buffer (\p h_offsets gets a host copy); row_token / row_choice invert it.
+/// \p base (empty, or one per expert) counts assignments to each expert that
+/// come before this rank's in global token order (a global capacity): an
+/// assignment is kept when base + its rank < capacity.
+/// Returns the number of kept assignments (a fence of \p space).
+template <class Exec, class S, class M>
+long assign_slots(const Exec& space, DropPolicy policy, long capacity, const Kokkos::View<long*, M>& base,
+                  const Kokkos::View<int**, Kokkos::LayoutRight, M>& idx, const mat<S, M>& score,
+                  const Kokkos::View<int*, M>& counts, const Kokkos::View<int*, M>& offsets,
+                  const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, SlotWork<M>& work,
+                  Kokkos::View<int*, M>& row_token, Kokkos::View<int*, M>& row_choice, std::vector<int>& h_offsets) {
+  const int T = static_cast<int>(idx.extent(0));
+  const int k = static_cast<int>(idx.extent(1));
+  const int N = T * k;
+  const int E = static_cast<int>(counts.extent(0));
+  work.ensure(N, E);
+  auto rank = work.rank, keep = work.keep, total = work.total, start = work.start, group = work.group;
+  const bool has_base = base.extent(0) > 0;
+  // 1. rank of each assignment among all assignments to its expert, in token order.
+  rank_within_expert(space, idx, false, keep, work, rank, total);
+  if (policy == DropPolicy::position) {
+    // 2. kept: base + rank < capacity. Every earlier assignment to the
+    //    expert is kept too, so the kept rank is the rank.
+    Kokkos::parallel_for(
+        "moka::keep_position", Kokkos::RangePolicy<Exec>(space, 0, N), KOKKOS_LAMBDA(int i) {
+          const int e = idx(i / k, i % k);
+          if (e >= 0 && (has_base ? base(e) : 0) + rank(i) >= capacity) rank(i) = -1;
+        });
+    Kokkos::parallel_for(
+        "moka::kept_counts", Kokkos::RangePolicy<Exec>(space, 0, E), KOKKOS_LAMBDA(int e) {
+          const long room = capacity - (has_base ? base(e) : 0);
+          counts(e) = static_cast<int>(room <= 0 ? 0 : (total(e) < room ? total(e) : room));
+        });
+  } else {
+    // 2. score policy: rank by score inside the expert's group (ties by
+    //    token order), then the kept rank in token order.
+    Kokkos::parallel_scan(
+        "moka::offsets_all", Kokkos::RangePolicy<Exec>(space, 0, E), KOKKOS_LAMBDA(int e, int& partial, bool final) {
+          if (final) start(e) = partial;
+          partial += total(e);
+          if (final && e == E - 1) start(E) = partial;
+        });
+    Kokkos::parallel_for(
+        "moka::group", Kokkos::RangePolicy<Exec>(space, 0, N), KOKKOS_LAMBDA(int i) {
+          const int e = idx(i / k, i % k);
+          if (e >= 0) group(start(e) + rank(i)) = i;
+        });
+    Kokkos::parallel_for(
+        "moka::keep_score", Kokkos::RangePolicy<Exec>(space, 0, N), KOKKOS_LAMBDA(int i) {
+          const int t = i / k, j = i % k, e = idx(t, j);
+          if (e < 0) {
+            keep(i) = 0;
+            return;
+          }
+          const S s = score(t, j);
+          long r    = 0;
+          for (int g = start(e); g < start(e + 1); ++g) {
+            const int o = group(g);
+            const S so  = score(o / k, o % k);
+            if (so > s || (so == s && o < i)) ++r;
+          }
+          if (has_base) r += base(e);
+          keep(i) = r < capacity ? 1 : 0;
+        });
+    rank_within_expert(space, idx, true, keep, work, rank, counts);
+  }
+  // 3. offsets of the kept rows, slots and their inverse.
+  Kokkos::parallel_scan(
+      "moka::offsets", Kokkos::RangePolicy<Exec>(space, 0, E), KOKKOS_LAMBDA(int e, int& partial, bool final) {
+        if (final) offsets(e) = partial;
+        partial += counts(e);
+        if (final && e == E - 1) offsets(E) = partial;
+      });
+  auto h = Kokkos::create_mirror_view(offsets);
+  Kokkos::deep_copy(space, h, offsets);
+  space.fence();
+  h_offsets.assign(h.data(), h.data() + E + 1);
+  const int kept = h_offsets[E];
+  if (static_cast<long>(row_token.extent(0)) < kept) {
+    row_token  = Kokkos::View<int*, M>(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::row_token"), kept);
+    row_choice = Kokkos::View<int*, M>(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::row_choice"), kept);
+  }
+  auto rt = row_token;
+  auto rc = row_choice;
+  Kokkos::parallel_for(
+      "moka::slots", Kokkos::RangePolicy<Exec>(space, 0, N), KOKKOS_LAMBDA(int i) {
+        const int t = i / k, j = i % k;
+        const int r = idx(t, j) < 0 ? -1 : rank(i);
+        if (r < 0) {
+          slot(t, j) = -1;
+        } else {
+          const int row = offsets(idx(t, j)) + r;
+          slot(t, j)    = row;
+          rt(row)       = t;
+          rc(row)       = j;
+        }
+      });
+  return kept;
+}
+
+/// dst[i] = bf16(src[i]) for i < n (round to nearest even).
+template <class Exec, class S>
+void convert_to_bf16(const Exec& space, const char* label, const S* src, bf16* dst, std::size_t n) {
+  Kokkos::parallel_for(
+      label, Kokkos::RangePolicy<Exec>(space, 0, n), KOKKOS_LAMBDA(std::size_t i) { dst[i] = bf16(float(src[i])); });
+}
+
+// ----------------------------------------------------- dispatch / combine
+/// The expert of chunk \p q: the last e < L with chunk_start(e) <= q.
+template <class V>
+KOKKOS_INLINE_FUNCTION int chunk_expert(const V& chunk_start, int L, long q) {
+  int lo = 0, hi = L;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (chunk_start(mid) <= q) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/// Elements of T in a 16-byte pack (the widest load the row kernels use).
+template <class T>
+constexpr int pack_of = 16 / sizeof(T) > 1 ? int(16 / sizeof(T)) : 1;
+
+template <int W, class Exec, class S, class D, class M>
+void gather_rows_packs(const Exec& space, long rows, const mat<S, M>& x, const Kokkos::View<int*, M>& row_token,
+                       const mat<D, M>& xs) {
+  const long d = static_cast<long>(x.extent(1)), lx = x.stride(0), ls = xs.stride(0);
+  const S* X = x.data();
+  D* XS      = xs.data();
+  Kokkos::parallel_for(
+      "moka::dispatch", impl::row_major_2d(space, rows, d / W), KOKKOS_LAMBDA(long r, long cw) {
+        const auto v = load_pack<W>(X + row_token(r) * lx + cw * W);
+        Pack<D, W> o;
+        for (int i = 0; i < W; ++i) o.v[i] = D(v.v[i]);
+        store_pack<W>(XS + r * ls + cw * W, o);
+      });
+}
+
+/// xs(r,:) = x(row_token(r),:) for r < rows (xs of the same type or bf16).
+template <class Exec, class S, class D, class M>
+void gather_rows(const Exec& space, long rows, const mat<S, M>& x, const Kokkos::View<int*, M>& row_token,
+                 const mat<D, M>& xs) {
+  const long d = static_cast<long>(x.extent(1));
+  constexpr int W = pack_of<D>;
+  if (packs_fit(x, d, W) && packs_fit(xs, d, W)) gather_rows_packs<W>(space, rows, x, row_token, xs);
+  else gather_rows_packs<1>(space, rows, x, row_token, xs);
+}
+
+/// out(t,:) = [out(t,:) if accumulate] + sum_j [slot >= 0] w(t,j) src(slot(t,j),:),
+/// j in order (deterministic); w empty means weights of 1. Combine and
+/// undispatch are this kernel.
+template <int W, class Exec, class S, class M>
+void sum_slot_rows_packs(const Exec& space, const char* label, const mat<S, M>& src,
+                         const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& w, bool accumulate,
+                         const mat<S, M>& out) {
+  const long T = static_cast<long>(out.extent(0)), d = static_cast<long>(out.extent(1));
+  const int k  = static_cast<int>(slot.extent(1));
+  const long ls = src.stride(0), lo = out.stride(0);
+  const bool weighted = w.data() != nullptr;
+  const S* SRC = src.data();
+  S* O         = out.data();
+  Kokkos::parallel_for(
+      label, impl::row_major_2d(space, T, d / W), KOKKOS_LAMBDA(long t, long cw) {
+        Pack<S, W> acc;
+        if (accumulate) acc = load_pack<W>(O + t * lo + cw * W);
+        else
+          for (int i = 0; i < W; ++i) acc.v[i] = 0;
+        for (int j = 0; j < k; ++j) {
+          const int r = slot(t, j);
+          if (r < 0) continue;
+          const S wt   = weighted ? w(t, j) : S(1);
+          const auto v = load_pack<W>(SRC + r * ls + cw * W);
+          for (int i = 0; i < W; ++i) acc.v[i] += wt * v.v[i];
+        }
+        store_pack<W>(O + t * lo + cw * W, acc);
+      });
+}
+
+template <class Exec, class S, class M>
+void sum_slot_rows(const Exec& space, const char* label, const mat<S, M>& src,
+                   const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& w, bool accumulate,
+                   const mat<S, M>& out) {
+  const long d = static_cast<long>(out.extent(1));
+  constexpr int W = pack_of<S>;
+  if (packs_fit(src, d, W) && packs_fit(out, d, W)) sum_slot_rows_packs<W>(space, label, src, slot, w, accumulate, out);
+  else sum_slot_rows_packs<1>(space, label, src, slot, w, accumulate, out);
+}
+
+/// y(t,:) = sum_j [slot >= 0] w(t,j) ys(slot(t,j),:), j in order (deterministic).
+template <class Exec, class S, class M>
+void combine_rows(const Exec& space, const mat<S, M>& ys, const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot,
+                  const mat<S, M>& w, const mat<S, M>& y) {
+  sum_slot_rows(space, "moka::combine", ys, slot, w, false, y);
+}
+
+/// dx(t,:) += sum_j [slot >= 0] dxs(slot(t,j),:).
+template <class Exec, class S, class M>
+void scatter_add_rows(const Exec& space, const mat<S, M>& dxs, const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot,
+                      const mat<S, M>& dx) {
+  sum_slot_rows(space, "moka::undispatch", dxs, slot, mat<S, M>(), true, dx);
+}
+
+template <int W, class Exec, class S, class M>
+void combine_backward_packs(const Exec& space, const mat<S, M>& dy, const mat<S, M>& ys,
+                            const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& score,
+                            const mat<S, M>& dscore, const mat<S, M>& dys, const mat<bf16, M>& dys_b) {
+  using team_policy = Kokkos::TeamPolicy<Exec>;
+  const int T = static_cast<int>(dy.extent(0)), k = static_cast<int>(slot.extent(1));
+  const long d = static_cast<long>(dy.extent(1));
+  const long lg = dy.stride(0), ly = ys.stride(0), lo = dys.stride(0);
+  const long lb = dys_b.data() ? long(dys_b.stride(0)) : 0;
+  const S* G  = dy.data();
+  const S* YS = ys.data();
+  S* O        = dys.data();
+  bf16* OB    = dys_b.data();
+  Kokkos::parallel_for(
+      "moka::combine_backward", team_policy(space, T * k, Kokkos::AUTO),
+      KOKKOS_LAMBDA(const typename team_policy::member_type& team) {
+        const int i = team.league_rank();
+        const int t = i / k, j = i % k, r = slot(t, j);
+        S acc = 0;
+        if (r >= 0) {
+          const S w = score(t, j);
+          Kokkos::parallel_reduce(
+              Kokkos::TeamThreadRange(team, d / W),
+              [&](long cw, S& a) {
+                const auto g = load_pack<W>(G + t * lg + cw * W);
+                const auto y = load_pack<W>(YS + r * ly + cw * W);
+                Pack<S, W> o;
+                Pack<bf16, W> ob;
+                for (int q = 0; q < W; ++q) {
+                  a += g.v[q] * y.v[q];
+                  o.v[q]  = w * g.v[q];
+                  ob.v[q] = bf16(float(o.v[q]));
+                }
+                store_pack<W>(O + r * lo + cw * W, o);
+                if (OB) store_pack<W>(OB + r * lb + cw * W, ob);
+              },
+              acc);
+        }
+        Kokkos::single(Kokkos::PerTeam(team), [&]() { dscore(t, j) = acc; });
+      });
+}
+
+/// Combine backward in one pass, one team per (token, choice) reading dy(t,:)
+/// and ys(r,:) coalesced: dscore(t,j) = dy(t,:) . ys(r,:) and the gradient
+/// of the expert row, dys(r,:) = score(t,j) dy(t,:) (and its bf16 copy
+/// when \p dys_b is allocated). Every kept row r belongs to exactly one
+/// (t, j); dropped assignments get dscore 0.
+template <class Exec, class S, class M>
+void combine_backward(const Exec& space, const mat<S, M>& dy, const mat<S, M>& ys,
+                      const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& score,
+                      const mat<S, M>& dscore, const mat<S, M>& dys, const mat<bf16, M>& dys_b) {
+  const long d = static_cast<long>(dy.extent(1));
+  constexpr int W = pack_of<S>;
+  if (packs_fit(dy, d, W) && packs_fit(ys, d, W) && packs_fit(dys, d, W) && (!dys_b.data() || packs_fit(dys_b, d, W)))
+    combine_backward_packs<W>(space, dy, ys, slot, score, dscore, dys, dys_b);
+  else combine_backward_packs<1>(space, dy, ys, slot, score, dscore, dys, dys_b);
+}
+
+template <int W, class Exec, class S, class M>
+void add_row_bias_packs(const Exec& space, long rows, const mat<S, M>& y, const mat<S, M>& bias,
+                        const Kokkos::View<int*, M>& row_group) {
+  const long d = static_cast<long>(y.extent(1)), ly = y.stride(0), lb = bias.stride(0);
+  S* Y       = y.data();
+  const S* B = bias.data();
+  Kokkos::parallel_for(
+      "moka::expert_bias2", impl::row_major_2d(space, rows, d / W), KOKKOS_LAMBDA(long r, long cw) {
+        auto v       = load_pack<W>(Y + r * ly + cw * W);
+        const auto b = load_pack<W>(B + row_group(r) * lb + cw * W);
+        for (int i = 0; i < W; ++i) v.v[i] += b.v[i];
+        store_pack<W>(Y + r * ly + cw * W, v);
+      });
+}
+
+/// y(r,:) += bias(row_group(r),:) for r < rows (the b2 of each expert row).
+template <class Exec, class S, class M>
+void add_row_bias(const Exec& space, long rows, const mat<S, M>& y, const mat<S, M>& bias,
+                  const Kokkos::View<int*, M>& row_group) {
+  const long d = static_cast<long>(y.extent(1));
+  constexpr int W = pack_of<S>;
+  if (packs_fit(y, d, W) && packs_fit(bias, d, W)) add_row_bias_packs<W>(space, rows, y, bias, row_group);
+  else add_row_bias_packs<1>(space, rows, y, bias, row_group);
+}
+
+// ----------------------------------------------- bf16 expert activation
+// fp32 math on bf16 data, W columns (16 bytes) per load and store; the
+// pre-activation is stored without b1 and both directions add it.
+
+/// h(r,c) = act(hpre(r,c) + b1(e,c)), times hpre(r,dff+c) + b1(e,dff+c) for
+/// swiglu, e = row_expert(r). One thread per (row, W columns).
+template <int W, class Exec, class S, class M>
+void activation_bf16_packs(const Exec& space, Activation act, bool bias, long rows, int dff,
+                           const Kokkos::View<int*, M>& row_expert, const mat<bf16, M>& hpre, const mat<S, M>& b1,
+                           const mat<bf16, M>& h) {
+  const long lp  = hpre.stride(0), lh = h.stride(0);
+  const bf16* P  = hpre.data();
+  bf16* H        = h.data();
+  const bool glu = act == Activation::swiglu;
+  Kokkos::parallel_for(
+      "moka::expert_activation_bf16", impl::row_major_2d(space, rows, long(dff / W)), KOKKOS_LAMBDA(long r, long cw) {
+        const int e  = row_expert(r);
+        const long c = cw * W;
+        const auto a = load_pack<W>(P + r * lp + c);
+        Pack<bf16, W> o;
+        if (glu) {
+          const auto u = load_pack<W>(P + r * lp + dff + c);
+          for (int i = 0; i < W; ++i) {
+            const float ba = bias ? float(b1(e, c + i)) : 0.f, bu = bias ? float(b1(e, dff + c + i)) : 0.f;
+            o.v[i] = bf16(activate(act, float(a.v[i]) + ba) * (float(u.v[i]) + bu));
+          }
+        } else {
+          for (int i = 0; i < W; ++i) o.v[i] = bf16(activate(act, float(a.v[i]) + (bias ? float(b1(e, c + i)) : 0.f)));
+        }
+        store_pack<W>(H + r * lh + c, o);
+      });
+}
+
+template <class Exec, class S, class M>
+void activation_bf16(const Exec& space, Activation act, bool bias, long rows, int dff,
+                     const Kokkos::View<int*, M>& row_expert, const mat<bf16, M>& hpre, const mat<S, M>& b1,
+                     const mat<bf16, M>& h) {
+  if (packs_fit(hpre, hpre.extent(1), 8) && packs_fit(h, dff, 8))
+    activation_bf16_packs<8>(space, act, bias, rows, dff, row_expert, hpre, b1, h);
+  else activation_bf16_packs<1>(space, act, bias, rows, dff, row_expert, hpre, b1, h);
+}
+
+/// dhpre(r,c) = dh(r,c) act'(a) [u], dhpre(r,dff+c) = dh(r,c) act(a) for
+/// swiglu (a, u: the two halves of the pre-activation plus b1), in bf16,
+/// and work(q,:) = the column sums of chunk q of what was written (the
+/// first pass of the b1 gradient; \p bias false skips it). One thread per
+/// (chunk of an expert's rows, W columns) walks the chunk's rows; the
+/// threads of a block read a row's columns coalesced.
+template <int W, class Exec, class S, class M>
+void activation_backward_bf16_packs(const Exec& space, Activation act, bool bias, long chunks, int chunk, int dff,
+                                    const Kokkos::View<int*, M>& chunk_start, const Kokkos::View<int*, M>& offsets,
+                                    const mat<bf16, M>& dh, const mat<bf16, M>& hpre, const mat<S, M>& b1,
+                                    const mat<bf16, M>& dhpre, const mat<S, M>& work) {
+  const int L    = static_cast<int>(chunk_start.extent(0)) - 1;
+  const long lg = dh.stride(0), lp = hpre.stride(0), ld = dhpre.stride(0);
+  const bf16* G  = dh.data();
+  const bf16* P  = hpre.data();
+  bf16* D        = dhpre.data();
+  const bool glu = act == Activation::swiglu;
+  Kokkos::parallel_for(
+      "moka::expert_activation_backward_bf16", impl::row_major_2d(space, chunks, long(dff / W)),
+      KOKKOS_LAMBDA(long q, long cw) {
+        const int e    = chunk_expert(chunk_start, L, q);
+        const long b   = offsets(e) + (q - chunk_start(e)) * chunk;
+        const long end = b + chunk < offsets(e + 1) ? b + chunk : long(offsets(e + 1));
+        const long c   = cw * W;
+        float ba[W], bu[W], s0[W], s1[W];
+        for (int i = 0; i < W; ++i) {
+          ba[i] = bias ? float(b1(e, c + i)) : 0.f;
+          bu[i] = bias && glu ? float(b1(e, dff + c + i)) : 0.f;
+          s0[i] = s1[i] = 0.f;
+        }
+        for (long r = b; r < end; ++r) {
+          const auto g = load_pack<W>(G + r * lg + c);
+          const auto a = load_pack<W>(P + r * lp + c);
+          Pack<bf16, W> o0;
+          if (glu) {
+            const auto u = load_pack<W>(P + r * lp + dff + c);
+            Pack<bf16, W> o1;
+            for (int i = 0; i < W; ++i) {
+              const float x = float(a.v[i]) + ba[i], gi = float(g.v[i]);
+              o0.v[i] = bf16(gi * (float(u.v[i]) + bu[i]) * activate_grad(act, x));
+              o1.v[i] = bf16(gi * activate(act, x));
+              s0[i] += float(o0.v[i]);
+              s1[i] += float(o1.v[i]);
+            }
+            store_pack<W>(D + r * ld + dff + c, o1);
+          } else {
+            for (int i = 0; i < W; ++i) {
+              o0.v[i] = bf16(float(g.v[i]) * activate_grad(act, float(a.v[i]) + ba[i]));
+              s0[i] += float(o0.v[i]);
+            }
+          }
+          store_pack<W>(D + r * ld + c, o0);
+        }
+        if (bias)
+          for (int i = 0; i < W; ++i) {
+            work(q, c + i) = s0[i];
+            if (glu) work(q, dff + c + i) = s1[i];
+          }
+      });
+}
+
+template <class Exec, class S, class M>
+void activation_backward_bf16(const Exec& space, Activation act, bool bias, long chunks, int chunk, int dff,
+                              const Kokkos::View<int*, M>& chunk_start, const Kokkos::View<int*, M>& offsets,
+                              const mat<bf16, M>& dh, const mat<bf16, M>& hpre, const mat<S, M>& b1,
+                              const mat<bf16, M>& dhpre, const mat<S, M>& work) {
+  if (packs_fit(dh, dff, 8) && packs_fit(hpre, hpre.extent(1), 8) && packs_fit(dhpre, dhpre.extent(1), 8))
+    activation_backward_bf16_packs<8>(space, act, bias, chunks, chunk, dff, chunk_start, offsets, dh, hpre, b1, dhpre,
+                                      work);
+  else
+    activation_backward_bf16_packs<1>(space, act, bias, chunks, chunk, dff, chunk_start, offsets, dh, hpre, b1, dhpre,
+                                      work);
+}
+
+// ---------------------------------------------------------- column sums
+/// Second pass of expert_column_sums: out(e, c) += the sum of work(q, c)
+/// over expert e's chunks, in chunk order.
+template <class Exec, class S, class M>
+void expert_column_sums_finish(const Exec& space, const Kokkos::View<int*, M>& chunk_start, const mat<S, M>& work,
+                               const mat<S, M>& out) {
+  Kokkos::parallel_for(
+      "moka::column_sums", impl::row_major_2d(space, long(out.extent(0)), long(out.extent(1))),
+      KOKKOS_LAMBDA(long e, long c) {
+        S acc = 0;
+        for (long q = chunk_start(e); q < chunk_start(e + 1); ++q) acc += work(q, c);
+        out(e, c) += acc;
+      });
+}
+
+/// out(c) += the sum over rows t < T of f(t, c), for c < n: sums over chunks
+/// of 64 rows (T/64 x n threads, not n threads each walking all rows), then
+/// over the chunks in order; deterministic. \p work grows to [chunks, n].
+template <class Exec, class S, class M, class F, class Out>
+void add_column_sums(const Exec& space, long T, long n, const F& f, mat<S, M>& work, const Out& out) {
+  constexpr long chunk = 64;
+  const long chunks    = (T + chunk - 1) / chunk;
+  if (static_cast<long>(work.extent(0)) < chunks || static_cast<long>(work.extent(1)) < n)
+    work = mat<S, M>(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("moka::column_sums_work")), chunks, n);
+  auto w = work;
+  Kokkos::parallel_for(
+      "moka::column_sums_chunks", impl::row_major_2d(space, chunks, n), KOKKOS_LAMBDA(long q, long c) {
+        const long end = (q + 1) * chunk < T ? (q + 1) * chunk : T;
+        S acc          = 0;
+        for (long t = q * chunk; t < end; ++t) acc += f(t, c);
+        w(q, c) = acc;
+      });
+  Kokkos::parallel_for(
+      "moka::column_sums", Kokkos::RangePolicy<Exec>(space, 0, n), KOKKOS_LAMBDA(long c) {
+        S acc = 0;
+        for (long q = 0; q < chunks; ++q) acc += w(q, c);
+        out(c) += acc;
+      });
+}
+
+/// out(e, c) += sum of src(r, c) over the rows r of expert e
+/// (offsets(e) <= r < offsets(e + 1)), for every expert and column. Two
+/// passes with a fixed order (deterministic): sums over chunks of
+/// `chunk` rows, then over each expert's chunks. \p chunk_start [L + 1]
+/// (host and device copies) numbers each expert's chunks.
+template <class Exec, class SrcView, class S, class M>
+void expert_column_sums(const Exec& space, const SrcView& src, const Kokkos::View<int*, M>& offsets,
+                        const Kokkos::View<int*, M>& chunk_start, long chunks, int chunk, const mat<S, M>& work,
+                        const mat<S, M>& out) {
+  const int L = static_cast<int>(out.extent(0));
+  const long n = static_cast<long>(out.extent(1));
+  Kokkos::parallel_for(
+      "moka::column_sums_chunks", impl::row_major_2d(space, chunks, n), KOKKOS_LAMBDA(long q, long c) {
+        const int e = chunk_expert(chunk_start, L, q);
+        const long b = offsets(e) + (q - chunk_start(e)) * chunk;
+        const long end = b + chunk < offsets(e + 1) ? b + chunk : offsets(e + 1);
+        S acc = 0;
+        for (long r = b; r < end; ++r) acc += static_cast<S>(src(r, c));
+        work(q, c) = acc;
+      });
+  expert_column_sums_finish(space, chunk_start, work, out);
+}
+
+/// expert_column_sums of a bf16 matrix with W columns (16 bytes) per
+/// thread: one thread per (chunk, W columns) walks the chunk's rows, the
+/// threads of a block read a row's columns coalesced (one bf16 per thread
+/// reads a fraction of the bandwidth). Same chunks and order as
+/// expert_column_sums.
+template <int W, class Exec, class S, class M>
+void expert_column_sums_bf16_packs(const Exec& space, const mat<bf16, M>& src, const Kokkos::View<int*, M>& offsets,
+                                   const Kokkos::View<int*, M>& chunk_start, long chunks, int chunk,
+                                   const mat<S, M>& work, const mat<S, M>& out) {
+  const int L = static_cast<int>(out.extent(0));
+  const long n = static_cast<long>(out.extent(1)), ls = src.stride(0);
+  const bf16* P = src.data();
+  Kokkos::parallel_for(
+      "moka::column_sums_chunks_bf16", impl::row_major_2d(space, chunks, n / W), KOKKOS_LAMBDA(long q, long cw) {
+        const int e    = chunk_expert(chunk_start, L, q);
+        const long b   = offsets(e) + (q - chunk_start(e)) * chunk;
+        const long end = b + chunk < offsets(e + 1) ? b + chunk : long(offsets(e + 1));
+        const long c   = cw * W;
+        S acc[W];
+        for (int i = 0; i < W; ++i) acc[i] = 0;
+        for (long r = b; r < end; ++r) {
+          const auto v = load_pack<W>(P + r * ls + c);
+          for (int i = 0; i < W; ++i) acc[i] += static_cast<S>(float(v.v[i]));
+        }
+        for (int i = 0; i < W; ++i) work(q, c + i) = acc[i];
+      });
+  expert_column_sums_finish(space, chunk_start, work, out);
+}
+
+template <class Exec, class S, class M>
+void expert_column_sums_bf16(const Exec& space, const mat<bf16, M>& src, const Kokkos::View<int*, M>& offsets,
+                             const Kokkos::View<int*, M>& chunk_start, long chunks, int chunk, const mat<S, M>& work,
+                             const mat<S, M>& out) {
+  const long n = static_cast<long>(out.extent(1));
+  if (packs_fit(src, n, 8)) expert_column_sums_bf16_packs<8>(space, src, offsets, chunk_start, chunks, chunk, work, out);
+  else expert_column_sums(space, src, offsets, chunk_start, chunks, chunk, work, out);
+}
+
+// ------------------------------------------------------------- exchange
+/// Rows between a staging buffer and the expert side, by segments seg[3 i
+/// .. 3 i + 2] = (staging row, expert row, rows), i < nseg, whose staging
+/// rows are increasing and cover [0, rows): expert(e + j,:) = stage(s + j,:)
+/// when \p to_expert, else stage(s + j,:) = expert(e + j,:). One thread per
+/// (staging row, W columns); the segment by binary search.
+template <int W, class Exec, class S, class M>
+void move_segments_packs(const Exec& space, bool to_expert, long rows, const Kokkos::View<int*, M>& seg, int nseg,
+                         const mat<S, M>& stage, const mat<S, M>& expert) {
+  const long d = static_cast<long>(stage.extent(1)), ls = stage.stride(0), le = expert.stride(0);
+  S* A = stage.data();
+  S* B = expert.data();
+  Kokkos::parallel_for(
+      "moka::exchange_reorder", impl::row_major_2d(space, rows, d / W), KOKKOS_LAMBDA(long r, long cw) {
+        int lo = 0, hi = nseg - 1;  // the last segment starting at or before r
+        while (lo < hi) {
+          const int mid = (lo + hi + 1) / 2;
+          if (seg(3 * mid) <= r) lo = mid;
+          else hi = mid - 1;
+        }
+        const long e = seg(3 * lo + 1) + (r - long(seg(3 * lo)));
+        if (to_expert) store_pack<W>(B + e * le + cw * W, load_pack<W>(A + r * ls + cw * W));
+        else store_pack<W>(A + r * ls + cw * W, load_pack<W>(B + e * le + cw * W));
+      });
+}
+
+template <class Exec, class S, class M>
+void move_segments(const Exec& space, bool to_expert, long rows, const Kokkos::View<int*, M>& seg, int nseg,
+                   const mat<S, M>& stage, const mat<S, M>& expert) {
+  if (rows == 0) return;
+  const long d = static_cast<long>(stage.extent(1));
+  constexpr int W = pack_of<S>;
+  if (packs_fit(stage, d, W) && packs_fit(expert, d, W))
+    move_segments_packs<W>(space, to_expert, rows, seg, nseg, stage, expert);
+  else move_segments_packs<1>(space, to_expert, rows, seg, nseg, stage, expert);
+}
+
+/// dst(r,:) = sum over p < parts of src(p rows + r,:), in order of p.
+template <class Exec, class S, class M>
+void sum_parts(const Exec& space, const mat<S, M>& src, const mat<S, M>& dst, long rows, int parts) {
+  const long d = static_cast<long>(dst.extent(1));
+  Kokkos::parallel_for(
+      "moka::sum_slices", impl::row_major_2d(space, rows, d), KOKKOS_LAMBDA(long r, long c) {
+        S acc = src(r, c);
+        for (int p = 1; p < parts; ++p) acc += src(p * rows + r, c);
+        dst(r, c) = acc;
+      });
+}
+
+/// row_expert(r) = the expert e with offsets(e) <= r < offsets(e + 1).
+template <class Exec, class M>
+void row_experts(const Exec& space, const Kokkos::View<int*, M>& offsets, const Kokkos::View<int*, M>& row_expert,
+                 long rows) {
+  const int n = static_cast<int>(offsets.extent(0)) - 1;
+  Kokkos::parallel_for(
+      "moka::row_expert", Kokkos::RangePolicy<Exec>(space, 0, rows), KOKKOS_LAMBDA(long r) {
+        int lo = 0, hi = n;
+        while (hi - lo > 1) {
+          const int mid = (lo + hi) / 2;
+          if (offsets(mid) <= r) lo = mid;
+          else hi = mid;
+        }
+        row_expert(r) = lo;
+      });
+}
+
+}  // namespace impl
+}  // namespace moka

@@ -1,0 +1,160 @@
+#pragma once
+/// \file GradSync.hpp
+/// \brief Gradient synchronisation by tag: each parameter carries the group
+/// its gradient is summed over; gradients are summed in coalesced buckets
+/// (one all-reduce per bucket), and the global gradient norm counts every
+/// expert once.
+///
+/// Convention: after backward every rank holds its share of the gradient of
+/// the whole batch's loss (MoELayer's gradients are shares; the loss's dy is
+/// scaled by the whole batch's size), so synchronisation is a plain sum.
+
+#include <moka/core/Core.hpp>
+#include <moka/parallel/ProcessGroups.hpp>
+#include <moka/core/Profiling.hpp>
+#include <moka/core/impl/Math.hpp>
+
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace moka {
+
+/// \brief Over which ranks a parameter's gradient is summed.
+enum class ParamTag {
+  dense,              ///< data-parallel over the world (norms, dense layers)
+  gate,               ///< the gate's weights: summed over the gate group (ProcessGroups::gate)
+  expert,             ///< this rank's expert part: summed over the EDP group
+  expert_replicated,  ///< an expert tensor whole on every slice rank (b2): summed over EDP, counted once per slice group
+  none                ///< not synchronised
+};
+/// \brief "dense", "expert", "expert_replicated", "none".
+const char* to_string(ParamTag t);
+
+/// \brief A parameter tensor and its gradient, flattened, with its tag.
+template <class Scalar, class MemorySpace>
+struct ParamRef {
+  std::string name;
+  Kokkos::View<Scalar*, MemorySpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> param, grad;
+  ParamTag tag = ParamTag::dense;
+  bf16* bf16_copy = nullptr;  ///< a bf16 copy of param the optimizer keeps equal (mixed precision), or nullptr
+};
+
+/// \brief Sums gradients over their tags' groups and computes the global norm.
+template <class Scalar, class MemorySpace = memory_space>
+class GradSync {
+ public:
+  using execution_space = typename MemorySpace::execution_space;
+  using flat            = Kokkos::View<Scalar*, MemorySpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+
+  /// \brief Plans the buckets: parameters of a group in order, a bucket
+  /// closed when it would pass \p bucket_mb (a larger tensor is a bucket of
+  /// its own, reduced in place). \p groups may be nullptr (one rank).
+  GradSync(std::shared_ptr<ProcessGroups> groups, std::vector<ParamRef<Scalar, MemorySpace>> params,
+           double bucket_mb)
+      : m_groups(std::move(groups)), m_params(std::move(params)) {
+    MOKA_REQUIRE(bucket_mb > 0, "comm.bucket_mb = ", bucket_mb, " must be positive");
+    const std::size_t limit = static_cast<std::size_t>(bucket_mb * 1024 * 1024 / sizeof(Scalar)) + 1;
+    for (int g = 0; g < 3; ++g) {
+      Bucket cur;
+      cur.group = g;
+      for (std::size_t i = 0; i < m_params.size(); ++i) {
+        if (group_of(m_params[i].tag) != g) continue;
+        const std::size_t n = m_params[i].grad.extent(0);
+        if (!cur.members.empty() && cur.size + n > limit) {
+          m_buckets.push_back(cur);
+          cur = Bucket{};
+          cur.group = g;
+        }
+        cur.members.push_back(i);
+        cur.size += n;
+      }
+      if (!cur.members.empty()) m_buckets.push_back(cur);
+    }
+    for (auto& b : m_buckets)
+      if (b.members.size() > 1)
+        b.buffer = Kokkos::View<Scalar*, MemorySpace>(
+            Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::grad_bucket"), b.size);
+  }
+
+  /// \brief Sums every gradient over its tag's group (dense: world; gate:
+  /// the gate group; expert: EDP group). Ordered on \p space (NCCL) or complete on return (MPI).
+  void sync(const execution_space& space) {
+    if (!m_groups) return;
+    ScopedRegion region("moka::GradSync::sync");
+    for (auto& b : m_buckets) {
+      Communicator& comm = b.group == 0 ? m_groups->world() : (b.group == 1 ? m_groups->edp() : m_groups->gate());
+      if (comm.size() == 1) continue;
+      if (b.members.size() == 1) {
+        allreduce_sum(comm, space, m_params[b.members[0]].grad);
+        continue;
+      }
+      pack(space, b, true);
+      allreduce_sum(comm, space, b.buffer);
+      pack(space, b, false);
+    }
+  }
+
+  /// \brief sqrt of the sum of squared gradients of the whole model, every
+  /// expert counted once (expert norms summed over the MoE group, b2 from
+  /// the first slice rank only); the same on every rank. Call after sync().
+  double global_norm(const execution_space& space) const {
+    double dense = 0, expert = 0;
+    const bool first_slice = !m_groups || m_groups->slice_rank() == 0;
+    for (const auto& p : m_params) {
+      if (p.tag == ParamTag::expert_replicated && !first_slice) continue;
+      const double s = impl::sum_of_squares(space, p.grad);
+      (p.tag == ParamTag::expert || p.tag == ParamTag::expert_replicated ? expert : dense) += s;
+    }
+    if (m_groups && m_groups->moe().size() > 1) m_groups->moe().allreduce_host(&expert, 1);
+    return std::sqrt(dense + expert);
+  }
+
+  /// \brief Number of all-reduce buckets (per step, over both groups).
+  std::size_t bucket_count() const { return m_buckets.size(); }
+
+  /// \name Implementation (public for nvcc's device lambdas).
+  /// @{
+  struct Bucket {
+    int group = 0;  // 0: dense (world), 1: expert (EDP), 2: gate (gate group)
+    std::vector<std::size_t> members;
+    std::size_t size = 0;
+    Kokkos::View<Scalar*, MemorySpace> buffer;
+  };
+  void pack(const execution_space& space, const Bucket& b, bool into_buffer) {
+    std::size_t off = 0;
+    for (std::size_t i : b.members) {
+      auto g          = m_params[i].grad;
+      auto buf        = b.buffer;
+      const long base = static_cast<long>(off);
+      if (into_buffer)
+        Kokkos::parallel_for(
+            "moka::grad_pack", Kokkos::RangePolicy<execution_space>(space, 0, g.extent(0)),
+            KOKKOS_LAMBDA(long j) { buf(base + j) = g(j); });
+      else
+        Kokkos::parallel_for(
+            "moka::grad_unpack", Kokkos::RangePolicy<execution_space>(space, 0, g.extent(0)),
+            KOKKOS_LAMBDA(long j) { g(j) = buf(base + j); });
+      off += g.extent(0);
+    }
+  }
+  static int group_of(ParamTag t) {
+    switch (t) {
+      case ParamTag::dense: return 0;
+      case ParamTag::expert:
+      case ParamTag::expert_replicated: return 1;
+      case ParamTag::gate: return 2;
+      case ParamTag::none: return -1;
+    }
+    return -1;
+  }
+  /// @}
+
+ private:
+  std::shared_ptr<ProcessGroups> m_groups;
+  std::vector<ParamRef<Scalar, MemorySpace>> m_params;
+  std::vector<Bucket> m_buckets;
+};
+
+}  // namespace moka

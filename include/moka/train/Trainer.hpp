@@ -1,0 +1,60 @@
+#pragma once
+/// \file Trainer.hpp
+/// \brief Training of moka::MoEModel on the regime task over the ranks of a
+/// communicator: each rank a slice of every batch, MoE layers laid out by
+/// the parallel.* keys (EP x EDP x expert slicing), gradients summed by tag
+/// (moka::GradSync), progress lines, a CSV of metrics, held-out loss.
+
+#include <moka/model/MoEModel.hpp>
+#include <moka/model/Optimizer.hpp>
+#include <moka/parallel/ProcessGroups.hpp>
+#include <moka/train/RegimeTask.hpp>
+#include <moka/train/RunConfig.hpp>
+
+#include <mpi.h>
+
+#include <ostream>
+#include <string>
+
+namespace moka {
+
+/// \brief Loop settings (`train.batch_size`, `train.precision`, `io.*` keys).
+struct TrainerConfig {
+  long batch_size = 256;           ///< train.batch_size: samples per step over all ranks
+  std::string precision = "fp32";  ///< train.precision: fp32 or fp64
+  long log_every  = 50;            ///< io.log_every: progress line period (steps)
+  long eval_every = 100;           ///< io.eval_every: held-out loss period (steps)
+  std::string metrics_file;        ///< io.metrics_file: CSV path ("" : none)
+
+  static DeckSchema schema();
+  static TrainerConfig from_deck(const InputDeck& deck);
+};
+
+/// \brief What a training run reached.
+struct TrainResult {
+  double initial_test_loss = 0;  ///< held-out MSE before the first step
+  double final_test_loss   = 0;  ///< held-out MSE after the last step
+  double final_train_loss  = 0;  ///< training MSE of the last step
+  double seconds           = 0;  ///< wall time of the loop
+  double samples_per_second = 0; ///< samples (tokens) per second over all ranks
+  long steps = 0;
+};
+
+/// \brief Every key moka-train reads: run, task, model, MoE, optimizer, loop.
+DeckSchema train_schema();
+
+/// \brief Held-out mean squared error of \p model on \p data over the ranks
+/// of \p world (each a contiguous slice, in chunks of 1024 rows), in
+/// evaluation mode (no noise, jitter or random routing; the evaluation
+/// capacity factor); the model's mode is restored after.
+/// \note Collective over \p world (and the model's process groups).
+template <class S, class M>
+double held_out_loss(MoEModel<S, M>& model, const RegimeData& data, Communicator& world,
+                     const typename M::execution_space& space);
+
+/// \brief Trains the model that \p deck describes. Progress goes to \p log on rank 0.
+/// Checks the run's world communicator first when run.comm_check is set.
+/// \note Collective over \p comm.
+TrainResult train_regime_model(MPI_Comm comm, const InputDeck& deck, std::ostream& log);
+
+}  // namespace moka

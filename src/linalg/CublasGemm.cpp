@@ -1,0 +1,206 @@
+// cuBLAS and cuBLASLt behind moka::impl::gemm_*: one handle of each per
+// device, bound to the stream of the execution-space instance of each call.
+#include <moka/core/Error.hpp>
+#include <moka/linalg/impl/CublasGemm.hpp>
+
+#ifdef KOKKOS_ENABLE_CUDA
+#include <cublasLt.h>
+#include <cublas_v2.h>
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace moka {
+namespace impl {
+
+namespace {
+/// One library handle per device, made on first use (cublasCreate or
+/// cublasLtCreate) and kept.
+template <class Handle, class Create>
+Handle handle_for(int device, Create create, const char* what) {
+  static std::mutex mutex;
+  static std::vector<Handle> handles;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (device >= static_cast<int>(handles.size())) handles.resize(device + 1, nullptr);
+  if (!handles[device]) {
+    if (create(&handles[device]) != CUBLAS_STATUS_SUCCESS)
+      throw Error(std::string("moka::impl::cublas: ") + what + " failed on device " + std::to_string(device));
+  }
+  return handles[device];
+}
+
+void check(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS)
+    throw Error(std::string("moka::impl::cublas: ") + what + " failed with status " + std::to_string(int(s)));
+}
+
+/// Row-major C = alpha op(A) op(B) + beta C through cublasGemmEx on the
+/// instance's stream; alpha and beta point to scalars of the compute type.
+void gemm(const Kokkos::Cuda& space, bool ta, bool tb, int m, int n, int k, const void* alpha, const void* A, int lda,
+          const void* B, int ldb, const void* beta, void* C, int ldc, cudaDataType ab_type, cudaDataType c_type,
+          cublasComputeType_t compute) {
+  if (m == 0 || n == 0) return;
+  cublasHandle_t h = handle_for<cublasHandle_t>(space.cuda_device(), cublasCreate, "cublasCreate");
+  check(cublasSetStream(h, space.cuda_stream()), "cublasSetStream");
+  // Row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T.
+  check(cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, alpha, B, ab_type,
+                     ldb, A, ab_type, lda, beta, C, c_type, ldc, compute, CUBLAS_GEMM_DEFAULT),
+        "cublasGemmEx");
+}
+/// Largest power of two up to 256 dividing the address (cuBLASLt's
+/// heuristic assumes 256-byte alignment unless told otherwise).
+std::uint32_t alignment_of(const void* p) {
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  std::uint32_t al = 256;
+  while (al > 1 && a % al != 0) al /= 2;
+  return al;
+}
+
+/// cuBLASLt descriptors, destroyed with the object (after cublasLtMatmul
+/// has been enqueued: it reads them at the call).
+struct LtDescriptors {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatmulPreference_t pref = nullptr;
+  ~LtDescriptors() {
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (d) cublasLtMatrixLayoutDestroy(d);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+};
+
+template <class T>
+void set_desc(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, const T& value, const char* what) {
+  check(cublasLtMatmulDescSetAttribute(desc, attr, &value, sizeof(T)), what);
+}
+
+cublasLtEpilogue_t epilogue_of(const GemmEpilogue& ep) {
+  const bool bias = ep.bias != nullptr;
+  if (!ep.forward && bias) throw Error("moka::impl::gemm_bf16_epilogue: no bias gradient in the backward epilogue");
+  if (ep.forward) return bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+  return CUBLASLT_EPILOGUE_DGELU;
+}
+}  // namespace
+
+void gemm_bf16_epilogue(const Kokkos::Cuda& space, const GemmEpilogue& ep, bool ta, bool tb, int m, int n, int k,
+                        const bf16* A, int lda, const bf16* B, int ldb, bf16* C, int ldc, void* workspace,
+                        std::size_t workspace_bytes) {
+  if (m == 0 || n == 0) return;
+  const int device = space.cuda_device();
+  cublasLtHandle_t h = handle_for<cublasLtHandle_t>(device, cublasLtCreate, "cublasLtCreate");
+  // cuBLASLt wants its workspace 256-byte aligned (a Kokkos allocation is
+  // 128-byte aligned: status 7, invalid value, otherwise).
+  {
+    const auto p = reinterpret_cast<std::uintptr_t>(workspace), q = (p + 255) / 256 * 256;
+    const std::size_t skip = static_cast<std::size_t>(q - p);
+    workspace       = skip < workspace_bytes ? reinterpret_cast<void*>(q) : nullptr;
+    workspace_bytes = skip < workspace_bytes ? workspace_bytes - skip : 0;
+  }
+  // Row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T: the
+  // bias runs along C^T's rows (C's columns), the aux matrix is [m, aux_ld]
+  // row-major, i.e. column-major with leading dimension aux_ld.
+  LtDescriptors L;
+  check(cublasLtMatmulDescCreate(&L.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
+  const cublasOperation_t opa = tb ? CUBLAS_OP_T : CUBLAS_OP_N, opb = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+  set_desc(L.op, CUBLASLT_MATMUL_DESC_TRANSA, opa, "set TRANSA");
+  set_desc(L.op, CUBLASLT_MATMUL_DESC_TRANSB, opb, "set TRANSB");
+  const cublasLtEpilogue_t epi = epilogue_of(ep);
+  set_desc(L.op, CUBLASLT_MATMUL_DESC_EPILOGUE, epi, "set EPILOGUE");
+  if (ep.bias) set_desc(L.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, ep.bias, "set BIAS_POINTER");
+  set_desc(L.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, ep.aux, "set EPILOGUE_AUX_POINTER");
+  const std::int64_t aux_ld = ep.aux_ld;
+  set_desc(L.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, aux_ld, "set EPILOGUE_AUX_LD");
+  check(cublasLtMatrixLayoutCreate(&L.a, CUDA_R_16BF, tb ? k : n, tb ? n : k, ldb), "cublasLtMatrixLayoutCreate A");
+  check(cublasLtMatrixLayoutCreate(&L.b, CUDA_R_16BF, ta ? m : k, ta ? k : m, lda), "cublasLtMatrixLayoutCreate B");
+  check(cublasLtMatrixLayoutCreate(&L.d, CUDA_R_16BF, n, m, ldc), "cublasLtMatrixLayoutCreate D");
+
+  // The algorithm of this problem: looked up once per shape, epilogue and
+  // alignment (the heuristic costs host time; the expert row counts change
+  // every step, so the table is bounded).
+  const std::array<long, 17> key = {device, m, n, k, ta, tb, lda, ldb, ldc, long(epi), ep.aux_ld,
+                                    alignment_of(A), alignment_of(B), alignment_of(C), alignment_of(ep.bias),
+                                    alignment_of(ep.aux), long(workspace_bytes)};
+  static std::mutex mutex;
+  static std::map<std::array<long, 17>, cublasLtMatmulAlgo_t> algos;
+  cublasLtMatmulAlgo_t algo;
+  bool found = false;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = algos.find(key);
+    if (it != algos.end()) {
+      algo  = it->second;
+      found = true;
+    }
+  }
+  if (!found) {
+    check(cublasLtMatmulPreferenceCreate(&L.pref), "cublasLtMatmulPreferenceCreate");
+    const std::uint64_t ws = workspace_bytes;
+    check(cublasLtMatmulPreferenceSetAttribute(L.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)),
+          "set MAX_WORKSPACE_BYTES");
+    const std::uint32_t al_a = alignment_of(B), al_b = alignment_of(A), al_d = alignment_of(C);
+    check(cublasLtMatmulPreferenceSetAttribute(L.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, 4),
+          "set MIN_ALIGNMENT_A_BYTES");
+    check(cublasLtMatmulPreferenceSetAttribute(L.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, 4),
+          "set MIN_ALIGNMENT_B_BYTES");
+    check(cublasLtMatmulPreferenceSetAttribute(L.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_d, 4),
+          "set MIN_ALIGNMENT_C_BYTES");
+    check(cublasLtMatmulPreferenceSetAttribute(L.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d, 4),
+          "set MIN_ALIGNMENT_D_BYTES");
+    cublasLtMatmulHeuristicResult_t result{};
+    int returned = 0;
+    check(cublasLtMatmulAlgoGetHeuristic(h, L.op, L.a, L.b, L.d, L.d, L.pref, 1, &result, &returned),
+          "cublasLtMatmulAlgoGetHeuristic");
+    if (returned == 0)
+      throw Error("moka::impl::cublas: cuBLASLt has no algorithm for a bf16 GEMM with epilogue " +
+                  std::to_string(int(epi)) + " (m=" + std::to_string(m) + ", n=" + std::to_string(n) +
+                  ", k=" + std::to_string(k) + "); set expert.gemm_epilogue = false");
+    algo = result.algo;
+    std::lock_guard<std::mutex> lock(mutex);
+    if (algos.size() >= 4096) algos.clear();
+    algos.emplace(key, algo);
+  }
+  const float alpha = 1.f, beta = 0.f;
+  const cublasStatus_t st = cublasLtMatmul(h, L.op, &alpha, B, L.a, A, L.b, &beta, C, L.d, C, L.d, &algo, workspace,
+                                           workspace_bytes, space.cuda_stream());
+  if (st != CUBLAS_STATUS_SUCCESS)
+    throw Error("moka::impl::cublas: cublasLtMatmul failed with status " + std::to_string(int(st)) + " (epilogue " +
+                std::to_string(int(epi)) + ", m=" + std::to_string(m) + ", n=" + std::to_string(n) + ", k=" +
+                std::to_string(k) + ", ta=" + std::to_string(ta) + ", tb=" + std::to_string(tb) + ", lda=" +
+                std::to_string(lda) + ", ldb=" + std::to_string(ldb) + ", ldc=" + std::to_string(ldc) + ", aux_ld=" +
+                std::to_string(ep.aux_ld) + ", alignments A " + std::to_string(alignment_of(A)) + " B " +
+                std::to_string(alignment_of(B)) + " C " + std::to_string(alignment_of(C)) + " bias " +
+                std::to_string(alignment_of(ep.bias)) + " aux " + std::to_string(alignment_of(ep.aux)) +
+                ", workspace " + std::to_string(workspace_bytes) + " bytes at " +
+                std::to_string(reinterpret_cast<std::uintptr_t>(workspace)) + (found ? ", cached algorithm" : "") +
+                ")");
+}
+
+void gemm_bf16_f32(const Kokkos::Cuda& space, bool ta, bool tb, int m, int n, int k, float alpha, const bf16* A,
+                   int lda, const bf16* B, int ldb, float beta, float* C, int ldc) {
+  gemm(space, ta, tb, m, n, k, &alpha, A, lda, B, ldb, &beta, C, ldc, CUDA_R_16BF, CUDA_R_32F, CUBLAS_COMPUTE_32F);
+}
+
+void gemm_bf16_bf16(const Kokkos::Cuda& space, bool ta, bool tb, int m, int n, int k, float alpha, const bf16* A,
+                    int lda, const bf16* B, int ldb, float beta, bf16* C, int ldc) {
+  gemm(space, ta, tb, m, n, k, &alpha, A, lda, B, ldb, &beta, C, ldc, CUDA_R_16BF, CUDA_R_16BF, CUBLAS_COMPUTE_32F);
+}
+
+void gemm_real(const Kokkos::Cuda& space, bool ta, bool tb, int m, int n, int k, float alpha, const float* A, int lda,
+               const float* B, int ldb, float beta, float* C, int ldc) {
+  gemm(space, ta, tb, m, n, k, &alpha, A, lda, B, ldb, &beta, C, ldc, CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F);
+}
+
+void gemm_real(const Kokkos::Cuda& space, bool ta, bool tb, int m, int n, int k, double alpha, const double* A,
+               int lda, const double* B, int ldb, double beta, double* C, int ldc) {
+  gemm(space, ta, tb, m, n, k, &alpha, A, lda, B, ldb, &beta, C, ldc, CUDA_R_64F, CUDA_R_64F, CUBLAS_COMPUTE_64F);
+}
+
+}  // namespace impl
+}  // namespace moka
+#endif

@@ -1,0 +1,350 @@
+#include <moka/comm/CommCheck.hpp>
+#include <moka/core/Log.hpp>
+#include <moka/train/Trainer.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iomanip>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <sstream>
+
+namespace moka {
+
+DeckSchema TrainerConfig::schema() {
+  DeckSchema s;
+  s.add("train.batch_size", DeckType::integer).set_default("256").set_min(1)
+      .set_doc("Samples per step over all ranks (a multiple of the number of ranks).");
+  s.add("train.precision", DeckType::string).set_default("fp32").set_choices({"fp32", "fp64", "bf16"})
+      .set_doc("fp32 or fp64 throughout; bf16: expert GEMMs with bf16 operands and fp32 accumulation, fp32 "
+               "master weights and optimizer state (CUDA builds).");
+  s.add("io.log_every", DeckType::integer).set_default("50").set_min(1).set_doc("Steps between progress lines.");
+  s.add("io.eval_every", DeckType::integer).set_default("100").set_min(1)
+      .set_doc("Steps between held-out loss evaluations (also at the start and the end).");
+  s.add("io.metrics_file", DeckType::string).set_default("")
+      .set_doc("CSV of per-step metrics written by rank 0; \"\" means <run.name>.metrics.csv, none disables it.");
+  return s;
+}
+
+TrainerConfig TrainerConfig::from_deck(const InputDeck& deck) {
+  TrainerConfig c;
+  c.batch_size   = deck.get<long>("train.batch_size");
+  c.precision    = deck.get<std::string>("train.precision");
+  c.log_every    = deck.get<long>("io.log_every");
+  c.eval_every   = deck.get<long>("io.eval_every");
+  c.metrics_file = deck.get<std::string>("io.metrics_file");
+  if (c.metrics_file.empty()) c.metrics_file = deck.get<std::string>("run.name") + ".metrics.csv";
+  if (c.metrics_file == "none") c.metrics_file.clear();
+  return c;
+}
+
+DeckSchema train_schema() {
+  DeckSchema s = RunConfig::schema();
+  s.merge(RegimeTaskConfig::schema());
+  s.merge(ModelConfig::schema());
+  s.merge(OptimizerConfig::schema());
+  s.merge(TrainerConfig::schema());
+  s.merge(ParallelConfig::schema());
+  return s;
+}
+
+namespace {
+
+std::string format_seconds(double s) {
+  std::ostringstream os;
+  os << std::fixed << std::setprecision(1) << s << "s";
+  return os.str();
+}
+
+/// Copies samples of \p data (rows \p index(i) for i < n) into a host mirror pair.
+template <class HX, class HY, class Index>
+void copy_samples(const RegimeData& data, long n, Index index, HX& hx, HY& hy) {
+  for (long i = 0; i < n; ++i) {
+    const long s = index(i);
+    for (int j = 0; j < data.d_in; ++j) hx(i, j) = typename HX::value_type(data.x[s * data.d_in + j]);
+    for (int j = 0; j < data.d_out; ++j) hy(i, j) = typename HY::value_type(data.y[s * data.d_out + j]);
+  }
+}
+
+/// One training run of the regime task, as named steps: the global batch
+/// of a step and this rank's slice of it, the step itself, the expert-load
+/// metric, the held-out evaluation, the metrics line and the progress line.
+template <class S>
+class RegimeRun {
+ public:
+  using M      = memory_space;
+  using Exec   = execution_space;
+  using matrix = Kokkos::View<S**, Kokkos::LayoutRight, M>;
+
+  RegimeRun(MPI_Comm comm, const InputDeck& deck, std::ostream& log)
+      : m_log(log),
+        m_run(RunConfig::from_deck(deck)),
+        m_task(RegimeTaskConfig::from_deck(deck)),
+        m_mcfg(model_config(deck, m_task)),
+        m_ocfg(OptimizerConfig::from_deck(deck)),
+        m_tcfg(TrainerConfig::from_deck(deck)),
+        m_pcfg(ParallelConfig::from_deck(deck)),
+        m_groups(std::make_shared<ProcessGroups>(comm, m_pcfg, m_mcfg.moe.num_experts, m_mcfg.moe.d_ff,
+                                                 !Kokkos::SpaceAccessibility<Kokkos::HostSpace, M>::accessible)),
+        m_world(m_groups->world()),
+        m_rank(m_world.rank()),
+        m_size(m_world.size()),
+        m_local_batch(local_batch(m_tcfg, m_size)),
+        m_train(make_regime_data(m_task, 0)),
+        m_test(make_regime_data(m_task, 1)),
+        m_model(m_mcfg, m_groups),
+        m_opt(m_ocfg),
+        m_order(m_train.n) {
+    if (m_run.comm_check) {
+      const CommCheckResult c = check_communication(m_world);
+      log::info(c.summary());
+      if (!c.mpi_ok || (c.nccl_ran && !c.nccl_ok)) throw Error("communication check failed: " + c.summary());
+    }
+    m_model.init_parameters(static_cast<std::uint64_t>(m_run.seed));
+    const auto params = m_model.parameters();
+    for (const auto& p : params) m_opt.add(p.param, p.grad, p.bf16_copy);
+    // bf16: the optimizer writes the experts' bf16 weight copies in its update.
+    if (m_mcfg.moe.bf16_compute) m_model.set_bf16_weights_managed(true);
+    m_sync = std::make_unique<GradSync<S, M>>(m_groups, params, m_pcfg.bucket_mb);
+    m_x    = matrix("moka::train.x", m_local_batch, m_mcfg.d_in);
+    m_y    = matrix("moka::train.y", m_local_batch, m_mcfg.d_out);
+    m_out  = matrix("moka::train.out", m_local_batch, m_mcfg.d_out);
+    m_dout = matrix("moka::train.dout", m_local_batch, m_mcfg.d_out);
+    m_hx   = Kokkos::create_mirror_view(m_x);
+    m_hy   = Kokkos::create_mirror_view(m_y);
+    std::iota(m_order.begin(), m_order.end(), 0L);
+  }
+
+  TrainResult train() {
+    open_metrics();
+    TrainResult result;
+    result.initial_test_loss = held_out_loss(m_model, m_test, m_world, m_space);
+    log_start(result.initial_test_loss);
+    // Failure injection for the abort test: MOKA_TEST_FAIL_RANK=r makes rank r
+    // throw at step 3 while the others wait in the step's collectives.
+    const char* fail_env = std::getenv("MOKA_TEST_FAIL_RANK");
+    const int fail_rank  = fail_env ? std::atoi(fail_env) : -1;
+    const auto t0 = std::chrono::steady_clock::now();
+    double loss = 0;
+    for (long step = 0; step < m_ocfg.total_steps; ++step) {
+      if (step == 2 && m_rank == fail_rank)
+        throw Error("failure injected at step 3 on rank " + std::to_string(m_rank) + " (MOKA_TEST_FAIL_RANK)");
+      load_batch();
+      StepLine line;
+      line.step = step;
+      line.lr   = m_ocfg.learning_rate(step);
+      take_step(line);
+      loss = line.loss;
+      expert_load(line.load_min, line.load_max);
+      const bool last = step + 1 == m_ocfg.total_steps;
+      if ((step + 1) % m_tcfg.eval_every == 0 || last) line.test_loss = held_out_loss(m_model, m_test, m_world, m_space);
+      line.elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      line.sps     = double(step + 1) * m_tcfg.batch_size / line.elapsed;
+      write_metrics(line);
+      if ((step + 1) % m_tcfg.log_every == 0 || step == 0 || last) log_progress(line);
+      if (last) result.final_test_loss = line.test_loss;
+    }
+    result.seconds            = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    result.steps              = m_ocfg.total_steps;
+    result.final_train_loss   = loss;
+    result.samples_per_second = double(m_ocfg.total_steps) * m_tcfg.batch_size / result.seconds;
+    log_end(result);
+    return result;
+  }
+
+ private:
+  struct StepLine {
+    long step = 0;
+    double loss = 0, aux = 0, test_loss = -1, lr = 0, norm = 0, sps = 0, load_min = 1, load_max = 1, elapsed = 0;
+  };
+
+  static ModelConfig model_config(const InputDeck& deck, const RegimeTaskConfig& task) {
+    ModelConfig c       = ModelConfig::from_deck(deck);
+    c.moe.bf16_compute  = deck.get<std::string>("train.precision") == "bf16";
+    c.d_in              = task.input_dim;
+    c.d_out             = RegimeTaskConfig::output_dim;
+    return c;
+  }
+  static long local_batch(const TrainerConfig& t, int size) {
+    MOKA_REQUIRE(t.batch_size % size == 0, "train.batch_size = ", t.batch_size,
+                 " is not a multiple of the number of ranks (", size, ")");
+    return t.batch_size / size;
+  }
+
+  /// The global batch: the next batch_size samples of this epoch's
+  /// permutation (the same on every rank); this rank takes its slice.
+  void load_batch() {
+    if (m_cursor + m_tcfg.batch_size > m_train.n) {
+      impl::SplitMix64 rng{static_cast<std::uint64_t>(m_run.seed) * 7919 + static_cast<std::uint64_t>(m_epoch++)};
+      for (long i = m_train.n - 1; i > 0; --i) std::swap(m_order[i], m_order[rng.next() % (i + 1)]);
+      m_cursor = 0;
+    }
+    const long first = m_cursor + m_rank * m_local_batch;
+    copy_samples(m_train, m_local_batch, [&](long i) { return m_order[(first + i) % m_train.n]; }, m_hx, m_hy);
+    m_cursor += m_tcfg.batch_size;
+    Kokkos::deep_copy(m_x, m_hx);
+    Kokkos::deep_copy(m_y, m_hy);
+  }
+
+  /// Forward, loss, backward, gradient sums and the optimizer step.
+  void take_step(StepLine& line) {
+    m_model.zero_grad(m_space);
+    m_model.forward(m_space, m_x, m_out);
+    // dout scaled by the whole batch: the ranks' gradients sum to its gradient.
+    double loss = mse_loss<S, M>(m_space, m_out, m_y, m_dout, double(m_tcfg.batch_size) * m_mcfg.d_out);
+    line.aux    = m_model.aux_loss();  // over the whole batch already
+    m_model.backward(m_space, m_dout);
+    m_sync->sync(m_space);
+    m_space.fence();
+    m_world.allreduce_host(&loss, 1);
+    line.loss = loss / m_size;
+    line.norm = m_opt.step(m_space, m_sync->global_norm(m_space));
+  }
+
+  /// Tokens per expert of the step over all ranks and blocks, relative to
+  /// the mean of its block: the smallest and the largest.
+  void expert_load(double& lo, double& hi) {
+    if (m_mcfg.blocks == 0) {
+      lo = hi = 1.0;
+      return;
+    }
+    lo = 1e300;
+    hi = 0;
+    for (int b = 0; b < m_mcfg.blocks; ++b) {
+      auto hc = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), m_model.moe(b).expert_counts());
+      std::vector<long> c(hc.extent(0));
+      for (std::size_t e = 0; e < c.size(); ++e) c[e] = hc(e);
+      m_world.allreduce_host(c.data(), static_cast<int>(c.size()));
+      const double mean = std::accumulate(c.begin(), c.end(), 0.0) / c.size();
+      for (long v : c) {
+        lo = std::min(lo, v / mean);
+        hi = std::max(hi, v / mean);
+      }
+    }
+  }
+
+  void open_metrics() {
+    if (m_rank != 0 || m_tcfg.metrics_file.empty()) return;
+    m_csv.open(m_tcfg.metrics_file);
+    MOKA_REQUIRE(bool(m_csv), "cannot write io.metrics_file '", m_tcfg.metrics_file, "'");
+    m_csv << "step,loss,aux_loss,test_loss,lr,grad_norm,samples_per_s,load_min,load_max,elapsed_s\n";
+  }
+
+  void write_metrics(const StepLine& l) {
+    if (m_rank != 0 || !m_csv) return;
+    m_csv << l.step + 1 << "," << l.loss << "," << l.aux << ",";
+    if (l.test_loss >= 0) m_csv << l.test_loss;
+    m_csv << "," << l.lr << "," << l.norm << "," << l.sps << "," << l.load_min << "," << l.load_max << ","
+          << l.elapsed << "\n";
+  }
+
+  void log_start(double initial) {
+    if (m_rank != 0) return;
+    m_log << "training: " << m_mcfg.blocks << " MoE blocks (E=" << m_mcfg.moe.num_experts << ", k=" << m_mcfg.moe.top_k
+          << ", d=" << m_mcfg.moe.d_model << ", d_ff=" << m_mcfg.moe.d_ff << ", " << to_string(m_mcfg.moe.gate)
+          << " gate, " << to_string(m_mcfg.moe.activation) << "), " << m_tcfg.precision << ", batch "
+          << m_tcfg.batch_size << " over " << m_size << " rank" << (m_size > 1 ? "s" : "") << " ("
+          << m_groups->describe() << "), " << m_ocfg.total_steps << " steps; initial held-out loss " << initial
+          << std::endl;
+  }
+
+  void log_progress(const StepLine& l) {
+    if (m_rank != 0) return;
+    const double eta = l.elapsed / double(l.step + 1) * double(m_ocfg.total_steps - l.step - 1);
+    std::ostringstream line;
+    line << "step " << std::setw(5) << l.step + 1 << "/" << m_ocfg.total_steps << "  loss " << std::scientific
+         << std::setprecision(3) << l.loss;
+    if (l.aux > 0) line << "  aux " << l.aux;
+    if (l.test_loss >= 0) line << "  held-out " << l.test_loss;
+    line << "  lr " << std::setprecision(2) << l.lr << std::fixed << std::setprecision(0) << "  " << l.sps
+         << " samples/s  ETA " << format_seconds(eta) << std::setprecision(2) << "  load min/max " << l.load_min
+         << "/" << l.load_max;
+    m_log << line.str() << std::endl;
+  }
+
+  void log_end(const TrainResult& r) {
+    if (m_rank != 0) return;
+    m_log << "held-out loss " << std::scientific << std::setprecision(3) << r.initial_test_loss << " -> "
+          << r.final_test_loss << std::fixed << std::setprecision(1) << " ("
+          << r.initial_test_loss / std::max(r.final_test_loss, 1e-300) << "x lower) in " << format_seconds(r.seconds);
+    if (m_csv) m_log << "; metrics in " << m_tcfg.metrics_file;
+    m_log << std::endl;
+  }
+
+  std::ostream& m_log;
+  const RunConfig m_run;
+  const RegimeTaskConfig m_task;
+  const ModelConfig m_mcfg;
+  const OptimizerConfig m_ocfg;
+  const TrainerConfig m_tcfg;
+  const ParallelConfig m_pcfg;
+  std::shared_ptr<ProcessGroups> m_groups;
+  Communicator& m_world;
+  const int m_rank, m_size;
+  const long m_local_batch;
+  const RegimeData m_train, m_test;
+  MoEModel<S, M> m_model;
+  Optimizer<S, M> m_opt;
+  std::unique_ptr<GradSync<S, M>> m_sync;
+  Exec m_space;
+  matrix m_x, m_y, m_out, m_dout;
+  typename matrix::HostMirror m_hx, m_hy;
+  std::vector<long> m_order;
+  long m_cursor = std::numeric_limits<long>::max() / 2;  // forces a shuffle at the first step
+  long m_epoch  = 0;
+  std::ofstream m_csv;
+};
+
+}  // namespace
+
+template <class S, class M>
+double held_out_loss(MoEModel<S, M>& model, const RegimeData& data, Communicator& world,
+                     const typename M::execution_space& space) {
+  using matrix = Kokkos::View<S**, Kokkos::LayoutRight, M>;
+  ScopedRegion region("moka::held_out_loss");
+  const bool was_training = model.training();
+  model.set_training(false);
+  const int rank = world.rank(), size = world.size();
+  const long per = (data.n + size - 1) / size;
+  const long b = std::min(data.n, rank * per), e = std::min(data.n, b + per);
+  double sse = 0;
+  const long chunk = 1024;
+  // The same number of forwards on every rank (the MoE layers exchange
+  // tokens): a rank past the end of the data passes empty chunks.
+  for (long c0 = b; c0 < b + per; c0 += chunk) {
+    const long n = std::max(0L, std::min(chunk, e - c0));
+    matrix tx("moka::eval.x", n, data.d_in), ty("moka::eval.y", n, data.d_out), to("moka::eval.out", n, data.d_out);
+    auto htx = Kokkos::create_mirror_view(tx);
+    auto hty = Kokkos::create_mirror_view(ty);
+    copy_samples(data, n, [&](long i) { return c0 + i; }, htx, hty);
+    Kokkos::deep_copy(tx, htx);
+    Kokkos::deep_copy(ty, hty);
+    model.forward(space, tx, to);
+    if (n > 0) sse += mse_loss<S, M>(space, to, ty, matrix()) * double(n) * data.d_out;
+  }
+  world.allreduce_host(&sse, 1);
+  model.set_training(was_training);
+  return sse / (double(data.n) * data.d_out);
+}
+
+template double held_out_loss<float, memory_space>(MoEModel<float, memory_space>&, const RegimeData&, Communicator&,
+                                                   const execution_space&);
+template double held_out_loss<double, memory_space>(MoEModel<double, memory_space>&, const RegimeData&,
+                                                    Communicator&, const execution_space&);
+
+TrainResult train_regime_model(MPI_Comm comm, const InputDeck& deck, std::ostream& log) {
+  ScopedRegion region("moka::train_regime_model");
+  const std::string precision = deck.get<std::string>("train.precision");
+  if (precision == "fp64") return RegimeRun<double>(comm, deck, log).train();
+#ifndef KOKKOS_ENABLE_CUDA
+  MOKA_REQUIRE(precision != "bf16", "train.precision = bf16 needs a CUDA build (this one runs on ",
+               Kokkos::DefaultExecutionSpace::name(), ")");
+#endif
+  return RegimeRun<float>(comm, deck, log).train();
+}
+
+}  // namespace moka
