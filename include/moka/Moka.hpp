@@ -14,6 +14,9 @@
 // deck: input decks and their schemas
 #include <moka/deck/DeckSchema.hpp>
 #include <moka/deck/InputDeck.hpp>
+// linalg: matrix products and column sums (internal, moka::impl)
+#include <moka/linalg/ColumnSums.hpp>
+#include <moka/linalg/Gemm.hpp>
 // comm: communicators (MPI, NCCL), the start-up check
 #include <moka/comm/CommCheck.hpp>
 #include <moka/comm/Communicator.hpp>
@@ -21,6 +24,7 @@
 #include <moka/io/RoutingTrace.hpp>
 // parallel: process groups, gradient synchronisation
 #include <moka/parallel/GradSync.hpp>
+#include <moka/parallel/ParamTag.hpp>
 #include <moka/parallel/ProcessGroups.hpp>
 // moe: the MoE layer
 #include <moka/moe/MoEConfig.hpp>

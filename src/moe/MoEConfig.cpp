@@ -1,4 +1,5 @@
 #include <moka/core/Error.hpp>
+#include <moka/deck/InputDeck.hpp>
 #include <moka/moe/MoEConfig.hpp>
 
 #include <cmath>

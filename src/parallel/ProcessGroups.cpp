@@ -1,4 +1,3 @@
-#include <moka/parallel/GradSync.hpp>
 #include <moka/parallel/ProcessGroups.hpp>
 
 #include <sstream>
@@ -98,17 +97,6 @@ ProcessGroups::ProcessGroups(MPI_Comm world, const ParallelConfig& config, int n
   m_slice = m_world->split(edp * EP + ep, s);
   m_edp   = m_world->split(ep * S + s, edp);
   m_moe   = m_world->split(edp, ep * S + s);
-}
-
-const char* to_string(ParamTag t) {
-  switch (t) {
-    case ParamTag::dense: return "dense";
-    case ParamTag::gate: return "gate";
-    case ParamTag::expert: return "expert";
-    case ParamTag::expert_replicated: return "expert_replicated";
-    case ParamTag::none: return "none";
-  }
-  return "?";
 }
 
 std::string ProcessGroups::describe() const {

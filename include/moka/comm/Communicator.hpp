@@ -200,7 +200,7 @@ class Communicator {
 
   /// \brief A communicator over the ranks with the same \p color, ordered by
   /// \p key (then rank), with the same backend. Collective.
-  virtual std::unique_ptr<Communicator> split(int color, int key) const = 0;
+  std::unique_ptr<Communicator> split(int color, int key) const;
 
   /// \name Host-side control over MPI (both backends).
   /// @{
@@ -218,6 +218,8 @@ class Communicator {
  protected:
   /// Takes ownership of \p comm (freed by the destructor).
   explicit Communicator(MPI_Comm comm);
+  /// A communicator of this one's backend over \p sub (owned): split()'s last step.
+  virtual std::unique_ptr<Communicator> make_on(MPI_Comm sub) const = 0;
   MPI_Comm m_comm = MPI_COMM_NULL;
   int m_rank = 0, m_size = 1;
 };

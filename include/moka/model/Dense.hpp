@@ -7,7 +7,8 @@
 #include <moka/core/Profiling.hpp>
 #include <moka/core/impl/Init.hpp>
 #include <moka/core/impl/Math.hpp>
-#include <moka/moe/impl/MoEKernels.hpp>
+#include <moka/linalg/ColumnSums.hpp>
+#include <moka/linalg/Gemm.hpp>
 
 #include <cmath>
 #include <cstdint>

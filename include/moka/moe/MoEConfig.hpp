@@ -2,13 +2,17 @@
 /// \file MoEConfig.hpp
 /// \brief Shape and behaviour of one MoE layer: the `moe.*`, `gate.*` and
 /// `expert.*` keys of a deck.
-
-#include <moka/deck/DeckSchema.hpp>
-#include <moka/deck/InputDeck.hpp>
+///
+/// The struct does not depend on the deck parser (kernel headers include
+/// it): schema() and from_deck() are declared with the deck types
+/// incomplete; callers of them include moka/deck/InputDeck.hpp.
 
 #include <string>
 
 namespace moka {
+
+class DeckSchema;
+class InputDeck;
 
 /// \brief How a gate turns logits into the k expert scores of a token.
 enum class GateType {

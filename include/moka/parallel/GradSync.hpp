@@ -10,6 +10,7 @@
 /// scaled by the whole batch's size), so synchronisation is a plain sum.
 
 #include <moka/core/Core.hpp>
+#include <moka/parallel/ParamTag.hpp>
 #include <moka/parallel/ProcessGroups.hpp>
 #include <moka/core/Profiling.hpp>
 #include <moka/core/impl/Math.hpp>
@@ -20,17 +21,6 @@
 #include <vector>
 
 namespace moka {
-
-/// \brief Over which ranks a parameter's gradient is summed.
-enum class ParamTag {
-  dense,              ///< data-parallel over the world (norms, dense layers)
-  gate,               ///< the gate's weights: summed over the gate group (ProcessGroups::gate)
-  expert,             ///< this rank's expert part: summed over the EDP group
-  expert_replicated,  ///< an expert tensor whole on every slice rank (b2): summed over EDP, counted once per slice group
-  none                ///< not synchronised
-};
-/// \brief "dense", "expert", "expert_replicated", "none".
-const char* to_string(ParamTag t);
 
 /// \brief A parameter tensor and its gradient, flattened, with its tag.
 template <class Scalar, class MemorySpace>

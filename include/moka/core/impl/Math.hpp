@@ -24,6 +24,12 @@ using Kokkos::Experimental::log;
 using Kokkos::Experimental::sqrt;
 using Kokkos::Experimental::tanh;
 #endif
+/// Row-major matrix and vector Views, the shapes of the kernels' operands.
+template <class S, class M>
+using mat = Kokkos::View<S**, Kokkos::LayoutRight, M>;
+template <class S, class M>
+using vec = Kokkos::View<S*, Kokkos::LayoutRight, M>;
+
 /// 2D iteration over row-major (LayoutRight) data with the column index
 /// moving fastest on every backend.
 template <class Exec>

@@ -11,11 +11,10 @@
 
 #include <moka/core/Core.hpp>
 #include <moka/moe/MoEConfig.hpp>
+#include <moka/linalg/ColumnSums.hpp>
+#include <moka/linalg/Gemm.hpp>
 #include <moka/linalg/impl/CublasGemm.hpp>
 #include <moka/core/impl/Math.hpp>
-
-#include <KokkosBlas1_scal.hpp>
-#include <KokkosBlas3_gemm.hpp>
 
 #include <cmath>
 #include <string>
@@ -23,11 +22,6 @@
 
 namespace moka {
 namespace impl {
-
-template <class S, class M>
-using mat = Kokkos::View<S**, Kokkos::LayoutRight, M>;
-template <class S, class M>
-using vec = Kokkos::View<S*, Kokkos::LayoutRight, M>;
 
 // ------------------------------------------------------------ activations
 template <class S>
@@ -74,55 +68,6 @@ KOKKOS_INLINE_FUNCTION S activate_grad(Activation a, S x) {
     }
   }
   return S(1);
-}
-
-// ------------------------------------------------------------------ GEMM
-/// C = alpha op(A) op(B) + beta C through Kokkos Kernels (cuBLAS on CUDA).
-/// Skips empty products (an expert with no rows), where beta still applies.
-/// \note Kokkos Kernels 3.4's gemm has no execution-space argument: it runs
-/// on the default instance; the overload below takes the caller's.
-template <class S, class M>
-void gemm(const char* ta, const char* tb, S alpha, const mat<S, M>& A, const mat<S, M>& B, S beta,
-          const mat<S, M>& C) {
-  if (C.extent(0) == 0 || C.extent(1) == 0) return;
-  const std::size_t inner = (ta[0] == 'N') ? A.extent(1) : A.extent(0);
-  if (inner == 0) {
-    if (beta == S(0)) Kokkos::deep_copy(C, S(0));
-    else if (beta != S(1)) KokkosBlas::scal(C, beta, C);
-    return;
-  }
-  KokkosBlas::gemm(ta, tb, alpha, A, B, beta, C);
-}
-
-/// The same on \p space: device views of a CUDA build go to cuBLAS on the
-/// instance's stream (fp32 / fp64 compute, no fence); the rest to Kokkos
-/// Kernels above, with the fences its missing instance argument needs.
-template <class Exec, class S, class M>
-void gemm(const Exec& space, const char* ta, const char* tb, S alpha, const mat<S, M>& A, const mat<S, M>& B, S beta,
-          const mat<S, M>& C) {
-#ifdef KOKKOS_ENABLE_CUDA
-  if constexpr (std::is_same<Exec, Kokkos::Cuda>::value && std::is_same<M, Kokkos::CudaSpace>::value &&
-                (std::is_same<S, float>::value || std::is_same<S, double>::value)) {
-    if (C.extent(0) == 0 || C.extent(1) == 0) return;
-    const bool at = ta[0] == 'T', bt = tb[0] == 'T';
-    const long inner = static_cast<long>(at ? A.extent(0) : A.extent(1));
-    if (inner == 0) {  // an expert with no rows: C = beta C
-      const long n = static_cast<long>(C.extent(1));
-      Kokkos::parallel_for(
-          "moka::gemm_scale", Kokkos::RangePolicy<Exec>(space, 0, long(C.extent(0)) * n), KOKKOS_LAMBDA(long i) {
-            C(i / n, i % n) = beta == S(0) ? S(0) : beta * C(i / n, i % n);
-          });
-      return;
-    }
-    auto ld = [](const mat<S, M>& v) { return static_cast<int>(std::max<std::size_t>(v.stride(0), v.extent(1))); };
-    gemm_real(space, at, bt, static_cast<int>(C.extent(0)), static_cast<int>(C.extent(1)), static_cast<int>(inner),
-              alpha, A.data(), ld(A), B.data(), ld(B), beta, C.data(), ld(C));
-    return;
-  }
-#endif
-  space.fence();
-  gemm(ta, tb, alpha, A, B, beta, C);
-  Exec().fence();
 }
 
 // --------------------------------------------------- capacity and slots
@@ -623,31 +568,6 @@ void expert_column_sums_finish(const Exec& space, const Kokkos::View<int*, M>& c
         S acc = 0;
         for (long q = chunk_start(e); q < chunk_start(e + 1); ++q) acc += work(q, c);
         out(e, c) += acc;
-      });
-}
-
-/// out(c) += the sum over rows t < T of f(t, c), for c < n: sums over chunks
-/// of 64 rows (T/64 x n threads, not n threads each walking all rows), then
-/// over the chunks in order; deterministic. \p work grows to [chunks, n].
-template <class Exec, class S, class M, class F, class Out>
-void add_column_sums(const Exec& space, long T, long n, const F& f, mat<S, M>& work, const Out& out) {
-  constexpr long chunk = 64;
-  const long chunks    = (T + chunk - 1) / chunk;
-  if (static_cast<long>(work.extent(0)) < chunks || static_cast<long>(work.extent(1)) < n)
-    work = mat<S, M>(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("moka::column_sums_work")), chunks, n);
-  auto w = work;
-  Kokkos::parallel_for(
-      "moka::column_sums_chunks", impl::row_major_2d(space, chunks, n), KOKKOS_LAMBDA(long q, long c) {
-        const long end = (q + 1) * chunk < T ? (q + 1) * chunk : T;
-        S acc          = 0;
-        for (long t = q * chunk; t < end; ++t) acc += f(t, c);
-        w(q, c) = acc;
-      });
-  Kokkos::parallel_for(
-      "moka::column_sums", Kokkos::RangePolicy<Exec>(space, 0, n), KOKKOS_LAMBDA(long c) {
-        S acc = 0;
-        for (long q = 0; q < chunks; ++q) acc += w(q, c);
-        out(c) += acc;
       });
 }
 
