@@ -117,43 +117,49 @@ moka::MoEConfig base_config() {
   return c;
 }
 
-/// The part of a single-rank expert tensor this rank holds (the layout of MoELayer::init_parameters).
+/// The part of a single-rank expert tensor this rank holds: its local slots'
+/// experts (the placement's), its slice of d_ff (the layout of
+/// MoELayer::init_parameters).
 template <class Layer>
 std::vector<double> local_part(const Layer& dist, const std::vector<double>& full, const char* which) {
   const auto& c  = dist.config();
-  const long d   = c.d_model, dff = c.d_ff, dfi = c.d_ff_in(), E = c.num_experts;
-  const long L   = dist.local_experts(), e0 = dist.first_expert(), dffl = dist.local_d_ff();
+  const long d   = c.d_model, dff = c.d_ff, dfi = c.d_ff_in();
+  const long L   = dist.local_experts(), dffl = dist.local_d_ff();
   const long dfil = dfi / (dff / dffl), s0 = dist.groups() ? dist.groups()->slice_rank() * dffl : 0;
   const bool swiglu = c.activation == moka::Activation::swiglu;
   std::vector<double> out;
   const std::string w(which);
-  if (w == "w1") {
-    out.assign(L * d * dfil, 0);
-    for (long e = e0; e < e0 + L; ++e)
+  if ((w == "b1" || w == "b2") && full.empty()) return out;
+  out.assign(w == "w1" ? L * d * dfil : w == "b1" ? L * dfil : w == "w2" ? L * dffl * d : L * d, 0);
+  for (long l = 0; l < L; ++l) {
+    const long e = dist.local_expert(int(l));
+    if (w == "w1") {
       for (long i = 0; i < d; ++i)
         for (long j = 0; j < dfil; ++j) {
           const long half = swiglu && j >= dffl ? 1 : 0, col = half * dff + s0 + (j - half * dffl);
-          out[((e - e0) * d + i) * dfil + j] = full[(e * d + i) * dfi + col];
+          out[(l * d + i) * dfil + j] = full[(e * d + i) * dfi + col];
         }
-  } else if (w == "b1") {
-    if (full.empty()) return out;
-    out.assign(L * dfil, 0);
-    for (long e = e0; e < e0 + L; ++e)
+    } else if (w == "b1") {
       for (long j = 0; j < dfil; ++j) {
         const long half = swiglu && j >= dffl ? 1 : 0, col = half * dff + s0 + (j - half * dffl);
-        out[(e - e0) * dfil + j] = full[e * dfi + col];
+        out[l * dfil + j] = full[e * dfi + col];
       }
-  } else if (w == "w2") {
-    out.assign(L * dffl * d, 0);
-    for (long e = e0; e < e0 + L; ++e)
+    } else if (w == "w2") {
       for (long r = 0; r < dffl; ++r)
-        for (long j = 0; j < d; ++j) out[((e - e0) * dffl + r) * d + j] = full[(e * dff + s0 + r) * d + j];
-  } else {  // b2
-    if (full.empty()) return out;
-    out.assign(full.begin() + e0 * d, full.begin() + (e0 + L) * d);
+        for (long j = 0; j < d; ++j) out[(l * dffl + r) * d + j] = full[(e * dff + s0 + r) * d + j];
+    } else {  // b2
+      for (long j = 0; j < d; ++j) out[l * d + j] = full[e * d + j];
+    }
   }
-  (void)E;
   return out;
+}
+
+/// A placement that is not contiguous: slot s holds expert (E - s) mod E,
+/// so experts change ranks and their order within a rank.
+moka::Placement permuted_placement(int E, int P) {
+  std::vector<int> slots(E);
+  for (int s = 0; s < E; ++s) slots[s] = (E - s) % E;
+  return moka::Placement::from_slots(E, P, slots);
 }
 
 std::vector<double> rows(const std::vector<double>& m, long first, long n, long width) {
@@ -179,7 +185,7 @@ void compare(const std::vector<double>& got, const std::vector<double>& want, bo
 
 template <class M>
 void check_layer(const Layout& lay, const std::shared_ptr<moka::ProcessGroups>& groups, const GateCase& gc,
-                 int T_global, int iters) {
+                 int T_global, int iters, bool permuted) {
   using Layer = moka::MoELayer<double, M>;
   using matrix = typename Layer::matrix;
   typename Layer::execution_space space;
@@ -187,8 +193,10 @@ void check_layer(const Layout& lay, const std::shared_ptr<moka::ProcessGroups>& 
   gc.set(cfg);
   const int W = world_size(), rank = world_rank();
   if (cfg.num_experts % lay.ep != 0 || cfg.d_ff % lay.slice != 0) return;
-  const std::string what = gc.name + " [" + groups->describe() + ", T = " + std::to_string(T_global) + "]";
-  Layer ref(cfg), dist(cfg, groups);
+  const std::string what = gc.name + " [" + groups->describe() + (permuted ? ", permuted placement" : "") +
+                           ", T = " + std::to_string(T_global) + "]";
+  Layer ref(cfg),
+      dist(cfg, groups, permuted ? permuted_placement(cfg.num_experts, lay.ep) : moka::Placement());
   ref.init_parameters(99);
   dist.init_parameters(99);
   const int d = cfg.d_model;
@@ -284,10 +292,11 @@ void check_layer(const Layout& lay, const std::shared_ptr<moka::ProcessGroups>& 
 /// cuts every message into many pieces, mid-row; 0: whole messages);
 /// \p direct: comm.exchange_direct ("on" only where it can run: EP > 1,
 /// NCCL symmetric windows usable or MOKA_TEST_REQUIRE_DIRECT=1, which makes
-/// their absence an error; "auto" elsewhere).
+/// their absence an error; "auto" elsewhere); \p permuted: the experts
+/// placed by permuted_placement() instead of contiguously.
 template <class M>
 void check_all_layouts(const std::string& backend, double coalesce_mb, double max_message_mb = 0,
-                       const std::string& direct = "off") {
+                       const std::string& direct = "off", bool permuted = false) {
   const moka::MoEConfig base = base_config();
   const bool device = !Kokkos::SpaceAccessibility<Kokkos::HostSpace, M>::accessible;
   for (const Layout& lay : layouts(base.num_experts, base.d_ff)) {
@@ -309,14 +318,14 @@ void check_all_layouts(const std::string& backend, double coalesce_mb, double ma
                 << (pc.exchange_direct == "on" ? ", direct puts"
                     : coalesce_mb > 0          ? ", one message per peer"
                                                : ", blocks")
-                << (max_message_mb > 0 ? ", in pieces" : "")
+                << (max_message_mb > 0 ? ", in pieces" : "") << (permuted ? ", permuted placement" : "")
                 << "\n";
     for (const auto& gc : gate_cases()) {
       moka::MoEConfig cfg = base;
       gc.set(cfg);
       for (int T : {13, 3}) {
         g_max_rel = 0;
-        check_layer<M>(lay, groups, gc, T, 2);
+        check_layer<M>(lay, groups, gc, T, 2, permuted);
         if (world_rank() == 0 && T == 13)
           std::cout << gc.name << " " << describe(lay) << ": largest relative difference " << g_max_rel << "\n";
         // Every rank leaves together (a rank alone leaving hangs the others).
@@ -331,6 +340,12 @@ void check_all_layouts(const std::string& backend, double coalesce_mb, double ma
 TEST(Distributed, LayerEqualsOneRankHost) { check_all_layouts<Kokkos::HostSpace>("mpi", 32); }
 TEST(Distributed, LayerEqualsOneRankHostBlocks) { check_all_layouts<Kokkos::HostSpace>("mpi", 0); }
 TEST(Distributed, LayerEqualsOneRankHostPieces) { check_all_layouts<Kokkos::HostSpace>("mpi", 0, 1e-4); }
+// The placement seam: experts on other ranks and in another order than the
+// contiguous placement; results as on one rank, as bitwise as above.
+TEST(Distributed, LayerEqualsOneRankHostPermuted) {
+  check_all_layouts<Kokkos::HostSpace>("mpi", 32, 0, "off", true);
+  check_all_layouts<Kokkos::HostSpace>("mpi", 0, 0, "off", true);
+}
 
 #ifdef KOKKOS_ENABLE_CUDA
 // Device builds only (a host-only build has no second memory space to test).
@@ -338,6 +353,7 @@ TEST(Distributed, LayerEqualsOneRankDevice) {
   // Direct puts into symmetric windows (NCCL on one node's GPUs), then
   // messages: one per peer, blocks, blocks in pieces.
   check_all_layouts<moka::memory_space>("auto", 0, 0, "on");
+  check_all_layouts<moka::memory_space>("auto", 0, 0, "on", true);  // a permuted placement
   for (auto [mb, cap] : {std::pair{32.0, 0.0}, {0.0, 0.0}, {0.0, 1e-4}}) {
     check_all_layouts<moka::memory_space>("auto", mb, cap);  // NCCL where every rank has a GPU
     check_all_layouts<moka::memory_space>("mpi", mb, cap);   // device data staged through host buffers

@@ -25,6 +25,7 @@
 // parallel: process groups, gradient synchronisation
 #include <moka/parallel/GradSync.hpp>
 #include <moka/parallel/ParamTag.hpp>
+#include <moka/parallel/Placement.hpp>
 #include <moka/parallel/ProcessGroups.hpp>
 // moe: the MoE layer
 #include <moka/moe/MoEConfig.hpp>

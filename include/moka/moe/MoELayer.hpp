@@ -39,6 +39,7 @@
 #include <moka/core/Core.hpp>
 #include <moka/moe/MoEConfig.hpp>
 #include <moka/moe/impl/MoEKernels.hpp>
+#include <moka/parallel/Placement.hpp>
 #include <moka/parallel/ProcessGroups.hpp>
 #include <moka/core/Profiling.hpp>
 #include <moka/linalg/impl/CublasGemm.hpp>
@@ -82,8 +83,13 @@ class MoELayer {
   using btensor3        = Kokkos::View<bf16***, Kokkos::LayoutRight, MemorySpace>;
 
   /// \brief Allocates parameters (zero) and gradients; throws moka::Error on
-  /// a bad config. \p groups: the layout over ranks (nullptr: this rank alone).
-  explicit MoELayer(const MoEConfig& config, std::shared_ptr<ProcessGroups> groups = nullptr);
+  /// a bad config. \p groups: the layout over ranks (nullptr: this rank
+  /// alone). \p placement: which expert each slot of the EP group holds
+  /// (empty: contiguous, expert e on EP rank e / L); every EP group of the
+  /// layout uses the same one, and each expert has one slot (replicated
+  /// experts are refused with moka::Error until the balancer moves state).
+  explicit MoELayer(const MoEConfig& config, std::shared_ptr<ProcessGroups> groups = nullptr,
+                    Placement placement = Placement());
 
   /// \brief The configuration.
   const MoEConfig& config() const { return m_cfg; }
@@ -124,11 +130,13 @@ class MoELayer {
   bool bf16_weights_managed() const { return m_bf16_managed; }
   /// \brief The process groups (nullptr: one rank).
   const ProcessGroups* groups() const { return m_groups.get(); }
-  /// \brief Experts held here (E / EP), the first one's global index, and the
-  /// d_ff columns of each held here (d_ff / S).
+  /// \brief Expert slots held here (L = E / EP), the logical expert on local
+  /// slot \p l, and the d_ff columns of each held here (d_ff / S).
   int local_experts() const { return m_L; }
-  int first_expert() const { return m_e0; }
+  int local_expert(int l) const { return m_place.expert_at(m_ep_rank, l); }
   int local_d_ff() const { return m_dffl; }
+  /// \brief Where the experts live (contiguous unless one was given).
+  const Placement& placement() const { return m_place; }
   /// \brief Tokens of the whole batch over all ranks, and this rank's first (last forward).
   long tokens_global() const { return m_T_global; }
   long token_offset() const { return m_tok0; }
@@ -178,7 +186,7 @@ class MoELayer {
   const matrix& scores() const { return m_score; }
   /// \brief Row of each (token, choice) in the expert buffer, or -1 if dropped, [T, k].
   const index_matrix& slots() const { return m_slot; }
-  /// \brief Kept assignments per expert, [E].
+  /// \brief Kept assignments per logical expert, [E].
   const index_vector& expert_counts() const { return m_counts; }
   /// \brief Capacity used by the last forward (T * k when dropless).
   long capacity() const { return m_capacity; }
@@ -216,7 +224,16 @@ class MoELayer {
 
   MoEConfig m_cfg;
   std::shared_ptr<ProcessGroups> m_groups;
-  int m_S = 1, m_L = 0, m_e0 = 0, m_dffl = 0, m_dfil = 0;  // slices, local experts, first expert, local d_ff, d_ff_in
+  int m_S = 1, m_L = 0, m_dffl = 0, m_dfil = 0;  // slices, local expert slots, local d_ff, d_ff_in
+  int m_ep_rank = 0;
+  // Where the experts live. Not contiguous: the gate's choices are mapped
+  // to slots (m_slot_route) before the slot assignment, so dispatch rows
+  // go in slot order ((EP rank, local slot)) and counts per slot
+  // (m_slot_counts) are mapped back to experts for expert_counts().
+  Placement m_place;
+  bool m_identity = true;
+  index_vector m_expert_slot, m_slot_counts;
+  index_matrix m_slot_route;
   params_type m_params, m_grads;
   // zero_grad() left W1 and W2's gradients to the next backward (beta 0).
   mutable bool m_wgrad_zero = false;
@@ -248,9 +265,9 @@ class MoELayer {
   bool m_bf16_managed = false;
   std::uint64_t m_seed = 0, m_counter = 0;
   double m_balance_loss = 0, m_z_loss = 0;
-  index_vector m_counts, m_offsets, m_row_token, m_row_choice;
+  index_vector m_counts, m_offsets, m_row_token, m_row_choice;  // m_offsets: per slot
   impl::SlotWork<MemorySpace> m_slot_work;  // workspace of the slot assignment
-  std::vector<int> m_h_offsets;  // host copy of the dispatch-side expert offsets [E + 1]
+  std::vector<int> m_h_offsets;  // host copy of the dispatch-side slot offsets [E + 1]
   long m_rows = 0, m_capacity = 0;
   int m_T = -1;
   long m_T_global = 0, m_tok0 = 0;

@@ -46,6 +46,20 @@ mat<S, M> expert_of(const Kokkos::View<S***, Kokkos::LayoutRight, M>& w, int e) 
 
 namespace impl {
 /// Checks the layout against the layer's shape; returns the slice count S.
+/// \p p, or the contiguous placement where it is empty; checked against the
+/// layer's experts and EP group.
+inline Placement resolved_placement(const MoEConfig& cfg, const std::shared_ptr<ProcessGroups>& g, Placement p) {
+  const int P = g ? g->ep_size() : 1;
+  if (p.empty()) return Placement::contiguous(cfg.num_experts, P);
+  MOKA_REQUIRE(p.num_experts() == cfg.num_experts, "moka::MoELayer: the placement has ", p.num_experts(),
+               " experts, moe.num_experts = ", cfg.num_experts);
+  MOKA_REQUIRE(p.ep_size() == P, "moka::MoELayer: the placement spans ", p.ep_size(), " ranks, the EP group ", P);
+  MOKA_REQUIRE(p.single_slot(), "moka::MoELayer: the placement gives some experts several slots (",
+               p.num_slots(), " slots for ", p.num_experts(), " experts); replicated experts are not supported by "
+               "the layer yet");
+  return p;
+}
+
 inline int validated_slices(const MoEConfig& cfg, const std::shared_ptr<ProcessGroups>& g) {
   if (!g) return 1;
   g->config().validate(g->world().size(), cfg.num_experts, cfg.d_ff);
@@ -54,17 +68,30 @@ inline int validated_slices(const MoEConfig& cfg, const std::shared_ptr<ProcessG
 }  // namespace impl
 
 template <class Scalar, class MemorySpace>
-MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr<ProcessGroups> groups)
+MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr<ProcessGroups> groups,
+                                        Placement placement)
     : m_cfg((config.validate(), config)),
       m_groups(std::move(groups)),
       m_S(impl::validated_slices(config, m_groups)),
       m_L(config.num_experts / (m_groups ? m_groups->ep_size() : 1)),
-      m_e0(m_groups ? m_groups->ep_rank() * m_L : 0),
       m_dffl(config.d_ff / m_S),
       m_dfil(config.d_ff_in() / m_S),
+      m_ep_rank(m_groups ? m_groups->ep_rank() : 0),
+      m_place(impl::resolved_placement(config, m_groups, std::move(placement))),
       m_params(config, "moka::moe::", m_L, m_S),
       m_grads(config, "moka::moe::grad_", m_L, m_S) {
   m_exchange = m_groups && (m_groups->ep_size() > 1 || m_groups->slice_size() > 1);
+  m_identity = m_place.is_contiguous();
+  if (!m_identity) {
+    m_expert_slot = index_vector("moka::moe::expert_slot", config.num_experts);
+    m_slot_counts = index_vector("moka::moe::slot_counts", config.num_experts);
+    auto h        = Kokkos::create_mirror_view(m_expert_slot);
+    for (int e = 0; e < config.num_experts; ++e) {
+      const Placement::Slot s = m_place.slots_of(e).front();
+      h(e)                    = s.rank * m_L + s.local;
+    }
+    Kokkos::deep_copy(m_expert_slot, h);
+  }
   {
     // The expert-side offsets, the bias-sum chunk starts and the coalesced
     // exchange's segments share one allocation, so each forward uploads its
@@ -120,23 +147,26 @@ void MoELayer<Scalar, MemorySpace>::init_parameters(std::uint64_t seed) {
   // The single-rank stream, element by element; each rank keeps its part.
   impl::SplitMix64 rng{seed};
   const long d = m_cfg.d_model, E = m_cfg.num_experts, dff = m_cfg.d_ff, dfi = m_cfg.d_ff_in();
-  const long e0 = m_e0, L = m_L, dffl = m_dffl, dfil = m_dfil;
+  const long dffl = m_dffl, dfil = m_dfil;
   const long s0 = m_groups ? m_groups->slice_rank() * dffl : 0;
   const bool swiglu = m_cfg.activation == Activation::swiglu;
+  // Local slot of each expert held here (-1 elsewhere), from the placement.
+  std::vector<long> local(E, -1);
+  for (int l = 0; l < m_L; ++l) local[local_expert(l)] = l;
   impl::fill_uniform(m_params.gate_w, rng, 1.0 / std::sqrt(double(d)));
   if (m_params.noise_w.size()) impl::fill_uniform(m_params.noise_w, rng, 1.0 / std::sqrt(double(d)));
   // W1 [E, d, dfi]: local column of global column c (SwiGLU: both halves sliced alike).
   impl::fill_uniform_part(m_params.w1, rng, 1.0 / std::sqrt(double(d)), E * d * dfi, [=](long g) -> long {
     const long e = g / (d * dfi), i = (g / dfi) % d, c = g % dfi;
-    if (e < e0 || e >= e0 + L) return -1;
+    if (local[e] < 0) return -1;
     const long half = swiglu && c >= dff ? 1 : 0, cc = c - half * dff;
     if (cc < s0 || cc >= s0 + dffl) return -1;
-    return ((e - e0) * d + i) * dfil + half * dffl + (cc - s0);
+    return (local[e] * d + i) * dfil + half * dffl + (cc - s0);
   });
   impl::fill_uniform_part(m_params.w2, rng, 1.0 / std::sqrt(double(dff)), E * dff * d, [=](long g) -> long {
     const long e = g / (dff * d), r = (g / d) % dff, c = g % d;
-    if (e < e0 || e >= e0 + L || r < s0 || r >= s0 + dffl) return -1;
-    return ((e - e0) * dffl + (r - s0)) * d + c;
+    if (local[e] < 0 || r < s0 || r >= s0 + dffl) return -1;
+    return (local[e] * dffl + (r - s0)) * d + c;
   });
   Kokkos::deep_copy(m_params.b1, Scalar(0));
   Kokkos::deep_copy(m_params.b2, Scalar(0));
@@ -316,9 +346,10 @@ bool MoELayer<Scalar, MemorySpace>::decide_direct() {
 
 template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::plan_direct(const std::vector<long>& cnt) {
-  // Every rank's rows per expert: all[q E + e] (rank q's rows for expert e,
-  // which lives on rank e / L as its local expert e % L). With them each
-  // rank knows where its rows land on every peer, both ways.
+  // Every rank's rows per slot: all[q E + s] (rank q's rows for slot s, on
+  // EP rank s / L as its local slot s % L; the placement put an expert
+  // there). With them each rank knows where its rows land on every peer,
+  // both ways.
   const int P = m_groups->ep_size(), L = m_L, E = m_cfg.num_experts, me = m_groups->ep_rank();
   const long d = m_cfg.d_model;
   std::vector<long> all(std::size_t(P) * E);
@@ -398,6 +429,7 @@ template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) {
   const int L = m_L;
   const long d = m_cfg.d_model;
+  // Dispatch rows per slot (slot p L + l: EP rank p's local slot l).
   std::vector<long> cnt(m_cfg.num_experts);
   for (int e = 0; e < m_cfg.num_experts; ++e) cnt[e] = m_h_offsets[e + 1] - m_h_offsets[e];
   // EP stage: counts per (peer, local expert) received; the rows of peer p's
@@ -605,13 +637,30 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
     ScopedRegion r("moka::MoELayer::dispatch");
     const bool global = m_cfg.global_capacity() && !m_cfg.dropless && m_groups && m_groups->gate().size() > 1;
     m_capacity = m_cfg.capacity(global ? m_T_global : T, m_training);
+    // The gate's experts as slots of the placement (one slot per expert, so
+    // capacity per slot is capacity per expert); from here on rows are in
+    // slot order.
+    index_matrix slot_route = m_route;
+    if (!m_identity) {
+      if (m_slot_route.extent(0) != m_route.extent(0) || m_slot_route.extent(1) != m_route.extent(1))
+        m_slot_route = index_matrix("moka::moe::slot_route", m_route.extent(0), m_route.extent(1));
+      auto route = m_route, sr = m_slot_route;
+      auto es    = m_expert_slot;
+      Kokkos::parallel_for(
+          "moka::route_to_slots", impl::row_major_2d(space, long(route.extent(0)), long(route.extent(1))),
+          KOKKOS_LAMBDA(long t, long j) {
+            const int e = route(t, j);
+            sr(t, j)    = e < 0 ? -1 : es(e);
+          });
+      slot_route = m_slot_route;
+    }
     Kokkos::View<long*, MemorySpace> base;
     if (global) {
       // Assignments to each expert on lower ranks come first in global order.
       if (m_cap_base.extent(0) == 0) m_cap_base = Kokkos::View<long*, MemorySpace>("moka::moe::capacity_base", E);
       if (m_routed.extent(0) == 0) m_routed = Kokkos::View<long*, MemorySpace>("moka::moe::routed", E);
       auto routed = m_routed;
-      auto route = m_route;
+      auto route = slot_route;
       const int k = m_cfg.top_k;
       Kokkos::parallel_for(
           "moka::routed_counts", Kokkos::RangePolicy<execution_space>(space, 0, E), KOKKOS_LAMBDA(int e) {
@@ -626,8 +675,15 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
       Kokkos::deep_copy(m_cap_base, hb);
       base = m_cap_base;
     }
-    m_rows = impl::assign_slots(space, m_cfg.drop_policy, m_capacity, base, m_route, m_score, m_counts, m_offsets,
-                                m_slot, m_slot_work, m_row_token, m_row_choice, m_h_offsets);
+    m_rows = impl::assign_slots(space, m_cfg.drop_policy, m_capacity, base, slot_route, m_score,
+                                m_identity ? m_counts : m_slot_counts, m_offsets, m_slot, m_slot_work, m_row_token,
+                                m_row_choice, m_h_offsets);
+    if (!m_identity) {
+      auto counts = m_counts, sc = m_slot_counts, es = m_expert_slot;
+      Kokkos::parallel_for(
+          "moka::slot_counts_to_experts", Kokkos::RangePolicy<execution_space>(space, 0, E),
+          KOKKOS_LAMBDA(int e) { counts(e) = sc(es(e)); });
+    }
     {
       if (m_exchange) align_for_timing(space);
       ScopedRegion plan("moka::MoELayer::exchange_plan");
