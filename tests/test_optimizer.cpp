@@ -3,6 +3,11 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <functional>
+#include <string>
+#include <vector>
+
 namespace {
 
 using View1 = Kokkos::View<double*, moka::memory_space>;
@@ -166,4 +171,124 @@ TEST(Optimizer, Bf16CopyFollowsEveryUpdate) {
       }
     }
   }
+}
+
+TEST(Optimizer, ClippingLeavesGradientsBelowTheLimitAlone) {
+  // The same gradients (norm 5) with a limit above the norm: the update is
+  // the plain one, not one scaled up to the limit.
+  auto c = constant_lr(moka::OptimizerType::sgd, 1.0);
+  c.momentum = 0;
+  c.clip_norm = 10.0;
+  auto a = make({0.0}, {3.0});
+  auto b = make({0.0}, {4.0});
+  moka::Optimizer<double> opt(c);
+  opt.add(a.p, a.g);
+  opt.add(b.p, b.g);
+  moka::execution_space space;
+  EXPECT_DOUBLE_EQ(opt.step(space), 5.0);
+  EXPECT_EQ(values(a.p)[0], -3.0);
+  EXPECT_EQ(values(b.p)[0], -4.0);
+}
+
+// Adam and AdamW over several steps against the textbook update (PyTorch's
+// Adam with L2 decay and AdamW with decoupled decay), with a large eps and
+// decay so that a misplaced eps (inside the square root, or before the bias
+// correction) or decay (decoupled in Adam, coupled or applied after the
+// step in AdamW) moves the result by far more than round-off.
+TEST(Optimizer, AdamVariantsAgainstTheTextbookUpdate) {
+  const std::vector<double> grads = {0.5, -0.2, 0.3, 0.05};
+  for (auto type : {moka::OptimizerType::adam, moka::OptimizerType::adamw}) {
+    auto c = constant_lr(type, 0.1);
+    c.beta1 = 0.8;
+    c.beta2 = 0.9;
+    c.eps = 0.1;
+    c.weight_decay = 0.3;
+    auto t = make({1.0}, {0.0});
+    moka::Optimizer<double> opt(c);
+    opt.add(t.p, t.g);
+    moka::execution_space space;
+    double p = 1.0, m = 0, v = 0;
+    for (std::size_t s = 0; s < grads.size(); ++s) {
+      Kokkos::deep_copy(t.g, grads[s]);
+      opt.step(space);
+      double g = grads[s];
+      if (type == moka::OptimizerType::adam) g += c.weight_decay * p;
+      else p -= c.lr * c.weight_decay * p;
+      m = c.beta1 * m + (1 - c.beta1) * g;
+      v = c.beta2 * v + (1 - c.beta2) * g * g;
+      const double mhat = m / (1 - std::pow(c.beta1, double(s + 1))), vhat = v / (1 - std::pow(c.beta2, double(s + 1)));
+      p -= c.lr * mhat / (std::sqrt(vhat) + c.eps);
+      EXPECT_NEAR(values(t.p)[0], p, 1e-14) << (type == moka::OptimizerType::adam ? "adam" : "adamw") << " step "
+                                            << s + 1;
+    }
+  }
+}
+
+TEST(Optimizer, SliceStateRoundTrip) {
+  // Two optimizers over different tensors take a few steps; the state of
+  // a slice of the first (parameter, moments, step count) written into the
+  // second at another offset makes the two take identical next steps there.
+  moka::execution_space space;
+  for (auto type : {moka::OptimizerType::adamw, moka::OptimizerType::sgd}) {
+    auto c = constant_lr(type, 0.05);
+    c.weight_decay = 0.01;
+    auto a = make({1, 2, 3, 4, 5, 6}, {0.1, -0.2, 0.3, -0.4, 0.5, -0.6});
+    auto b = make({9, 8, 7, 6, 5, 4, 3, 2}, {0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0, -0.1});
+    moka::Optimizer<double> oa(c), ob(c);
+    oa.add(a.p, a.g);
+    ob.add(b.p, b.g);
+    for (int s = 0; s < 3; ++s) {
+      oa.step(space);
+      ob.step(space);
+    }
+    const auto st = oa.read_slice(0, 2, 3);  // elements 2..4 of a
+    EXPECT_EQ(st.steps, 3);
+    ASSERT_EQ(st.param.size(), 3u);
+    EXPECT_EQ(st.v.size(), type == moka::OptimizerType::sgd ? 0u : 3u);
+    EXPECT_TRUE(st.bf16_copy.empty());
+    ob.write_slice(0, 4, st);  // into elements 4..6 of b
+    // The same gradient on both places: the same update, bitwise.
+    auto ga = Kokkos::create_mirror_view(a.g);
+    auto gb = Kokkos::create_mirror_view(b.g);
+    Kokkos::deep_copy(ga, a.g);
+    Kokkos::deep_copy(gb, b.g);
+    for (int i = 0; i < 3; ++i) gb(4 + i) = ga(2 + i);
+    Kokkos::deep_copy(b.g, gb);
+    oa.step(space);
+    ob.step(space);
+    const auto pa = values(a.p), pb = values(b.p);
+    for (int i = 0; i < 3; ++i) EXPECT_EQ(pb[4 + i], pa[2 + i]) << "element " << i;
+    // Reading back what was written gives it again; the rest of b is untouched by the write.
+    const auto back = ob.read_slice(0, 4, 3), again = oa.read_slice(0, 2, 3);
+    EXPECT_EQ(back.param, again.param);
+    EXPECT_EQ(back.m, again.m);
+    EXPECT_EQ(back.v, again.v);
+  }
+}
+
+TEST(Optimizer, SliceStateMismatchesAreNamed) {
+  auto c = constant_lr(moka::OptimizerType::adamw, 0.05);
+  auto a = make({1, 2, 3}, {0.1, 0.2, 0.3});
+  moka::Optimizer<double> opt(c);
+  opt.add(a.p, a.g);
+  auto msg = [&](const std::function<void()>& f) {
+    try {
+      f();
+    } catch (const moka::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(msg([&] { opt.read_slice(0, 2, 2); }).find("elements [2, 4) outside the tensor's 3"), std::string::npos);
+  EXPECT_NE(msg([&] { opt.read_slice(1, 0, 1); }).find("tensor 1 of 1 registered"), std::string::npos);
+  auto st = opt.read_slice(0, 0, 2);
+  st.steps = 7;
+  EXPECT_NE(msg([&] { opt.write_slice(0, 0, st); }).find("from step 7, this optimizer is at step 0"),
+            std::string::npos);
+  st.steps = 0;
+  st.v.clear();
+  EXPECT_NE(msg([&] { opt.write_slice(0, 0, st); }).find("2 first and 0 second moments for 2 elements"),
+            std::string::npos);
+  opt.set_steps_taken(5);
+  EXPECT_EQ(opt.steps_taken(), 5);
 }

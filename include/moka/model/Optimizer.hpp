@@ -138,6 +138,62 @@ class Optimizer {
 
   /// \brief Number of steps taken.
   long steps_taken() const { return m_step; }
+  /// \brief Sets the step count (a restart: the schedule and Adam's bias
+  /// correction continue from \p steps).
+  void set_steps_taken(long steps) {
+    MOKA_REQUIRE(steps >= 0, "moka::Optimizer::set_steps_taken: ", steps, " steps");
+    m_step = steps;
+  }
+  /// \brief Registered tensors, and the elements of tensor \p i.
+  std::size_t tensor_count() const { return m_entries.size(); }
+  long tensor_size(std::size_t i) const { return static_cast<long>(entry(i, "tensor_size").param.extent(0)); }
+
+  /// \brief Everything the optimizer keeps for a run of elements of one
+  /// tensor (one expert's part of W1, say), on the host: the parameter
+  /// (the fp32 master in mixed precision), the moments (momentum: m only),
+  /// the bf16 copy where one is registered, and the step count. What
+  /// expert migration and checkpoints move.
+  struct SliceState {
+    long steps = 0;
+    std::vector<Scalar> param, m, v;
+    std::vector<bf16> bf16_copy;
+  };
+  /// \brief Reads elements [\p offset, \p offset + \p count) of tensor
+  /// \p i. Fences the default instance (host copies).
+  SliceState read_slice(std::size_t i, long offset, long count) const {
+    const Entry& e = entry(i, "read_slice");
+    check_range(e, offset, count, "read_slice");
+    SliceState st;
+    st.steps = m_step;
+    st.param = to_host(e.param, offset, count);
+    st.m     = to_host(e.m, offset, count);
+    if (e.v.extent(0) > 0) st.v = to_host(e.v, offset, count);
+    if (e.shadow.extent(0) > 0) st.bf16_copy = to_host(e.shadow, offset, count);
+    return st;
+  }
+  /// \brief Writes \p st into elements [\p offset, offset + size) of
+  /// tensor \p i (the same or another tensor of the same kind: a migrated
+  /// expert lands in another slot). The state must come from the same step
+  /// and carry what this tensor keeps (moments by type, the bf16 copy where
+  /// one is registered); moka::Error names what differs.
+  void write_slice(std::size_t i, long offset, const SliceState& st) {
+    Entry& e       = entry(i, "write_slice");
+    const long cnt = static_cast<long>(st.param.size());
+    check_range(e, offset, cnt, "write_slice");
+    MOKA_REQUIRE(st.steps == m_step, "moka::Optimizer::write_slice: the slice's state is from step ", st.steps,
+                 ", this optimizer is at step ", m_step);
+    MOKA_REQUIRE(long(st.m.size()) == cnt && long(st.v.size()) == (e.v.extent(0) > 0 ? cnt : 0),
+                 "moka::Optimizer::write_slice: the slice has ", st.m.size(), " first and ", st.v.size(),
+                 " second moments for ", cnt, " elements (", m_cfg.type == OptimizerType::sgd ? "sgd" : "adam",
+                 " keeps ", e.v.extent(0) > 0 ? "both" : "the first only", ")");
+    MOKA_REQUIRE(long(st.bf16_copy.size()) == (e.shadow.extent(0) > 0 ? cnt : 0),
+                 "moka::Optimizer::write_slice: the slice has ", st.bf16_copy.size(), " bf16 values, tensor ", i,
+                 e.shadow.extent(0) > 0 ? " keeps a bf16 copy" : " keeps none");
+    from_host(st.param, e.param, offset);
+    from_host(st.m, e.m, offset);
+    if (e.v.extent(0) > 0) from_host(st.v, e.v, offset);
+    if (e.shadow.extent(0) > 0) from_host(st.bf16_copy, e.shadow, offset);
+  }
   /// \brief The configuration.
   const OptimizerConfig& config() const { return m_cfg; }
 
@@ -147,6 +203,32 @@ class Optimizer {
     bf16_flat shadow;
     Kokkos::View<Scalar*, MemorySpace> m, v;
   };
+  const Entry& entry(std::size_t i, const char* op) const {
+    MOKA_REQUIRE(i < m_entries.size(), "moka::Optimizer::", op, ": tensor ", i, " of ", m_entries.size(),
+                 " registered");
+    return m_entries[i];
+  }
+  Entry& entry(std::size_t i, const char* op) {
+    return const_cast<Entry&>(static_cast<const Optimizer&>(*this).entry(i, op));
+  }
+  static void check_range(const Entry& e, long offset, long count, const char* op) {
+    const long n = static_cast<long>(e.param.extent(0));
+    MOKA_REQUIRE(offset >= 0 && count >= 0 && offset + count <= n, "moka::Optimizer::", op, ": elements [", offset,
+                 ", ", offset + count, ") outside the tensor's ", n);
+  }
+  template <class V>
+  static std::vector<typename V::non_const_value_type> to_host(const V& v, long offset, long count) {
+    using T = typename V::non_const_value_type;
+    std::vector<T> out(static_cast<std::size_t>(count));
+    Kokkos::View<T*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> h(out.data(), out.size());
+    Kokkos::deep_copy(h, Kokkos::subview(v, std::make_pair(offset, offset + count)));
+    return out;
+  }
+  template <class T, class V>
+  static void from_host(const std::vector<T>& src, const V& v, long offset) {
+    Kokkos::View<const T*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> h(src.data(), src.size());
+    Kokkos::deep_copy(Kokkos::subview(v, std::make_pair(offset, offset + long(src.size()))), h);
+  }
   OptimizerConfig m_cfg;
   std::vector<Entry> m_entries;
   long m_step = 0;
