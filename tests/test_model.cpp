@@ -8,6 +8,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <random>
 #include <sstream>
 
@@ -205,4 +206,55 @@ TEST(Trainer, BatchMustSplitOverRanks) {
       EXPECT_NE(std::string(e.what()).find("is not a multiple of the number of ranks"), std::string::npos) << e.what();
     }
   }
+}
+
+TEST(Trainer, HeldOutLossIsInEvaluationMode) {
+  // A gate whose training mode changes the outputs a lot (random routing,
+  // a training capacity that drops most assignments): the held-out loss
+  // must be the evaluation-mode loss, the same at every call, and leave the
+  // model in the mode it was in.
+  using DM = moka::memory_space;
+  using dmatrix = Kokkos::View<double**, Kokkos::LayoutRight, DM>;
+  moka::RegimeTaskConfig task;
+  task.test_size = 200;
+  const moka::RegimeData data = moka::make_regime_data(task, 1);
+  moka::ModelConfig cfg;
+  cfg.d_in = task.input_dim;
+  cfg.d_out = moka::RegimeTaskConfig::output_dim;
+  cfg.blocks = 1;
+  cfg.moe.d_model = 8;
+  cfg.moe.d_ff = 8;
+  cfg.moe.num_experts = 4;
+  cfg.moe.top_k = 2;
+  cfg.moe.gate = moka::GateType::gshard;
+  cfg.moe.dropless = false;
+  cfg.moe.capacity_factor = 0.25;
+  cfg.moe.capacity_factor_eval = 2.0;  // an expert can take every token: nothing dropped
+  moka::MoEModel<double, DM> model(cfg);
+  model.init_parameters(3);
+  auto world = moka::make_communicator(MPI_COMM_WORLD, moka::CommBackend::mpi);
+  moka::execution_space space;
+  ASSERT_TRUE(model.training());
+  const double a = moka::held_out_loss(model, data, *world, space);
+  EXPECT_TRUE(model.training());
+  const double b = moka::held_out_loss(model, data, *world, space);
+  EXPECT_EQ(a, b);
+  // The reference: the whole set in one evaluation-mode forward.
+  model.set_training(false);
+  dmatrix x("x", data.n, data.d_in), y("y", data.n, data.d_out), out("out", data.n, data.d_out);
+  auto hx = Kokkos::create_mirror_view(x);
+  auto hy = Kokkos::create_mirror_view(y);
+  for (long i = 0; i < data.n; ++i) {
+    for (int j = 0; j < data.d_in; ++j) hx(i, j) = data.x[i * data.d_in + j];
+    for (int j = 0; j < data.d_out; ++j) hy(i, j) = data.y[i * data.d_out + j];
+  }
+  Kokkos::deep_copy(x, hx);
+  Kokkos::deep_copy(y, hy);
+  model.forward(space, x, out);
+  const double ref = moka::mse_loss<double, DM>(space, out, y, dmatrix());
+  EXPECT_NEAR(a, ref, 1e-12 * ref);
+  // And it is not the training-mode loss.
+  model.set_training(true);
+  model.forward(space, x, out);
+  EXPECT_GT(std::fabs(moka::mse_loss<double, DM>(space, out, y, dmatrix()) - ref), 1e-3 * ref);
 }

@@ -385,6 +385,13 @@ std::vector<GateCase> gate_cases() {
   c.random_routing = false;
   c.z_loss_weight = 0.02;
   v.push_back({"gshard_norandom_zloss", c, true});
+  // Bias balancing counts the routed choices: the second experts that
+  // random routing drops are not load (and the test below checks some are dropped).
+  c = base();
+  c.gate = moka::GateType::gshard;
+  c.bias_balance = true;
+  c.bias_update_rate = 0.02;
+  v.push_back({"gshard_random_biasbalance", c, true});
   return v;
 }
 
@@ -534,6 +541,73 @@ TEST(MoELayer, TraceGateBadInput) {
   cfg.trace_file = moka_test::data_file("cut_trace.cpp");
   cfg.num_experts = 32;
   EXPECT_THROW(HostLayer<double>{cfg}, moka::Error);
+}
+
+TEST(MoEConfig, CapacityRuleAgainstIntegerArithmetic) {
+  // ceil(f T k / E) worked out in integers (f = num / den): the smallest c
+  // with c E den >= num T k; a floor would give one less wherever it does
+  // not divide. Clamped to T k.
+  struct Case {
+    long num, den, T;
+    int k, E;
+  };
+  for (const Case& c : {Case{5, 4, 10, 2, 8}, Case{1, 1, 16, 2, 8}, Case{3, 2, 7, 1, 4}, Case{1, 2, 3, 2, 8},
+                        Case{2, 1, 100, 2, 3}, Case{1000, 1, 5, 2, 4}, Case{1, 4, 1, 1, 7}}) {
+    moka::MoEConfig cfg;
+    cfg.dropless = false;
+    cfg.top_k = c.k;
+    cfg.num_experts = c.E;
+    cfg.capacity_factor = double(c.num) / double(c.den);
+    long want = (c.num * c.T * c.k + c.E * c.den - 1) / (c.E * c.den);
+    want = std::min(want, c.T * c.k);
+    EXPECT_EQ(cfg.capacity(c.T), want) << c.num << "/" << c.den << " x " << c.T << " x " << c.k << " / " << c.E;
+    cfg.capacity_factor_eval = cfg.capacity_factor;
+    cfg.capacity_factor = 0.01;
+    EXPECT_EQ(cfg.capacity(c.T, false), want);  // the evaluation factor in evaluation
+  }
+  moka::MoEConfig d;
+  d.dropless = true;
+  EXPECT_EQ(d.capacity(13), 13L * d.top_k);
+  // The layer keeps exactly that many: everything to expert 0, capacity
+  // ceil(1.25 x 10 x 2 / 8) = 4 (a floor would keep 3).
+  moka::MoEConfig z;
+  z.d_model = 4;
+  z.d_ff = 4;
+  z.gate = moka::GateType::zero;
+  z.dropless = false;
+  z.capacity_factor = 1.25;
+  HostLayer<double> L(z);
+  L.init_parameters(2);
+  std::mt19937_64 rng(1);
+  const auto r = run_layer(L, 10, random_vec(40, rng), random_vec(40, rng));
+  EXPECT_EQ(L.capacity(), 4);
+  EXPECT_EQ(r.counts[0], 4);
+}
+
+TEST(MoEConfig, OutOfRangeValuesAreNamed) {
+  auto msg = [](const moka::MoEConfig& c) {
+    try {
+      c.validate();
+    } catch (const moka::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  moka::MoEConfig c;
+  c.capacity_factor = 1e18;
+  EXPECT_NE(msg(c).find("gate.capacity_factor = 1e+18 is outside (0, 1e+06]"), std::string::npos) << msg(c);
+  c.capacity_factor = 1.0;
+  c.capacity_factor_eval = 0;
+  EXPECT_NE(msg(c).find("gate.capacity_factor_eval = 0 is outside"), std::string::npos) << msg(c);
+  c.capacity_factor_eval = 2.0;
+  for (auto g : {moka::GateType::topk, moka::GateType::gshard, moka::GateType::noisy}) {
+    c.gate = g;
+    c.top_k = 2;
+    c.renormalize = true;
+    EXPECT_NE(msg(c).find("gate.renormalize applies to gate.type = softmax only"), std::string::npos) << msg(c);
+  }
+  c.gate = moka::GateType::softmax;
+  EXPECT_EQ(msg(c), "no error");
 }
 
 TEST(MoEConfig, GateSpecificChecks) {

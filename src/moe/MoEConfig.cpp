@@ -50,7 +50,9 @@ const char* to_string(DropPolicy p) { return enum_name(p, drop_names); }
 long MoEConfig::capacity(long tokens, bool training) const {
   if (dropless) return tokens * top_k;
   const double f = training ? capacity_factor : capacity_factor_eval;
-  return static_cast<long>(std::ceil(f * static_cast<double>(tokens) * top_k / num_experts));
+  // No expert can be sent more than every assignment: tokens * k.
+  const double c = std::ceil(f * static_cast<double>(tokens) * top_k / num_experts);
+  return c >= static_cast<double>(tokens) * top_k ? tokens * top_k : static_cast<long>(c);
 }
 
 void MoEConfig::validate() const {
@@ -59,10 +61,14 @@ void MoEConfig::validate() const {
   MOKA_REQUIRE(num_experts > 0, "moe.num_experts = ", num_experts, " must be positive");
   MOKA_REQUIRE(top_k > 0, "moe.top_k = ", top_k, " must be positive");
   MOKA_REQUIRE(top_k <= num_experts, "moe.top_k = ", top_k, " exceeds moe.num_experts = ", num_experts);
-  MOKA_REQUIRE(capacity_factor > 0 && std::isfinite(capacity_factor), "gate.capacity_factor = ", capacity_factor,
-               " must be positive");
-  MOKA_REQUIRE(capacity_factor_eval > 0 && std::isfinite(capacity_factor_eval), "gate.capacity_factor_eval = ",
-               capacity_factor_eval, " must be positive");
+  // A factor of E / k already lets an expert take every assignment; far
+  // beyond that the capacity in tokens overflows. 1e6 leaves room for any
+  // real E / k and keeps f T k / E exact in a double.
+  MOKA_REQUIRE(capacity_factor > 0 && capacity_factor <= max_capacity_factor, "gate.capacity_factor = ",
+               capacity_factor, " is outside (0, ", max_capacity_factor,
+               "] (any factor of moe.num_experts / moe.top_k or more drops nothing: gate.dropless = true says so)");
+  MOKA_REQUIRE(capacity_factor_eval > 0 && capacity_factor_eval <= max_capacity_factor,
+               "gate.capacity_factor_eval = ", capacity_factor_eval, " is outside (0, ", max_capacity_factor, "]");
   MOKA_REQUIRE(!renormalize || gate == GateType::softmax,
                "gate.renormalize applies to gate.type = softmax only (gate.type = ", to_string(gate), ")");
   MOKA_REQUIRE(gate != GateType::gshard || top_k == 2, "gate.type = gshard routes to 2 experts, moe.top_k = ", top_k);
@@ -114,11 +120,13 @@ DeckSchema MoEConfig::schema() {
   s.add("gate.capacity_factor", DeckType::real)
       .set_default("1.25")
       .set_min(0)
-      .set_doc("Capacity per expert = ceil(factor * T * k / E) when not dropless; must be > 0.");
+      .set_max(MoEConfig::max_capacity_factor)
+      .set_doc("Capacity per expert = min(ceil(factor * T * k / E), T * k) when not dropless; in (0, 1e6].");
   s.add("gate.capacity_factor_eval", DeckType::real)
       .set_default("2.0")
       .set_min(0)
-      .set_doc("Capacity factor in evaluation (GShard uses a larger one than in training).");
+      .set_max(MoEConfig::max_capacity_factor)
+      .set_doc("Capacity factor in evaluation (GShard uses a larger one than in training); in (0, 1e6].");
   s.add("gate.balance_weight", DeckType::real).set_default("0.01").set_min(0)
       .set_doc("Weight of the balance loss of the noisy, gshard and switch gates.");
   s.add("gate.z_loss_weight", DeckType::real).set_default("0").set_min(0)

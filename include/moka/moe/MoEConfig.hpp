@@ -81,8 +81,10 @@ struct MoEConfig {
 
   /// \brief Width of W1's output: d_ff, or 2 d_ff for SwiGLU.
   int d_ff_in() const { return activation == Activation::swiglu ? 2 * d_ff : d_ff; }
-  /// \brief ceil(factor * T * k / E) with the training or evaluation factor,
-  /// or T * k when dropless.
+  /// \brief Largest gate.capacity_factor(_eval) accepted.
+  static constexpr double max_capacity_factor = 1e6;
+  /// \brief min(ceil(factor * T * k / E), T * k) with the training or
+  /// evaluation factor, or T * k when dropless.
   long capacity(long tokens, bool training = true) const;
   /// \brief Throws moka::Error naming the first inconsistent setting.
   void validate() const;
