@@ -543,6 +543,43 @@ TEST(MoELayer, TraceGateBadInput) {
   EXPECT_THROW(HostLayer<double>{cfg}, moka::Error);
 }
 
+TEST(MoELayer, BiasBalancingCountsRoutedChoices) {
+  // GShard's random routing drops some second choices; bias balancing
+  // counts the routed ones (a dropped choice is no load). Seeds are tried
+  // until counting the top-k selections instead would move some bias the
+  // other way, so the check below tells the two apart.
+  moka::MoEConfig cfg;
+  cfg.d_model = 6;
+  cfg.d_ff = 5;
+  cfg.num_experts = 4;
+  cfg.top_k = 2;
+  cfg.gate = moka::GateType::gshard;
+  cfg.bias_balance = true;
+  cfg.bias_update_rate = 0.25;
+  const int T = 16, E = cfg.num_experts;
+  auto update = [&](const std::vector<double>& choices) {
+    std::vector<double> load(E, 0.0), out(E);
+    double mean = 0;
+    for (double v : choices)
+      if (v >= 0) load[int(v)] += 1, mean += 1.0 / E;
+    for (int e = 0; e < E; ++e)
+      out[e] = cfg.bias_update_rate * (mean > load[e] ? 1.0 : (mean < load[e] ? -1.0 : 0.0));
+    return out;
+  };
+  bool told_apart = false;
+  for (std::uint64_t seed = 1; seed < 200 && !told_apart; ++seed) {
+    HostLayer<double> L(cfg);
+    L.init_parameters(seed);
+    std::mt19937_64 rng(seed);
+    run_layer(L, T, random_vec(T * cfg.d_model, rng, 1.5), random_vec(T * cfg.d_model, rng));
+    const auto routed = update(to_vec(L.routed_index())), selected = update(to_vec(L.expert_index()));
+    if (routed == selected) continue;
+    told_apart = true;
+    EXPECT_EQ(to_vec(L.selection_bias()), routed) << "seed " << seed;
+  }
+  ASSERT_TRUE(told_apart) << "no seed where random routing changes the balancing signal";
+}
+
 TEST(MoEConfig, CapacityRuleAgainstIntegerArithmetic) {
   // ceil(f T k / E) worked out in integers (f = num / den): the smallest c
   // with c E den >= num T k; a floor would give one less wherever it does
