@@ -139,6 +139,9 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr
     MOKA_REQUIRE(trace.n_experts == config.num_experts, "gate.trace_file '", config.trace_file, "' has ",
                  trace.n_experts, " experts, moe.num_experts = ", config.num_experts);
     m_trace_counts = trace.expert_counts(config.trace_iteration, config.trace_layer);
+    MOKA_REQUIRE(std::accumulate(m_trace_counts.begin(), m_trace_counts.end(), 0L) > 0, "gate.trace_file '",
+                 config.trace_file, "': layer ", config.trace_layer, ", iteration row ", config.trace_iteration,
+                 " of /counts holds no assignments (every count is zero)");
   }
 }
 
