@@ -126,6 +126,24 @@ TEST(InputDeck, Includes) {
   EXPECT_NE(d.find("gate.type")->file.find("more.deck"), std::string::npos);
 }
 
+TEST(InputDeck, ByteOrderMarkIsSkipped) {
+  TempDir dir;
+  const auto path = dir.write("bom.deck", "\xEF\xBB\xBFrun.name = bom\ntrain.steps = 3\n");
+  auto d = moka::InputDeck::parse_file(path);
+  d.validate(schema());
+  EXPECT_EQ(d.get<std::string>("run.name"), "bom");
+}
+
+TEST(InputDeck, OversizedDeckIsAnError) {
+  // /dev/zero never ends: the reader stops at the limit and names the file.
+  expect_error([] { moka::InputDeck::parse_file("/dev/zero"); },
+               {"input deck: '/dev/zero' is larger than 16 MB: not an input deck"});
+  TempDir dir;
+  const auto big = dir.write("big.deck", std::string(moka::InputDeck::max_deck_bytes + 1, '#'));
+  const auto main = dir.write("main.deck", "train.steps = 1\ninclude \"big.deck\"\n");
+  expect_error([&] { moka::InputDeck::parse_file(main); }, {"main.deck:2", "included deck '", "big.deck' is larger"});
+}
+
 TEST(InputDeck, MalformedDecksNameFileAndLine) {
   TempDir dir;
   auto parse = [&](const std::string& text) {

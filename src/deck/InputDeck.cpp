@@ -165,10 +165,24 @@ struct Parser {
       if (from_file.empty()) throw Error("input deck: '" + path + "' is a directory, not a file");
       deck_error(from_file, from_line, "included deck '" + path + "' is a directory");
     }
-    std::stringstream ss;
-    ss << f.rdbuf();
+    // Read at most max_deck_bytes + 1: a deck that large is a wrong path
+    // (moka-train /dev/zero read until memory ran out).
+    std::string text;
+    char buf[65536];
+    while (f && text.size() <= InputDeck::max_deck_bytes) {
+      f.read(buf, sizeof(buf));
+      text.append(buf, static_cast<std::size_t>(f.gcount()));
+    }
+    if (text.size() > InputDeck::max_deck_bytes) {
+      const std::string what = "'" + path + "' is larger than " + std::to_string(InputDeck::max_deck_bytes >> 20) +
+                               " MB: not an input deck";
+      if (from_file.empty()) throw Error("input deck: " + what);
+      deck_error(from_file, from_line, "included deck " + what);
+    }
+    // An editor's UTF-8 byte-order mark is not part of the first key.
+    if (text.compare(0, 3, "\xEF\xBB\xBF") == 0) text.erase(0, 3);
     include_stack.push_back(key);
-    parse_text(ss.str(), path, canon.parent_path());
+    parse_text(text, path, canon.parent_path());
     include_stack.pop_back();
   }
 };

@@ -113,7 +113,7 @@ DeckSchema MoEConfig::schema() {
       .set_doc("topk: softmax over the k largest logits; softmax: softmax over all experts, then top-k; "
                "noisy: noisy top-k with importance and load losses; gshard: top-2 with random routing and balance "
                "loss; switch: top-1 with input jitter and balance loss; zero: all to expert 0 (tests); trace: "
-               "replay recorded expert counts (docs/gates.md).");
+               "replay recorded expert counts (docs/moe-layer.md).");
   s.add("gate.renormalize", DeckType::boolean)
       .set_default("false")
       .set_doc("softmax gate: rescale the k scores of a token to sum to 1.");

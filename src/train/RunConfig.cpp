@@ -5,7 +5,8 @@ namespace moka {
 DeckSchema RunConfig::schema() {
   DeckSchema s;
   s.add("run.name", DeckType::string).set_default("moka").set_doc("Label of the run, printed in the log.");
-  s.add("run.seed", DeckType::integer).set_default("1234").set_min(0).set_doc("Seed of the run's random streams (the driver draws none yet; the MoE layer will).");
+  s.add("run.seed", DeckType::integer).set_default("1234").set_min(0).set_doc("Seed of the run's random streams: parameter initialisation, the gates' noise, jitter and "
+                                                                     "random routing, and the shuffling of the training set.");
   s.add("run.log_level", DeckType::string)
       .set_default("info")
       .set_choices({"error", "warn", "info", "debug"})

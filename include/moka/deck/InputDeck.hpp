@@ -25,6 +25,7 @@
 
 #include <mpi.h>
 
+#include <cstddef>
 #include <string>
 #include <vector>
 
@@ -43,6 +44,9 @@ struct DeckEntry {
 /// \brief A parsed input deck.
 class InputDeck {
  public:
+  /// \brief Largest deck file read (16 MB); larger is an error naming the file.
+  static constexpr std::size_t max_deck_bytes = std::size_t(16) << 20;
+
   InputDeck() = default;
 
   /// \brief Parses \p path (and its includes). Throws moka::Error on malformed input.
