@@ -6,6 +6,7 @@
 //   moka-bench input_decks/bench_cpu.deck                     (CPU, fp32)
 //   mpirun -np 4 moka-bench input_decks/bench_exchange.deck    (token exchange vs all-to-all)
 
+#include <moka/core/Collective.hpp>
 #include <moka/train/BenchConfig.hpp>
 #include <moka/deck/InputDeck.hpp>
 #include <moka/moe/MoELayer.hpp>
@@ -355,6 +356,14 @@ int main(int argc, char* argv[]) {
     deck = moka::InputDeck::load(runtime.comm(), args[0], std::vector<std::string>(args.begin() + 1, args.end()));
     deck.validate(moka::bench_schema());
   } catch (const std::exception& e) {
+    if (runtime.rank() == 0) std::cerr << "moka-bench: error: " << e.what() << std::endl;
+    return 2;
+  }
+  try {
+    moka::agree_on_failure(runtime.comm(), [&] {
+      moka::check_bench_deck(deck, runtime.size(), runtime.local_size());
+    });
+  } catch (const moka::CollectiveError& e) {
     if (runtime.rank() == 0) std::cerr << "moka-bench: error: " << e.what() << std::endl;
     return 2;
   }

@@ -5,6 +5,7 @@
 //   moka-train <deck> [key=value ...]
 //   moka-train --deck-reference      # the deck keys, as a Markdown table
 
+#include <moka/core/Collective.hpp>
 #include <moka/deck/InputDeck.hpp>
 #include <moka/core/Log.hpp>
 #include <moka/core/Profiling.hpp>
@@ -51,6 +52,17 @@ int main(int argc, char* argv[]) {
                                  std::vector<std::string>(args.begin() + 1, args.end()));
     deck.validate(train_schema());
   } catch (const std::exception& e) {
+    if (runtime.rank() == 0) std::cerr << program << ": error: " << e.what() << std::endl;
+    return 2;
+  }
+
+  // What is the same on every rank (values, layout, memory) is checked
+  // before anything is allocated, and reported once.
+  try {
+    moka::agree_on_failure(runtime.comm(), [&] {
+      moka::check_training_deck(deck, runtime.size(), runtime.local_size());
+    });
+  } catch (const moka::CollectiveError& e) {
     if (runtime.rank() == 0) std::cerr << program << ": error: " << e.what() << std::endl;
     return 2;
   }

@@ -146,18 +146,12 @@ TEST(Optimizer, BadConfigurations) {
   moka::Optimizer<double> opt(c);
   View1 p("p", 3), g("g", 4);
   EXPECT_THROW(opt.add(p, g), moka::Error);
-  // A warmup longer than the run: the rate would never reach its peak.
+  // A warmup longer than the run is valid (the driver warns): the rate
+  // climbs all run long.
   c.total_steps = 10;
-  c.warmup_steps = 10;
+  c.warmup_steps = 20;
   EXPECT_NO_THROW(c.validate());
-  c.warmup_steps = 11;
-  try {
-    c.validate();
-    FAIL() << "warmup beyond the run accepted";
-  } catch (const moka::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("train.warmup_steps = 11 exceeds train.steps = 10"), std::string::npos)
-        << e.what();
-  }
+  EXPECT_DOUBLE_EQ(c.learning_rate(9), 0.5 * c.lr);
 }
 
 TEST(Optimizer, Bf16CopyFollowsEveryUpdate) {

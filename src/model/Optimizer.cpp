@@ -22,8 +22,6 @@ void OptimizerConfig::validate() const {
   MOKA_REQUIRE(lr > 0 && std::isfinite(lr), "train.lr = ", lr, " must be positive");
   MOKA_REQUIRE(min_lr_ratio >= 0 && min_lr_ratio <= 1, "train.min_lr_ratio = ", min_lr_ratio, " must be in [0, 1]");
   MOKA_REQUIRE(warmup_steps >= 0, "train.warmup_steps = ", warmup_steps, " must be >= 0");
-  MOKA_REQUIRE(warmup_steps <= total_steps, "train.warmup_steps = ", warmup_steps, " exceeds train.steps = ",
-               total_steps, ": the learning rate would never reach train.lr");
   MOKA_REQUIRE(total_steps > 0, "train.steps = ", total_steps, " must be positive");
   MOKA_REQUIRE(beta1 >= 0 && beta1 < 1, "train.beta1 = ", beta1, " must be in [0, 1)");
   MOKA_REQUIRE(beta2 >= 0 && beta2 < 1, "train.beta2 = ", beta2, " must be in [0, 1)");
@@ -40,7 +38,8 @@ DeckSchema OptimizerConfig::schema() {
   s.add("train.lr", DeckType::real).set_default("1e-3").set_min(0).set_doc("Peak learning rate.");
   s.add("train.min_lr_ratio", DeckType::real).set_default("0.1").set_min(0).set_max(1)
       .set_doc("Learning rate at the end of the cosine decay, relative to train.lr.");
-  s.add("train.warmup_steps", DeckType::integer).set_default("0").set_min(0).set_doc("Linear warmup steps (at most train.steps: more is an error, the rate would never reach its peak).");
+  s.add("train.warmup_steps", DeckType::integer).set_default("0").set_min(0).set_doc("Linear warmup steps (more than train.steps is allowed, with a warning: the rate never reaches "
+                                      "train.lr).");
   s.add("train.steps", DeckType::integer).set_default("1000").set_min(1).set_doc("Training steps (end of the cosine decay).");
   s.add("train.momentum", DeckType::real).set_default("0.9").set_min(0).set_max(0.999999).set_doc("SGD momentum.");
   s.add("train.beta1", DeckType::real).set_default("0.9").set_min(0).set_max(0.999999).set_doc("Adam beta1.");

@@ -1,8 +1,10 @@
 #include <moka/core/Error.hpp>
 #include <moka/deck/InputDeck.hpp>
+#include <moka/io/RoutingTrace.hpp>
 #include <moka/moe/MoEConfig.hpp>
 
 #include <cmath>
+#include <numeric>
 
 namespace moka {
 
@@ -184,6 +186,22 @@ MoEConfig MoEConfig::from_deck(const InputDeck& deck) {
   c.trace_iteration  = deck.get<int>("gate.trace_iteration");
   c.validate();
   return c;
+}
+
+std::vector<long> read_trace_gate_counts(const MoEConfig& cfg) {
+  RoutingTrace trace;
+  try {
+    trace = read_routing_trace(cfg.trace_file);
+  } catch (const Error& e) {
+    throw Error(std::string("gate.trace_file: ") + e.what());
+  }
+  MOKA_REQUIRE(trace.n_experts == cfg.num_experts, "gate.trace_file '", cfg.trace_file, "' has ", trace.n_experts,
+               " experts, moe.num_experts = ", cfg.num_experts);
+  std::vector<long> counts = trace.expert_counts(cfg.trace_iteration, cfg.trace_layer);
+  MOKA_REQUIRE(std::accumulate(counts.begin(), counts.end(), 0L) > 0, "gate.trace_file '", cfg.trace_file,
+               "': layer ", cfg.trace_layer, ", iteration row ", cfg.trace_iteration,
+               " of /counts holds no assignments (every count is zero)");
+  return counts;
 }
 
 }  // namespace moka

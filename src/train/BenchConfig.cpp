@@ -1,7 +1,12 @@
 #include <moka/train/BenchConfig.hpp>
+#include <moka/moe/LayerMemory.hpp>
 #include <moka/moe/MoEConfig.hpp>
 #include <moka/parallel/ProcessGroups.hpp>
 #include <moka/train/RunConfig.hpp>
+
+#include <Kokkos_Core.hpp>
+
+#include <algorithm>
 
 namespace moka {
 
@@ -27,6 +32,70 @@ DeckSchema bench_schema() {
       .set_doc("Exchange mode: largest payload per rank (MB).");
   s.merge(ParallelConfig::schema());
   return s;
+}
+
+namespace {
+// Tokens per rank of the largest exchange-mode payload (its loop's last step).
+double exchange_tokens(const InputDeck& deck, const MoEConfig& cfg, std::size_t s) {
+  return std::max(1.0, deck.get<double>("bench.exchange_mb_max") * 1048576.0 / (double(cfg.d_model) * s * cfg.top_k));
+}
+}  // namespace
+
+MemoryEstimate bench_memory(const InputDeck& deck, int world_size) {
+  MoEConfig cfg          = MoEConfig::from_deck(deck);
+  const std::string prec = deck.get<std::string>("bench.precision");
+  cfg.bf16_compute       = prec == "bf16";
+  const std::size_t s    = prec == "fp64" ? 8 : 4;
+  const bool exchange    = deck.get<std::string>("bench.mode") == "exchange";
+  LayerMemoryShape shape;
+  shape.tokens       = exchange ? exchange_tokens(deck, cfg, s) : double(deck.get<long>("bench.tokens"));
+  shape.ep           = exchange ? std::max(1, world_size) : 1;
+  shape.scalar_bytes = s;
+  shape.moments      = 0;
+  shape.tokens_key   = exchange ? "bench.exchange_mb_max" : "bench.tokens";
+  shape.layers_key   = "";
+  MemoryEstimate est;
+  add_moe_layer_memory(est, cfg, shape);
+  // The benchmark's x, y, dy, dx, and (layer mode) the dense reference's
+  // operands of the same shapes as the experts' GEMMs.
+  const double T = shape.tokens, d = cfg.d_model, rows = T * cfg.top_k, dfi = cfg.d_ff_in(), dff = cfg.d_ff;
+  est.add("benchmark inputs and outputs", shape.tokens_key + ", moe.d_model", 4 * T * d * s);
+  if (!exchange)
+    est.add("dense reference operands", "bench.tokens, moe.top_k, moe.d_model, moe.d_ff",
+            (rows * (3 * d + 2 * dfi + 2 * dff) + 2 * d * dfi + 2 * dff * d) * s);
+  return est;
+}
+
+void check_bench_deck(const InputDeck& deck, int world_size, int ranks_on_node) {
+  (void)RunConfig::from_deck(deck);
+  const MoEConfig cfg = MoEConfig::from_deck(deck);
+#ifndef KOKKOS_ENABLE_CUDA
+  MOKA_REQUIRE(deck.get<std::string>("bench.precision") != "bf16", "bench.precision = bf16 needs a CUDA build (this "
+               "one runs on ", Kokkos::DefaultExecutionSpace::name(), "); use bench.precision = fp32");
+#endif
+  const std::string mode = deck.get<std::string>("bench.mode");
+  auto given = [&](const char* key) -> const DeckEntry* { return deck.find(key); };
+  if (mode == "layer") {
+    for (const char* key : {"parallel.expert_parallel", "parallel.expert_slicing", "parallel.expert_data_parallel"})
+      if (const DeckEntry* e = given(key))
+        MOKA_REQUIRE(deck.get<long>(key) == (std::string(key) == "parallel.expert_data_parallel" ? 0 : 1),
+                     e->where(), ": ", key, " = ", deck.get<long>(key), " is not used by bench.mode = layer (one "
+                     "layer per rank, no exchange); bench.mode = exchange runs EP = every rank");
+  } else {
+    const double lo = deck.get<double>("bench.exchange_mb_min"), hi = deck.get<double>("bench.exchange_mb_max");
+    MOKA_REQUIRE(lo <= hi, "bench.exchange_mb_min = ", lo, " exceeds bench.exchange_mb_max = ", hi,
+                 ": no payload to measure");
+    if (const DeckEntry* e = given("parallel.expert_parallel"))
+      MOKA_REQUIRE(deck.get<long>("parallel.expert_parallel") == world_size, e->where(),
+                   ": parallel.expert_parallel = ", deck.get<long>("parallel.expert_parallel"),
+                   ", but bench.mode = exchange runs EP = every rank (", world_size, ")");
+    if (const DeckEntry* e = given("parallel.expert_slicing"))
+      MOKA_REQUIRE(deck.get<long>("parallel.expert_slicing") == 1, e->where(), ": parallel.expert_slicing = ",
+                   deck.get<long>("parallel.expert_slicing"), " is not used by bench.mode = exchange (no slicing)");
+    MOKA_REQUIRE(cfg.num_experts % world_size == 0, "moe.num_experts = ", cfg.num_experts,
+                 " is not divisible by the ", world_size, " ranks that bench.mode = exchange uses as EP");
+  }
+  check_memory_fits(bench_memory(deck, world_size), ranks_on_node, "the benchmark");
 }
 
 }  // namespace moka

@@ -1,9 +1,11 @@
 #include <moka/comm/CommCheck.hpp>
+#include <moka/moe/LayerMemory.hpp>
 #include <moka/core/Log.hpp>
 #include <moka/train/Trainer.hpp>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -335,6 +337,63 @@ template double held_out_loss<float, memory_space>(MoEModel<float, memory_space>
                                                    const execution_space&);
 template double held_out_loss<double, memory_space>(MoEModel<double, memory_space>&, const RegimeData&,
                                                     Communicator&, const execution_space&);
+
+MemoryEstimate training_memory(const InputDeck& deck, int world_size) {
+  const RegimeTaskConfig task = RegimeTaskConfig::from_deck(deck);
+  ModelConfig m               = ModelConfig::from_deck(deck);
+  const OptimizerConfig o     = OptimizerConfig::from_deck(deck);
+  const TrainerConfig t       = TrainerConfig::from_deck(deck);
+  const ParallelConfig p      = ParallelConfig::from_deck(deck);
+  m.moe.bf16_compute          = t.precision == "bf16";
+  const std::size_t s         = t.precision == "fp64" ? 8 : 4;
+  const double ranks = std::max(1, world_size);
+  // The largest forward: a training batch slice, or an evaluation chunk.
+  const double T = std::max(double(t.batch_size) / ranks, std::min(1024.0, std::ceil(double(task.test_size) / ranks)));
+  MemoryEstimate est;
+  LayerMemoryShape shape;
+  shape.tokens       = T;
+  shape.ep           = std::max(1, p.expert_parallel);
+  shape.slices       = std::max(1, p.expert_slicing);
+  shape.layers       = m.blocks;
+  shape.scalar_bytes = s;
+  shape.moments      = o.type == OptimizerType::sgd ? 1 : 2;
+  if (m.blocks > 0) add_moe_layer_memory(est, m.moe, shape);
+  const double d = m.moe.d_model, din = task.input_dim, dout = RegimeTaskConfig::output_dim;
+  // Input and output projections and the blocks' norms, with gradients and
+  // optimizer state; the model's activations (MoEModel: three per block,
+  // three more) and the trainer's batch buffers.
+  est.add("dense weights, gradients and optimizer state", "task.input_dim, moe.d_model",
+          ((din + 1) * d + (d + 1) * dout + 2 * d * m.blocks) * s * (2 + shape.moments));
+  est.add("dense activations", "train.batch_size, moe.d_model, task.input_dim, model.blocks",
+          T * (d * (3.0 * m.blocks + 3) + din + 3 * dout) * s);
+  // The task's samples, in doubles on the host of every rank, and the
+  // training set's permutation.
+  const double samples = double(task.train_size) + double(task.test_size);
+  est.add("task data (host)", "task.train_size, task.test_size, task.input_dim",
+          samples * ((din + dout) * 8 + 4) + double(task.train_size) * 8, false);
+  return est;
+}
+
+void check_training_deck(const InputDeck& deck, int world_size, int ranks_on_node) {
+  (void)RunConfig::from_deck(deck);
+  const RegimeTaskConfig task = RegimeTaskConfig::from_deck(deck);
+  const ModelConfig m         = ModelConfig::from_deck(deck);  // validates the MoE keys
+  const OptimizerConfig o = OptimizerConfig::from_deck(deck);  // validates
+  if (o.warmup_steps > o.total_steps)
+    log::warn("train.warmup_steps = ", o.warmup_steps, " exceeds train.steps = ", o.total_steps,
+              ": the learning rate ends at ", o.learning_rate(o.total_steps - 1), ", short of train.lr = ", o.lr);
+  const TrainerConfig t = TrainerConfig::from_deck(deck);
+  MOKA_REQUIRE(t.batch_size % world_size == 0, "train.batch_size = ", t.batch_size,
+               " is not a multiple of the number of ranks (", world_size, ")");
+  ParallelConfig::from_deck(deck).validate(world_size, m.moe.num_experts, m.moe.d_ff);
+#ifndef KOKKOS_ENABLE_CUDA
+  MOKA_REQUIRE(t.precision != "bf16", "train.precision = bf16 needs a CUDA build (this one runs on ",
+               Kokkos::DefaultExecutionSpace::name(), ")");
+#endif
+  (void)task;
+  if (m.blocks > 0 && m.moe.gate == GateType::trace) (void)read_trace_gate_counts(m.moe);
+  check_memory_fits(training_memory(deck, world_size), ranks_on_node, "the run");
+}
 
 TrainResult train_regime_model(MPI_Comm comm, const InputDeck& deck, std::ostream& log) {
   ScopedRegion region("moka::train_regime_model");

@@ -8,6 +8,7 @@
 /// incomplete; callers of them include moka/deck/InputDeck.hpp.
 
 #include <string>
+#include <vector>
 
 namespace moka {
 
@@ -94,6 +95,11 @@ struct MoEConfig {
   /// \brief Reads and validates the keys from a validated deck.
   static MoEConfig from_deck(const InputDeck& deck);
 };
+
+/// \brief The trace gate's per-expert counts: the row and layer of
+/// gate.trace_file that \p cfg names, checked (the file's expert count,
+/// a row that holds assignments); moka::Error names the file otherwise.
+std::vector<long> read_trace_gate_counts(const MoEConfig& cfg);
 
 /// \brief Parses a gate name (topk, softmax, noisy, gshard, switch, zero, trace); throws moka::Error otherwise.
 GateType gate_type_from_string(const std::string& s);

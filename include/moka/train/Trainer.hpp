@@ -5,6 +5,7 @@
 /// the parallel.* keys (EP x EDP x expert slicing), gradients summed by tag
 /// (moka::GradSync), progress lines, a CSV of metrics, held-out loss.
 
+#include <moka/core/Memory.hpp>
 #include <moka/model/MoEModel.hpp>
 #include <moka/model/Optimizer.hpp>
 #include <moka/parallel/ProcessGroups.hpp>
@@ -42,6 +43,19 @@ struct TrainResult {
 
 /// \brief Every key moka-train reads: run, task, model, MoE, optimizer, loop.
 DeckSchema train_schema();
+
+/// \brief Checks everything about a training deck that is the same on every
+/// rank, before anything is allocated: every section's values, the layout
+/// against \p world_size ranks, the batch split, bf16 on this build, the
+/// trace gate's file, and the memory the run needs (per rank on the
+/// device, times \p ranks_on_node on the host) against what the machine
+/// has. moka::Error names the key (and for memory the keys and bytes).
+/// Run it under moka::agree_on_failure so that it is reported once.
+void check_training_deck(const InputDeck& deck, int world_size, int ranks_on_node);
+
+/// \brief The memory a training run of \p deck on \p world_size ranks
+/// allocates on one rank (moka::MemoryEstimate items with their keys).
+MemoryEstimate training_memory(const InputDeck& deck, int world_size);
 
 /// \brief Held-out mean squared error of \p model on \p data over the ranks
 /// of \p world (each a contiguous slice, in chunks of 1024 rows), in

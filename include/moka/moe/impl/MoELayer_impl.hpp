@@ -134,15 +134,7 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr
       m_lt_work = Kokkos::View<char*, MemorySpace>("moka::moe::cublaslt_workspace", std::size_t(32) << 20);
     }
   }
-  if (config.gate == GateType::trace) {
-    const RoutingTrace trace = read_routing_trace(config.trace_file);
-    MOKA_REQUIRE(trace.n_experts == config.num_experts, "gate.trace_file '", config.trace_file, "' has ",
-                 trace.n_experts, " experts, moe.num_experts = ", config.num_experts);
-    m_trace_counts = trace.expert_counts(config.trace_iteration, config.trace_layer);
-    MOKA_REQUIRE(std::accumulate(m_trace_counts.begin(), m_trace_counts.end(), 0L) > 0, "gate.trace_file '",
-                 config.trace_file, "': layer ", config.trace_layer, ", iteration row ", config.trace_iteration,
-                 " of /counts holds no assignments (every count is zero)");
-  }
+  if (config.gate == GateType::trace) m_trace_counts = read_trace_gate_counts(config);
 }
 
 template <class Scalar, class MemorySpace>
