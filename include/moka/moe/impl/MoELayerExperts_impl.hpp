@@ -1,0 +1,139 @@
+#pragma once
+// Template bodies of moka::MoELayer's experts: the expert GEMMs (fp32 /
+// fp64 through linalg, bf16 through cuBLAS / cuBLASLt with fused epilogues)
+// and the expert biases (included by MoELayer_impl.hpp).
+
+#include <moka/linalg/impl/CublasGemm.hpp>
+
+namespace moka {
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::expert_bias_add(const execution_space& space) {
+  // b2 once per row: with slicing only the first slice rank adds it to its
+  // partial output (the partials are summed).
+  if (!m_cfg.expert_bias || (m_groups && m_groups->slice_rank() != 0)) return;
+  impl::add_row_bias(space, m_rows_e, m_ye, m_params.b2, m_row_expert);
+}
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::expert_gemm(const execution_space& space, Stage stage) {
+  static const char* names[] = {"moka::MoELayer::expert_up", "moka::MoELayer::expert_down",
+                                "moka::MoELayer::expert_down_backward", "moka::MoELayer::expert_up_backward"};
+  ScopedRegion region(names[static_cast<int>(stage)]);
+  if (m_cfg.bf16_compute) {
+    expert_gemm_bf16(space, stage);
+    return;
+  }
+  const matrix& dye = m_dye;
+  const Scalar beta_w = m_wgrad_zero ? Scalar(0) : Scalar(1);  // after zero_grad: overwrite
+  const Scalar one(1), zero(0);
+  for (int e = 0; e < m_L; ++e) {
+    const long b = m_e_off[e], n = m_e_off[e + 1] - b;
+    if (n == 0) continue;
+    auto rows = [&](const matrix& m) { return impl::rows_of(m, b, b + n); };
+    switch (stage) {
+      case Stage::up:
+        impl::gemm(space, "N", "N", one, rows(m_xe), impl::expert_of(m_params.w1, e), zero, rows(m_hpre));
+        break;
+      case Stage::down:
+        impl::gemm(space, "N", "N", one, rows(m_h), impl::expert_of(m_params.w2, e), zero, rows(m_ye));
+        break;
+      case Stage::down_backward:
+        impl::gemm(space, "T", "N", one, rows(m_h), rows(dye), beta_w, impl::expert_of(m_grads.w2, e));
+        impl::gemm(space, "N", "T", one, rows(dye), impl::expert_of(m_params.w2, e), zero, rows(m_dh));
+        break;
+      case Stage::up_backward:
+        impl::gemm(space, "T", "N", one, rows(m_xe), rows(m_dhpre), beta_w, impl::expert_of(m_grads.w1, e));
+        impl::gemm(space, "N", "T", one, rows(m_dhpre), impl::expert_of(m_params.w1, e), zero, rows(m_dxe));
+        break;
+    }
+  }
+}
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::prepare_bf16_forward(const execution_space& space) {
+  // bf16 copies of the fp32 master weights (they change every optimizer
+  // step; skipped when the optimizer writes them: bf16_weights_managed) and
+  // of the expert-side rows (gathered in bf16 directly on one rank).
+  if (!m_bf16_managed) {
+    impl::convert_to_bf16(space, "moka::w1_to_bf16", m_params.w1.data(), m_w1_b.data(), m_w1_b.size());
+    impl::convert_to_bf16(space, "moka::w2_to_bf16", m_params.w2.data(), m_w2_b.data(), m_w2_b.size());
+  }
+  if (m_fused)
+    impl::convert_to_bf16(space, "moka::b1_to_bf16", m_params.b1.data(), m_b1_b.data(), m_b1_b.size());
+  if (m_exchange)
+    impl::convert_to_bf16(space, "moka::xs_to_bf16", m_xe.data(), m_xs_b.data(),
+                          std::size_t(m_rows_e) * m_cfg.d_model);
+}
+
+#ifdef KOKKOS_ENABLE_CUDA
+template <class Scalar, class MemorySpace>
+impl::GemmEpilogue MoELayer<Scalar, MemorySpace>::epilogue(bool forward, int e, long row0) const {
+  impl::GemmEpilogue ep;
+  ep.forward = forward;
+  if (forward) ep.bias = m_b1_b.data() + std::size_t(e) * m_dfil;
+  ep.aux    = m_hpre_b.data() + row0 * m_dfil;
+  ep.aux_ld = m_dfil;
+  return ep;
+}
+#endif
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& space, Stage stage) {
+#ifdef KOKKOS_ENABLE_CUDA
+  if constexpr (std::is_same<Scalar, float>::value && std::is_same<MemorySpace, Kokkos::CudaSpace>::value) {
+    const int d = m_cfg.d_model, dff = m_dffl, dfi = m_dfil;
+    const float beta_w = m_wgrad_zero ? 0.f : 1.f;  // after zero_grad: overwrite
+    if (stage == Stage::down_backward && m_exchange) {  // else written by the combine backward
+      impl::grow_rows(m_dys_b, m_rows_e, d, "dys_bf16");
+      impl::convert_to_bf16(space, "moka::dys_to_bf16", m_dye.data(), m_dys_b.data(), std::size_t(m_rows_e) * d);
+    }
+    for (int e = 0; e < m_L; ++e) {
+      const long b = m_e_off[e];
+      const int n  = static_cast<int>(m_e_off[e + 1] - b);
+      if (n == 0) continue;
+      const bf16* w1 = m_w1_b.data() + std::size_t(e) * d * dfi;
+      const bf16* w2 = m_w2_b.data() + std::size_t(e) * dff * d;
+      switch (stage) {
+        case Stage::up:
+          if (m_fused) {
+            impl::gemm_bf16_epilogue(space, epilogue(true, e, b), false, false, n, dff, d, m_xs_b.data() + b * d, d,
+                                     w1, dfi, m_h_b.data() + b * dff, dff, m_lt_work.data(), m_lt_work.size());
+          } else {
+            impl::gemm_bf16_bf16(space, false, false, n, dfi, d, 1.f, m_xs_b.data() + b * d, d, w1, dfi, 0.f,
+                                 m_hpre_b.data() + b * dfi, dfi);
+          }
+          break;
+        case Stage::down:
+          impl::gemm_bf16_f32(space, false, false, n, d, dff, 1.f, m_h_b.data() + b * dff, dff, w2, d, 0.f,
+                              m_ye.data() + b * d, d);
+          break;
+        case Stage::down_backward:
+          impl::gemm_bf16_f32(space, true, false, dff, d, n, 1.f, m_h_b.data() + b * dff, dff, m_dys_b.data() + b * d,
+                              d, beta_w, m_grads.w2.data() + std::size_t(e) * dff * d, d);
+          if (m_fused) {
+            impl::gemm_bf16_epilogue(space, epilogue(false, e, b), false, true, n, dff, d, m_dys_b.data() + b * d, d,
+                                     w2, d, m_dhpre_b.data() + b * dff, dff, m_lt_work.data(), m_lt_work.size());
+          } else {
+            impl::gemm_bf16_bf16(space, false, true, n, dff, d, 1.f, m_dys_b.data() + b * d, d, w2, d, 0.f,
+                                 m_dh_b.data() + b * dff, dff);
+          }
+          break;
+        case Stage::up_backward:
+          impl::gemm_bf16_f32(space, true, false, d, dfi, n, 1.f, m_xs_b.data() + b * d, d,
+                              m_dhpre_b.data() + b * dfi, dfi, beta_w, m_grads.w1.data() + std::size_t(e) * d * dfi,
+                              dfi);
+          impl::gemm_bf16_f32(space, false, true, n, d, dfi, 1.f, m_dhpre_b.data() + b * dfi, dfi, w1, dfi, 0.f,
+                              m_dxe.data() + b * d, d);
+          break;
+      }
+    }
+    return;
+  }
+#endif
+  (void)space;
+  (void)stage;
+  impl::fail(MOKA_FUNCTION, "bf16 expert GEMMs need a CUDA build and a float layer in CudaSpace");
+}
+
+}  // namespace moka
