@@ -1,10 +1,36 @@
-// Test main shared by all MoKA test programs: starts MPI, Kokkos and (on
-// GPU builds) NCCL through moka::Runtime, runs GoogleTest on every rank,
-// prints results on rank 0 only, and fails on every rank if any rank failed.
+// Test main shared by all MoKA test programs: starts MPI and Kokkos through
+// moka::Runtime, runs GoogleTest on every rank, prints the results on rank
+// 0, each failure of another rank with its rank, and fails on every rank if
+// any rank failed.
 
 #include <moka/core/Runtime.hpp>
 
 #include <gtest/gtest.h>
+
+#include <iostream>
+#include <sstream>
+
+namespace {
+
+/// On ranks other than 0: only the failures, each with the rank (a failure
+/// seen by rank 2 alone must not pass unseen because only rank 0 prints).
+class RankFailurePrinter : public ::testing::EmptyTestEventListener {
+ public:
+  explicit RankFailurePrinter(int rank) : m_rank(rank) {}
+  void OnTestPartResult(const ::testing::TestPartResult& r) override {
+    if (!r.failed()) return;
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    std::ostringstream os;
+    os << "[rank " << m_rank << "] " << (info ? std::string(info->test_suite_name()) + "." + info->name() : "")
+       << ": " << (r.file_name() ? r.file_name() : "?") << ":" << r.line_number() << ": " << r.summary() << "\n";
+    std::cerr << os.str() << std::flush;  // one write: lines of ranks do not interleave
+  }
+
+ private:
+  int m_rank;
+};
+
+}  // namespace
 
 int main(int argc, char* argv[]) {
   moka::Runtime runtime(argc, argv);
@@ -12,6 +38,7 @@ int main(int argc, char* argv[]) {
   if (runtime.rank() != 0) {
     auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
     delete listeners.Release(listeners.default_result_printer());
+    listeners.Append(new RankFailurePrinter(runtime.rank()));
   }
   const int local = RUN_ALL_TESTS();
   int global      = 0;

@@ -15,4 +15,9 @@ run_step(${CMAKE_COMMAND} -S ${CONSUMER_SOURCE_DIR} -B ${WORK_DIR}/build -G ${CM
   -DMoka_DIR=${WORK_DIR}/prefix/lib/cmake/Moka
   -DKokkos_DIR=${Kokkos_DIR} -DKokkosKernels_DIR=${KokkosKernels_DIR})
 run_step(${CMAKE_COMMAND} --build ${WORK_DIR}/build)
-run_step(${WORK_DIR}/build/consumer)
+# On 2 ranks when an MPI launcher is given (the layer's experts over both).
+if(MPIEXEC)
+  run_step(${MPIEXEC} ${MPIEXEC_NUMPROC_FLAG} 2 ${WORK_DIR}/build/consumer)
+else()
+  run_step(${WORK_DIR}/build/consumer)
+endif()

@@ -124,18 +124,7 @@ class MoEModel {
       const std::string p = "block" + std::to_string(b) + ".";
       add(p + "norm.gamma", m_norms[b].gamma(), m_norms[b].gamma_grad());
       add(p + "norm.beta", m_norms[b].beta(), m_norms[b].beta_grad());
-      auto& P = m_moe[b]->params();
-      auto& G = m_moe[b]->grads();
-      add(p + "gate_w", P.gate_w, G.gate_w, ParamTag::gate);
-      if (P.noise_w.size()) add(p + "noise_w", P.noise_w, G.noise_w, ParamTag::gate);
-      // Expert tensors: this rank's experts and d_ff slice; b2 is whole on
-      // every slice rank.
-      add(p + "w1", P.w1, G.w1, ParamTag::expert);
-      if (m_cfg.moe.bf16_compute) out.back().bf16_copy = m_moe[b]->bf16_w1().data();
-      if (P.b1.size()) add(p + "b1", P.b1, G.b1, ParamTag::expert);
-      add(p + "w2", P.w2, G.w2, ParamTag::expert);
-      if (m_cfg.moe.bf16_compute) out.back().bf16_copy = m_moe[b]->bf16_w2().data();
-      if (P.b2.size()) add(p + "b2", P.b2, G.b2, ParamTag::expert_replicated);
+      for (auto& r : m_moe[b]->parameters(p)) out.push_back(r);
     }
     add("out.w", m_out.weight(), m_out.weight_grad());
     add("out.b", m_out.bias(), m_out.bias_grad());

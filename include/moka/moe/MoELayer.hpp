@@ -39,6 +39,7 @@
 #include <moka/core/Core.hpp>
 #include <moka/moe/MoEConfig.hpp>
 #include <moka/moe/impl/MoEKernels.hpp>
+#include <moka/parallel/GradSync.hpp>
 #include <moka/parallel/Placement.hpp>
 #include <moka/parallel/ProcessGroups.hpp>
 #include <moka/core/Profiling.hpp>
@@ -46,6 +47,8 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
+#include <vector>
 
 namespace moka {
 
@@ -105,6 +108,27 @@ class MoELayer {
   const params_type& grads() const {
     settle_grads();
     return m_grads;
+  }
+
+  /// \brief The layer's tensors with their gradients and gradient tags, for
+  /// moka::Optimizer and moka::GradSync: the gate's (summed over the gate
+  /// group), this rank's experts (summed over the EDP group), b2 (whole on
+  /// every slice rank); W1 and W2 carry their bf16 copies with bf16_compute.
+  /// Names are \p prefix + "gate_w", "w1", ...
+  std::vector<ParamRef<Scalar, MemorySpace>> parameters(const std::string& prefix = "") {
+    std::vector<ParamRef<Scalar, MemorySpace>> out;
+    auto add = [&](const std::string& name, auto p, auto g, ParamTag tag, bf16* copy = nullptr) {
+      using flat = typename ParamRef<Scalar, MemorySpace>::flat;
+      out.push_back({prefix + name, flat(p.data(), p.size()), flat(g.data(), g.size()), tag, copy});
+    };
+    auto& G = grads();
+    add("gate_w", m_params.gate_w, G.gate_w, ParamTag::gate);
+    if (m_params.noise_w.size()) add("noise_w", m_params.noise_w, G.noise_w, ParamTag::gate);
+    add("w1", m_params.w1, G.w1, ParamTag::expert, m_cfg.bf16_compute ? m_w1_b.data() : nullptr);
+    if (m_params.b1.size()) add("b1", m_params.b1, G.b1, ParamTag::expert);
+    add("w2", m_params.w2, G.w2, ParamTag::expert, m_cfg.bf16_compute ? m_w2_b.data() : nullptr);
+    if (m_params.b2.size()) add("b2", m_params.b2, G.b2, ParamTag::expert_replicated);
+    return out;
   }
 
   /// \brief bf16 copies of W1 and W2 used by the bf16 GEMMs (bf16_compute).

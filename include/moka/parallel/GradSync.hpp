@@ -25,8 +25,9 @@ namespace moka {
 /// \brief A parameter tensor and its gradient, flattened, with its tag.
 template <class Scalar, class MemorySpace>
 struct ParamRef {
+  using flat = Kokkos::View<Scalar*, MemorySpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
   std::string name;
-  Kokkos::View<Scalar*, MemorySpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> param, grad;
+  flat param, grad;
   ParamTag tag = ParamTag::dense;
   bf16* bf16_copy = nullptr;  ///< a bf16 copy of param the optimizer keeps equal (mixed precision), or nullptr
 };
