@@ -33,7 +33,7 @@ stamp "start the upstream Kokkos tests build in the background (MOKA_UPSTREAM_TE
 upstream_pid=$!
 
 stamp "MoKA ctest (all labels)"
-(cd "$root/build-gpu" && ctest --output-on-failure --timeout 300) > "$logs/ctest.log" 2>&1
+(cd "$root/build-gpu" && ctest --output-on-failure --timeout 600) > "$logs/ctest.log" 2>&1
 ctest_rc=$?
 grep -E "tests passed|tests failed|Test +#|Skipped|Failed" "$logs/ctest.log" | tail -40
 stamp "GPU test output"
@@ -62,6 +62,9 @@ stamp "moka-train quickstart, bf16 and fp32, 1 GPU"
 for p in bf16 fp32; do
   "$root/build-gpu/drivers/moka-train" "$root/input_decks/quickstart.deck" train.precision=$p io.metrics_file=none 2>&1 | grep -E "training:|held-out loss"
 done | tee "$logs/train-1gpu.txt"
+
+stamp "compute-sanitizer: memcheck, initcheck, racecheck (scripts/gpu-sanitize.sh)"
+"$here/gpu-sanitize.sh" "$bundle" "$logs"
 
 stamp "wait for the upstream build"
 wait $upstream_pid; up_rc=$?
