@@ -16,8 +16,10 @@ fail=0
 check() {
   local name=$1 tool=$2; shift 2
   stamp "compute-sanitizer --tool $tool: $name"
-  "$cs" --tool "$tool" --print-limit 50 --error-exitcode 99 "$@" > "$logs/sanitize-$name.log" 2>&1
+  timeout "${MOKA_SANITIZE_TIMEOUT:-240}" "$cs" --tool "$tool" --print-limit 50 --error-exitcode 99 "$@" \
+    > "$logs/sanitize-$name.log" 2>&1
   local rc=$?
+  if [ $rc = 124 ]; then echo "  TIMED OUT after ${MOKA_SANITIZE_TIMEOUT:-240} s (what ran is in the log)"; fail=1; fi
   local ours; ours=$(grep -E "^========= (Invalid|Uninitialized|Race|Error|Program hit|Leaked)" "$logs/sanitize-$name.log" \
                       | grep -vc "cudaFuncGetAttributes")
   local probes; probes=$(grep -c "cudaFuncGetAttributes" "$logs/sanitize-$name.log")
@@ -30,9 +32,12 @@ check() {
 }
 check initcheck-train-bf16 initcheck "$b/drivers/moka-train" "$root/input_decks/quickstart.deck" train.precision=bf16 \
   train.steps=20 io.metrics_file=none
-check memcheck-test_moe_bf16 memcheck --leak-check full "$b/tests/test_moe_bf16"
-check memcheck-test_moe_layer memcheck "$b/tests/test_moe_layer"
+# The bf16 layer cases (the training case runs 300 steps: too slow under
+# the tools; the quick start above trains under initcheck instead).
+bf16_cases=--gtest_filter=-Bf16.TrainingConverges
+check memcheck-test_moe_bf16 memcheck --leak-check full "$b/tests/test_moe_bf16" $bf16_cases
+check initcheck-test_moe_bf16 initcheck "$b/tests/test_moe_bf16" $bf16_cases
 check racecheck-epilogue racecheck "$b/tests/test_moe_bf16" --gtest_filter=Bf16.EpilogueMatchesKernels
-check initcheck-test_moe_bf16 initcheck "$b/tests/test_moe_bf16"
+check memcheck-test_moe_layer memcheck "$b/tests/test_moe_layer"
 stamp "sanitizers: $([ $fail = 0 ] && echo clean || echo 'REPORTS OF OURS')"
 exit $fail
