@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <functional>
 
 #include <memory>
 #include <string>
@@ -44,6 +45,16 @@ inline bool any_rank_failed() {
   int mine = ::testing::Test::HasFailure() ? 1 : 0, any = 0;
   MPI_Allreduce(&mine, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
   return any != 0;
+}
+
+/// The message of the moka::Error that \p f throws, or "no error".
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const moka::Error& e) {
+    return e.what();
+  }
+  return "no error";
 }
 
 /// A moka::Runtime nested in the test main's (MPI and Kokkos are up), as

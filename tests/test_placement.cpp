@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include "MoETestUtils.hpp"
+#include "TestHelpers.hpp"
 
 #include <functional>
 #include <random>
@@ -16,14 +17,7 @@ namespace {
 
 using moka::Placement;
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const moka::Error& e) {
-    return e.what();
-  }
-  return "no error";
-}
+using moka_test::error_of;
 
 TEST(Placement, ContiguousPutsExpertsInOrder) {
   const Placement p = Placement::contiguous(8, 4);

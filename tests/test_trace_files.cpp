@@ -46,14 +46,7 @@ std::string write_counts(const std::string& name, std::vector<hsize_t> dims, boo
   return path;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const moka::Error& e) {
-    return e.what();
-  }
-  return "no error";
-}
+using moka_test::error_of;
 
 TEST(TraceFiles, ForgedDimensionsThatOverflow) {
   const std::string p = write_counts("overflow.h5", {hsize_t(1) << 33, hsize_t(1) << 31, 1, 1, 4});
