@@ -1,6 +1,7 @@
 #pragma once
 // Helpers shared by MoKA's test programs.
 
+#include <moka/core/Error.hpp>
 #include <moka/core/Runtime.hpp>
 
 #include <gtest/gtest.h>
