@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include "TestHelpers.hpp"
+
 #include <cmath>
 #include <functional>
 #include <string>
@@ -277,14 +279,7 @@ TEST(Optimizer, SliceStateMismatchesAreNamed) {
   auto a = make({1, 2, 3}, {0.1, 0.2, 0.3});
   moka::Optimizer<double> opt(c);
   opt.add(a.p, a.g);
-  auto msg = [&](const std::function<void()>& f) {
-    try {
-      f();
-    } catch (const moka::Error& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
+  const auto msg = moka_test::error_of;
   EXPECT_NE(msg([&] { opt.read_slice(0, 2, 2); }).find("elements [2, 4) outside the tensor's 3"), std::string::npos);
   EXPECT_NE(msg([&] { opt.read_slice(1, 0, 1); }).find("tensor 1 of 1 registered"), std::string::npos);
   auto st = opt.read_slice(0, 0, 2);
