@@ -88,8 +88,9 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) {
   // mpirun's binding) takes those.
   const CpuSet cpus = usable_cpus();
   int node_cpus = cpus.count, same_set = 1;
+  MPI_Comm node;
   {
-    MPI_Comm node;
+    // The node communicator stays until the thread check below.
     MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, m_rank, MPI_INFO_NULL, &node);
     MPI_Comm_rank(node, &m_local_rank);
     MPI_Comm_size(node, &m_local_size);
@@ -99,7 +100,6 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) {
     same_set = lo == hi ? 1 : 0;
     const long online = sysconf(_SC_NPROCESSORS_ONLN);
     node_cpus = same_set ? cpus.count : std::max(cpus.count, static_cast<int>(online > 0 ? online : 1));
-    MPI_Comm_free(&node);
   }
   log::set_comm(MPI_COMM_WORLD);
 
@@ -133,8 +133,6 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) {
     // ranks alone beyond the CPUs, one thread each, are the launcher's
     // choice: tests oversubscribe on purpose).
     int node_threads = m_host_threads;
-    MPI_Comm node;
-    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, m_rank, MPI_INFO_NULL, &node);
     MPI_Allreduce(MPI_IN_PLACE, &node_threads, 1, MPI_INT, MPI_SUM, node);
     MPI_Comm_free(&node);
     if (m_host_threads > 1 && node_threads > node_cpus)
