@@ -38,6 +38,7 @@
 
 #include <moka/core/Core.hpp>
 #include <moka/moe/MoEConfig.hpp>
+#include <moka/moe/TokenExchange.hpp>
 #include <moka/moe/impl/MoEKernels.hpp>
 #include <moka/parallel/GradSync.hpp>
 #include <moka/parallel/Placement.hpp>
@@ -141,10 +142,10 @@ class MoELayer {
   /// \brief Whether the last forward's EP exchange sent one message per
   /// peer through the staging buffer (no rank sent more than (L - 1) x
   /// comm.exchange_coalesce_mb, L local experts).
-  bool exchange_coalesced() const { return m_coalesce; }
+  bool exchange_coalesced() const { return m_tx.coalesced(); }
   /// \brief Whether the EP exchange stores rows straight into the peers'
   /// receive buffers (comm.exchange_direct; known after the first forward).
-  bool exchange_direct() const { return m_direct == 1; }
+  bool exchange_direct() const { return m_tx.direct(); }
   /// \brief With \p on, forward uses the bf16 copies as they are instead of
   /// converting W1 and W2 at every forward: whoever changes the weights
   /// keeps the copies equal to bf16(W) (moka::Optimizer does, fused into its
@@ -223,13 +224,6 @@ class MoELayer {
   void ensure_expert_workspace(long rows);
   void global_batch(int T);
   void plan_exchange(const execution_space& space);
-  bool decide_direct();
-  void plan_direct(const std::vector<long>& cnt);
-  void direct_put(const execution_space& space, const std::vector<Communicator::Put>& puts, const matrix& from,
-                  const matrix& to);
-  void align_for_timing(const execution_space& space);
-  matrix exchange_forward(const execution_space& space, const matrix& dispatch, matrix& buf);
-  matrix exchange_reverse(const execution_space& space, const matrix& expert, matrix& buf);
   void expert_bias_add(const execution_space& space);
   static constexpr int bias_chunk = 64;  ///< rows per partial sum of the bias gradients
   enum class Stage { up, down, down_backward, up_backward };
@@ -267,10 +261,9 @@ class MoELayer {
   // local experts process): xe, hpre, h, ye, dye, dh, dhpre, dxe; on one
   // rank without slicing the two sides are the same Views.
   matrix m_x, m_gin, m_jitter, m_clean, m_raw, m_std, m_noise, m_logits, m_probs, m_score, m_xs, m_ys;
-  matrix m_xe, m_hpre, m_h, m_ye, m_dye, m_ye_buf, m_ys_buf, m_xe_buf, m_dye_buf, m_dxs_buf;
+  matrix m_xe, m_hpre, m_h, m_ye, m_dye, m_ye_buf;
   index_matrix m_idx, m_route, m_slot, m_thr;
   matrix m_dys, m_dh, m_dhpre, m_dxe, m_dscore;  // backward workspace
-  matrix m_buf_b, m_buf_c;                     // exchange staging (grow-only)
   // bf16 operands and intermediates (bf16_compute), expert side: the GEMMs
   // write the pre-activation (without b1) and dh in bf16, so the
   // elementwise kernels around them move half the bytes of fp32.
@@ -295,39 +288,14 @@ class MoELayer {
   long m_rows = 0, m_capacity = 0;
   int m_T = -1;
   long m_T_global = 0, m_tok0 = 0;
-  // Exchange plan of the last forward (see plan_exchange).
-  bool m_exchange = false;                 // rows move (EP > 1 or S > 1)
-  std::vector<long> m_ep_counts;           // [P * L]: rows from EP peer p for local expert l
-  std::vector<long> m_sl_counts;           // [S * L]: rows of slice peer s for local expert l
-  // Blocks (elements) of the exchanges: EP there (send, recv; back swaps
-  // them), slice gather (send, recv; back sends recv's blocks) and the
-  // slice partials' landing places.
-  std::vector<Communicator::Block> m_ep_send, m_ep_recv, m_sl_send, m_sl_recv, m_sl_back;
-  // Coalesced EP exchange (no rank sends more than (L - 1) x comm.exchange_coalesce_mb):
-  // one message per peer through m_stage (rows in (source rank, local
-  // expert) order), moved to (local expert, source rank) order by the
-  // segments [3 P L]: (staging row, expert-side row, rows) each. The
-  // expert-side offsets, the bias-sum chunk starts and the segments are
-  // parts of m_plan_dev, uploaded from m_plan_host in one copy per forward.
-  bool m_coalesce = false;
-  matrix m_stage;
-  // Direct EP exchange (comm.exchange_direct): the EP stage's receive
-  // buffers are parts of one symmetric window, the same size on every EP
-  // rank: with S = 1 xe and dye (up to m_win_ep rows), with S > 1 the one
-  // landing part m_ep_land (the slice stage gathers from it into xe / dye),
-  // then ys and dxs (up to m_win_rows); the puts there (dispatch rows to
-  // (local expert, source rank) places on the experts' ranks) and back,
-  // with element offsets within a part.
-  int m_direct = -1;  // -1 not decided yet, 0 no, 1 yes
-  std::unique_ptr<SymmetricWindow> m_window;
-  matrix m_ep_land;
-  long m_win_ep = 0, m_win_rows = 0;
-  std::vector<Communicator::Put> m_put_there, m_put_back, m_put_now;
-  index_vector m_plan_dev, m_segments;
+  // The token exchange (it owns its plan and buffers). Its segments, the
+  // expert-side offsets and the bias-sum chunk starts share one device
+  // allocation, m_plan_dev, uploaded from m_plan_host in one copy per forward.
+  TokenExchange<Scalar, MemorySpace> m_tx;
+  index_vector m_plan_dev;
   typename index_vector::HostMirror m_plan_host;
-  std::vector<long> m_ep_off;              // [L + 1]: expert offsets after the EP exchange
-  std::vector<long> m_e_off;               // [L + 1]: expert-side offsets (after slicing)
-  long m_rows_ep = 0, m_rows_e = 0;
+  std::vector<long> m_e_off;  // [L + 1]: expert-side offsets (host)
+  long m_rows_e = 0;
   index_vector m_e_offsets, m_row_expert;  // expert-side offsets [L + 1] and expert of each row
   Kokkos::View<long*, MemorySpace> m_cap_base, m_routed;  // global capacity
   index_vector m_chunk_start;  // [L + 1]: first bias-sum chunk of each local expert

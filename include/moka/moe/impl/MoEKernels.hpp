@@ -23,6 +23,17 @@
 namespace moka {
 namespace impl {
 
+/// Grows \p m to at least \p rows x \p cols (contents not kept); spare rows
+/// avoid a reallocation for every small change of the row count.
+template <class V>
+void grow_rows(V& m, long rows, long cols, const char* label) {
+  if (m.data() != nullptr && static_cast<long>(m.extent(0)) >= rows && static_cast<long>(m.extent(1)) == cols) return;
+  // Zero-filled once per growth: rows past the current forward's are never
+  // read, but compute-sanitizer's initcheck (which does not see every
+  // cuBLAS store) then has nothing to report, at the cost of one fill.
+  m = V(std::string("moka::moe::") + label, rows + rows / 8 + 1, cols);
+}
+
 // ------------------------------------------------------------ activations
 template <class S>
 KOKKOS_INLINE_FUNCTION S sigmoid(S x) {

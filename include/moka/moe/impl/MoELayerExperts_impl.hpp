@@ -61,7 +61,7 @@ void MoELayer<Scalar, MemorySpace>::prepare_bf16_forward(const execution_space& 
   }
   if (m_fused)
     impl::convert_to_bf16(space, "moka::b1_to_bf16", m_params.b1.data(), m_b1_b.data(), m_b1_b.size());
-  if (m_exchange)
+  if (m_tx.active())
     impl::convert_to_bf16(space, "moka::xs_to_bf16", m_xe.data(), m_xs_b.data(),
                           std::size_t(m_rows_e) * m_cfg.d_model);
 }
@@ -84,7 +84,7 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& spac
   if constexpr (std::is_same<Scalar, float>::value && std::is_same<MemorySpace, Kokkos::CudaSpace>::value) {
     const int d = m_cfg.d_model, dff = m_dffl, dfi = m_dfil;
     const float beta_w = m_wgrad_zero ? 0.f : 1.f;  // after zero_grad: overwrite
-    if (stage == Stage::down_backward && m_exchange) {  // else written by the combine backward
+    if (stage == Stage::down_backward && m_tx.active()) {  // else written by the combine backward
       impl::grow_rows(m_dys_b, m_rows_e, d, "dys_bf16");
       impl::convert_to_bf16(space, "moka::dys_to_bf16", m_dye.data(), m_dys_b.data(), std::size_t(m_rows_e) * d);
     }

@@ -83,7 +83,6 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr
       m_place(impl::resolved_placement(config, m_groups, std::move(placement))),
       m_params(config, "moka::moe::", m_L, m_S),
       m_grads(config, "moka::moe::grad_", m_L, m_S) {
-  m_exchange = m_groups && (m_groups->ep_size() > 1 || m_groups->slice_size() > 1);
   m_identity = m_place.is_contiguous();
   if (!m_identity) {
     m_expert_slot = index_vector("moka::moe::expert_slot", config.num_experts);
@@ -104,7 +103,9 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr
     m_plan_host   = Kokkos::create_mirror_view(m_plan_dev);
     m_e_offsets   = Kokkos::subview(m_plan_dev, std::make_pair(0, m_L + 1));
     m_chunk_start = Kokkos::subview(m_plan_dev, std::make_pair(m_L + 1, 2 * (m_L + 1)));
-    m_segments    = Kokkos::subview(m_plan_dev, std::make_pair(2 * (m_L + 1), 2 * (m_L + 1) + 3 * P * m_L));
+    m_tx = TokenExchange<Scalar, MemorySpace>(
+        m_groups, config.d_model, m_L,
+        Kokkos::subview(m_plan_dev, std::make_pair(2 * (m_L + 1), 2 * (m_L + 1) + 3 * P * m_L)));
   }
   m_counts    = index_vector("moka::moe::counts", config.num_experts);
   m_offsets   = index_vector("moka::moe::offsets", config.num_experts + 1);
@@ -196,19 +197,6 @@ void MoELayer<Scalar, MemorySpace>::settle_grads() const {
   Kokkos::deep_copy(m_grads.w2, Scalar(0));
   m_wgrad_zero = false;
 }
-
-namespace impl {
-/// Grows \p m to at least \p rows x \p cols (contents not kept); spare rows
-/// avoid a reallocation for every small change of the row count.
-template <class V>
-void grow_rows(V& m, long rows, long cols, const char* label) {
-  if (m.data() != nullptr && static_cast<long>(m.extent(0)) >= rows && static_cast<long>(m.extent(1)) == cols) return;
-  // Zero-filled once per growth: rows past the current forward's are never
-  // read, but compute-sanitizer's initcheck (which does not see every
-  // cuBLAS store) then has nothing to report, at the cost of one fill.
-  m = V(std::string("moka::moe::") + label, rows + rows / 8 + 1, cols);
-}
-}  // namespace impl
 
 template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::ensure_workspace(int T) {
@@ -346,7 +334,7 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
           KOKKOS_LAMBDA(int e) { counts(e) = sc(es(e)); });
     }
     {
-      if (m_exchange) align_for_timing(space);
+      if (m_tx.active()) m_tx.align_for_timing(space);
       ScopedRegion plan("moka::MoELayer::exchange_plan");
       plan_exchange(space);
     }
@@ -355,10 +343,10 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
     ensure_expert_workspace(m_rows_e);
     impl::row_experts(space, m_e_offsets, m_row_expert, m_rows_e);
     // bf16 on one rank: the rows go straight to the GEMMs' bf16 operand.
-    if (m_cfg.bf16_compute && !m_exchange) impl::gather_rows(space, m_rows, x, m_row_token, m_xs_b);
+    if (m_cfg.bf16_compute && !m_tx.active()) impl::gather_rows(space, m_rows, x, m_row_token, m_xs_b);
     else impl::gather_rows(space, m_rows, x, m_row_token, m_xs);
   }
-  m_xe = exchange_forward(space, m_xs, m_xe_buf);
+  m_xe = m_tx.forward(space, m_xs, TokenExchange<Scalar, MemorySpace>::Buffer::expert_in);
 
   // Experts: hpre = xs W1 (+ b1), h = act(hpre), ys = h W2 (+ b2).
   const int dff = m_dffl;
@@ -394,7 +382,7 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
   }
   expert_gemm(space, Stage::down);
   expert_bias_add(space);
-  m_ys = exchange_reverse(space, m_ye, m_ys_buf);
+  m_ys = m_tx.reverse(space, m_ye, TokenExchange<Scalar, MemorySpace>::Buffer::dispatch_out);
 
   // Combine.
   ScopedRegion region_combine("moka::MoELayer::combine");
@@ -433,11 +421,11 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   // one pass (and its bf16 copy for the GEMMs when the rows do not move).
   std::optional<ScopedRegion> stage;
   stage.emplace("moka::MoELayer::combine_backward");
-  const bool dys_bf16 = bf16 && !m_exchange;
+  const bool dys_bf16 = bf16 && !m_tx.active();
   if (dys_bf16) impl::grow_rows(m_dys_b, rows, d, "dys_bf16");
   impl::combine_backward(space, dy, m_ys, m_slot, m_score, m_dscore, dys, dys_bf16 ? m_dys_b : bmatrix());
   stage.reset();
-  const matrix dye = exchange_forward(space, dys, m_dye_buf);
+  const matrix dye = m_tx.forward(space, dys, TokenExchange<Scalar, MemorySpace>::Buffer::expert_grad);
   m_dye = dye;
   stage.emplace("moka::MoELayer::combine_backward");
 
@@ -493,7 +481,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
       }
     m_wgrad_zero = false;
   }
-  const matrix dxs = exchange_reverse(space, m_dxe, m_dxs_buf);
+  const matrix dxs = m_tx.reverse(space, m_dxe, TokenExchange<Scalar, MemorySpace>::Buffer::dispatch_grad);
 
   // Gate backward (into dx), then the expert rows of each token.
   gate_backward(space, dscore, dx);
@@ -503,11 +491,32 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
 
 }  // namespace moka
 
-#include <moka/moe/impl/MoELayerExchange_impl.hpp>
 #include <moka/moe/impl/MoELayerExperts_impl.hpp>
 #include <moka/moe/impl/MoELayerGate_impl.hpp>
 
 namespace moka {
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) {
+  // Host copy of the plan: expert-side offsets [L + 1], bias-sum chunk
+  // starts [L + 1], then the exchange's segments. Reusing it is safe: a
+  // copy from pageable host memory has read its source when deep_copy returns.
+  const int L = m_L;
+  auto plan   = m_plan_host;
+  m_tx.plan(m_h_offsets, plan.data() + 2 * (L + 1));
+  m_e_off  = m_tx.expert_offsets();
+  m_rows_e = m_tx.expert_rows();
+  // Bias gradients are column sums over chunks of bias_chunk rows, each
+  // expert's chunks consecutive.
+  long chunks = 0;
+  for (int l = 0; l <= L; ++l) {
+    plan(l)         = static_cast<int>(m_e_off[l]);
+    plan(L + 1 + l) = static_cast<int>(chunks);
+    if (l < L) chunks += (m_e_off[l + 1] - m_e_off[l] + bias_chunk - 1) / bias_chunk;
+  }
+  m_chunks = chunks;
+  Kokkos::deep_copy(space, m_plan_dev, plan);
+}
 
 // The common instantiations live in the library (src/moe/MoELayer.cpp).
 extern template class MoELayer<double, Kokkos::HostSpace>;

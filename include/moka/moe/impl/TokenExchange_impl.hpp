@@ -1,7 +1,7 @@
 #pragma once
-// Template bodies of moka::MoELayer's token exchange: the plan (counts,
-// blocks, pieces, the direct exchange's puts and symmetric windows) and the
-// exchange there and back (included by MoELayer_impl.hpp).
+// Template bodies of moka::TokenExchange: the plan (counts, blocks,
+// pieces, the direct exchange's puts and symmetric windows) and the moves
+// there and back (included by TokenExchange.hpp).
 
 #include <moka/core/Log.hpp>
 #include <moka/core/Profiling.hpp>
@@ -58,7 +58,25 @@ inline void split_blocks(std::vector<Communicator::Block>& blocks, long cap) {
 }  // namespace impl
 
 template <class Scalar, class MemorySpace>
-bool MoELayer<Scalar, MemorySpace>::decide_direct() {
+TokenExchange<Scalar, MemorySpace>::TokenExchange(std::shared_ptr<ProcessGroups> groups, int d_model,
+                                                  int local_slots, index_vector segments)
+    : m_groups(std::move(groups)), m_d(d_model), m_L(local_slots), m_segments(std::move(segments)) {
+  m_active = m_groups && (m_groups->ep_size() > 1 || m_groups->slice_size() > 1);
+}
+
+template <class Scalar, class MemorySpace>
+typename TokenExchange<Scalar, MemorySpace>::matrix& TokenExchange<Scalar, MemorySpace>::buffer(Buffer b) {
+  switch (b) {
+    case Buffer::expert_in: return m_expert_in;
+    case Buffer::expert_grad: return m_expert_grad;
+    case Buffer::dispatch_out: return m_dispatch_out;
+    case Buffer::dispatch_grad: break;
+  }
+  return m_dispatch_grad;
+}
+
+template <class Scalar, class MemorySpace>
+bool TokenExchange<Scalar, MemorySpace>::decide_direct() {
   if (m_direct >= 0) return m_direct == 1;
   // The same on every rank: the deck, the layout, the build and the
   // communicator's collective answer.
@@ -84,13 +102,13 @@ bool MoELayer<Scalar, MemorySpace>::decide_direct() {
 }
 
 template <class Scalar, class MemorySpace>
-void MoELayer<Scalar, MemorySpace>::plan_direct(const std::vector<long>& cnt) {
-  // Every rank's rows per slot: all[q E + s] (rank q's rows for slot s, on
-  // EP rank s / L as its local slot s % L; the placement put an expert
-  // there). With them each rank knows where its rows land on every peer,
+void TokenExchange<Scalar, MemorySpace>::plan_direct(const std::vector<long>& cnt,
+                                                     const std::vector<int>& slot_offsets) {
+  // Every rank's rows per slot: all[q N + s] (rank q's rows for slot s, on
+  // EP rank s / L as its local slot s % L; N = P L slots). With them each rank knows where its rows land on every peer,
   // both ways.
-  const int P = m_groups->ep_size(), L = m_L, E = m_cfg.num_experts, me = m_groups->ep_rank();
-  const long d = m_cfg.d_model;
+  const int P = m_groups->ep_size(), L = m_L, E = P * m_L, me = m_groups->ep_rank();
+  const long d = m_d;
   std::vector<long> all(std::size_t(P) * E);
   m_groups->ep().allgather_counts(cnt.data(), all.data(), E);
   auto received_by = [&](int q) {  // [P L]: rows from rank p for rank q's local expert l
@@ -113,7 +131,7 @@ void MoELayer<Scalar, MemorySpace>::plan_direct(const std::vector<long>& cnt) {
     long hq        = std::accumulate(cq, cq + me * L, 0L);  // rank q's dispatch row of expert me L
     for (int l = 0; l < L; ++l) {
       // There: this rank's rows for q's expert l land at (l, this rank).
-      m_put_there.push_back({q, long(m_h_offsets[q * L + l]) * d, at[me * L + l] * d, cnt[q * L + l] * d});
+      m_put_there.push_back({q, long(slot_offsets[q * L + l]) * d, at[me * L + l] * d, cnt[q * L + l] * d});
       // Back: this rank's expert l's rows from q return to q's dispatch order.
       m_put_back.push_back({q, mine_at[q * L + l] * d, hq * d, m_ep_counts[q * L + l] * d});
       hq += cq[me * L + l];
@@ -127,24 +145,23 @@ void MoELayer<Scalar, MemorySpace>::plan_direct(const std::vector<long>& cnt) {
   m_win_rows = std::max(m_win_rows, most_rows + most_rows / 8 + 1);
   // With S = 1 the EP stage lands in xe (forward) and dye (backward); with
   // S > 1 in one landing part, gathered over the slice group from there.
-  const long ep_parts = m_S > 1 ? 1 : 2;
-  m_xe_buf = m_dye_buf = m_ys_buf = m_dxs_buf = m_ep_land = matrix();
-  m_xe = m_ys = m_dye = matrix();
+  const long ep_parts = m_groups->slice_size() > 1 ? 1 : 2;
+  m_expert_in = m_expert_grad = m_dispatch_out = m_dispatch_grad = m_ep_land = matrix();
   m_window.reset();
   m_window = m_groups->ep().make_window(std::size_t((ep_parts * m_win_ep + 2 * m_win_rows) * d) * sizeof(Scalar));
   Scalar* base = static_cast<Scalar*>(m_window->data());
-  if (m_S > 1) {
+  if (m_groups->slice_size() > 1) {
     m_ep_land = matrix(base, m_win_ep, d);
   } else {
-    m_xe_buf  = matrix(base, m_win_ep, d);
-    m_dye_buf = matrix(base + m_win_ep * d, m_win_ep, d);
+    m_expert_in   = matrix(base, m_win_ep, d);
+    m_expert_grad = matrix(base + m_win_ep * d, m_win_ep, d);
   }
-  m_ys_buf  = matrix(base + ep_parts * m_win_ep * d, m_win_rows, d);
-  m_dxs_buf = matrix(base + (ep_parts * m_win_ep + m_win_rows) * d, m_win_rows, d);
+  m_dispatch_out  = matrix(base + ep_parts * m_win_ep * d, m_win_rows, d);
+  m_dispatch_grad = matrix(base + (ep_parts * m_win_ep + m_win_rows) * d, m_win_rows, d);
 }
 
 template <class Scalar, class MemorySpace>
-void MoELayer<Scalar, MemorySpace>::direct_put(const execution_space& space,
+void TokenExchange<Scalar, MemorySpace>::direct_put(const execution_space& space,
                                                const std::vector<Communicator::Put>& puts, const matrix& from,
                                                const matrix& to) {
   // \p to is one of the window's four parts, at the same offset on every rank.
@@ -155,7 +172,7 @@ void MoELayer<Scalar, MemorySpace>::direct_put(const execution_space& space,
 }
 
 template <class Scalar, class MemorySpace>
-void MoELayer<Scalar, MemorySpace>::align_for_timing(const execution_space& space) {
+void TokenExchange<Scalar, MemorySpace>::align_for_timing(const execution_space& space) const {
   // Only when regions fence (stage breakdowns, the exchange benchmark): all
   // ranks enter the exchange together, so its timer holds the exchange and
   // not the wait for slower ranks.
@@ -165,19 +182,22 @@ void MoELayer<Scalar, MemorySpace>::align_for_timing(const execution_space& spac
 }
 
 template <class Scalar, class MemorySpace>
-void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) {
+void TokenExchange<Scalar, MemorySpace>::plan(const std::vector<int>& slot_offsets, int* segments_host) {
   const int L = m_L;
-  const long d = m_cfg.d_model;
+  const long d = m_d;
   // Dispatch rows per slot (slot p L + l: EP rank p's local slot l).
-  std::vector<long> cnt(m_cfg.num_experts);
-  for (int e = 0; e < m_cfg.num_experts; ++e) cnt[e] = m_h_offsets[e + 1] - m_h_offsets[e];
-  // EP stage: counts per (peer, local expert) received; the rows of peer p's
-  // expert l land at (local expert l, source rank p).
   const int P = m_groups ? m_groups->ep_size() : 1;
+  MOKA_REQUIRE(slot_offsets.size() == std::size_t(P) * L + 1, "moka::TokenExchange::plan: ",
+               slot_offsets.size(), " slot offsets for ", P, " x ", L, " slots");
+  m_rows = slot_offsets.back();
+  std::vector<long> cnt(std::size_t(P) * L);
+  for (std::size_t s = 0; s < cnt.size(); ++s) cnt[s] = slot_offsets[s + 1] - slot_offsets[s];
+  // EP stage: counts per (peer, local slot) received; the rows of peer p's
+  // slot l land at (local slot l, source rank p).
   m_ep_counts.assign(std::size_t(P) * L, 0);
   m_coalesce = false;
   if (P > 1 && decide_direct()) {
-    plan_direct(cnt);
+    plan_direct(cnt, slot_offsets);
   } else if (P > 1) {
     // With the L counts each peer also gets this rank's total, so every
     // rank sees every rank's total and all decide alike on coalescing.
@@ -208,16 +228,12 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
   m_rows_ep = m_ep_off[L];
   m_ep_send.clear();
   m_ep_recv.clear();
-  // Host copy of the plan: expert-side offsets [L + 1], bias-sum chunk
-  // starts [L + 1], then segments. Reusing it is safe: a copy from pageable
-  // host memory has read its source when deep_copy returns.
-  auto plan = m_plan_host;
   if (m_direct == 1) {
     // The puts were made by plan_direct.
   } else if (m_coalesce) {
     // Peer p's rows are contiguous on the sending side ((destination rank,
     // local expert) order); they land in the staging buffer at srow.
-    int* seg  = plan.data() + 2 * (L + 1);
+    int* seg  = segments_host;
     long srow = 0;
     for (int p = 0; p < P; ++p) {
       long sent = 0, got = 0;
@@ -229,14 +245,14 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
         sent += cnt[p * L + l];
         got += n;
       }
-      m_ep_send.push_back({p, long(m_h_offsets[p * L]) * d, sent * d});
+      m_ep_send.push_back({p, long(slot_offsets[p * L]) * d, sent * d});
       m_ep_recv.push_back({p, srow * d, got * d});
       srow += got;
     }
   } else {
     for (int p = 0; p < P; ++p)
       for (int l = 0; l < L; ++l) {
-        m_ep_send.push_back({p, m_h_offsets[p * L + l] * d, cnt[p * L + l] * d});
+        m_ep_send.push_back({p, long(slot_offsets[p * L + l]) * d, cnt[p * L + l] * d});
         m_ep_recv.push_back({p, ep_at[p * L + l] * d, m_ep_counts[p * L + l] * d});
       }
   }
@@ -268,25 +284,16 @@ void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) 
     const long cap = std::max(1L, static_cast<long>(cap_mb * 1048576.0 / sizeof(Scalar)));
     for (auto* list : {&m_ep_send, &m_ep_recv, &m_sl_send, &m_sl_recv, &m_sl_back}) impl::split_blocks(*list, cap);
   }
-  // Bias gradients are column sums over chunks of bias_chunk rows, each
-  // expert's chunks consecutive.
-  long chunks = 0;
-  for (int l = 0; l <= L; ++l) {
-    plan(l)         = static_cast<int>(m_e_off[l]);
-    plan(L + 1 + l) = static_cast<int>(chunks);
-    if (l < L) chunks += (m_e_off[l + 1] - m_e_off[l] + bias_chunk - 1) / bias_chunk;
-  }
-  m_chunks = chunks;
-  Kokkos::deep_copy(space, m_plan_dev, plan);
 }
 
 template <class Scalar, class MemorySpace>
-typename MoELayer<Scalar, MemorySpace>::matrix MoELayer<Scalar, MemorySpace>::exchange_forward(
-    const execution_space& space, const matrix& dispatch, matrix& buf) {
-  if (!m_exchange) return dispatch;
+typename TokenExchange<Scalar, MemorySpace>::matrix TokenExchange<Scalar, MemorySpace>::forward(
+    const execution_space& space, const matrix& dispatch, Buffer to) {
+  if (!m_active) return dispatch;
+  matrix& buf = buffer(to);
   align_for_timing(space);
   ScopedRegion region("moka::MoELayer::exchange");
-  const int d = m_cfg.d_model;
+  const int d = m_d;
   const int P = m_groups->ep_size(), S = m_groups->slice_size();
   const MemoryKind mem = memory_kind_of<MemorySpace>();
   const DataType type  = data_type_of<Scalar>();
@@ -315,12 +322,13 @@ typename MoELayer<Scalar, MemorySpace>::matrix MoELayer<Scalar, MemorySpace>::ex
 }
 
 template <class Scalar, class MemorySpace>
-typename MoELayer<Scalar, MemorySpace>::matrix MoELayer<Scalar, MemorySpace>::exchange_reverse(
-    const execution_space& space, const matrix& expert, matrix& buf) {
-  if (!m_exchange) return expert;
+typename TokenExchange<Scalar, MemorySpace>::matrix TokenExchange<Scalar, MemorySpace>::reverse(
+    const execution_space& space, const matrix& expert, Buffer to) {
+  if (!m_active) return expert;
+  matrix& buf = buffer(to);
   align_for_timing(space);
   ScopedRegion region("moka::MoELayer::exchange_back");
-  const int d = m_cfg.d_model;
+  const int d = m_d;
   const int P = m_groups->ep_size(), S = m_groups->slice_size();
   const MemoryKind mem = memory_kind_of<MemorySpace>();
   const DataType type  = data_type_of<Scalar>();
