@@ -162,6 +162,37 @@ moka::Placement permuted_placement(int E, int P) {
   return moka::Placement::from_slots(E, P, slots);
 }
 
+/// How the test places the experts.
+enum class Placed { contiguous, permuted, replicated };
+
+/// The permuted placement plus one spare slot per rank (P > 1), holding a
+/// replica of the first expert of the next rank: every rank holds one
+/// replicated expert and the rows of each are split between two ranks.
+moka::Placement replicated_placement(int E, int P) {
+  const moka::Placement base = permuted_placement(E, P);
+  if (P == 1) return base;
+  const int L = E / P;
+  std::vector<int> slots;
+  for (int r = 0; r < P; ++r) {
+    for (int l = 0; l < L; ++l) slots.push_back(base.expert_at(r, l));
+    slots.push_back(base.expert_at((r + 1) % P, 0));
+  }
+  return moka::Placement::from_slots(E, P, slots);
+}
+
+moka::Placement placement_for(Placed how, int E, int P) {
+  switch (how) {
+    case Placed::permuted: return permuted_placement(E, P);
+    case Placed::replicated: return replicated_placement(E, P);
+    case Placed::contiguous: break;
+  }
+  return moka::Placement();
+}
+
+const char* describe(Placed how) {
+  return how == Placed::permuted ? ", permuted placement" : how == Placed::replicated ? ", replicated experts" : "";
+}
+
 std::vector<double> rows(const std::vector<double>& m, long first, long n, long width) {
   return std::vector<double>(m.begin() + first * width, m.begin() + (first + n) * width);
 }
@@ -185,7 +216,7 @@ void compare(const std::vector<double>& got, const std::vector<double>& want, bo
 
 template <class M>
 void check_layer(const Layout& lay, const std::shared_ptr<moka::ProcessGroups>& groups, const GateCase& gc,
-                 int T_global, int iters, bool permuted) {
+                 int T_global, int iters, Placed how) {
   using Layer = moka::MoELayer<double, M>;
   using matrix = typename Layer::matrix;
   typename Layer::execution_space space;
@@ -193,10 +224,10 @@ void check_layer(const Layout& lay, const std::shared_ptr<moka::ProcessGroups>& 
   gc.set(cfg);
   const int W = world_size(), rank = world_rank();
   if (cfg.num_experts % lay.ep != 0 || cfg.d_ff % lay.slice != 0) return;
-  const std::string what = gc.name + " [" + groups->describe() + (permuted ? ", permuted placement" : "") +
+  const std::string what = gc.name + " [" + groups->describe() + describe(how) +
                            ", T = " + std::to_string(T_global) + "]";
   Layer ref(cfg),
-      dist(cfg, groups, permuted ? permuted_placement(cfg.num_experts, lay.ep) : moka::Placement());
+      dist(cfg, groups, placement_for(how, cfg.num_experts, lay.ep));
   ref.init_parameters(99);
   dist.init_parameters(99);
   const int d = cfg.d_model;
@@ -231,6 +262,11 @@ void check_layer(const Layout& lay, const std::shared_ptr<moka::ProcessGroups>& 
     add("b1", L.params().b1, L.grads().b1, moka::ParamTag::expert);
     add("w2", L.params().w2, L.grads().w2, moka::ParamTag::expert);
     add("b2", L.params().b2, L.grads().b2, moka::ParamTag::expert_replicated);
+    // The replicas' gradients are summed among them (the layer's own
+    // parameters() does this too).
+    for (auto& p : out)
+      if (p.tag == moka::ParamTag::expert || p.tag == moka::ParamTag::expert_replicated)
+        p.replicas = L.replica_groups();
     return out;
   };
   moka::GradSync<double, M> sync(groups, params(dist), 1e-4);  // tiny buckets: several per group
@@ -292,11 +328,11 @@ void check_layer(const Layout& lay, const std::shared_ptr<moka::ProcessGroups>& 
 /// cuts every message into many pieces, mid-row; 0: whole messages);
 /// \p direct: comm.exchange_direct ("on" only where it can run: EP > 1,
 /// NCCL symmetric windows usable or MOKA_TEST_REQUIRE_DIRECT=1, which makes
-/// their absence an error; "auto" elsewhere); \p permuted: the experts
-/// placed by permuted_placement() instead of contiguously.
+/// their absence an error; "auto" elsewhere); \p how: the experts placed
+/// contiguously, by permuted_placement() or by replicated_placement().
 template <class M>
 void check_all_layouts(const std::string& backend, double coalesce_mb, double max_message_mb = 0,
-                       const std::string& direct = "off", bool permuted = false) {
+                       const std::string& direct = "off", Placed how = Placed::contiguous) {
   const moka::MoEConfig base = base_config();
   const bool device = !Kokkos::SpaceAccessibility<Kokkos::HostSpace, M>::accessible;
   for (const Layout& lay : layouts(base.num_experts, base.d_ff)) {
@@ -318,14 +354,14 @@ void check_all_layouts(const std::string& backend, double coalesce_mb, double ma
                 << (pc.exchange_direct == "on" ? ", direct puts"
                     : coalesce_mb > 0          ? ", one message per peer"
                                                : ", blocks")
-                << (max_message_mb > 0 ? ", in pieces" : "") << (permuted ? ", permuted placement" : "")
+                << (max_message_mb > 0 ? ", in pieces" : "") << describe(how)
                 << "\n";
     for (const auto& gc : gate_cases()) {
       moka::MoEConfig cfg = base;
       gc.set(cfg);
       for (int T : {13, 3}) {
         g_max_rel = 0;
-        check_layer<M>(lay, groups, gc, T, 2, permuted);
+        check_layer<M>(lay, groups, gc, T, 2, how);
         if (world_rank() == 0 && T == 13)
           std::cout << gc.name << " " << describe(lay) << ": largest relative difference " << g_max_rel << "\n";
         // Every rank leaves together (a rank alone leaving hangs the others).
@@ -343,8 +379,15 @@ TEST(Distributed, LayerEqualsOneRankHostPieces) { check_all_layouts<Kokkos::Host
 // The placement seam: experts on other ranks and in another order than the
 // contiguous placement; results as on one rank, as bitwise as above.
 TEST(Distributed, LayerEqualsOneRankHostPermuted) {
-  check_all_layouts<Kokkos::HostSpace>("mpi", 32, 0, "off", true);
-  check_all_layouts<Kokkos::HostSpace>("mpi", 0, 0, "off", true);
+  check_all_layouts<Kokkos::HostSpace>("mpi", 32, 0, "off", Placed::permuted);
+  check_all_layouts<Kokkos::HostSpace>("mpi", 0, 0, "off", Placed::permuted);
+}
+// Replicas in spare slots: a replicated expert's rows split between two
+// ranks, its gradients summed among the replicas; results as on one rank
+// within the same round-off, the norm counting each expert once.
+TEST(Distributed, LayerEqualsOneRankHostReplicated) {
+  check_all_layouts<Kokkos::HostSpace>("mpi", 32, 0, "off", Placed::replicated);
+  check_all_layouts<Kokkos::HostSpace>("mpi", 0, 1e-4, "off", Placed::replicated);
 }
 
 #ifdef KOKKOS_ENABLE_CUDA
@@ -353,7 +396,9 @@ TEST(Distributed, LayerEqualsOneRankDevice) {
   // Direct puts into symmetric windows (NCCL on one node's GPUs), then
   // messages: one per peer, blocks, blocks in pieces.
   check_all_layouts<moka::memory_space>("auto", 0, 0, "on");
-  check_all_layouts<moka::memory_space>("auto", 0, 0, "on", true);  // a permuted placement
+  check_all_layouts<moka::memory_space>("auto", 0, 0, "on", Placed::permuted);
+  check_all_layouts<moka::memory_space>("auto", 0, 0, "on", Placed::replicated);
+  check_all_layouts<moka::memory_space>("auto", 32, 0, "off", Placed::replicated);
   for (auto [mb, cap] : {std::pair{32.0, 0.0}, {0.0, 0.0}, {0.0, 1e-4}}) {
     check_all_layouts<moka::memory_space>("auto", mb, cap);  // NCCL where every rank has a GPU
     check_all_layouts<moka::memory_space>("mpi", mb, cap);   // device data staged through host buffers

@@ -82,7 +82,7 @@ TEST(Placement, LayerChecksItsPlacement) {
                 .find("the placement spans 2 ranks, the EP group 1"),
             std::string::npos);
   EXPECT_NE(error_of([&] { Layer l(cfg, nullptr, Placement::from_slots(4, 1, {0, 1, 2, 3, 0})); })
-                .find("replicated experts are not supported by the layer yet"),
+                .find("puts expert 0 twice on EP rank 0"),
             std::string::npos);
 }
 

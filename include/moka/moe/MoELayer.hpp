@@ -42,6 +42,7 @@
 #include <moka/moe/impl/MoEKernels.hpp>
 #include <moka/parallel/GradSync.hpp>
 #include <moka/parallel/Placement.hpp>
+#include <moka/parallel/ReplicaGroups.hpp>
 #include <moka/parallel/ProcessGroups.hpp>
 #include <moka/core/Profiling.hpp>
 #include <moka/linalg/impl/CublasGemm.hpp>
@@ -89,9 +90,11 @@ class MoELayer {
   /// \brief Allocates parameters (zero) and gradients; throws moka::Error on
   /// a bad config. \p groups: the layout over ranks (nullptr: this rank
   /// alone). \p placement: which expert each slot of the EP group holds
-  /// (empty: contiguous, expert e on EP rank e / L); every EP group of the
-  /// layout uses the same one, and each expert has one slot (replicated
-  /// experts are refused with moka::Error until the balancer moves state).
+  /// (empty: contiguous, expert e on EP rank e / L, L = E / EP); every EP
+  /// group of the layout uses the same one. Spare slots (L > E / EP) hold
+  /// replicas of experts, never two of one expert on one rank; a
+  /// replicated expert's rows are split among its replicas (see
+  /// set_placement) and its gradients summed among them by moka::GradSync.
   explicit MoELayer(const MoEConfig& config, std::shared_ptr<ProcessGroups> groups = nullptr,
                     Placement placement = Placement());
 
@@ -120,15 +123,17 @@ class MoELayer {
     std::vector<ParamRef<Scalar, MemorySpace>> out;
     auto add = [&](const std::string& name, auto p, auto g, ParamTag tag, bf16* copy = nullptr) {
       using flat = typename ParamRef<Scalar, MemorySpace>::flat;
-      out.push_back({prefix + name, flat(p.data(), p.size()), flat(g.data(), g.size()), tag, copy});
+      out.push_back({prefix + name, flat(p.data(), p.size()), flat(g.data(), g.size()), tag, copy, nullptr});
     };
     auto& G = grads();
     add("gate_w", m_params.gate_w, G.gate_w, ParamTag::gate);
     if (m_params.noise_w.size()) add("noise_w", m_params.noise_w, G.noise_w, ParamTag::gate);
+    const std::size_t first_expert = out.size();
     add("w1", m_params.w1, G.w1, ParamTag::expert, m_cfg.bf16_compute ? m_w1_b.data() : nullptr);
     if (m_params.b1.size()) add("b1", m_params.b1, G.b1, ParamTag::expert);
     add("w2", m_params.w2, G.w2, ParamTag::expert, m_cfg.bf16_compute ? m_w2_b.data() : nullptr);
     if (m_params.b2.size()) add("b2", m_params.b2, G.b2, ParamTag::expert_replicated);
+    for (std::size_t i = first_expert; i < out.size(); ++i) out[i].replicas = m_replicas;
     return out;
   }
 
@@ -162,6 +167,20 @@ class MoELayer {
   int local_d_ff() const { return m_dffl; }
   /// \brief Where the experts live (contiguous unless one was given).
   const Placement& placement() const { return m_place; }
+  /// \brief Adopts \p p (same experts, EP size and slots per rank) for the
+  /// next forward. Only the mapping changes: the slots' parameters,
+  /// gradients and optimizer state stay where they are, so a caller that
+  /// changes which expert a slot holds moves that state first
+  /// (moka::migrate_experts does both). Rows of a replicated expert are
+  /// split among its replicas by a rule that depends only on the routing:
+  /// the expert's kept rows of the whole EP group, in global token order,
+  /// are cut into as many nearly equal contiguous runs as it has replicas,
+  /// in the order of its slots (by rank). Throws moka::Error naming what
+  /// does not fit.
+  void set_placement(const Placement& p);
+  /// \brief The replicas of this rank's slots (what moka::GradSync reads;
+  /// rebuilt in place by set_placement).
+  std::shared_ptr<const ReplicaGroups> replica_groups() const { return m_replicas; }
   /// \brief Tokens of the whole batch over all ranks, and this rank's first (last forward).
   long tokens_global() const { return m_T_global; }
   long token_offset() const { return m_tok0; }
@@ -224,6 +243,7 @@ class MoELayer {
   void ensure_expert_workspace(long rows);
   void global_batch(int T);
   void plan_exchange(const execution_space& space);
+  void route_to_slots(const execution_space& space);
   void expert_bias_add(const execution_space& space);
   static constexpr int bias_chunk = 64;  ///< rows per partial sum of the bias gradients
   enum class Stage { up, down, down_backward, up_backward };
@@ -249,13 +269,25 @@ class MoELayer {
   // go in slot order ((EP rank, local slot)) and counts per slot
   // (m_slot_counts) are mapped back to experts for expert_counts().
   Placement m_place;
-  bool m_identity = true;
+  bool m_identity = true, m_replicated = false;
   index_vector m_expert_slot, m_slot_counts;
   index_matrix m_slot_route;
+  std::shared_ptr<ReplicaGroups> m_replicas;
+  // Replicated placement: experts' slots (m_rep_slot from m_rep_start[e]),
+  // the first pass's expert-ordered slots and offsets, the replica split's
+  // bases and totals per expert, and the second pass's workspace.
+  index_vector m_rep_start, m_rep_slot, m_expert_offsets;
+  index_matrix m_expert_row;
+  Kokkos::View<long*, MemorySpace> m_rep_base;
+  impl::SlotWork<MemorySpace> m_slot_work2;
+  index_vector m_row_token_e, m_row_choice_e;
+  std::vector<int> m_h_expert_offsets;
   params_type m_params, m_grads;
   // zero_grad() left W1 and W2's gradients to the next backward (beta 0).
   mutable bool m_wgrad_zero = false;
   void settle_grads() const;
+  // Device tables of m_place (expert -> first slot, replica slots) and the replica groups.
+  void apply_placement();
   // Saved by forward for backward. Dispatch side (this rank's tokens, rows
   // ordered by destination expert): xs, ys, dys, dxs. Expert side (rows the
   // local experts process): xe, hpre, h, ye, dye, dh, dhpre, dxe; on one

@@ -12,9 +12,11 @@
 #include <moka/core/Core.hpp>
 #include <moka/parallel/ParamTag.hpp>
 #include <moka/parallel/ProcessGroups.hpp>
+#include <moka/parallel/ReplicaGroups.hpp>
 #include <moka/core/Profiling.hpp>
 #include <moka/core/impl/Math.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <string>
@@ -30,6 +32,11 @@ struct ParamRef {
   flat param, grad;
   ParamTag tag = ParamTag::dense;
   bf16* bf16_copy = nullptr;  ///< a bf16 copy of param the optimizer keeps equal (mixed precision), or nullptr
+  /// Expert tensors ([slots, ...], slot-major): the replicas of the experts
+  /// on this rank's slots (nullptr: no replicas). Their gradients are
+  /// summed among the replicas after the EDP sum, and the norm counts each
+  /// logical expert once.
+  std::shared_ptr<const ReplicaGroups> replicas;
 };
 
 /// \brief Sums gradients over their tags' groups and computes the global norm.
@@ -85,6 +92,8 @@ class GradSync {
       allreduce_sum(comm, space, b.buffer);
       pack(space, b, false);
     }
+    for (const auto& p : m_params)
+      if (p.replicas && p.replicas->placement_replicated) sum_replicas(space, p);
   }
 
   /// \brief sqrt of the sum of squared gradients of the whole model, every
@@ -95,7 +104,16 @@ class GradSync {
     const bool first_slice = !m_groups || m_groups->slice_rank() == 0;
     for (const auto& p : m_params) {
       if (p.tag == ParamTag::expert_replicated && !first_slice) continue;
-      const double s = impl::sum_of_squares(space, p.grad);
+      double s = 0;
+      if (p.replicas && p.replicas->any) {
+        // A replicated expert counts at its first holder only.
+        const ReplicaGroups& r = *p.replicas;
+        const long n           = static_cast<long>(p.grad.extent(0)) / r.slots_per_rank;
+        for (int l = 0; l < r.slots_per_rank; ++l)
+          if (r.counted[l]) s += impl::sum_of_squares(space, Kokkos::subview(p.grad, std::make_pair(l * n, (l + 1) * n)));
+      } else {
+        s = impl::sum_of_squares(space, p.grad);
+      }
       (p.tag == ParamTag::expert || p.tag == ParamTag::expert_replicated ? expert : dense) += s;
     }
     if (m_groups && m_groups->moe().size() > 1) m_groups->moe().allreduce_host(&expert, 1);
@@ -130,6 +148,66 @@ class GradSync {
       off += g.extent(0);
     }
   }
+  /// Sums each replicated slot's gradient over the expert's replicas in
+  /// the EP group: every holder sends its part to the others (pairs' blocks
+  /// ordered by expert), then adds the parts in rank order, so every
+  /// replica holds bitwise the same sum.
+  void sum_replicas(const execution_space& space, const ParamRef<Scalar, MemorySpace>& p) {
+    ScopedRegion region("moka::GradSync::replicas");
+    const ReplicaGroups& r = *p.replicas;
+    Communicator& ep       = m_groups->ep();
+    const int me           = ep.rank();
+    const int L            = r.slots_per_rank;
+    const long n           = static_cast<long>(p.grad.extent(0)) / L;
+    std::vector<int> order(L);
+    for (int l = 0; l < L; ++l) order[l] = l;
+    std::sort(order.begin(), order.end(), [&](int a, int b) { return r.expert[a] < r.expert[b]; });
+    std::vector<Communicator::Block> sends, recvs;
+    // Table per replicated slot: slot, holders H, then H sources (-1: own,
+    // else an offset in the staging buffer), in rank order.
+    std::vector<long> table;
+    long staged = 0;
+    for (int l : order) {
+      if (r.holders[l].size() < 2) continue;
+      table.push_back(l);
+      table.push_back(static_cast<long>(r.holders[l].size()));
+      for (const auto& h : r.holders[l]) {
+        if (h.rank == me) {
+          table.push_back(-1);
+          continue;
+        }
+        sends.push_back({h.rank, l * n, n});
+        recvs.push_back({h.rank, staged, n});
+        table.push_back(staged);
+        staged += n;
+      }
+    }
+    if (static_cast<long>(m_replica_stage.extent(0)) < staged)
+      m_replica_stage = Kokkos::View<Scalar*, MemorySpace>(
+          Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::replica_grad_stage"), staged);
+    ep.alltoallv_blocks(space, p.grad.data(), sends, m_replica_stage.data(), recvs, data_type_of<Scalar>(),
+                        memory_kind_of<MemorySpace>());
+    if (table.empty()) return;
+    Kokkos::View<long*, MemorySpace> dev("moka::replica_table", table.size());
+    Kokkos::View<const long*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> host(table.data(),
+                                                                                                table.size());
+    Kokkos::deep_copy(space, dev, host);
+    auto g     = p.grad;
+    auto stage = m_replica_stage;
+    for (std::size_t at = 0; at < table.size(); at += 2 + table[at + 1]) {
+      const long base = table[at] * n, first = static_cast<long>(at) + 2, H = table[at + 1];
+      Kokkos::parallel_for(
+          "moka::replica_sum", Kokkos::RangePolicy<execution_space>(space, 0, n), KOKKOS_LAMBDA(long i) {
+            Scalar acc = 0;
+            for (long h = 0; h < H; ++h) {
+              const long src = dev(first + h);
+              acc += src < 0 ? g(base + i) : stage(src + i);
+            }
+            g(base + i) = acc;
+          });
+    }
+    space.fence();  // the table's host copy goes out of scope
+  }
   static int group_of(ParamTag t) {
     switch (t) {
       case ParamTag::dense: return 0;
@@ -146,6 +224,7 @@ class GradSync {
   std::shared_ptr<ProcessGroups> m_groups;
   std::vector<ParamRef<Scalar, MemorySpace>> m_params;
   std::vector<Bucket> m_buckets;
+  Kokkos::View<Scalar*, MemorySpace> m_replica_stage;
 };
 
 }  // namespace moka

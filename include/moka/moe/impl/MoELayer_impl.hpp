@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <optional>
 #include <string>
@@ -57,9 +58,15 @@ inline Placement resolved_placement(const MoEConfig& cfg, const std::shared_ptr<
   MOKA_REQUIRE(p.num_experts() == cfg.num_experts, "moka::MoELayer: the placement has ", p.num_experts(),
                " experts, moe.num_experts = ", cfg.num_experts);
   MOKA_REQUIRE(p.ep_size() == P, "moka::MoELayer: the placement spans ", p.ep_size(), " ranks, the EP group ", P);
-  MOKA_REQUIRE(p.single_slot(), "moka::MoELayer: the placement gives some experts several slots (",
-               p.num_slots(), " slots for ", p.num_experts(), " experts); replicated experts are not supported by "
-               "the layer yet");
+  for (int r = 0; r < P; ++r) {
+    std::vector<int> seen(p.num_experts(), -1);
+    for (int l = 0; l < p.slots_per_rank(); ++l) {
+      const int e = p.expert_at(r, l);
+      MOKA_REQUIRE(seen[e] < 0, "moka::MoELayer: the placement puts expert ", e, " twice on EP rank ", r,
+                   " (local slots ", seen[e], " and ", l, "); replicas must be on different ranks");
+      seen[e] = l;
+    }
+  }
   return p;
 }
 
@@ -76,24 +83,15 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr
     : m_cfg((config.validate(), config)),
       m_groups(std::move(groups)),
       m_S(impl::validated_slices(config, m_groups)),
-      m_L(config.num_experts / (m_groups ? m_groups->ep_size() : 1)),
+      m_L(0),  // the placement's slots per rank, set below
       m_dffl(config.d_ff / m_S),
       m_dfil(config.d_ff_in() / m_S),
       m_ep_rank(m_groups ? m_groups->ep_rank() : 0),
       m_place(impl::resolved_placement(config, m_groups, std::move(placement))),
-      m_params(config, "moka::moe::", m_L, m_S),
-      m_grads(config, "moka::moe::grad_", m_L, m_S) {
-  m_identity = m_place.is_contiguous();
-  if (!m_identity) {
-    m_expert_slot = index_vector("moka::moe::expert_slot", config.num_experts);
-    m_slot_counts = index_vector("moka::moe::slot_counts", config.num_experts);
-    auto h        = Kokkos::create_mirror_view(m_expert_slot);
-    for (int e = 0; e < config.num_experts; ++e) {
-      const Placement::Slot s = m_place.slots_of(e).front();
-      h(e)                    = s.rank * m_L + s.local;
-    }
-    Kokkos::deep_copy(m_expert_slot, h);
-  }
+      m_params(config, "moka::moe::", m_place.slots_per_rank(), m_S),
+      m_grads(config, "moka::moe::grad_", m_place.slots_per_rank(), m_S) {
+  m_L = m_place.slots_per_rank();
+  apply_placement();
   {
     // The expert-side offsets, the bias-sum chunk starts and the coalesced
     // exchange's segments share one allocation, so each forward uploads its
@@ -108,7 +106,6 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr
         Kokkos::subview(m_plan_dev, std::make_pair(2 * (m_L + 1), 2 * (m_L + 1) + 3 * P * m_L)));
   }
   m_counts    = index_vector("moka::moe::counts", config.num_experts);
-  m_offsets   = index_vector("moka::moe::offsets", config.num_experts + 1);
   m_sel_bias  = Kokkos::View<Scalar*, MemorySpace>("moka::moe::selection_bias", config.num_experts);
   m_bal_grad  = Kokkos::View<Scalar*, MemorySpace>("moka::moe::balance_grad", config.num_experts);
   m_imp_grad  = Kokkos::View<Scalar*, MemorySpace>("moka::moe::importance_grad", config.num_experts);
@@ -139,6 +136,55 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr
     }
   }
   if (config.gate == GateType::trace) m_trace_counts = read_trace_gate_counts(config);
+}
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::set_placement(const Placement& p) {
+  Placement q = impl::resolved_placement(m_cfg, m_groups, p);
+  MOKA_REQUIRE(q.slots_per_rank() == m_L, "moka::MoELayer::set_placement: the placement has ", q.slots_per_rank(),
+               " slots per rank, the layer ", m_L);
+  m_place = std::move(q);
+  apply_placement();
+}
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::apply_placement() {
+  const int E = m_cfg.num_experts, N = m_place.num_slots();
+  m_identity   = m_place.is_contiguous();
+  m_replicated = !m_place.single_slot();
+  if (!m_replicas) m_replicas = std::make_shared<ReplicaGroups>();
+  m_replicas->rebuild(m_place, m_ep_rank);
+  if (static_cast<int>(m_offsets.extent(0)) != N + 1) m_offsets = index_vector("moka::moe::offsets", N + 1);
+  if (m_identity) return;
+  if (m_expert_slot.extent(0) == 0) m_expert_slot = index_vector("moka::moe::expert_slot", E);
+  if (static_cast<int>(m_slot_counts.extent(0)) != N) m_slot_counts = index_vector("moka::moe::slot_counts", N);
+  auto h = Kokkos::create_mirror_view(m_expert_slot);
+  for (int e = 0; e < E; ++e) {
+    const Placement::Slot s = m_place.slots_of(e).front();
+    h(e)                    = s.rank * m_L + s.local;
+  }
+  Kokkos::deep_copy(m_expert_slot, h);
+  if (!m_replicated) return;
+  // Each expert's slots by rank (the order the rows are split in).
+  if (m_rep_start.extent(0) == 0) {
+    m_rep_start      = index_vector("moka::moe::replica_start", E + 1);
+    m_rep_slot       = index_vector("moka::moe::replica_slot", N);
+    m_expert_offsets = index_vector("moka::moe::expert_offsets", E + 1);
+    m_rep_base       = Kokkos::View<long*, MemorySpace>("moka::moe::replica_base", 2 * E);
+  }
+  auto hs = Kokkos::create_mirror_view(m_rep_start);
+  auto hl = Kokkos::create_mirror_view(m_rep_slot);
+  int at  = 0;
+  for (int e = 0; e < E; ++e) {
+    hs(e) = at;
+    std::vector<Placement::Slot> slots = m_place.slots_of(e);
+    std::sort(slots.begin(), slots.end(),
+              [](const Placement::Slot& a, const Placement::Slot& b) { return a.rank < b.rank; });
+    for (const auto& sl : slots) hl(at++) = sl.rank * m_L + sl.local;
+  }
+  hs(E) = at;
+  Kokkos::deep_copy(m_rep_start, hs);
+  Kokkos::deep_copy(m_rep_slot, hl);
 }
 
 template <class Scalar, class MemorySpace>
@@ -271,7 +317,6 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
   require_extent(where, y, 0, x.extent(0), "rows");
   require_extent(where, y, 1, m_cfg.d_model, "columns");
   const int T = static_cast<int>(x.extent(0));
-  const int E = m_cfg.num_experts;
   ensure_workspace(T);
   global_batch(T);
   m_x = x;
@@ -284,55 +329,7 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
   // Capacity, slots and the dispatch-ordered rows.
   {
     ScopedRegion r("moka::MoELayer::dispatch");
-    const bool global = m_cfg.global_capacity() && !m_cfg.dropless && m_groups && m_groups->gate().size() > 1;
-    m_capacity = m_cfg.capacity(global ? m_T_global : T, m_training);
-    // The gate's experts as slots of the placement (one slot per expert, so
-    // capacity per slot is capacity per expert); from here on rows are in
-    // slot order.
-    index_matrix slot_route = m_route;
-    if (!m_identity) {
-      if (m_slot_route.extent(0) != m_route.extent(0) || m_slot_route.extent(1) != m_route.extent(1))
-        m_slot_route = index_matrix("moka::moe::slot_route", m_route.extent(0), m_route.extent(1));
-      auto route = m_route, sr = m_slot_route;
-      auto es    = m_expert_slot;
-      Kokkos::parallel_for(
-          "moka::route_to_slots", impl::row_major_2d(space, long(route.extent(0)), long(route.extent(1))),
-          KOKKOS_LAMBDA(long t, long j) {
-            const int e = route(t, j);
-            sr(t, j)    = e < 0 ? -1 : es(e);
-          });
-      slot_route = m_slot_route;
-    }
-    Kokkos::View<long*, MemorySpace> base;
-    if (global) {
-      // Assignments to each expert on lower ranks come first in global order.
-      if (m_cap_base.extent(0) == 0) m_cap_base = Kokkos::View<long*, MemorySpace>("moka::moe::capacity_base", E);
-      if (m_routed.extent(0) == 0) m_routed = Kokkos::View<long*, MemorySpace>("moka::moe::routed", E);
-      auto routed = m_routed;
-      auto route = slot_route;
-      const int k = m_cfg.top_k;
-      Kokkos::parallel_for(
-          "moka::routed_counts", Kokkos::RangePolicy<execution_space>(space, 0, E), KOKKOS_LAMBDA(int e) {
-            long c = 0;
-            for (int t = 0; t < T; ++t)
-              for (int j = 0; j < k; ++j) c += route(t, j) == e ? 1 : 0;
-            routed(e) = c;
-          });
-      auto hr = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), routed);
-      auto hb = Kokkos::create_mirror_view(m_cap_base);
-      m_groups->gate().exscan_host(hr.data(), hb.data(), E);
-      Kokkos::deep_copy(m_cap_base, hb);
-      base = m_cap_base;
-    }
-    m_rows = impl::assign_slots(space, m_cfg.drop_policy, m_capacity, base, slot_route, m_score,
-                                m_identity ? m_counts : m_slot_counts, m_offsets, m_slot, m_slot_work, m_row_token,
-                                m_row_choice, m_h_offsets);
-    if (!m_identity) {
-      auto counts = m_counts, sc = m_slot_counts, es = m_expert_slot;
-      Kokkos::parallel_for(
-          "moka::slot_counts_to_experts", Kokkos::RangePolicy<execution_space>(space, 0, E),
-          KOKKOS_LAMBDA(int e) { counts(e) = sc(es(e)); });
-    }
+    route_to_slots(space);
     {
       if (m_tx.active()) m_tx.align_for_timing(space);
       ScopedRegion plan("moka::MoELayer::exchange_plan");
@@ -495,6 +492,111 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
 #include <moka/moe/impl/MoELayerGate_impl.hpp>
 
 namespace moka {
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::route_to_slots(const execution_space& space) {
+  const int T = m_T, E = m_cfg.num_experts, k = m_cfg.top_k;
+  const bool global = m_cfg.global_capacity() && !m_cfg.dropless && m_groups && m_groups->gate().size() > 1;
+  m_capacity = m_cfg.capacity(global ? m_T_global : T, m_training);
+  if (!m_identity &&
+      (m_slot_route.extent(0) != m_route.extent(0) || m_slot_route.extent(1) != m_route.extent(1)))
+    m_slot_route = index_matrix("moka::moe::slot_route", m_route.extent(0), m_route.extent(1));
+  // Capacity is per logical expert. One slot per expert: the gate's
+  // experts as slots before the slot assignment (capacity per slot is
+  // capacity per expert), rows in slot order from there. Replicas: the
+  // assignment by expert first, then the kept rows split among the
+  // replicas and placed by slot in a second, dropless pass.
+  index_matrix route = m_route;
+  if (!m_identity && !m_replicated) {
+    auto r = m_route, sr = m_slot_route;
+    auto es = m_expert_slot;
+    Kokkos::parallel_for(
+        "moka::route_to_slots", impl::row_major_2d(space, long(r.extent(0)), long(r.extent(1))),
+        KOKKOS_LAMBDA(long t, long j) {
+          const int e = r(t, j);
+          sr(t, j)    = e < 0 ? -1 : es(e);
+        });
+    route = m_slot_route;
+  }
+  Kokkos::View<long*, MemorySpace> base;
+  if (global) {
+    // Assignments to each expert on lower ranks come first in global order.
+    if (m_cap_base.extent(0) == 0) m_cap_base = Kokkos::View<long*, MemorySpace>("moka::moe::capacity_base", E);
+    if (m_routed.extent(0) == 0) m_routed = Kokkos::View<long*, MemorySpace>("moka::moe::routed", E);
+    auto routed = m_routed;
+    auto rt     = route;
+    Kokkos::parallel_for(
+        "moka::routed_counts", Kokkos::RangePolicy<execution_space>(space, 0, E), KOKKOS_LAMBDA(int e) {
+          long c = 0;
+          for (int t = 0; t < T; ++t)
+            for (int j = 0; j < k; ++j) c += rt(t, j) == e ? 1 : 0;
+          routed(e) = c;
+        });
+    auto hr = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), routed);
+    auto hb = Kokkos::create_mirror_view(m_cap_base);
+    m_groups->gate().exscan_host(hr.data(), hb.data(), E);
+    Kokkos::deep_copy(m_cap_base, hb);
+    base = m_cap_base;
+  }
+  if (!m_replicated) {
+    m_rows = impl::assign_slots(space, m_cfg.drop_policy, m_capacity, base, route, m_score,
+                                m_identity ? m_counts : m_slot_counts, m_offsets, m_slot, m_slot_work, m_row_token,
+                                m_row_choice, m_h_offsets);
+    if (!m_identity) {
+      auto counts = m_counts, sc = m_slot_counts, es = m_expert_slot;
+      Kokkos::parallel_for(
+          "moka::slot_counts_to_experts", Kokkos::RangePolicy<execution_space>(space, 0, E),
+          KOKKOS_LAMBDA(int e) { counts(e) = sc(es(e)); });
+    }
+    return;
+  }
+  if (m_expert_row.extent(0) != m_route.extent(0) || m_expert_row.extent(1) != m_route.extent(1))
+    m_expert_row = index_matrix("moka::moe::expert_row", m_route.extent(0), m_route.extent(1));
+  impl::assign_slots(space, m_cfg.drop_policy, m_capacity, base, m_route, m_score, m_counts, m_expert_offsets,
+                     m_expert_row, m_slot_work, m_row_token_e, m_row_choice_e, m_h_expert_offsets);
+  // Where this rank's kept rows of each expert start in the EP group's
+  // order, and how many the group has: row i of the group's rows of expert
+  // e goes to replica i R / total (R replicas, by rank).
+  const int P = m_groups ? m_groups->ep_size() : 1, me = m_ep_rank;
+  std::vector<long> mine(E), all(std::size_t(P) * E);
+  for (int e = 0; e < E; ++e) mine[e] = m_h_expert_offsets[e + 1] - m_h_expert_offsets[e];
+  if (P > 1) m_groups->ep().allgather_counts(mine.data(), all.data(), E);
+  else all = mine;
+  auto hb = Kokkos::create_mirror_view(m_rep_base);
+  for (int e = 0; e < E; ++e) {
+    long before = 0, total = 0;
+    for (int q = 0; q < P; ++q) {
+      if (q < me) before += all[std::size_t(q) * E + e];
+      total += all[std::size_t(q) * E + e];
+    }
+    hb(e)     = before;
+    hb(E + e) = total;
+  }
+  Kokkos::deep_copy(space, m_rep_base, hb);
+  {
+    auto rows = m_expert_row, r = m_route, sr = m_slot_route;
+    auto off = m_expert_offsets, rs = m_rep_start, rl = m_rep_slot;
+    auto rb  = m_rep_base;
+    Kokkos::parallel_for(
+        "moka::split_replicas", impl::row_major_2d(space, long(r.extent(0)), long(r.extent(1))),
+        KOKKOS_LAMBDA(long t, long j) {
+          const int row = rows(t, j);
+          if (row < 0) {
+            sr(t, j) = -1;
+            return;
+          }
+          const int e   = r(t, j);
+          const long R  = rs(e + 1) - rs(e);
+          const long g  = rb(e) + (row - off(e));
+          const long rep = R == 1 ? 0 : g * R / rb(E + e);
+          sr(t, j)      = rl(rs(e) + rep);
+        });
+  }
+  space.fence();  // hb's host copy
+  m_rows = impl::assign_slots(space, DropPolicy::position, std::numeric_limits<long>::max() / 2,
+                              Kokkos::View<long*, MemorySpace>(), m_slot_route, m_score, m_slot_counts, m_offsets,
+                              m_slot, m_slot_work2, m_row_token, m_row_choice, m_h_offsets);
+}
 
 template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::plan_exchange(const execution_space& space) {
