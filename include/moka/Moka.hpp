@@ -27,13 +27,16 @@
 #include <moka/parallel/ParamTag.hpp>
 #include <moka/parallel/Placement.hpp>
 #include <moka/parallel/ProcessGroups.hpp>
+#include <moka/parallel/ReplicaGroups.hpp>
 // moe: the MoE layer
 #include <moka/moe/MoEConfig.hpp>
 #include <moka/moe/MoELayer.hpp>
+#include <moka/moe/TokenExchange.hpp>
 // model: dense layers, the MoE model, the optimizer
 #include <moka/model/Dense.hpp>
 #include <moka/model/MoEModel.hpp>
 #include <moka/model/Optimizer.hpp>
+#include <moka/balance/Migration.hpp>
 // train: the training loop, the regime task, run and benchmark settings
 #include <moka/train/BenchConfig.hpp>
 #include <moka/train/RegimeTask.hpp>

@@ -194,6 +194,23 @@ class Optimizer {
     if (e.v.extent(0) > 0) from_host(st.v, e.v, offset);
     if (e.shadow.extent(0) > 0) from_host(st.bf16_copy, e.shadow, offset);
   }
+  /// \brief The registered tensor whose parameter starts at \p param, or -1.
+  long find(const Scalar* param) const {
+    for (std::size_t i = 0; i < m_entries.size(); ++i)
+      if (m_entries[i].param.data() == param) return static_cast<long>(i);
+    return -1;
+  }
+  /// \brief Tensor \p i's moments in place (device views: momentum or the
+  /// first moment, and the second moment, empty for sgd), for code that
+  /// moves state without a trip through the host (expert migration).
+  flat first_moment(std::size_t i) const {
+    const Entry& e = entry(i, "first_moment");
+    return flat(e.m.data(), e.m.extent(0));
+  }
+  flat second_moment(std::size_t i) const {
+    const Entry& e = entry(i, "second_moment");
+    return flat(e.v.data(), e.v.extent(0));
+  }
   /// \brief The configuration.
   const OptimizerConfig& config() const { return m_cfg; }
 

@@ -24,6 +24,71 @@
 
 namespace moka {
 
+namespace impl {
+/// Sums each replicated slot of \p grad ([L slots, ...], slot-major) over
+/// the expert's replicas in the EP group \p ep: every holder sends its part
+/// to the others (a pair's blocks ordered by expert), then adds the parts
+/// in rank order, so every replica holds bitwise the same sum. Collective
+/// over \p ep; \p stage grows as needed.
+template <class Exec, class Scalar, class MemorySpace, class... Props>
+void sum_over_replicas(const Exec& space, Communicator& ep, const ReplicaGroups& r,
+                       const Kokkos::View<Scalar*, MemorySpace, Props...>& grad,
+                       Kokkos::View<Scalar*, MemorySpace>& stage_buf) {
+  ScopedRegion region("moka::GradSync::replicas");
+  const int me = ep.rank();
+  const int L  = r.slots_per_rank;
+  const long n = static_cast<long>(grad.extent(0)) / L;
+  std::vector<int> order(L);
+  for (int l = 0; l < L; ++l) order[l] = l;
+  std::sort(order.begin(), order.end(), [&](int a, int b) { return r.expert[a] < r.expert[b]; });
+  std::vector<Communicator::Block> sends, recvs;
+  // Table per replicated slot: slot, holders H, then H sources (-1: own,
+  // else an offset in the staging buffer), in rank order.
+  std::vector<long> table;
+  long staged = 0;
+  for (int l : order) {
+    if (r.holders[l].size() < 2) continue;
+    table.push_back(l);
+    table.push_back(static_cast<long>(r.holders[l].size()));
+    for (const auto& h : r.holders[l]) {
+      if (h.rank == me) {
+        table.push_back(-1);
+        continue;
+      }
+      sends.push_back({h.rank, l * n, n});
+      recvs.push_back({h.rank, staged, n});
+      table.push_back(staged);
+      staged += n;
+    }
+  }
+  if (static_cast<long>(stage_buf.extent(0)) < staged)
+    stage_buf = Kokkos::View<Scalar*, MemorySpace>(
+        Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::replica_grad_stage"), staged);
+  ep.alltoallv_blocks(space, grad.data(), sends, stage_buf.data(), recvs, data_type_of<Scalar>(),
+                      memory_kind_of<MemorySpace>());
+  if (table.empty()) return;
+  Kokkos::View<long*, MemorySpace> dev("moka::replica_table", table.size());
+  Kokkos::View<const long*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> host(table.data(),
+                                                                                              table.size());
+  Kokkos::deep_copy(space, dev, host);
+  auto g     = grad;
+  auto stage = stage_buf;
+  for (std::size_t at = 0; at < table.size(); at += 2 + table[at + 1]) {
+    const long base = table[at] * n, first = static_cast<long>(at) + 2, H = table[at + 1];
+    Kokkos::parallel_for(
+        "moka::replica_sum", Kokkos::RangePolicy<Exec>(space, 0, n), KOKKOS_LAMBDA(long i) {
+          Scalar acc = 0;
+          for (long h = 0; h < H; ++h) {
+            const long src = dev(first + h);
+            acc += src < 0 ? g(base + i) : stage(src + i);
+          }
+          g(base + i) = acc;
+        });
+  }
+  space.fence();  // the table's host copy goes out of scope
+}
+}  // namespace impl
+
 /// \brief A parameter tensor and its gradient, flattened, with its tag.
 template <class Scalar, class MemorySpace>
 struct ParamRef {
@@ -148,65 +213,8 @@ class GradSync {
       off += g.extent(0);
     }
   }
-  /// Sums each replicated slot's gradient over the expert's replicas in
-  /// the EP group: every holder sends its part to the others (pairs' blocks
-  /// ordered by expert), then adds the parts in rank order, so every
-  /// replica holds bitwise the same sum.
   void sum_replicas(const execution_space& space, const ParamRef<Scalar, MemorySpace>& p) {
-    ScopedRegion region("moka::GradSync::replicas");
-    const ReplicaGroups& r = *p.replicas;
-    Communicator& ep       = m_groups->ep();
-    const int me           = ep.rank();
-    const int L            = r.slots_per_rank;
-    const long n           = static_cast<long>(p.grad.extent(0)) / L;
-    std::vector<int> order(L);
-    for (int l = 0; l < L; ++l) order[l] = l;
-    std::sort(order.begin(), order.end(), [&](int a, int b) { return r.expert[a] < r.expert[b]; });
-    std::vector<Communicator::Block> sends, recvs;
-    // Table per replicated slot: slot, holders H, then H sources (-1: own,
-    // else an offset in the staging buffer), in rank order.
-    std::vector<long> table;
-    long staged = 0;
-    for (int l : order) {
-      if (r.holders[l].size() < 2) continue;
-      table.push_back(l);
-      table.push_back(static_cast<long>(r.holders[l].size()));
-      for (const auto& h : r.holders[l]) {
-        if (h.rank == me) {
-          table.push_back(-1);
-          continue;
-        }
-        sends.push_back({h.rank, l * n, n});
-        recvs.push_back({h.rank, staged, n});
-        table.push_back(staged);
-        staged += n;
-      }
-    }
-    if (static_cast<long>(m_replica_stage.extent(0)) < staged)
-      m_replica_stage = Kokkos::View<Scalar*, MemorySpace>(
-          Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::replica_grad_stage"), staged);
-    ep.alltoallv_blocks(space, p.grad.data(), sends, m_replica_stage.data(), recvs, data_type_of<Scalar>(),
-                        memory_kind_of<MemorySpace>());
-    if (table.empty()) return;
-    Kokkos::View<long*, MemorySpace> dev("moka::replica_table", table.size());
-    Kokkos::View<const long*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> host(table.data(),
-                                                                                                table.size());
-    Kokkos::deep_copy(space, dev, host);
-    auto g     = p.grad;
-    auto stage = m_replica_stage;
-    for (std::size_t at = 0; at < table.size(); at += 2 + table[at + 1]) {
-      const long base = table[at] * n, first = static_cast<long>(at) + 2, H = table[at + 1];
-      Kokkos::parallel_for(
-          "moka::replica_sum", Kokkos::RangePolicy<execution_space>(space, 0, n), KOKKOS_LAMBDA(long i) {
-            Scalar acc = 0;
-            for (long h = 0; h < H; ++h) {
-              const long src = dev(first + h);
-              acc += src < 0 ? g(base + i) : stage(src + i);
-            }
-            g(base + i) = acc;
-          });
-    }
-    space.fence();  // the table's host copy goes out of scope
+    impl::sum_over_replicas(space, m_groups->ep(), *p.replicas, p.grad, m_replica_stage);
   }
   static int group_of(ParamTag t) {
     switch (t) {
