@@ -11,6 +11,7 @@
 // on the device with the default backend (NCCL when every rank has a GPU)
 // and with MPI staging through host buffers.
 #include <moka/parallel/GradSync.hpp>
+#include <moka/parallel/ReplicaSplit.hpp>
 #include <moka/moe/MoELayer.hpp>
 #include <moka/parallel/ProcessGroups.hpp>
 #include <moka/train/Trainer.hpp>
@@ -295,6 +296,17 @@ void check_layer(const Layout& lay, const std::shared_ptr<moka::ProcessGroups>& 
       EXPECT_EQ(dist.exchange_direct(), groups->config().exchange_direct == "on") << at;
     EXPECT_EQ(dist.tokens_global(), T_global) << at;
     EXPECT_EQ(dist.token_offset(), t0) << at;
+    if (how == Placed::replicated && groups->edp_size() == 1 && groups->slice_size() == 1) {
+      // The rows this rank's slots took: the split of the whole batch's
+      // kept rows per expert (the single-rank counts) by split_replica_rows.
+      std::vector<std::vector<int>> layout(groups->ep_size());
+      for (int q = 0; q < groups->ep_size(); ++q)
+        for (int l = 0; l < dist.local_experts(); ++l) layout[q].push_back(dist.placement().expert_at(q, l));
+      const auto share = moka::split_replica_rows(layout, std::vector<double>(r.counts.begin(), r.counts.end()), true);
+      double want = 0;
+      for (double v : share[groups->ep_rank()]) want += v;
+      EXPECT_EQ(double(dist.expert_rows()), want) << at << ": rows of this rank's slots";
+    }
     compare(moka_test::to_vec(Y), rows(r.y, t0, T, d), rows_exact, tol, at + " y");
     compare(moka_test::to_vec(DX), rows(r.dx, t0, T, d), rows_exact, tol, at + " dx");
     compare(moka_test::to_vec(dist.grads().gate_w), r.dwg, W == 1, tol, at + " dgate_w");

@@ -1,3 +1,4 @@
+#include <moka/balance/BalanceConfig.hpp>
 #include <moka/train/BenchConfig.hpp>
 #include <moka/deck/InputDeck.hpp>
 #include <moka/train/RunConfig.hpp>
@@ -263,8 +264,10 @@ TEST(InputDeck, ExampleDecksValidate) {
   for (const auto& entry : fs::directory_iterator(fs::path(MOKA_SOURCE_DIR) / "input_decks")) {
     if (entry.path().extension() != ".deck") continue;
     auto d = moka::InputDeck::parse_file(entry.path().string());
-    const bool bench = entry.path().filename().string().rfind("bench_", 0) == 0;
-    EXPECT_NO_THROW(d.validate(bench ? moka::bench_schema() : moka::train_schema())) << entry.path();
+    const std::string name = entry.path().filename().string();
+    const bool bench = name.rfind("bench_", 0) == 0, replay = name.rfind("replay", 0) == 0;
+    EXPECT_NO_THROW(d.validate(bench ? moka::bench_schema() : replay ? moka::replay_schema() : moka::train_schema()))
+        << entry.path();
     ++n;
   }
   EXPECT_GE(n, 1);

@@ -11,6 +11,7 @@
 
 #include <moka/balance/Migration.hpp>
 #include <moka/parallel/GradSync.hpp>
+#include <moka/train/Trainer.hpp>
 
 #include <gtest/gtest.h>
 #include <mpi.h>
@@ -19,6 +20,7 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <sstream>
 
 namespace {
 
@@ -234,5 +236,44 @@ TEST(Migration, HostTrainingWithMigrationsEqualsWithout) { all_cases<Kokkos::Hos
 #ifdef KOKKOS_ENABLE_CUDA
 TEST(Migration, DeviceTrainingWithMigrationsEqualsWithout) { all_cases<moka::memory_space>(); }
 #endif
+
+}  // namespace
+
+namespace {
+
+// moka-train's loop with the balancer: the trace gate walks the fixture
+// trace (skewed routing), the moka policy re-plans every 3 steps. Without
+// spare slots every migration is a move of whole experts: the losses are
+// bitwise those of static placement. With a spare slot per rank, replicas
+// come and go: the same within round-off (fp64).
+TEST(Migration, TrainingUnderBalancerEqualsStatic) {
+  const int W = world_size();
+  if (W == 1) GTEST_SKIP() << "the balancer moves experts between ranks: 2 or 4 ranks";
+  const std::string base =
+      "run.name = balance_test\nio.metrics_file = none\ntask.train_size = 512\ntask.test_size = 96\n"
+      "model.blocks = 2\nmoe.d_model = 8\nmoe.d_ff = 16\nmoe.num_experts = 32\nmoe.top_k = 2\n"
+      "gate.type = trace\ngate.trace_file = " + moka_test::data_file("gpt_moe_32e_cut.h5") + "\n"
+      "gate.trace_iteration = 0\ntrain.precision = fp64\ntrain.steps = 12\ntrain.batch_size = 64\n"
+      "train.lr = 3e-3\nio.log_every = 100\nio.eval_every = 6\nparallel.expert_parallel = " + std::to_string(W) +
+      "\nbalance.interval = 3\nbalance.migration_gbs = 1e6\nbalance.row_ns = 1000\n";
+  auto run = [&](const std::string& extra) {
+    auto deck = moka::InputDeck::parse_string(base + extra, "balance.deck");
+    deck.validate(moka::train_schema());
+    std::ostringstream log;
+    const auto r = moka::train_regime_model(MPI_COMM_WORLD, deck, log);
+    return std::make_pair(r, log.str());
+  };
+  const auto st  = run("balance.policy = static\n");
+  const auto mk  = run("balance.policy = moka\n");
+  const auto rep = run("balance.policy = moka\nbalance.slots_per_rank = " + std::to_string(32 / W + 1) + "\n");
+  if (world_rank() == 0) {
+    EXPECT_NE(mk.second.find("balance: step 3 layer 0 moka"), std::string::npos) << mk.second;
+    EXPECT_NE(rep.second.find("experts replicated"), std::string::npos) << rep.second;
+  }
+  EXPECT_EQ(mk.first.final_train_loss, st.first.final_train_loss);
+  EXPECT_EQ(mk.first.final_test_loss, st.first.final_test_loss);
+  EXPECT_NEAR(rep.first.final_train_loss, st.first.final_train_loss, 1e-12 * st.first.final_train_loss);
+  EXPECT_NEAR(rep.first.final_test_loss, st.first.final_test_loss, 1e-12 * st.first.final_test_loss);
+}
 
 }  // namespace

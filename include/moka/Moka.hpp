@@ -28,6 +28,7 @@
 #include <moka/parallel/Placement.hpp>
 #include <moka/parallel/ProcessGroups.hpp>
 #include <moka/parallel/ReplicaGroups.hpp>
+#include <moka/parallel/ReplicaSplit.hpp>
 // moe: the MoE layer
 #include <moka/moe/MoEConfig.hpp>
 #include <moka/moe/MoELayer.hpp>
@@ -36,7 +37,11 @@
 #include <moka/model/Dense.hpp>
 #include <moka/model/MoEModel.hpp>
 #include <moka/model/Optimizer.hpp>
+#include <moka/balance/BalanceConfig.hpp>
+#include <moka/balance/Balancer.hpp>
+#include <moka/balance/LoadMonitor.hpp>
 #include <moka/balance/Migration.hpp>
+#include <moka/balance/Policy.hpp>
 // train: the training loop, the regime task, run and benchmark settings
 #include <moka/train/BenchConfig.hpp>
 #include <moka/train/RegimeTask.hpp>

@@ -144,7 +144,11 @@ DeckSchema MoEConfig::schema() {
   s.add("gate.trace_file", DeckType::string).set_default("").set_doc("Trace gate: HDF5 file with /counts.");
   s.add("gate.trace_layer", DeckType::integer).set_default("0").set_min(0).set_doc("Trace gate: layer index.");
   s.add("gate.trace_iteration", DeckType::integer).set_default("-1").set_min(-1)
-      .set_doc("Trace gate: row of the trace's iteration axis (-1: the last).");
+      .set_doc("Trace gate: first row of the trace's iteration axis (-1: the last).");
+  s.add("gate.trace_stride", DeckType::integer).set_default("1").set_min(0)
+      .set_doc("Trace gate: rows advanced per training forward, wrapping at the end (FastMoE's FileGate walks the "
+               "trace); 0 replays gate.trace_iteration at every forward. Block b of a model uses trace layer "
+               "gate.trace_layer + b.");
   s.add("gate.dropless", DeckType::boolean).set_default("true").set_doc("No capacity limit.");
   s.add("gate.drop_policy", DeckType::string)
       .set_default("position")
@@ -184,11 +188,12 @@ MoEConfig MoEConfig::from_deck(const InputDeck& deck) {
   c.trace_file       = deck.get<std::string>("gate.trace_file");
   c.trace_layer      = deck.get<int>("gate.trace_layer");
   c.trace_iteration  = deck.get<int>("gate.trace_iteration");
+  c.trace_stride     = deck.get<int>("gate.trace_stride");
   c.validate();
   return c;
 }
 
-std::vector<long> read_trace_gate_counts(const MoEConfig& cfg) {
+std::vector<std::vector<long>> read_trace_gate_rows(const MoEConfig& cfg) {
   RoutingTrace trace;
   try {
     trace = read_routing_trace(cfg.trace_file);
@@ -197,11 +202,18 @@ std::vector<long> read_trace_gate_counts(const MoEConfig& cfg) {
   }
   MOKA_REQUIRE(trace.n_experts == cfg.num_experts, "gate.trace_file '", cfg.trace_file, "' has ", trace.n_experts,
                " experts, moe.num_experts = ", cfg.num_experts);
-  std::vector<long> counts = trace.expert_counts(cfg.trace_iteration, cfg.trace_layer);
-  MOKA_REQUIRE(std::accumulate(counts.begin(), counts.end(), 0L) > 0, "gate.trace_file '", cfg.trace_file,
-               "': layer ", cfg.trace_layer, ", iteration row ", cfg.trace_iteration,
-               " of /counts holds no assignments (every count is zero)");
-  return counts;
+  MOKA_REQUIRE(cfg.trace_layer < trace.n_layers, "gate.trace_file '", cfg.trace_file, "' has ", trace.n_layers,
+               " layers; gate.trace_layer (plus the block index) = ", cfg.trace_layer, " is past them");
+  MOKA_REQUIRE(cfg.trace_iteration < trace.n_iter, "gate.trace_iteration = ", cfg.trace_iteration, " but '",
+               cfg.trace_file, "' has ", trace.n_iter, " rows");
+  std::vector<std::vector<long>> rows;
+  for (long r = 0; r < trace.n_iter; ++r) {
+    rows.push_back(trace.expert_counts(r, cfg.trace_layer));
+    MOKA_REQUIRE(std::accumulate(rows.back().begin(), rows.back().end(), 0L) > 0, "gate.trace_file '",
+                 cfg.trace_file, "': layer ", cfg.trace_layer, ", iteration row ", r,
+                 " of /counts holds no assignments (every count is zero)");
+  }
+  return rows;
 }
 
 }  // namespace moka

@@ -1,3 +1,4 @@
+#include <moka/balance/Balancer.hpp>
 #include <moka/comm/CommCheck.hpp>
 #include <moka/moe/LayerMemory.hpp>
 #include <moka/core/Log.hpp>
@@ -51,10 +52,25 @@ DeckSchema train_schema() {
   s.merge(OptimizerConfig::schema());
   s.merge(TrainerConfig::schema());
   s.merge(ParallelConfig::schema());
+  s.merge(BalanceConfig::schema());
   return s;
 }
 
 namespace {
+
+Placement initial_placement(int num_experts, int ep, int slots) {
+  const int base = num_experts / ep;
+  if (slots == base) return Placement();
+  // Spare slots start with replicas of the experts that follow the rank's
+  // own (never one it holds); the balancer moves them from the first re-plan.
+  std::vector<int> s;
+  for (int r = 0; r < ep; ++r) {
+    for (int l = 0; l < base; ++l) s.push_back(r * base + l);
+    for (int j = 0; j < slots - base; ++j) s.push_back(((r + 1) * base + j) % num_experts);
+  }
+  return Placement::from_slots(num_experts, ep, s);
+}
+
 
 std::string format_seconds(double s) {
   std::ostringstream os;
@@ -98,7 +114,10 @@ class RegimeRun {
         m_local_batch(local_batch(m_tcfg, m_size)),
         m_train(make_regime_data(m_task, 0)),
         m_test(make_regime_data(m_task, 1)),
-        m_model(m_mcfg, m_groups),
+        m_bcfg(BalanceConfig::from_deck(deck)),
+        m_model(m_mcfg, m_groups,
+                initial_placement(m_mcfg.moe.num_experts, m_groups->ep_size(),
+                                  m_bcfg.slots(m_mcfg.moe.num_experts, m_groups->ep_size()))),
         m_opt(m_ocfg),
         m_order(m_train.n) {
     if (m_run.comm_check) {
@@ -112,6 +131,9 @@ class RegimeRun {
     // bf16: the optimizer writes the experts' bf16 weight copies in its update.
     if (m_mcfg.moe.bf16_compute) m_model.set_bf16_weights_managed(true);
     m_sync = std::make_unique<GradSync<S, M>>(m_groups, params, m_pcfg.bucket_mb);
+    std::vector<MoELayer<S, M>*> layers;
+    for (int b = 0; b < m_mcfg.blocks; ++b) layers.push_back(&m_model.moe(b));
+    m_balancer = std::make_unique<Balancer<S, M>>(m_bcfg, layers, &m_opt);
     m_x    = matrix("moka::train.x", m_local_batch, m_mcfg.d_in);
     m_y    = matrix("moka::train.y", m_local_batch, m_mcfg.d_out);
     m_out  = matrix("moka::train.out", m_local_batch, m_mcfg.d_out);
@@ -142,6 +164,7 @@ class RegimeRun {
       take_step(line);
       loss = line.loss;
       expert_load(line.load_min, line.load_max);
+      balance(line);
       const bool last = step + 1 == m_ocfg.total_steps;
       if ((step + 1) % m_tcfg.eval_every == 0 || last) line.test_loss = held_out_loss(m_model, m_test, m_world, m_space);
       line.elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -162,6 +185,10 @@ class RegimeRun {
   struct StepLine {
     long step = 0;
     double loss = 0, aux = 0, test_loss = -1, lr = 0, norm = 0, sps = 0, load_min = 1, load_max = 1, elapsed = 0;
+    double step_ms = 0;        // this step's forward, backward, sums and update (fenced)
+    double imbalance = 1;      // busiest / mean rank load of the step, the worst MoE layer
+    long moved = 0;            // expert slots migrated after this step
+    double moved_bytes = 0, migration_ms = 0;
   };
 
   static ModelConfig model_config(const InputDeck& deck, const RegimeTaskConfig& task) {
@@ -194,6 +221,7 @@ class RegimeRun {
 
   /// Forward, loss, backward, gradient sums and the optimizer step.
   void take_step(StepLine& line) {
+    const auto t0 = std::chrono::steady_clock::now();
     m_model.zero_grad(m_space);
     m_model.forward(m_space, m_x, m_out);
     // dout scaled by the whole batch: the ranks' gradients sum to its gradient.
@@ -205,6 +233,32 @@ class RegimeRun {
     m_world.allreduce_host(&loss, 1);
     line.loss = loss / m_size;
     line.norm = m_opt.step(m_space, m_sync->global_norm(m_space));
+    m_space.fence();
+    line.step_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  }
+
+  /// The balancer: the step's loads, and every balance.interval steps a
+  /// re-plan (and migration) of each MoE layer, logged at rank 0.
+  void balance(StepLine& line) {
+    if (m_mcfg.blocks == 0) return;
+    m_balancer->record(m_space);
+    m_balancer->observe_step_seconds(line.step_ms * 1e-3);
+    const auto& imb = m_balancer->imbalance_per_layer();
+    line.imbalance  = *std::max_element(imb.begin(), imb.end());
+    for (const BalanceEvent& ev : m_balancer->rebalance(m_space, line.step + 1)) {
+      line.moved += ev.migration.moves;
+      m_migrated += ev.migration.moves;
+      line.moved_bytes += double(ev.migration.bytes);
+      line.migration_ms += ev.migration.seconds * 1e3;
+      if (m_rank != 0) continue;
+      const PlanDecision& d = ev.decision;
+      m_log << std::fixed << std::setprecision(2) << "balance: step " << ev.step << " layer " << ev.layer << " "
+            << to_string(m_bcfg.policy) << ": predicted busiest/mean " << d.busiest_before / d.mean << " -> "
+            << d.busiest_after / d.mean << ", " << ev.migration.moves << " slots moved (" << ev.migration.remote_moves
+            << " between ranks), " << d.replicated << " experts replicated, " << std::setprecision(3)
+            << ev.migration.bytes / 1048576.0 << " MB, migration estimated " << d.migration_seconds * 1e3
+            << " ms, measured " << ev.migration.seconds * 1e3 << " ms" << std::endl;
+    }
   }
 
   /// Tokens per expert of the step over all ranks and blocks, relative to
@@ -233,7 +287,8 @@ class RegimeRun {
     if (m_rank != 0 || m_tcfg.metrics_file.empty()) return;
     m_csv.open(m_tcfg.metrics_file);
     MOKA_REQUIRE(bool(m_csv), "cannot write io.metrics_file '", m_tcfg.metrics_file, "'");
-    m_csv << "step,loss,aux_loss,test_loss,lr,grad_norm,samples_per_s,load_min,load_max,elapsed_s\n";
+    m_csv << "step,loss,aux_loss,test_loss,lr,grad_norm,samples_per_s,load_min,load_max,elapsed_s,step_ms,"
+             "rank_imbalance,migrated_slots,migration_bytes,migration_ms\n";
   }
 
   void write_metrics(const StepLine& l) {
@@ -241,7 +296,8 @@ class RegimeRun {
     m_csv << l.step + 1 << "," << l.loss << "," << l.aux << ",";
     if (l.test_loss >= 0) m_csv << l.test_loss;
     m_csv << "," << l.lr << "," << l.norm << "," << l.sps << "," << l.load_min << "," << l.load_max << ","
-          << l.elapsed << "\n";
+          << l.elapsed << "," << l.step_ms << "," << l.imbalance << "," << l.moved << "," << l.moved_bytes << ","
+          << l.migration_ms << "\n";
   }
 
   void log_start(double initial) {
@@ -264,7 +320,9 @@ class RegimeRun {
     if (l.test_loss >= 0) line << "  held-out " << l.test_loss;
     line << "  lr " << std::setprecision(2) << l.lr << std::fixed << std::setprecision(0) << "  " << l.sps
          << " samples/s  ETA " << format_seconds(eta) << std::setprecision(2) << "  load min/max " << l.load_min
-         << "/" << l.load_max;
+         << "/" << l.load_max << "  ranks busiest/mean " << l.imbalance << "  step " << std::setprecision(1)
+         << l.step_ms << " ms";
+    if (m_bcfg.policy != BalancePolicy::static_placement) line << "  " << m_migrated << " slots migrated";
     m_log << line.str() << std::endl;
   }
 
@@ -289,8 +347,11 @@ class RegimeRun {
   const int m_rank, m_size;
   const long m_local_batch;
   const RegimeData m_train, m_test;
+  const BalanceConfig m_bcfg;
   MoEModel<S, M> m_model;
   Optimizer<S, M> m_opt;
+  std::unique_ptr<Balancer<S, M>> m_balancer;
+  long m_migrated = 0;
   std::unique_ptr<GradSync<S, M>> m_sync;
   Exec m_space;
   matrix m_x, m_y, m_out, m_dout;
@@ -391,7 +452,13 @@ void check_training_deck(const InputDeck& deck, int world_size, int ranks_on_nod
                Kokkos::DefaultExecutionSpace::name(), ")");
 #endif
   (void)task;
-  if (m.blocks > 0 && m.moe.gate == GateType::trace) (void)read_trace_gate_counts(m.moe);
+  if (m.blocks > 0 && m.moe.gate == GateType::trace) {
+    MoEConfig last = m.moe;  // the last block replays trace layer gate.trace_layer + blocks - 1
+    last.trace_layer += m.blocks - 1;
+    (void)read_trace_gate_rows(last);
+  }
+  const ParallelConfig pc = ParallelConfig::from_deck(deck);
+  (void)BalanceConfig::from_deck(deck).slots(m.moe.num_experts, pc.expert_parallel);
   check_memory_fits(training_memory(deck, world_size), ranks_on_node, "the run");
 }
 

@@ -35,14 +35,19 @@ class MoEModel {
   using layer_type      = MoELayer<Scalar, MemorySpace>;
 
   /// \brief The model; \p groups lays its MoE layers out over ranks
-  /// (nullptr: this rank alone).
-  explicit MoEModel(const ModelConfig& cfg, std::shared_ptr<ProcessGroups> groups = nullptr)
+  /// (nullptr: this rank alone); \p placement: where every MoE layer's
+  /// experts start (empty: contiguous). A trace gate's block b replays
+  /// trace layer gate.trace_layer + b.
+  explicit MoEModel(const ModelConfig& cfg, std::shared_ptr<ProcessGroups> groups = nullptr,
+                    const Placement& placement = Placement())
       : m_cfg(cfg), m_in("moka::model.in", cfg.d_in, cfg.moe.d_model),
         m_out("moka::model.out", cfg.moe.d_model, cfg.d_out) {
     MOKA_REQUIRE(cfg.blocks >= 0, "model.blocks = ", cfg.blocks, " must be >= 0");
     for (int b = 0; b < cfg.blocks; ++b) {
       m_norms.emplace_back("moka::model.norm" + std::to_string(b), cfg.moe.d_model);
-      m_moe.push_back(std::make_unique<layer_type>(cfg.moe, groups));
+      MoEConfig layer_cfg = cfg.moe;
+      if (layer_cfg.gate == GateType::trace) layer_cfg.trace_layer += b;
+      m_moe.push_back(std::make_unique<layer_type>(layer_cfg, groups, placement));
     }
   }
 

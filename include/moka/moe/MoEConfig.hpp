@@ -70,7 +70,8 @@ struct MoEConfig {
   bool gemm_epilogue = true;      ///< expert.gemm_epilogue: bf16 gelu_tanh fused into cuBLASLt epilogues
   std::string trace_file;         ///< gate.trace_file: HDF5 trace (trace gate)
   int trace_layer     = 0;        ///< gate.trace_layer: index on the trace's layer axis
-  int trace_iteration = -1;       ///< gate.trace_iteration: row of the trace (-1: the last)
+  int trace_iteration = -1;       ///< gate.trace_iteration: first row of the trace (-1: the last)
+  int trace_stride    = 1;        ///< gate.trace_stride: rows advanced per training forward (0: stay)
   bool dropless = true;           ///< gate.dropless: no capacity limit
   DropPolicy drop_policy = DropPolicy::position;  ///< gate.drop_policy
   CapacityScope capacity_scope = CapacityScope::automatic;  ///< gate.capacity_scope
@@ -96,10 +97,12 @@ struct MoEConfig {
   static MoEConfig from_deck(const InputDeck& deck);
 };
 
-/// \brief The trace gate's per-expert counts: the row and layer of
-/// gate.trace_file that \p cfg names, checked (the file's expert count,
-/// a row that holds assignments); moka::Error names the file otherwise.
-std::vector<long> read_trace_gate_counts(const MoEConfig& cfg);
+/// \brief Every row of the trace gate's layer (gate.trace_layer) of
+/// gate.trace_file, in order: what the trace gate replays (forward i of
+/// training uses row (first + i x gate.trace_stride) mod rows). Checked:
+/// the file's expert count, the layer and first row in range, no row
+/// without assignments; moka::Error names the file and what is wrong.
+std::vector<std::vector<long>> read_trace_gate_rows(const MoEConfig& cfg);
 
 /// \brief Parses a gate name (topk, softmax, noisy, gshard, switch, zero, trace); throws moka::Error otherwise.
 GateType gate_type_from_string(const std::string& s);

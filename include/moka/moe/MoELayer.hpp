@@ -174,8 +174,9 @@ class MoELayer {
   /// (moka::migrate_experts does both). Rows of a replicated expert are
   /// split among its replicas by a rule that depends only on the routing:
   /// the expert's kept rows of the whole EP group, in global token order,
-  /// are cut into as many nearly equal contiguous runs as it has replicas,
-  /// in the order of its slots (by rank). Throws moka::Error naming what
+  /// are cut into one contiguous run per replica (in the order of its
+  /// slots, by rank), sized by moka::split_replica_rows so that the ranks'
+  /// rows come out as even as the replicas allow. Throws moka::Error naming what
   /// does not fit.
   void set_placement(const Placement& p);
   /// \brief The replicas of this rank's slots (what moka::GradSync reads;
@@ -282,6 +283,7 @@ class MoELayer {
   impl::SlotWork<MemorySpace> m_slot_work2;
   index_vector m_row_token_e, m_row_choice_e;
   std::vector<int> m_h_expert_offsets;
+  std::vector<int> m_rep_start_host;
   params_type m_params, m_grads;
   // zero_grad() left W1 and W2's gradients to the next backward (beta 0).
   mutable bool m_wgrad_zero = false;
@@ -309,7 +311,10 @@ class MoELayer {
   Kokkos::View<char*, MemorySpace> m_lt_work;
   Kokkos::View<Scalar*, MemorySpace> m_rr, m_sel_bias, m_bal_grad, m_imp_grad, m_load_grad;
   index_vector m_trace_cum;
-  std::vector<long> m_trace_counts;
+  // Trace gate: every row of its layer; forward i of training uses row
+  // (m_trace_row0 + i stride) mod rows (m_trace_pos counts them).
+  std::vector<std::vector<long>> m_trace_rows;
+  long m_trace_row0 = 0, m_trace_pos = 0;
   bool m_training = true;
   bool m_bf16_managed = false;
   std::uint64_t m_seed = 0, m_counter = 0;

@@ -62,7 +62,10 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
 
   // Selection and scores.
   if (type == GateType::trace) {
-    const std::vector<long> scaled = scale_counts(m_trace_counts, long(TG) * k);
+    const long n   = static_cast<long>(m_trace_rows.size());
+    const long row = (m_trace_row0 + m_trace_pos * long(m_cfg.trace_stride)) % n;
+    if (training) ++m_trace_pos;
+    const std::vector<long> scaled = scale_counts(m_trace_rows[row], long(TG) * k);
     auto h = Kokkos::create_mirror_view(m_trace_cum);
     h(0)   = 0;
     for (int e = 0; e < E; ++e) h(e + 1) = h(e) + static_cast<int>(scaled[e]);

@@ -6,6 +6,7 @@
 
 #include <moka/core/Log.hpp>
 #include <moka/io/RoutingTrace.hpp>
+#include <moka/parallel/ReplicaSplit.hpp>
 #include <moka/linalg/impl/CublasGemm.hpp>
 #include <moka/moe/impl/GateKernels.hpp>
 #include <moka/core/impl/Init.hpp>
@@ -135,7 +136,11 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr
       m_lt_work = Kokkos::View<char*, MemorySpace>("moka::moe::cublaslt_workspace", std::size_t(32) << 20);
     }
   }
-  if (config.gate == GateType::trace) m_trace_counts = read_trace_gate_counts(config);
+  if (config.gate == GateType::trace) {
+    m_trace_rows = read_trace_gate_rows(config);
+    const long n = static_cast<long>(m_trace_rows.size());
+    m_trace_row0 = config.trace_iteration < 0 ? n - 1 : config.trace_iteration;
+  }
 }
 
 template <class Scalar, class MemorySpace>
@@ -170,7 +175,7 @@ void MoELayer<Scalar, MemorySpace>::apply_placement() {
     m_rep_start      = index_vector("moka::moe::replica_start", E + 1);
     m_rep_slot       = index_vector("moka::moe::replica_slot", N);
     m_expert_offsets = index_vector("moka::moe::expert_offsets", E + 1);
-    m_rep_base       = Kokkos::View<long*, MemorySpace>("moka::moe::replica_base", 2 * E);
+    m_rep_base       = Kokkos::View<long*, MemorySpace>("moka::moe::replica_base", E + N);
   }
   auto hs = Kokkos::create_mirror_view(m_rep_start);
   auto hl = Kokkos::create_mirror_view(m_rep_slot);
@@ -183,6 +188,7 @@ void MoELayer<Scalar, MemorySpace>::apply_placement() {
     for (const auto& sl : slots) hl(at++) = sl.rank * m_L + sl.local;
   }
   hs(E) = at;
+  m_rep_start_host.assign(hs.data(), hs.data() + E + 1);
   Kokkos::deep_copy(m_rep_start, hs);
   Kokkos::deep_copy(m_rep_slot, hl);
 }
@@ -223,7 +229,8 @@ void MoELayer<Scalar, MemorySpace>::init_parameters(std::uint64_t seed) {
   }
   // The gates' random streams (noise, jitter, random routing) start here.
   m_seed    = rng.next();
-  m_counter = 0;
+  m_counter   = 0;
+  m_trace_pos = 0;
   Kokkos::deep_copy(m_sel_bias, Scalar(0));
 }
 
@@ -555,22 +562,41 @@ void MoELayer<Scalar, MemorySpace>::route_to_slots(const execution_space& space)
   impl::assign_slots(space, m_cfg.drop_policy, m_capacity, base, m_route, m_score, m_counts, m_expert_offsets,
                      m_expert_row, m_slot_work, m_row_token_e, m_row_choice_e, m_h_expert_offsets);
   // Where this rank's kept rows of each expert start in the EP group's
-  // order, and how many the group has: row i of the group's rows of expert
-  // e goes to replica i R / total (R replicas, by rank).
+  // order, and how many rows each replica takes (moka::split_replica_rows
+  // over the group's counts: the ranks' loads as even as the replicas
+  // allow). Replica j (by rank) of expert e takes the group's rows
+  // [first_j, first_j+1) of e, in global order.
   const int P = m_groups ? m_groups->ep_size() : 1, me = m_ep_rank;
   std::vector<long> mine(E), all(std::size_t(P) * E);
   for (int e = 0; e < E; ++e) mine[e] = m_h_expert_offsets[e + 1] - m_h_expert_offsets[e];
   if (P > 1) m_groups->ep().allgather_counts(mine.data(), all.data(), E);
   else all = mine;
+  std::vector<double> total(E, 0.0);
   auto hb = Kokkos::create_mirror_view(m_rep_base);
   for (int e = 0; e < E; ++e) {
-    long before = 0, total = 0;
+    long before = 0;
     for (int q = 0; q < P; ++q) {
       if (q < me) before += all[std::size_t(q) * E + e];
-      total += all[std::size_t(q) * E + e];
+      total[e] += double(all[std::size_t(q) * E + e]);
     }
-    hb(e)     = before;
-    hb(E + e) = total;
+    hb(e) = before;
+  }
+  {
+    std::vector<std::vector<int>> layout(P);
+    for (int q = 0; q < P; ++q)
+      for (int l = 0; l < m_L; ++l) layout[q].push_back(m_place.expert_at(q, l));
+    const auto share = split_replica_rows(layout, total, true);
+    // Slots of each expert in rank order (m_rep_slot's order): first row of each.
+    std::vector<long> next(E, 0);
+    for (int q = 0; q < P; ++q)
+      for (int l = 0; l < m_L; ++l) {
+        const int e = layout[q][l];
+        // The j-th holder of e by rank is at m_rep_start[e] + j; ranks hold one slot of e each.
+        int j = 0;
+        for (const auto& s : m_place.slots_of(e)) j += s.rank < q ? 1 : 0;
+        hb(E + m_rep_start_host[e] + j) = next[e];
+        next[e] += std::lround(share[q][l]);
+      }
   }
   Kokkos::deep_copy(space, m_rep_base, hb);
   {
@@ -585,11 +611,12 @@ void MoELayer<Scalar, MemorySpace>::route_to_slots(const execution_space& space)
             sr(t, j) = -1;
             return;
           }
-          const int e   = r(t, j);
-          const long R  = rs(e + 1) - rs(e);
-          const long g  = rb(e) + (row - off(e));
-          const long rep = R == 1 ? 0 : g * R / rb(E + e);
-          sr(t, j)      = rl(rs(e) + rep);
+          const int e  = r(t, j);
+          const int R  = rs(e + 1) - rs(e);
+          const long g = rb(e) + (row - off(e));
+          int rep      = 0;
+          while (rep + 1 < R && g >= rb(E + rs(e) + rep + 1)) ++rep;
+          sr(t, j) = rl(rs(e) + rep);
         });
   }
   space.fence();  // hb's host copy
