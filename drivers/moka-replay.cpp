@@ -6,7 +6,8 @@
 //
 // Per trace iteration and layer, a rank's load is the assignments its
 // slots receive, summed over source ranks and micro-batches (a replicated
-// expert's split evenly among its replicas). Every replay.interval
+// expert's rows split among its replicas by moka::split_replica_rows, as
+// the layer splits them). Every replay.interval
 // iterations each policy re-plans from the loads of the iterations it has
 // already seen. One line per policy, starting "policy <name>:", and a CSV
 // row per policy, iteration and layer (replay.csv_file).
@@ -83,7 +84,7 @@ int replay(const moka::InputDeck& deck) {
   if (!csv_file.empty()) {
     csv.open(csv_file);
     MOKA_REQUIRE(csv.good(), "replay.csv_file: cannot write '", csv_file, "'");
-    csv << "policy,iteration,trace_iteration,layer,busiest,mean,imbalance,moved_slots,bytes,replicated,placement\n";
+    csv << "policy,iteration,trace_iteration,layer,busiest,mean,imbalance,moved_slots,bytes,replicated,placement,loads\n";
   }
   std::printf("moka-replay: %s: %ld iterations x %d layers, %d experts on %d ranks x %d slots, re-plan every %d\n",
               file.c_str(), trace.n_iter, layers, E, P, slots, interval);
@@ -135,7 +136,9 @@ int replay(const moka::InputDeck& deck) {
             for (int e : rr) ++R[e];
           csv << name << "," << it << "," << trace.iterations[it] << "," << first + l << "," << busiest << "," << mean
               << "," << ratio << "," << moved_now << "," << bytes_now << ","
-              << std::count_if(R.begin(), R.end(), [](int r) { return r > 1; }) << "," << where.str() << "\n";
+              << std::count_if(R.begin(), R.end(), [](int r) { return r > 1; }) << "," << where.str() << ",";
+          for (int e = 0; e < E; ++e) csv << (e ? " " : "") << c[e];
+          csv << "\n";
         }
       }
     const double mean_ratio = std::accumulate(ratios.begin(), ratios.end(), 0.0) / ratios.size();

@@ -157,6 +157,7 @@ void refine(RankExperts& out, const std::vector<std::pair<int, double>>& items, 
 /// Packs items (expert, load) heaviest first onto the least-loaded rank with
 /// a free slot that does not hold the expert; \p sticky_load > 0 prefers
 /// the expert's current rank(s) when within that much of the least loaded.
+/// Empty when some replica finds no such rank (the caller skips it).
 RankExperts pack(std::vector<std::pair<int, double>> items, const RankExperts& current, int P, int slots,
                  double sticky_load) {
   std::stable_sort(items.begin(), items.end(), [](const auto& a, const auto& b) {
@@ -173,8 +174,7 @@ RankExperts pack(std::vector<std::pair<int, double>> items, const RankExperts& c
       if (best < 0 || load[r] < load[best] || (load[r] == load[best] && was && !holds(current, best, e))) best = r;
       if (was && (here < 0 || load[r] < load[here])) here = r;
     }
-    MOKA_REQUIRE(best >= 0, "moka balancer: no rank can take expert ", e, " (", P, " ranks x ", slots,
-                 " slots)");
+    if (best < 0) return {};  // the free slots are all on ranks that hold e: not a layout
     if (sticky_load > 0 && here >= 0 && load[here] <= load[best] + sticky_load) best = here;
     out[best].push_back(e);
     load[best] += it.second;
@@ -299,7 +299,7 @@ PlanDecision plan_placement(BalancePolicy policy, const std::vector<double>& loa
   PlanDecision best = keep;
   double best_time  = keep.busiest_after * cost.row_seconds * cost.horizon_steps;
   for (auto& layout : candidates) {
-    bool full = true;  // a layer fills every slot
+    bool full = static_cast<int>(layout.size()) == P;  // a layer fills every slot
     for (const auto& r : layout) full = full && static_cast<int>(r.size()) == slots;
     if (!full) continue;
     PlanDecision d;
