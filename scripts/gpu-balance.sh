@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The balancer on a GPU node (docs/balance.md, docs/gpu-validation.md):
+# builds MoKA (CUDA) from the bundle, then on the GPU(s) there: the layer
+# with replicas against one rank (test_distributed's device cases: direct
+# puts into symmetric windows and messages, ranks sharing the GPU), expert
+# migration of device state (test_migration at 1, 2, 4 ranks), the host
+# parts, trace-driven bf16 training under the moka policy on 4 ranks, and
+# compute-sanitizer's memcheck on the device migration test.
+#
+#   scripts/gpu-balance.sh [bundle] [log-dir]
+set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/gpu-env.sh"
+nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$logs/gpus.txt"
+
+stamp "build MoKA (CUDA) from the bundle"
+MOKA_SKIP_TESTS=1 MOKA_JOBS=$jobs "$here/gpu-node-build.sh" "$bundle" "$root/build-gpu" > "$logs/build.log" 2>&1 \
+  || { tail -60 "$logs/build.log"; echo "BUILD FAILED"; exit 1; }
+b=$root/build-gpu
+
+stamp "ctest: balancer, migration, replicas, layer and GPU tests"
+(cd "$b" && ctest -j4 --output-on-failure --timeout 450 \
+   -R "test_migration|test_balance|test_placement|test_distributed|test_gpu|test_moe_bf16|replay|trace_balance|balance_bad") \
+   > "$logs/ctest-balance.log" 2>&1
+grep -E "Test +#|tests passed|tests failed" "$logs/ctest-balance.log"
+grep -E "spare slot|largest relative" "$logs/ctest-balance.log" | head -20
+
+stamp "trace-driven training, bf16, 4 ranks on the GPU(s): static, then moka"
+for p in static moka; do
+  extra=""; [ $p = static ] && extra="balance.slots_per_rank=0"
+  mpirun -n 4 "$b/drivers/moka-train" "$root/input_decks/trace_balance.deck" train.precision=bf16 \
+    gate.trace_file="$root/tests/data/gpt_moe_32e_cut.h5" balance.policy=$p $extra io.metrics_file="$logs/train_$p.csv" \
+    > "$logs/train_$p.txt" 2>&1; echo "rc=$?" >> "$logs/train_$p.txt"
+  grep -E "^training|^balance|step +60/60|held-out loss|rc=|error" "$logs/train_$p.txt" | head -8
+done
+
+stamp "compute-sanitizer memcheck: device migration test, one rank"
+compute-sanitizer --tool memcheck --error-exitcode 9 "$b/tests/test_migration" \
+  --gtest_filter='*Device*' > "$logs/memcheck-migration.txt" 2>&1
+echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|PASSED|FAILED" "$logs/memcheck-migration.txt" | tail -3
+stamp "done"
