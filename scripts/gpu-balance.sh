@@ -37,4 +37,6 @@ stamp "compute-sanitizer memcheck: device migration test, one rank"
 compute-sanitizer --tool memcheck --error-exitcode 9 "$b/tests/test_migration" \
   --gtest_filter='*Device*' > "$logs/memcheck-migration.txt" 2>&1
 echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|PASSED|FAILED" "$logs/memcheck-migration.txt" | tail -3
+echo "reports of MoKA's: $(grep -E '^========= (Invalid|Uninitialized|Race|Error|Program hit|Leaked)' "$logs/memcheck-migration.txt" \
+  | grep -vc cudaFuncGetAttributes); NCCL start-up probe lines: $(grep -c cudaFuncGetAttributes "$logs/memcheck-migration.txt")"
 stamp "done"

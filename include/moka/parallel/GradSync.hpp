@@ -25,29 +25,37 @@
 namespace moka {
 
 namespace impl {
-/// Sums each replicated slot of \p grad ([L slots, ...], slot-major) over
-/// the expert's replicas in the EP group \p ep: every holder sends its part
-/// to the others (a pair's blocks ordered by expert), then adds the parts
-/// in rank order, so every replica holds bitwise the same sum. Collective
-/// over \p ep; \p stage grows as needed.
-template <class Exec, class Scalar, class MemorySpace, class... Props>
-void sum_over_replicas(const Exec& space, Communicator& ep, const ReplicaGroups& r,
-                       const Kokkos::View<Scalar*, MemorySpace, Props...>& grad,
-                       Kokkos::View<Scalar*, MemorySpace>& stage_buf) {
+/// Sums each replicated slot of every tensor of \p grads (each [L slots,
+/// ...], slot-major, the experts of one layer) over the expert's replicas
+/// in the EP group \p ep: every holder sends its parts to the other holders
+/// in one exchange (the slots' parts of all tensors packed together; a
+/// pair's blocks ordered by expert), then adds the parts in rank order, so
+/// every replica holds bitwise the same sum. Collective over \p ep; the
+/// staging buffers grow as needed.
+template <class Exec, class Scalar, class MemorySpace, class GradView>
+void sum_over_replicas(const Exec& space, Communicator& ep, const ReplicaGroups& r, const std::vector<GradView>& grads,
+                       Kokkos::View<Scalar*, MemorySpace>& send_buf, Kokkos::View<Scalar*, MemorySpace>& recv_buf) {
   ScopedRegion region("moka::GradSync::replicas");
   const int me = ep.rank();
   const int L  = r.slots_per_rank;
-  const long n = static_cast<long>(grad.extent(0)) / L;
-  std::vector<int> order(L);
-  for (int l = 0; l < L; ++l) order[l] = l;
+  std::vector<long> n(grads.size()), at(grads.size() + 1, 0);  // per tensor: elements per slot, offset in a chunk
+  for (std::size_t p = 0; p < grads.size(); ++p) {
+    n[p]      = static_cast<long>(grads[p].extent(0)) / L;
+    at[p + 1] = at[p] + n[p];
+  }
+  const long chunk = at.back();
+  std::vector<int> order;
+  for (int l = 0; l < L; ++l)
+    if (r.holders[l].size() > 1) order.push_back(l);
   std::sort(order.begin(), order.end(), [&](int a, int b) { return r.expert[a] < r.expert[b]; });
+  // Send: one chunk per replicated slot (sent to each other holder);
+  // receive: one chunk per (slot, other holder). Table per replicated slot:
+  // slot, holders H, then H sources (-1: own, else a chunk offset in the
+  // receive buffer), in rank order.
   std::vector<Communicator::Block> sends, recvs;
-  // Table per replicated slot: slot, holders H, then H sources (-1: own,
-  // else an offset in the staging buffer), in rank order.
   std::vector<long> table;
-  long staged = 0;
+  long sent = 0, got = 0;
   for (int l : order) {
-    if (r.holders[l].size() < 2) continue;
     table.push_back(l);
     table.push_back(static_cast<long>(r.holders[l].size()));
     for (const auto& h : r.holders[l]) {
@@ -55,35 +63,48 @@ void sum_over_replicas(const Exec& space, Communicator& ep, const ReplicaGroups&
         table.push_back(-1);
         continue;
       }
-      sends.push_back({h.rank, l * n, n});
-      recvs.push_back({h.rank, staged, n});
-      table.push_back(staged);
-      staged += n;
+      sends.push_back({h.rank, sent, chunk});
+      recvs.push_back({h.rank, got, chunk});
+      table.push_back(got);
+      got += chunk;
     }
+    sent += chunk;
   }
-  if (static_cast<long>(stage_buf.extent(0)) < staged)
-    stage_buf = Kokkos::View<Scalar*, MemorySpace>(
-        Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::replica_grad_stage"), staged);
-  ep.alltoallv_blocks(space, grad.data(), sends, stage_buf.data(), recvs, data_type_of<Scalar>(),
+  auto grow = [](Kokkos::View<Scalar*, MemorySpace>& v, long size, const char* label) {
+    if (static_cast<long>(v.extent(0)) < size)
+      v = Kokkos::View<Scalar*, MemorySpace>(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), size);
+  };
+  grow(send_buf, sent, "moka::replica_grad_send");
+  grow(recv_buf, got, "moka::replica_grad_recv");
+  for (std::size_t k = 0, s = 0; k < table.size(); k += 2 + table[k + 1], ++s) {
+    const long l = table[k];
+    for (std::size_t p = 0; p < grads.size(); ++p)
+      Kokkos::deep_copy(space, Kokkos::subview(send_buf, std::make_pair(long(s) * chunk + at[p], long(s) * chunk + at[p + 1])),
+                        Kokkos::subview(grads[p], std::make_pair(l * n[p], (l + 1) * n[p])));
+  }
+  ep.alltoallv_blocks(space, send_buf.data(), sends, recv_buf.data(), recvs, data_type_of<Scalar>(),
                       memory_kind_of<MemorySpace>());
   if (table.empty()) return;
   Kokkos::View<long*, MemorySpace> dev("moka::replica_table", table.size());
   Kokkos::View<const long*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> host(table.data(),
                                                                                               table.size());
   Kokkos::deep_copy(space, dev, host);
-  auto g     = grad;
-  auto stage = stage_buf;
-  for (std::size_t at = 0; at < table.size(); at += 2 + table[at + 1]) {
-    const long base = table[at] * n, first = static_cast<long>(at) + 2, H = table[at + 1];
-    Kokkos::parallel_for(
-        "moka::replica_sum", Kokkos::RangePolicy<Exec>(space, 0, n), KOKKOS_LAMBDA(long i) {
-          Scalar acc = 0;
-          for (long h = 0; h < H; ++h) {
-            const long src = dev(first + h);
-            acc += src < 0 ? g(base + i) : stage(src + i);
-          }
-          g(base + i) = acc;
-        });
+  auto stage = recv_buf;
+  for (std::size_t p = 0; p < grads.size(); ++p) {
+    auto g           = grads[p];
+    const long np    = n[p], off = at[p];
+    for (std::size_t k = 0; k < table.size(); k += 2 + table[k + 1]) {
+      const long base = table[k] * np, first = static_cast<long>(k) + 2, H = table[k + 1];
+      Kokkos::parallel_for(
+          "moka::replica_sum", Kokkos::RangePolicy<Exec>(space, 0, np), KOKKOS_LAMBDA(long i) {
+            Scalar acc = 0;
+            for (long h = 0; h < H; ++h) {
+              const long src = dev(first + h);
+              acc += src < 0 ? g(base + i) : stage(src + off + i);
+            }
+            g(base + i) = acc;
+          });
+    }
   }
   space.fence();  // the table's host copy goes out of scope
 }
@@ -157,8 +178,17 @@ class GradSync {
       allreduce_sum(comm, space, b.buffer);
       pack(space, b, false);
     }
-    for (const auto& p : m_params)
-      if (p.replicas && p.replicas->placement_replicated) sum_replicas(space, p);
+    // Replicas: one exchange per layer (its expert tensors share one ReplicaGroups).
+    std::vector<const ReplicaGroups*> done;
+    for (const auto& p : m_params) {
+      if (!p.replicas || !p.replicas->placement_replicated) continue;
+      if (std::find(done.begin(), done.end(), p.replicas.get()) != done.end()) continue;
+      done.push_back(p.replicas.get());
+      std::vector<flat> grads;
+      for (const auto& q : m_params)
+        if (q.replicas.get() == p.replicas.get()) grads.push_back(q.grad);
+      impl::sum_over_replicas(space, m_groups->ep(), *p.replicas, grads, m_replica_send, m_replica_recv);
+    }
   }
 
   /// \brief sqrt of the sum of squared gradients of the whole model, every
@@ -213,9 +243,6 @@ class GradSync {
       off += g.extent(0);
     }
   }
-  void sum_replicas(const execution_space& space, const ParamRef<Scalar, MemorySpace>& p) {
-    impl::sum_over_replicas(space, m_groups->ep(), *p.replicas, p.grad, m_replica_stage);
-  }
   static int group_of(ParamTag t) {
     switch (t) {
       case ParamTag::dense: return 0;
@@ -232,7 +259,7 @@ class GradSync {
   std::shared_ptr<ProcessGroups> m_groups;
   std::vector<ParamRef<Scalar, MemorySpace>> m_params;
   std::vector<Bucket> m_buckets;
-  Kokkos::View<Scalar*, MemorySpace> m_replica_stage;
+  Kokkos::View<Scalar*, MemorySpace> m_replica_send, m_replica_recv;
 };
 
 }  // namespace moka

@@ -74,13 +74,12 @@ MigrationStats migrate_experts(const typename MemorySpace::execution_space& spac
   // every replica holds the whole and any of them can be the source; after
   // the move only each expert's first holder keeps it (below), so the sum
   // over the new replicas is the expert's gradient again.
-  std::vector<std::pair<flat, long>> grads;  // (gradient, elements per slot)
+  std::vector<flat> grads;
   for (const auto& p : layer.parameters())
-    if (p.tag == ParamTag::expert || p.tag == ParamTag::expert_replicated)
-      grads.push_back({p.grad, static_cast<long>(p.grad.extent(0)) / L});
+    if (p.tag == ParamTag::expert || p.tag == ParamTag::expert_replicated) grads.push_back(p.grad);
   if (!plan.moves.empty() && !from.single_slot() && groups && groups->ep_size() > 1) {
-    Kokkos::View<Scalar*, MemorySpace> stage;
-    for (const auto& g : grads) impl::sum_over_replicas(space, groups->ep(), *layer.replica_groups(), g.first, stage);
+    Kokkos::View<Scalar*, MemorySpace> send_buf, recv_buf;
+    impl::sum_over_replicas(space, groups->ep(), *layer.replica_groups(), grads, send_buf, recv_buf);
   }
   buffer send, recv;
   for (int round = 0; round < plan.rounds; ++round) {
@@ -135,9 +134,10 @@ MigrationStats migrate_experts(const typename MemorySpace::execution_space& spac
     const ReplicaGroups& rg = *layer.replica_groups();
     for (int l = 0; l < L; ++l)
       if (!rg.counted[l])
-        for (const auto& g : grads)
-          Kokkos::deep_copy(space, Kokkos::subview(g.first, std::make_pair(l * g.second, (l + 1) * g.second)),
-                            Scalar(0));
+        for (const auto& g : grads) {
+          const long n = static_cast<long>(g.extent(0)) / L;
+          Kokkos::deep_copy(space, Kokkos::subview(g, std::make_pair(l * n, (l + 1) * n)), Scalar(0));
+        }
   }
   if (layer.config().bf16_compute && st.moves > 0) {
     // bf16(master) is what the optimizer writes: the moved copies, bit for bit.
