@@ -24,13 +24,15 @@ stamp "ctest: balancer, migration, replicas, layer and GPU tests"
 grep -E "Test +#|tests passed|tests failed" "$logs/ctest-balance.log"
 grep -E "spare slot|largest relative" "$logs/ctest-balance.log" | head -20
 
-stamp "trace-driven training, bf16, 4 ranks on the GPU(s): static, then moka"
-for p in static moka; do
-  extra=""; [ $p = static ] && extra="balance.slots_per_rank=0"
+stamp "trace-driven training, bf16, 4 ranks on the GPU(s): static, moka without spare slots, moka with one per rank"
+for p in static moka1 moka; do
+  extra=""; [ $p != moka ] && extra="balance.slots_per_rank=0"; [ $p = moka1 ] && p=moka && tag=moka1 || tag=$p
   mpirun -n 4 "$b/drivers/moka-train" "$root/input_decks/trace_balance.deck" train.precision=bf16 \
-    gate.trace_file="$root/tests/data/gpt_moe_32e_cut.h5" balance.policy=$p $extra io.metrics_file="$logs/train_$p.csv" \
-    > "$logs/train_$p.txt" 2>&1; echo "rc=$?" >> "$logs/train_$p.txt"
-  grep -E "^training|^balance|step +60/60|held-out loss|rc=|error" "$logs/train_$p.txt" | head -8
+    gate.trace_file="$root/tests/data/gpt_moe_32e_cut.h5" balance.policy=$p $extra io.metrics_file="$logs/train_$tag.csv" \
+    > "$logs/train_$tag.txt" 2>&1; echo "rc=$?" >> "$logs/train_$tag.txt"
+  echo "-- $tag"; grep -E "^balance|step +60/60|held-out loss|rc=|error" "$logs/train_$tag.txt" | head -8
+  # median step time over the last 40 steps (after the re-plans)
+  awk -F, 'NR > 21 { print $11 }' "$logs/train_$tag.csv" | sort -n | awk '{ a[NR] = $1 } END { print "median step ms", a[int((NR + 1) / 2)] }'
 done
 
 stamp "compute-sanitizer memcheck: device migration test, one rank"
