@@ -35,6 +35,15 @@ for p in static moka1 moka; do
   awk -F, 'NR > 21 { print $11 }' "$logs/train_$tag.csv" | sort -n | awk '{ a[NR] = $1 } END { print "median step ms", a[int((NR + 1) / 2)] }'
 done
 
+stamp "where the time goes (MOKA_FENCE_REGIONS=1: each stage fenced), static and moka"
+for p in static moka; do
+  extra=""; [ $p = static ] && extra="balance.slots_per_rank=0"
+  MOKA_FENCE_REGIONS=1 mpirun -n 4 "$b/drivers/moka-train" "$root/input_decks/trace_balance.deck" train.precision=bf16 \
+    gate.trace_file="$root/tests/data/gpt_moe_32e_cut.h5" balance.policy=$p $extra io.metrics_file=none \
+    > "$logs/regions_$p.txt" 2>&1
+  echo "-- $p"; grep -E "region|GradSync|MoELayer::(forward|backward|dispatch|exchange|exchange_back|exchange_plan)|MoEModel|migrate" "$logs/regions_$p.txt"
+done
+
 stamp "compute-sanitizer memcheck: device migration test, one rank"
 compute-sanitizer --tool memcheck --error-exitcode 9 "$b/tests/test_migration" \
   --gtest_filter='*Device*' > "$logs/memcheck-migration.txt" 2>&1

@@ -1,6 +1,7 @@
 #include <moka/core/Error.hpp>
 #include <moka/core/Log.hpp>
 #include <moka/core/Runtime.hpp>
+#include <moka/core/Profiling.hpp>
 
 #include <Kokkos_Core.hpp>
 
@@ -102,6 +103,9 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) {
     node_cpus = same_set ? cpus.count : std::max(cpus.count, static_cast<int>(online > 0 ? online : 1));
   }
   log::set_comm(MPI_COMM_WORLD);
+  // MOKA_FENCE_REGIONS=1: every timed region fences, so the timer table a
+  // driver prints at the end holds device time per stage (slower overall).
+  if (const char* f = std::getenv("MOKA_FENCE_REGIONS")) set_fence_regions(std::string(f) == "1");
 
   if (!Kokkos::is_initialized()) {
 #ifdef KOKKOS_ENABLE_CUDA

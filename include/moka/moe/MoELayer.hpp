@@ -280,6 +280,7 @@ class MoELayer {
   index_vector m_rep_start, m_rep_slot, m_expert_offsets;
   index_matrix m_expert_row;
   Kokkos::View<long*, MemorySpace> m_rep_base;
+  typename Kokkos::View<long*, MemorySpace>::HostMirror m_rep_base_host;
   impl::SlotWork<MemorySpace> m_slot_work2;
   index_vector m_row_token_e, m_row_choice_e;
   std::vector<int> m_h_expert_offsets;

@@ -34,7 +34,8 @@ namespace impl {
 /// staging buffers grow as needed.
 template <class Exec, class Scalar, class MemorySpace, class GradView>
 void sum_over_replicas(const Exec& space, Communicator& ep, const ReplicaGroups& r, const std::vector<GradView>& grads,
-                       Kokkos::View<Scalar*, MemorySpace>& send_buf, Kokkos::View<Scalar*, MemorySpace>& recv_buf) {
+                       Kokkos::View<Scalar*, MemorySpace>& send_buf, Kokkos::View<Scalar*, MemorySpace>& recv_buf,
+                       Kokkos::View<long*, MemorySpace>& table_buf) {
   ScopedRegion region("moka::GradSync::replicas");
   const int me = ep.rank();
   const int L  = r.slots_per_rank;
@@ -85,10 +86,13 @@ void sum_over_replicas(const Exec& space, Communicator& ep, const ReplicaGroups&
   ep.alltoallv_blocks(space, send_buf.data(), sends, recv_buf.data(), recvs, data_type_of<Scalar>(),
                       memory_kind_of<MemorySpace>());
   if (table.empty()) return;
-  Kokkos::View<long*, MemorySpace> dev("moka::replica_table", table.size());
+  if (table_buf.extent(0) < table.size())
+    table_buf = Kokkos::View<long*, MemorySpace>(
+        Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("moka::replica_table")), table.size());
+  auto dev = table_buf;
   Kokkos::View<const long*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> host(table.data(),
                                                                                               table.size());
-  Kokkos::deep_copy(space, dev, host);
+  Kokkos::deep_copy(space, Kokkos::subview(dev, std::make_pair(std::size_t(0), table.size())), host);
   auto stage = recv_buf;
   for (std::size_t p = 0; p < grads.size(); ++p) {
     auto g           = grads[p];
@@ -187,7 +191,7 @@ class GradSync {
       std::vector<flat> grads;
       for (const auto& q : m_params)
         if (q.replicas.get() == p.replicas.get()) grads.push_back(q.grad);
-      impl::sum_over_replicas(space, m_groups->ep(), *p.replicas, grads, m_replica_send, m_replica_recv);
+      impl::sum_over_replicas(space, m_groups->ep(), *p.replicas, grads, m_replica_send, m_replica_recv, m_replica_table);
     }
   }
 
@@ -260,6 +264,7 @@ class GradSync {
   std::vector<ParamRef<Scalar, MemorySpace>> m_params;
   std::vector<Bucket> m_buckets;
   Kokkos::View<Scalar*, MemorySpace> m_replica_send, m_replica_recv;
+  Kokkos::View<long*, MemorySpace> m_replica_table;
 };
 
 }  // namespace moka

@@ -79,7 +79,8 @@ MigrationStats migrate_experts(const typename MemorySpace::execution_space& spac
     if (p.tag == ParamTag::expert || p.tag == ParamTag::expert_replicated) grads.push_back(p.grad);
   if (!plan.moves.empty() && !from.single_slot() && groups && groups->ep_size() > 1) {
     Kokkos::View<Scalar*, MemorySpace> send_buf, recv_buf;
-    impl::sum_over_replicas(space, groups->ep(), *layer.replica_groups(), grads, send_buf, recv_buf);
+    Kokkos::View<long*, MemorySpace> table;
+    impl::sum_over_replicas(space, groups->ep(), *layer.replica_groups(), grads, send_buf, recv_buf, table);
   }
   buffer send, recv;
   for (int round = 0; round < plan.rounds; ++round) {

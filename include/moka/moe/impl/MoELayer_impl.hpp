@@ -572,7 +572,8 @@ void MoELayer<Scalar, MemorySpace>::route_to_slots(const execution_space& space)
   if (P > 1) m_groups->ep().allgather_counts(mine.data(), all.data(), E);
   else all = mine;
   std::vector<double> total(E, 0.0);
-  auto hb = Kokkos::create_mirror_view(m_rep_base);
+  if (m_rep_base_host.extent(0) != m_rep_base.extent(0)) m_rep_base_host = Kokkos::create_mirror_view(m_rep_base);
+  auto hb = m_rep_base_host;
   for (int e = 0; e < E; ++e) {
     long before = 0;
     for (int q = 0; q < P; ++q) {
