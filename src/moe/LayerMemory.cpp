@@ -6,7 +6,7 @@ void add_moe_layer_memory(MemoryEstimate& m, const MoEConfig& c, const LayerMemo
   // Everything in doubles: a deck of absurd sizes must give a large number,
   // not an overflow.
   const double d = c.d_model, E = c.num_experts, k = c.top_k, s = double(sh.scalar_bytes);
-  const double S = sh.slices, L = E / sh.ep, n = sh.layers;
+  const double S = sh.slices, L = sh.slots_per_rank > 0 ? double(sh.slots_per_rank) : E / sh.ep, n = sh.layers;
   const double dff = double(c.d_ff), dfi = c.activation == Activation::swiglu ? 2 * dff : dff;
   const double dffl = dff / S, dfil = dfi / S;
   const std::string layers = sh.layers_key.empty() ? "" : ", " + sh.layers_key;
@@ -15,7 +15,8 @@ void add_moe_layer_memory(MemoryEstimate& m, const MoEConfig& c, const LayerMemo
   const double expert = L * (d * dfil + dffl * d + (c.expert_bias ? dfil + d : 0));
   const double bf16 = c.bf16_compute ? L * (d * dfil + dffl * d) * 2 : 0;
   m.add("expert weights, gradients and optimizer state", "moe.num_experts, moe.d_model, moe.d_ff" + layers +
-            ", parallel.expert_parallel, parallel.expert_slicing",
+            ", parallel.expert_parallel, parallel.expert_slicing" +
+            (sh.slots_per_rank > 0 ? ", balance.slots_per_rank" : ""),
         n * (expert * s * (2 + sh.moments) + bf16));
   const double gate = d * E * (c.gate == GateType::noisy ? 2 : 1);
   m.add("gate weights, gradients and optimizer state", "moe.d_model, moe.num_experts" + layers,

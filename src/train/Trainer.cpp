@@ -415,6 +415,7 @@ MemoryEstimate training_memory(const InputDeck& deck, int world_size) {
   shape.tokens       = T;
   shape.ep           = std::max(1, p.expert_parallel);
   shape.slices       = std::max(1, p.expert_slicing);
+  shape.slots_per_rank = deck.get<int>("balance.slots_per_rank");
   shape.layers       = m.blocks;
   shape.scalar_bytes = s;
   shape.moments      = o.type == OptimizerType::sgd ? 1 : 2;

@@ -16,6 +16,7 @@ namespace moka {
 struct LayerMemoryShape {
   double tokens = 0;             ///< tokens per rank per forward (the largest batch)
   int ep = 1, slices = 1;        ///< EP and expert slicing
+  int slots_per_rank = 0;        ///< expert slots per EP rank (0: experts / EP; more: replicas in spare slots)
   int layers = 1;                ///< MoE layers alike
   std::size_t scalar_bytes = 4;  ///< sizeof the layer's Scalar
   int moments = 2;               ///< optimizer values per parameter (Adam 2, SGD 1, none 0)
