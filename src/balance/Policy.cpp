@@ -272,6 +272,22 @@ PlanDecision plan_placement(BalancePolicy policy, const std::vector<double>& loa
       ++R[best];
     }
     counts.push_back(R);
+    // The same by the recent peak of each expert's load: hedges against
+    // the swings the average hides.
+    if (!recent.empty()) {
+      std::vector<double> peak = load;
+      for (const auto& r : recent)
+        for (int e = 0; e < E; ++e) peak[e] = std::max(peak[e], r[e]);
+      std::vector<int> Rp(E, 1);
+      for (int spare = spare_slots; spare > 0; --spare) {
+        int best = -1;
+        for (int e = 0; e < E; ++e)
+          if (Rp[e] < P && (best < 0 || peak[e] / Rp[e] > peak[best] / Rp[best])) best = e;
+        if (best < 0) break;
+        ++Rp[best];
+      }
+      if (Rp != R) counts.push_back(Rp);
+    }
     std::vector<int> order(E);
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return load[a] > load[b]; });
