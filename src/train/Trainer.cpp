@@ -2,6 +2,7 @@
 #include <moka/comm/CommCheck.hpp>
 #include <moka/moe/LayerMemory.hpp>
 #include <moka/core/Log.hpp>
+#include <moka/core/Profiling.hpp>
 #include <moka/train/Trainer.hpp>
 
 #include <algorithm>
@@ -186,6 +187,7 @@ class RegimeRun {
     long step = 0;
     double loss = 0, aux = 0, test_loss = -1, lr = 0, norm = 0, sps = 0, load_min = 1, load_max = 1, elapsed = 0;
     double step_ms = 0;        // this step's forward, backward, sums and update (fenced)
+    double moe_ms  = 0;        // of it, the MoE layers' forward and backward (host time of their regions)
     double imbalance = 1;      // busiest / mean rank load of the step, the worst MoE layer
     long moved = 0;            // expert slots migrated after this step
     double moved_bytes = 0, migration_ms = 0;
@@ -220,8 +222,20 @@ class RegimeRun {
   }
 
   /// Forward, loss, backward, gradient sums and the optimizer step.
+  /// Seconds spent so far in the MoE layers' forward and backward regions.
+  static double moe_seconds() {
+    const auto t = TimerTable::instance().snapshot();
+    double s     = 0;
+    for (const char* r : {"moka::MoELayer::forward", "moka::MoELayer::backward"}) {
+      const auto it = t.find(r);
+      if (it != t.end()) s += it->second.seconds;
+    }
+    return s;
+  }
+
   void take_step(StepLine& line) {
-    const auto t0 = std::chrono::steady_clock::now();
+    const double moe0 = moe_seconds();
+    const auto t0     = std::chrono::steady_clock::now();
     m_model.zero_grad(m_space);
     m_model.forward(m_space, m_x, m_out);
     // dout scaled by the whole batch: the ranks' gradients sum to its gradient.
@@ -235,6 +249,7 @@ class RegimeRun {
     line.norm = m_opt.step(m_space, m_sync->global_norm(m_space));
     m_space.fence();
     line.step_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    line.moe_ms  = (moe_seconds() - moe0) * 1e3;
   }
 
   /// The balancer: the step's loads, and every balance.interval steps a
@@ -287,7 +302,7 @@ class RegimeRun {
     if (m_rank != 0 || m_tcfg.metrics_file.empty()) return;
     m_csv.open(m_tcfg.metrics_file);
     MOKA_REQUIRE(bool(m_csv), "cannot write io.metrics_file '", m_tcfg.metrics_file, "'");
-    m_csv << "step,loss,aux_loss,test_loss,lr,grad_norm,samples_per_s,load_min,load_max,elapsed_s,step_ms,"
+    m_csv << "step,loss,aux_loss,test_loss,lr,grad_norm,samples_per_s,load_min,load_max,elapsed_s,step_ms,moe_ms,"
              "rank_imbalance,migrated_slots,migration_bytes,migration_ms\n";
   }
 
@@ -296,7 +311,7 @@ class RegimeRun {
     m_csv << l.step + 1 << "," << l.loss << "," << l.aux << ",";
     if (l.test_loss >= 0) m_csv << l.test_loss;
     m_csv << "," << l.lr << "," << l.norm << "," << l.sps << "," << l.load_min << "," << l.load_max << ","
-          << l.elapsed << "," << l.step_ms << "," << l.imbalance << "," << l.moved << "," << l.moved_bytes << ","
+          << l.elapsed << "," << l.step_ms << "," << l.moe_ms << "," << l.imbalance << "," << l.moved << "," << l.moved_bytes << ","
           << l.migration_ms << "\n";
   }
 
@@ -321,7 +336,7 @@ class RegimeRun {
     line << "  lr " << std::setprecision(2) << l.lr << std::fixed << std::setprecision(0) << "  " << l.sps
          << " samples/s  ETA " << format_seconds(eta) << std::setprecision(2) << "  load min/max " << l.load_min
          << "/" << l.load_max << "  ranks busiest/mean " << l.imbalance << "  step " << std::setprecision(1)
-         << l.step_ms << " ms";
+         << l.step_ms << " ms (MoE " << l.moe_ms << " ms)";
     if (m_bcfg.policy != BalancePolicy::static_placement) line << "  " << m_migrated << " slots migrated";
     m_log << line.str() << std::endl;
   }
