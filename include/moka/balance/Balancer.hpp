@@ -25,6 +25,8 @@
 #include <moka/moe/MoELayer.hpp>
 #include <moka/parallel/ReplicaSplit.hpp>
 
+#include <mpi.h>
+
 #include <algorithm>
 #include <numeric>
 #include <vector>
@@ -81,7 +83,10 @@ class Balancer {
   /// \brief The wall time of the step just recorded: with balance.row_ns =
   /// 0 the time per busiest-rank row is measured from it (the whole step
   /// over the layers' busiest rows: an upper bound of the MoE part).
+  /// Collective over the layers' gate group: every rank must decide alike,
+  /// so the slowest rank's time is used everywhere.
   void observe_step_seconds(double seconds) {
+    seconds = max_over_gate(seconds);
     const double rows = std::accumulate(m_busiest_rows.begin(), m_busiest_rows.end(), 0.0);
     if (m_cfg.row_ns > 0 || rows <= 0 || seconds <= 0) return;
     const double r = seconds / rows;
@@ -118,13 +123,9 @@ class Balancer {
       if (!ev.decision.changed) continue;
       const Placement next = placement_of(ev.decision.layout, cur, mc.num_experts);
       ev.migration         = migrate_experts(space, L, m_opt, next, m_cfg.migration_buffer_mb);
-      // The measured bandwidth (the slowest rank's) replaces the assumed one.
-      double secs = ev.migration.seconds;
-      if (L.groups() && L.groups()->ep().size() > 1) {
-        std::vector<double> s{secs};
-        MPI_Allreduce(MPI_IN_PLACE, s.data(), 1, MPI_DOUBLE, MPI_MAX, L.groups()->ep().mpi_comm());
-        secs = s[0];
-      }
+      // The measured bandwidth (the slowest rank's, the same on every rank
+      // of every EP group, which must keep deciding alike) replaces the assumed one.
+      const double secs = max_over_gate(ev.migration.seconds);
       ev.migration.seconds = secs;
       if (ev.migration.max_rank_bytes > 0 && secs > 0) m_bandwidth = double(ev.migration.max_rank_bytes) / secs;
       out.push_back(ev);
@@ -141,6 +142,12 @@ class Balancer {
   const BalanceConfig& config() const { return m_cfg; }
 
  private:
+  /// The largest \p v over the layers' gate group (every rank of the run).
+  double max_over_gate(double v) const {
+    if (m_layers.empty() || !m_layers.front()->groups() || m_layers.front()->groups()->gate().size() == 1) return v;
+    MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_DOUBLE, MPI_MAX, m_layers.front()->groups()->gate().mpi_comm());
+    return v;
+  }
   /// Elements one slot's state moves (parameters, gradients, moments).
   long slot_elements(layer_type& L) const {
     long n = 0;
