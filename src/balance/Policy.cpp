@@ -110,10 +110,8 @@ bool holds(const RankExperts& layout, int r, int e) {
 /// Improves a packing by swaps: while swapping a replica of the busiest
 /// rank with one of another rank (neither rank holding the other's expert
 /// afterwards) lowers the larger of the two loads, the best such swap is
-/// made. With \p current, a swap must not move an expert off a rank it was
-/// on before packing unless that gains more than it keeps.
-void refine(RankExperts& out, const std::vector<std::pair<int, double>>& items, const RankExperts* current) {
-  (void)current;
+/// made (at most 10000 swaps).
+void refine(RankExperts& out, const std::vector<std::pair<int, double>>& items) {
   std::vector<double> per(0);
   int E = 0;
   for (const auto& it : items) E = std::max(E, it.first + 1);
@@ -179,7 +177,7 @@ RankExperts pack(std::vector<std::pair<int, double>> items, const RankExperts& c
     out[best].push_back(e);
     load[best] += it.second;
   }
-  refine(out, items, sticky_load > 0 ? &current : nullptr);
+  refine(out, items);
   return out;
 }
 
