@@ -3,6 +3,7 @@
 // every gradient against central finite differences of the reference.
 
 #include <moka/moe/MoELayer.hpp>
+#include <moka/model/MoEModel.hpp>
 #include <moka/io/RoutingTrace.hpp>
 
 #include <gtest/gtest.h>
@@ -521,6 +522,68 @@ TEST(MoELayer, TraceGateReplaysRecordedCounts) {
   EXPECT_EQ(std::vector<long>(r0.counts.begin(), r0.counts.end()),
             moka::scale_counts(trace.expert_counts(0, 1), long(T) * 2));
   EXPECT_NE(r0.counts, r.counts);
+}
+
+TEST(MoELayer, TraceGateWalksTheTrace) {
+  // Training forward i uses row (first + i stride) mod rows; evaluation
+  // forwards do not advance; stride 0 stays; a model's block b replays
+  // trace layer gate.trace_layer + b.
+  const std::string path = fixture();
+  const moka::RoutingTrace trace = moka::read_routing_trace(path);
+  const long rows = trace.n_iter;
+  ASSERT_GE(rows, 3);
+  moka::MoEConfig cfg;
+  cfg.d_model = 8;
+  cfg.d_ff = 8;
+  cfg.num_experts = 32;
+  cfg.top_k = 2;
+  cfg.gate = moka::GateType::trace;
+  cfg.trace_file = path;
+  cfg.trace_layer = 0;
+  const int T = 500;
+  std::mt19937_64 rng(9);
+  const auto x = random_vec(T * 8, rng), g = random_vec(T * 8, rng);
+  auto counts_of = [&](HostLayer<double>& L) {
+    const auto r = run_layer(L, T, x, g);
+    return std::vector<long>(r.counts.begin(), r.counts.end());
+  };
+  auto want = [&](long row, long layer) { return moka::scale_counts(trace.expert_counts(row, layer), long(T) * 2); };
+  for (int stride : {1, 2, 0}) {
+    cfg.trace_iteration = 1;
+    cfg.trace_stride    = stride;
+    HostLayer<double> L(cfg);
+    L.init_parameters(1);
+    for (long i = 0; i < rows + 2; ++i) {  // past the end: wraps
+      const long row = (1 + i * stride) % rows;
+      EXPECT_EQ(counts_of(L), want(row, 0)) << "stride " << stride << ", forward " << i;
+      if (i == 1) {  // an evaluation forward in between: the same row again, no advance
+        L.set_training(false);
+        EXPECT_EQ(counts_of(L), want((1 + 2 * stride) % rows, 0)) << "stride " << stride << ", evaluation";
+        L.set_training(true);
+      }
+    }
+  }
+  // A model's blocks replay consecutive trace layers.
+  moka::ModelConfig mc;
+  mc.blocks = 2;
+  mc.moe    = cfg;
+  mc.moe.trace_stride = 0;
+  mc.moe.trace_iteration = -1;
+  mc.d_in  = 4;
+  mc.d_out = 1;
+  moka::MoEModel<double, Kokkos::HostSpace> model(mc);
+  model.init_parameters(3);
+  Kokkos::View<double**, Kokkos::LayoutRight, Kokkos::HostSpace> X("x", T, 4), Y("y", T, 1);
+  model.forward(Kokkos::DefaultHostExecutionSpace(), X, Y);
+  for (int b = 0; b < 2; ++b) {
+    auto c = moka_test::to_vec(model.moe(b).expert_counts());
+    EXPECT_EQ(std::vector<long>(c.begin(), c.end()), want(rows - 1, b)) << "block " << b;
+  }
+  // A block past the file's layers is named.
+  mc.blocks = 3;
+  EXPECT_NE(moka_test::error_of([&] { moka::MoEModel<double, Kokkos::HostSpace> m(mc); })
+                .find("gate.trace_layer (plus the block index) = 2 is past them"),
+            std::string::npos);
 }
 
 TEST(MoELayer, TraceGateBadInput) {
