@@ -221,7 +221,6 @@ class RegimeRun {
     Kokkos::deep_copy(m_y, m_hy);
   }
 
-  /// Forward, loss, backward, gradient sums and the optimizer step.
   /// Seconds spent so far in the MoE layers' forward and backward regions.
   static double moe_seconds() {
     const auto t = TimerTable::instance().snapshot();
@@ -233,6 +232,7 @@ class RegimeRun {
     return s;
   }
 
+  /// Forward, loss, backward, gradient sums and the optimizer step, timed.
   void take_step(StepLine& line) {
     const double moe0 = moe_seconds();
     const auto t0     = std::chrono::steady_clock::now();
