@@ -64,7 +64,12 @@ struct MigrationStats {
 /// (MoELayer::set_placement). \p optimizer: the one that updates the
 /// layer's tensors (nullptr: only parameters and gradients move; its
 /// tensors are found by their data). \p staging_mb: the staging budget per
-/// rank and round. Collective over the layer's EP group.
+/// rank and round. Collective over the layer's EP group. Call it between
+/// steps (after the optimizer step, before the next zero_grad) or inside an
+/// accumulation window before GradSync::sync: with replicas, the gradients
+/// are taken as per-replica parts to be summed, so between GradSync::sync
+/// and the optimizer step (when each replica already holds the sum) they
+/// would be counted once per replica.
 template <class Scalar, class MemorySpace>
 MigrationStats migrate_experts(const typename MemorySpace::execution_space& space,
                                MoELayer<Scalar, MemorySpace>& layer, Optimizer<Scalar, MemorySpace>* optimizer,
