@@ -35,6 +35,24 @@ def read_replay(path):
     return rows
 
 
+def select(rows, layer, policy):
+    """The rows of one layer under one policy, by iteration."""
+    sel = sorted((r for r in rows if int(r["layer"]) == layer and r["policy"] == policy),
+                 key=lambda r: int(r["iteration"]))
+    if not sel:
+        sys.exit(f"plot-balance: no rows for layer {layer} and policy {policy}")
+    return sel
+
+
+def finish(fig, ax, xlabel, ylabel, title, path):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def ratio_plot(rows, out):
     by = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -45,20 +63,13 @@ def ratio_plot(rows, out):
         ys = [sum(its[i]) / len(its[i]) for i in xs]
         ax.plot(xs, ys, label=f"{policy} (mean {sum(ys) / len(ys):.2f})", lw=1)
     ax.axhline(1.0, color="grey", lw=0.5)
-    ax.set_xlabel("trace iteration")
-    ax.set_ylabel("busiest / mean rank load")
-    ax.set_title("Rank balance per policy (mean over layers)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "balance-ratio.png"), dpi=120)
-    plt.close(fig)
+    finish(fig, ax, "trace iteration", "busiest / mean rank load", "Rank balance per policy (mean over layers)",
+           os.path.join(out, "balance-ratio.png"))
 
 
 def load_heatmap(rows, layer, policy, out):
-    sel = [r for r in rows if int(r["layer"]) == layer and r["policy"] == policy]
-    sel.sort(key=lambda r: int(r["iteration"]))
-    if not sel:
-        sys.exit(f"plot-balance: no rows for layer {layer} and policy {policy}")
+    sel = select(rows, layer, policy)
     loads = [[float(v) for v in r["loads"].split()] for r in sel]
     share = [[v / max(sum(l), 1.0) * len(l) for v in l] for l in loads]  # relative to the mean expert
     E = len(share[0])
@@ -66,19 +77,13 @@ def load_heatmap(rows, layer, policy, out):
     im = ax.imshow(list(map(list, zip(*share))), aspect="auto", origin="lower", cmap="viridis",
                    extent=[int(sel[0]["iteration"]), int(sel[-1]["iteration"]) + 1, -0.5, E - 0.5])
     fig.colorbar(im, ax=ax, label="load / mean expert load")
-    ax.set_xlabel("trace iteration")
-    ax.set_ylabel("expert")
-    ax.set_title(f"Expert load, layer {layer}")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "expert-load.png"), dpi=120)
-    plt.close(fig)
+    finish(fig, ax, "trace iteration", "expert", f"Expert load, layer {layer}", os.path.join(out, "expert-load.png"))
 
 
 def placement_plot(rows, layer, policy, out):
-    sel = [r for r in rows if int(r["layer"]) == layer and r["policy"] == policy]
-    sel.sort(key=lambda r: int(r["iteration"]))
+    sel = select(rows, layer, policy)
     xs, ys, cs = [], [], []
-    ranks = len(sel[0]["placement"].split("|")) if sel else 1
+    ranks = len(sel[0]["placement"].split("|"))
     for r in sel:
         for rank, experts in enumerate(r["placement"].split("|")):
             for e in experts.split():
@@ -88,12 +93,8 @@ def placement_plot(rows, layer, policy, out):
     fig, ax = plt.subplots(figsize=(8, 4))
     sc = ax.scatter(xs, ys, c=cs, s=2, cmap="tab10" if max(cs, default=0) < 10 else "tab20", marker="s")
     fig.colorbar(sc, ax=ax, label="rank")
-    ax.set_xlabel("trace iteration")
-    ax.set_ylabel("expert")
-    ax.set_title(f"Where each expert lives: {policy}, layer {layer} (replicas: several ranks)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "expert-placement.png"), dpi=120)
-    plt.close(fig)
+    finish(fig, ax, "trace iteration", "expert", f"Where each expert lives: {policy}, layer {layer} (replicas: several ranks)",
+           os.path.join(out, "expert-placement.png"))
 
 
 def training_plot(paths, out):
@@ -105,13 +106,9 @@ def training_plot(paths, out):
             sys.exit(f"plot-balance: {p} is not a moka-train metrics CSV with rank_imbalance")
         ax.plot([int(r["step"]) for r in rows], [float(r["rank_imbalance"]) for r in rows],
                 label=os.path.basename(p), lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("busiest / mean rank load")
-    ax.set_title("Rank balance during training (worst MoE layer)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "training-balance.png"), dpi=120)
-    plt.close(fig)
+    finish(fig, ax, "step", "busiest / mean rank load", "Rank balance during training (worst MoE layer)",
+           os.path.join(out, "training-balance.png"))
 
 
 def main():

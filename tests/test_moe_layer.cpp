@@ -486,6 +486,19 @@ TEST(MoELayer, RandomDrawsAreReproducibleAndChangeEveryStep) {
 // numbers unchanged (tests/data/cut_trace.cpp made it).
 std::string fixture() { return moka_test::data_file("gpt_moe_32e_cut.h5"); }
 
+/// A small layer with the trace gate on \p path's layer \p layer (32 experts, top-2).
+moka::MoEConfig trace_config(const std::string& path, int layer) {
+  moka::MoEConfig cfg;
+  cfg.d_model     = 8;
+  cfg.d_ff        = 8;
+  cfg.num_experts = 32;
+  cfg.top_k       = 2;
+  cfg.gate        = moka::GateType::trace;
+  cfg.trace_file  = path;
+  cfg.trace_layer = layer;
+  return cfg;
+}
+
 TEST(MoELayer, TraceGateReplaysRecordedCounts) {
   const std::string path = fixture();
   const moka::RoutingTrace trace = moka::read_routing_trace(path);
@@ -495,14 +508,7 @@ TEST(MoELayer, TraceGateReplaysRecordedCounts) {
   // Every (rank, micro-batch) row of 32 sums to 4096 assignments.
   const auto last = trace.expert_counts(-1, 1);
   EXPECT_EQ(std::accumulate(last.begin(), last.end(), 0L), 16L * 4 * 4096);
-  moka::MoEConfig cfg;
-  cfg.d_model = 8;
-  cfg.d_ff = 8;
-  cfg.num_experts = 32;
-  cfg.top_k = 2;
-  cfg.gate = moka::GateType::trace;
-  cfg.trace_file = path;
-  cfg.trace_layer = 1;
+  moka::MoEConfig cfg = trace_config(path, 1);
   cfg.trace_iteration = -1;
   HostLayer<double> L(cfg);
   L.init_parameters(1);
@@ -532,14 +538,7 @@ TEST(MoELayer, TraceGateWalksTheTrace) {
   const moka::RoutingTrace trace = moka::read_routing_trace(path);
   const long rows = trace.n_iter;
   ASSERT_GE(rows, 3);
-  moka::MoEConfig cfg;
-  cfg.d_model = 8;
-  cfg.d_ff = 8;
-  cfg.num_experts = 32;
-  cfg.top_k = 2;
-  cfg.gate = moka::GateType::trace;
-  cfg.trace_file = path;
-  cfg.trace_layer = 0;
+  moka::MoEConfig cfg = trace_config(path, 0);
   const int T = 500;
   std::mt19937_64 rng(9);
   const auto x = random_vec(T * 8, rng), g = random_vec(T * 8, rng);

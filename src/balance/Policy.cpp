@@ -261,14 +261,19 @@ PlanDecision plan_placement(BalancePolicy policy, const std::vector<double>& loa
   const int spare_slots = P * slots - E;
   std::vector<std::vector<int>> counts;
   {
-    std::vector<int> R(E, 1);
-    for (int spare = spare_slots; spare > 0; --spare) {
-      int best = -1;
-      for (int e = 0; e < E; ++e)
-        if (R[e] < P && (best < 0 || load[e] / R[e] > load[best] / R[best])) best = e;
-      if (best < 0) break;
-      ++R[best];
-    }
+    // Each spare slot to the expert with the largest weight per replica.
+    auto by_weight = [&](const std::vector<double>& w) {
+      std::vector<int> R(E, 1);
+      for (int spare = spare_slots; spare > 0; --spare) {
+        int best = -1;
+        for (int e = 0; e < E; ++e)
+          if (R[e] < P && (best < 0 || w[e] / R[e] > w[best] / R[best])) best = e;
+        if (best < 0) break;
+        ++R[best];
+      }
+      return R;
+    };
+    const std::vector<int> R = by_weight(load);
     counts.push_back(R);
     // The same by the recent peak of each expert's load: hedges against
     // the swings the average hides.
@@ -276,14 +281,7 @@ PlanDecision plan_placement(BalancePolicy policy, const std::vector<double>& loa
       std::vector<double> peak = load;
       for (const auto& r : recent)
         for (int e = 0; e < E; ++e) peak[e] = std::max(peak[e], r[e]);
-      std::vector<int> Rp(E, 1);
-      for (int spare = spare_slots; spare > 0; --spare) {
-        int best = -1;
-        for (int e = 0; e < E; ++e)
-          if (Rp[e] < P && (best < 0 || peak[e] / Rp[e] > peak[best] / Rp[best])) best = e;
-        if (best < 0) break;
-        ++Rp[best];
-      }
+      const std::vector<int> Rp = by_weight(peak);
       if (Rp != R) counts.push_back(Rp);
     }
     std::vector<int> order(E);

@@ -34,6 +34,19 @@ void grow_rows(V& m, long rows, long cols, const char* label) {
   m = V(std::string("moka::moe::") + label, rows + rows / 8 + 1, cols);
 }
 
+/// counts(e) = how many (token, choice) of \p route go to e, for e < counts.extent(0).
+template <class Exec, class C, class M>
+void count_routed(const Exec& space, const Kokkos::View<int**, Kokkos::LayoutRight, M>& route, const C& counts) {
+  const int T = static_cast<int>(route.extent(0)), k = static_cast<int>(route.extent(1));
+  Kokkos::parallel_for(
+      "moka::routed_counts", Kokkos::RangePolicy<Exec>(space, 0, counts.extent(0)), KOKKOS_LAMBDA(int e) {
+        long c = 0;
+        for (int t = 0; t < T; ++t)
+          for (int j = 0; j < k; ++j) c += route(t, j) == e ? 1 : 0;
+        counts(e) = c;
+      });
+}
+
 // ------------------------------------------------------------ activations
 template <class S>
 KOKKOS_INLINE_FUNCTION S sigmoid(S x) {

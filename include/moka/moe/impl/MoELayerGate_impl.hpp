@@ -201,15 +201,8 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
   // Auxiliary-loss-free balancing (DeepSeek-V3): after routing, move each
   // expert's selection bias toward the mean load.
   if (training && m_cfg.bias_balance) {
-    auto sel = m_sel_count;
-    Kokkos::parallel_for(
-        "moka::bias_load", Kokkos::RangePolicy<execution_space>(space, 0, E), KOKKOS_LAMBDA(int e) {
-          long c = 0;
-          for (int t = 0; t < T; ++t)
-            for (int j = 0; j < k; ++j) c += route(t, j) == e ? 1 : 0;
-          sel(e) = c;
-        });
-    auto hs = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), sel);
+    impl::count_routed(space, route, m_sel_count);
+    auto hs = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), m_sel_count);
     if (gate_group) gate_group->allreduce_host(hs.data(), E);
     auto hb = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), m_sel_bias);
     double mean = 0;

@@ -502,7 +502,7 @@ namespace moka {
 
 template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::route_to_slots(const execution_space& space) {
-  const int T = m_T, E = m_cfg.num_experts, k = m_cfg.top_k;
+  const int T = m_T, E = m_cfg.num_experts;
   const bool global = m_cfg.global_capacity() && !m_cfg.dropless && m_groups && m_groups->gate().size() > 1;
   m_capacity = m_cfg.capacity(global ? m_T_global : T, m_training);
   if (!m_identity &&
@@ -530,16 +530,8 @@ void MoELayer<Scalar, MemorySpace>::route_to_slots(const execution_space& space)
     // Assignments to each expert on lower ranks come first in global order.
     if (m_cap_base.extent(0) == 0) m_cap_base = Kokkos::View<long*, MemorySpace>("moka::moe::capacity_base", E);
     if (m_routed.extent(0) == 0) m_routed = Kokkos::View<long*, MemorySpace>("moka::moe::routed", E);
-    auto routed = m_routed;
-    auto rt     = route;
-    Kokkos::parallel_for(
-        "moka::routed_counts", Kokkos::RangePolicy<execution_space>(space, 0, E), KOKKOS_LAMBDA(int e) {
-          long c = 0;
-          for (int t = 0; t < T; ++t)
-            for (int j = 0; j < k; ++j) c += rt(t, j) == e ? 1 : 0;
-          routed(e) = c;
-        });
-    auto hr = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), routed);
+    impl::count_routed(space, route, m_routed);
+    auto hr = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), m_routed);
     auto hb = Kokkos::create_mirror_view(m_cap_base);
     m_groups->gate().exscan_host(hr.data(), hb.data(), E);
     Kokkos::deep_copy(m_cap_base, hb);
