@@ -73,8 +73,13 @@ int main(int argc, char* argv[]) {
     moka::log::set_level(run.log_level);
     moka::log::info(deck.resolved_table());
     runtime.print_configuration(std::cout);
-    moka::train_regime_model(runtime.comm(), deck, std::cout);
-    moka::log::info("run '", run.name, "' done");
+    const moka::TrainResult r = moka::train_regime_model(runtime.comm(), deck, std::cout);
+    if (!r.interrupted) moka::log::info("run '", run.name, "' done");
+  } catch (const moka::CollectiveError& e) {
+    // Every rank knows (a checkpoint that cannot be read or written, a deck
+    // that does not fit it): said once, every rank leaves.
+    if (runtime.rank() == 0) std::cerr << program << ": error: " << e.what() << std::endl;
+    return 2;
   } catch (const std::exception& e) {
     moka::Runtime::abort(program, e);
   }

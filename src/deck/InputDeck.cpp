@@ -476,6 +476,17 @@ MOKA_INSTANTIATE_DECK_GET(bool)
 MOKA_INSTANTIATE_DECK_GET(std::string)
 #undef MOKA_INSTANTIATE_DECK_GET
 
+std::string InputDeck::resolved_text() const {
+  if (!m_validated) throw Error("moka::InputDeck::resolved_text: call validate() first");
+  std::ostringstream os;
+  for (const auto& kv : m_schema.keys()) {
+    const DeckEntry* e = find(kv.first);
+    const std::vector<std::string>& v = e ? e->values : kv.second.default_values;
+    if (!v.empty()) os << kv.first << " = " << join_values(v) << "\n";
+  }
+  return os.str();
+}
+
 std::string InputDeck::resolved_table() const {
   if (!m_validated) throw Error("moka::InputDeck::resolved_table: call validate() first");
   std::size_t wk = 3, wv = 5;

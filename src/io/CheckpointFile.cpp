@@ -2,7 +2,9 @@
 #include <moka/core/Error.hpp>
 #include <moka/io/CheckpointFile.hpp>
 
+#include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <numeric>
 
 #ifdef MOKA_HAVE_HDF5
@@ -11,15 +13,63 @@
 
 namespace moka {
 
-std::uint64_t checksum64(const void* data, std::size_t bytes) {
-  const unsigned char* p = static_cast<const unsigned char*>(data);
-  std::uint64_t h        = 0xcbf29ce484222325ull;  // FNV-1a 64 offset basis
-  for (std::size_t i = 0; i < bytes; ++i) {
-    h ^= p[i];
-    h *= 0x100000001b3ull;  // FNV prime
+const char* to_string(CheckpointType t) {
+  switch (t) {
+    case CheckpointType::float64: return "float64";
+    case CheckpointType::float32: return "float32";
+    case CheckpointType::int64: return "int64";
   }
-  return h;
+  return "?";
 }
+
+namespace {
+
+inline std::uint64_t mix64(std::uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+template <class T>
+std::uint64_t bits_of(const T& v) {
+  if constexpr (sizeof(T) == 4) {
+    std::uint32_t b;
+    std::memcpy(&b, &v, 4);
+    return b;
+  } else {
+    std::uint64_t b;
+    std::memcpy(&b, &v, 8);
+    return b;
+  }
+}
+
+template <class T>
+constexpr CheckpointType type_of();
+template <>
+constexpr CheckpointType type_of<double>() { return CheckpointType::float64; }
+template <>
+constexpr CheckpointType type_of<float>() { return CheckpointType::float32; }
+template <>
+constexpr CheckpointType type_of<std::int64_t>() { return CheckpointType::int64; }
+
+long product(const std::vector<long>& v) {
+  long n = 1;
+  for (long x : v) n *= x;
+  return n;
+}
+
+}  // namespace
+
+template <class T>
+std::uint64_t checksum_part(const T* data, long n, long first_index) {
+  std::uint64_t s = 0;
+  for (long i = 0; i < n; ++i) s += mix64(bits_of(data[i]) ^ mix64(static_cast<std::uint64_t>(first_index + i)));
+  return s;
+}
+template std::uint64_t checksum_part<double>(const double*, long, long);
+template std::uint64_t checksum_part<float>(const float*, long, long);
+template std::uint64_t checksum_part<std::int64_t>(const std::int64_t*, long, long);
 
 #ifdef MOKA_HAVE_HDF5
 namespace {
@@ -47,85 +97,31 @@ struct Quiet {
   ~Quiet() { H5Eset_auto2(H5E_DEFAULT, fn, data); }
 };
 
-template <class T>
-hid_t mem_type();
-template <>
-hid_t mem_type<double>() { return H5T_NATIVE_DOUBLE; }
-template <>
-hid_t mem_type<float>() { return H5T_NATIVE_FLOAT; }
-template <>
-hid_t mem_type<std::int64_t>() { return H5T_NATIVE_INT64; }
-
-template <class T>
-const char* type_name();
-template <>
-const char* type_name<double>() { return "float64"; }
-template <>
-const char* type_name<float>() { return "float32"; }
-template <>
-const char* type_name<std::int64_t>() { return "int64"; }
-
-}  // namespace
-
-struct CheckpointWriter::Impl {
-  hid_t file = -1;
-};
-struct CheckpointReader::Impl {
-  hid_t file = -1;
-};
-
-namespace {
-
-template <class T>
-void write_dataset(hid_t file, const std::string& path, const std::string& name, const std::vector<T>& data,
-                   const std::vector<long>& shape) {
-  Quiet q;
-  long n = 1;
-  for (long s : shape) {
-    MOKA_REQUIRE(s >= 0, "checkpoint '", path, "': dataset '", name, "' has a negative extent");
-    n *= s;
+hid_t mem_type(CheckpointType t) {
+  switch (t) {
+    case CheckpointType::float64: return H5T_NATIVE_DOUBLE;
+    case CheckpointType::float32: return H5T_NATIVE_FLOAT;
+    case CheckpointType::int64: return H5T_NATIVE_INT64;
   }
-  MOKA_REQUIRE(!shape.empty() && n == static_cast<long>(data.size()), "checkpoint '", path, "': dataset '", name,
-               "' has ", data.size(), " values for a shape of ", n);
-  std::vector<hsize_t> dims(shape.begin(), shape.end());
-  Handle space(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), H5Sclose);
-  Handle lcpl(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
-  H5Pset_create_intermediate_group(lcpl.id, 1);
-  Handle set(H5Dcreate2(file, name.c_str(), mem_type<T>(), space.id, lcpl.id, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
-  MOKA_REQUIRE(set.id >= 0, "checkpoint '", path, "': cannot create dataset '", name, "' (a duplicate name?)");
-  MOKA_REQUIRE(data.empty() || H5Dwrite(set.id, mem_type<T>(), H5S_ALL, H5S_ALL, H5P_DEFAULT, data.data()) >= 0,
-               "checkpoint '", path, "': writing dataset '", name, "' failed");
-  const std::uint64_t sum = checksum64(data.data(), data.size() * sizeof(T));
-  Handle aspace(H5Screate(H5S_SCALAR), H5Sclose);
-  Handle attr(H5Acreate2(set.id, "checksum", H5T_NATIVE_UINT64, aspace.id, H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
-  MOKA_REQUIRE(attr.id >= 0 && H5Awrite(attr.id, H5T_NATIVE_UINT64, &sum) >= 0, "checkpoint '", path,
-               "': writing the checksum of '", name, "' failed");
+  return H5T_NATIVE_DOUBLE;
 }
-
 template <class T>
-std::vector<T> read_dataset(hid_t file, const std::string& path, const std::string& name) {
-  Quiet q;
-  MOKA_REQUIRE(H5Lexists(file, name.c_str(), H5P_DEFAULT) > 0, "checkpoint '", path, "': no dataset '", name, "'");
-  Handle set(H5Dopen2(file, name.c_str(), H5P_DEFAULT), H5Dclose);
-  MOKA_REQUIRE(set.id >= 0, "checkpoint '", path, "': '", name, "' is not a dataset");
-  Handle type(H5Dget_type(set.id), H5Tclose);
-  Handle native(H5Tget_native_type(type.id, H5T_DIR_ASCEND), H5Tclose);
-  MOKA_REQUIRE(H5Tequal(native.id, mem_type<T>()) > 0, "checkpoint '", path, "': dataset '", name, "' is not ",
-               type_name<T>());
-  Handle space(H5Dget_space(set.id), H5Sclose);
-  const hssize_t n = H5Sget_simple_extent_npoints(space.id);
-  MOKA_REQUIRE(n >= 0, "checkpoint '", path, "': dataset '", name, "' has no readable extent");
-  std::vector<T> out(static_cast<std::size_t>(n));
-  MOKA_REQUIRE(out.empty() || H5Dread(set.id, mem_type<T>(), H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data()) >= 0,
-               "checkpoint '", path, "': reading dataset '", name, "' failed (a truncated or damaged file?)");
-  std::uint64_t want = 0;
-  MOKA_REQUIRE(H5Aexists(set.id, "checksum") > 0, "checkpoint '", path, "': dataset '", name, "' has no checksum");
-  Handle attr(H5Aopen(set.id, "checksum", H5P_DEFAULT), H5Aclose);
-  MOKA_REQUIRE(attr.id >= 0 && H5Aread(attr.id, H5T_NATIVE_UINT64, &want) >= 0, "checkpoint '", path,
-               "': the checksum of '", name, "' cannot be read");
-  MOKA_REQUIRE(checksum64(out.data(), out.size() * sizeof(T)) == want, "checkpoint '", path, "': dataset '", name,
-               "' does not match its checksum (the file is damaged)");
-  return out;
+hid_t mem_type() { return mem_type(type_of<T>()); }
+
+/// Selects the block (offset, count) of \p space; checks it lies inside.
+void select_block(hid_t space, const std::string& path, const std::string& name, const std::vector<long>& offset,
+                  const std::vector<long>& count) {
+  const int rank = H5Sget_simple_extent_ndims(space);
+  MOKA_REQUIRE(rank == static_cast<int>(offset.size()) && rank == static_cast<int>(count.size()), "checkpoint '",
+               path, "': a block of ", offset.size(), " dimensions for dataset '", name, "' of ", rank);
+  std::vector<hsize_t> dims(static_cast<std::size_t>(rank));
+  H5Sget_simple_extent_dims(space, dims.data(), nullptr);
+  std::vector<hsize_t> o(offset.begin(), offset.end()), c(count.begin(), count.end());
+  for (int i = 0; i < rank; ++i)
+    MOKA_REQUIRE(offset[i] >= 0 && count[i] >= 0 && hsize_t(offset[i] + count[i]) <= dims[i], "checkpoint '", path,
+                 "': block [", offset[i], ", ", offset[i] + count[i], ") of dimension ", i, " outside dataset '",
+                 name, "' (extent ", dims[i], ")");
+  H5Sselect_hyperslab(space, H5S_SELECT_SET, o.data(), nullptr, c.data(), nullptr);
 }
 
 hid_t open_read(const std::string& path) {
@@ -140,6 +136,44 @@ hid_t open_read(const std::string& path) {
 
 }  // namespace
 
+struct CheckpointWriter::Impl {
+  struct Set {
+    hid_t id = -1;
+    CheckpointType type = CheckpointType::float64;
+    std::vector<long> shape;
+    std::uint64_t part = 0;  // checksum part of the blocks this rank wrote
+  };
+  hid_t file    = -1;
+  MPI_Comm comm = MPI_COMM_NULL;
+  int rank = 0, size = 1;
+  std::map<std::string, Set> sets;
+  std::vector<std::string> order;  // creation order (the same on every rank)
+  std::string error;               // parallel mode: the first failed block write, raised at commit()
+
+  void close_all() {
+    for (auto& kv : sets)
+      if (kv.second.id >= 0) H5Dclose(kv.second.id), kv.second.id = -1;
+    if (file >= 0) H5Fclose(file), file = -1;
+  }
+  Set& find(const std::string& path, const std::string& name) {
+    auto it = sets.find(name);
+    MOKA_REQUIRE(it != sets.end(), "checkpoint '", path, "': no dataset '", name, "' was created");
+    return it->second;
+  }
+};
+
+struct CheckpointReader::Impl {
+  hid_t file = -1;
+};
+
+bool CheckpointWriter::parallel_available() {
+#ifdef H5_HAVE_PARALLEL
+  return true;
+#else
+  return false;
+#endif
+}
+
 CheckpointWriter::CheckpointWriter(const std::string& path) : m_path(path), m_impl(std::make_unique<Impl>()) {
   Quiet q;
   m_impl->file = H5Fcreate(temp_path().c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
@@ -147,26 +181,103 @@ CheckpointWriter::CheckpointWriter(const std::string& path) : m_path(path), m_im
                "' (does the directory exist and can it be written?)");
 }
 
+CheckpointWriter::CheckpointWriter(const std::string& path, MPI_Comm comm)
+    : m_path(path), m_impl(std::make_unique<Impl>()) {
+#ifdef H5_HAVE_PARALLEL
+  Quiet q;
+  m_impl->comm = comm;
+  MPI_Comm_rank(comm, &m_impl->rank);
+  MPI_Comm_size(comm, &m_impl->size);
+  Handle fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
+  H5Pset_fapl_mpio(fapl.id, comm, MPI_INFO_NULL);
+  m_impl->file = H5Fcreate(temp_path().c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.id);
+  int ok = m_impl->file >= 0, all = 0;
+  MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_MIN, comm);
+  if (!all) {
+    if (m_impl->file >= 0) H5Fclose(m_impl->file), m_impl->file = -1;
+    throw Error("checkpoint '" + path + "': cannot create '" + temp_path() +
+                "' through MPI-IO (does the directory exist and can it be written?)");
+  }
+#else
+  (void)comm;
+  throw Error("checkpoint '" + path + "': this MoKA's HDF5 is not built for MPI-IO (use io.checkpoint_io = gather)");
+#endif
+}
+
 CheckpointWriter::~CheckpointWriter() {
   if (m_impl && m_impl->file >= 0) {
-    H5Fclose(m_impl->file);
-    std::remove(temp_path().c_str());
+    m_impl->close_all();
+    if (m_impl->rank == 0) std::remove(temp_path().c_str());
   }
 }
 
-void CheckpointWriter::write(const std::string& name, const std::vector<double>& data,
-                             const std::vector<long>& shape) {
-  write_dataset(m_impl->file, m_path, name, data, shape);
-  m_names.push_back(name + "\x01" "d");
+template <class T>
+void CheckpointWriter::create(const std::string& name, const std::vector<long>& shape) {
+  Quiet q;
+  MOKA_REQUIRE(m_impl->file >= 0, "checkpoint '", m_path, "': dataset '", name, "' created after commit()");
+  MOKA_REQUIRE(!shape.empty(), "checkpoint '", m_path, "': dataset '", name, "' has no shape");
+  for (long s : shape)
+    MOKA_REQUIRE(s >= 0, "checkpoint '", m_path, "': dataset '", name, "' has a negative extent");
+  MOKA_REQUIRE(!m_impl->sets.count(name), "checkpoint '", m_path, "': dataset '", name, "' created twice");
+  std::vector<hsize_t> dims(shape.begin(), shape.end());
+  Handle space(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), H5Sclose);
+  Handle lcpl(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
+  H5Pset_create_intermediate_group(lcpl.id, 1);
+  Handle dcpl(H5Pcreate(H5P_DATASET_CREATE), H5Pclose);
+  H5Pset_fill_time(dcpl.id, H5D_FILL_TIME_NEVER);  // every element is written
+  Impl::Set s;
+  s.type  = type_of<T>();
+  s.shape = shape;
+  s.id    = H5Dcreate2(m_impl->file, name.c_str(), mem_type<T>(), space.id, lcpl.id, dcpl.id, H5P_DEFAULT);
+  MOKA_REQUIRE(s.id >= 0, "checkpoint '", m_path, "': cannot create dataset '", name, "'");
+  m_impl->sets[name] = s;
+  m_impl->order.push_back(name);
 }
-void CheckpointWriter::write(const std::string& name, const std::vector<float>& data, const std::vector<long>& shape) {
-  write_dataset(m_impl->file, m_path, name, data, shape);
-  m_names.push_back(name + "\x01" "f");
+
+template <class T>
+void CheckpointWriter::write_block(const std::string& name, const std::vector<long>& offset,
+                                   const std::vector<long>& count, const T* data) {
+  Quiet q;
+  try {
+    Impl::Set& s = m_impl->find(m_path, name);
+    MOKA_REQUIRE(s.type == type_of<T>(), "checkpoint '", m_path, "': a block of ", to_string(type_of<T>()),
+                 " for dataset '", name, "' of ", to_string(s.type));
+    const long n = product(count);
+    if (n == 0) return;
+    Handle fspace(H5Dget_space(s.id), H5Sclose);
+    select_block(fspace.id, m_path, name, offset, count);
+    const hsize_t mn = static_cast<hsize_t>(n);
+    Handle mspace(H5Screate_simple(1, &mn, nullptr), H5Sclose);
+    MOKA_REQUIRE(H5Dwrite(s.id, mem_type<T>(), mspace.id, fspace.id, H5P_DEFAULT, data) >= 0, "checkpoint '",
+                 m_path, "': writing a block of dataset '", name, "' failed (disk full?)");
+    // Checksum part: flat index of each element of the block.
+    const int R = static_cast<int>(count.size());
+    std::vector<long> stride(R, 1);
+    for (int i = R - 2; i >= 0; --i) stride[i] = stride[i + 1] * s.shape[i + 1];
+    const long run = count[R - 1];
+    std::vector<long> idx(R, 0);
+    for (long done = 0; done < n; done += run) {
+      long flat = offset[R - 1];
+      for (int i = 0; i < R - 1; ++i) flat += (offset[i] + idx[i]) * stride[i];
+      s.part += checksum_part(data + done, run, flat);
+      for (int i = R - 2; i >= 0; --i) {
+        if (++idx[i] < count[i]) break;
+        idx[i] = 0;
+      }
+    }
+  } catch (const Error& e) {
+    if (m_impl->comm == MPI_COMM_NULL) throw;
+    if (m_impl->error.empty()) m_impl->error = e.what();
+  }
 }
-void CheckpointWriter::write(const std::string& name, const std::vector<std::int64_t>& data,
-                             const std::vector<long>& shape) {
-  write_dataset(m_impl->file, m_path, name, data, shape);
-  m_names.push_back(name + "\x01" "i");
+
+template <class T>
+void CheckpointWriter::write(const std::string& name, const std::vector<T>& data, const std::vector<long>& shape) {
+  if (m_impl->rank == 0)
+    MOKA_REQUIRE(product(shape) == static_cast<long>(data.size()), "checkpoint '", m_path, "': dataset '", name,
+                 "' has ", data.size(), " values for a shape of ", product(shape));
+  create<T>(name, shape);
+  if (m_impl->rank == 0) write_block<T>(name, std::vector<long>(shape.size(), 0), shape, data.data());
 }
 
 void CheckpointWriter::attribute(const std::string& name, const std::string& value) {
@@ -181,23 +292,130 @@ void CheckpointWriter::attribute(const std::string& name, const std::string& val
 }
 
 void CheckpointWriter::commit() {
+  Quiet q;
   MOKA_REQUIRE(m_impl->file >= 0, "checkpoint '", m_path, "': committed twice");
-  MOKA_REQUIRE(H5Fclose(m_impl->file) >= 0, "checkpoint '", m_path, "': closing '", temp_path(), "' failed");
-  m_impl->file = -1;
-  {
-    // Read back: every dataset against its checksum.
-    CheckpointReader r(temp_path());
-    for (const std::string& n : m_names) {
-      const std::string name = n.substr(0, n.size() - 2);
-      const char kind        = n.back();
-      if (kind == 'd') (void)r.read_double(name);
-      else if (kind == 'f') (void)r.read_float(name);
-      else (void)r.read_int64(name);
+  Impl& I         = *m_impl;
+  const bool par  = I.comm != MPI_COMM_NULL;
+  std::vector<std::uint64_t> sums;
+  for (const std::string& n : I.order) sums.push_back(I.sets[n].part);
+  if (par) {
+    int bad = !I.error.empty(), any = 0;
+    MPI_Allreduce(&bad, &any, 1, MPI_INT, MPI_MAX, I.comm);
+    if (any) {
+      I.close_all();
+      if (I.rank == 0) std::remove(temp_path().c_str());
+      throw Error(bad ? I.error : "checkpoint '" + m_path + "': writing failed on another rank");
     }
+    MPI_Allreduce(MPI_IN_PLACE, sums.data(), static_cast<int>(sums.size()), MPI_UINT64_T, MPI_SUM, I.comm);
   }
-  MOKA_REQUIRE(std::rename(temp_path().c_str(), m_path.c_str()) == 0, "checkpoint '", m_path, "': renaming '",
-               temp_path(), "' to it failed");
+  for (std::size_t i = 0; i < I.order.size(); ++i) {
+    Impl::Set& s = I.sets[I.order[i]];
+    Handle aspace(H5Screate(H5S_SCALAR), H5Sclose);
+    Handle attr(H5Acreate2(s.id, "checksum", H5T_NATIVE_UINT64, aspace.id, H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
+    MOKA_REQUIRE(attr.id >= 0 && H5Awrite(attr.id, H5T_NATIVE_UINT64, &sums[i]) >= 0, "checkpoint '", m_path,
+                 "': writing the checksum of '", I.order[i], "' failed");
+  }
+  I.close_all();
+  // Read back: every dataset against its checksum (each rank a share of the rows).
+  std::string failure;
+  try {
+    CheckpointReader r(temp_path());
+    std::vector<std::uint64_t> got;
+    for (const std::string& n : I.order) {
+      const long rows = I.sets[n].shape[0];
+      const long r0 = rows * I.rank / I.size, r1 = rows * (I.rank + 1) / I.size;
+      got.push_back(r.checksum_rows(n, r0, r1 - r0));
+    }
+    if (par) MPI_Allreduce(MPI_IN_PLACE, got.data(), static_cast<int>(got.size()), MPI_UINT64_T, MPI_SUM, I.comm);
+    for (std::size_t i = 0; i < got.size() && failure.empty(); ++i)
+      if (got[i] != sums[i])
+        failure = "checkpoint '" + m_path + "': dataset '" + I.order[i] + "' read back from '" + temp_path() +
+                  "' does not match what was written";
+  } catch (const Error& e) {
+    failure = e.what();
+  }
+  int bad = !failure.empty();
+  if (par) MPI_Allreduce(MPI_IN_PLACE, &bad, 1, MPI_INT, MPI_MAX, I.comm);
+  if (bad) {
+    if (I.rank == 0) std::remove(temp_path().c_str());
+    throw Error(failure.empty() ? "checkpoint '" + m_path + "': verification failed on another rank" : failure);
+  }
+  int renamed = 1;
+  if (I.rank == 0) renamed = std::rename(temp_path().c_str(), m_path.c_str()) == 0;
+  if (par) MPI_Bcast(&renamed, 1, MPI_INT, 0, I.comm);
+  MOKA_REQUIRE(renamed, "checkpoint '", m_path, "': renaming '", temp_path(), "' to it failed");
 }
+
+template void CheckpointWriter::create<double>(const std::string&, const std::vector<long>&);
+template void CheckpointWriter::create<float>(const std::string&, const std::vector<long>&);
+template void CheckpointWriter::create<std::int64_t>(const std::string&, const std::vector<long>&);
+template void CheckpointWriter::write_block<double>(const std::string&, const std::vector<long>&,
+                                                    const std::vector<long>&, const double*);
+template void CheckpointWriter::write_block<float>(const std::string&, const std::vector<long>&,
+                                                   const std::vector<long>&, const float*);
+template void CheckpointWriter::write_block<std::int64_t>(const std::string&, const std::vector<long>&,
+                                                          const std::vector<long>&, const std::int64_t*);
+template void CheckpointWriter::write<double>(const std::string&, const std::vector<double>&,
+                                              const std::vector<long>&);
+template void CheckpointWriter::write<float>(const std::string&, const std::vector<float>&, const std::vector<long>&);
+template void CheckpointWriter::write<std::int64_t>(const std::string&, const std::vector<std::int64_t>&,
+                                                    const std::vector<long>&);
+
+// ------------------------------------------------------------------ reader
+
+namespace {
+
+hid_t open_set(hid_t file, const std::string& path, const std::string& name) {
+  MOKA_REQUIRE(H5Lexists(file, name.c_str(), H5P_DEFAULT) > 0, "checkpoint '", path, "': no dataset '", name, "'");
+  const hid_t set = H5Dopen2(file, name.c_str(), H5P_DEFAULT);
+  MOKA_REQUIRE(set >= 0, "checkpoint '", path, "': '", name, "' is not a dataset");
+  return set;
+}
+
+CheckpointType set_type(hid_t set, const std::string& path, const std::string& name) {
+  Handle type(H5Dget_type(set), H5Tclose);
+  Handle native(H5Tget_native_type(type.id, H5T_DIR_ASCEND), H5Tclose);
+  for (CheckpointType t : {CheckpointType::float64, CheckpointType::float32, CheckpointType::int64})
+    if (H5Tequal(native.id, mem_type(t)) > 0) return t;
+  throw Error("checkpoint '" + path + "': dataset '" + name + "' is none of float64, float32, int64");
+}
+
+std::vector<long> set_shape(hid_t set, const std::string& path, const std::string& name) {
+  Handle space(H5Dget_space(set), H5Sclose);
+  const int rank = H5Sget_simple_extent_ndims(space.id);
+  MOKA_REQUIRE(rank >= 0, "checkpoint '", path, "': dataset '", name, "' has no readable shape");
+  std::vector<hsize_t> dims(static_cast<std::size_t>(rank));
+  H5Sget_simple_extent_dims(space.id, dims.data(), nullptr);
+  return std::vector<long>(dims.begin(), dims.end());
+}
+
+template <class T>
+std::vector<T> read_rows(hid_t set, const std::string& path, const std::string& name, const std::vector<long>& shape,
+                         long row0, long rows) {
+  std::vector<long> offset(shape.size(), 0), count = shape;
+  offset[0] = row0;
+  count[0]  = rows;
+  std::vector<T> out(static_cast<std::size_t>(product(count)));
+  if (out.empty()) return out;
+  Handle fspace(H5Dget_space(set), H5Sclose);
+  select_block(fspace.id, path, name, offset, count);
+  const hsize_t mn = out.size();
+  Handle mspace(H5Screate_simple(1, &mn, nullptr), H5Sclose);
+  MOKA_REQUIRE(H5Dread(set, mem_type<T>(), mspace.id, fspace.id, H5P_DEFAULT, out.data()) >= 0, "checkpoint '", path,
+               "': reading dataset '", name, "' failed (a truncated or damaged file?)");
+  return out;
+}
+
+herr_t collect_dataset(hid_t group, const char* name, const H5L_info_t*, void* data) {
+  const hid_t set = H5Dopen2(group, name, H5P_DEFAULT);
+  if (set >= 0) {
+    static_cast<std::vector<std::string>*>(data)->push_back(name);
+    H5Dclose(set);
+  }
+  return 0;
+}
+
+}  // namespace
 
 CheckpointReader::CheckpointReader(const std::string& path) : m_path(path), m_impl(std::make_unique<Impl>()) {
   m_impl->file = open_read(path);
@@ -209,30 +427,114 @@ CheckpointReader::~CheckpointReader() {
 
 bool CheckpointReader::has(const std::string& name) const {
   Quiet q;
-  return H5Lexists(m_impl->file, name.c_str(), H5P_DEFAULT) > 0;
+  // Every prefix must exist for H5Lexists on the full path.
+  for (std::size_t at = name.find('/'); at != std::string::npos; at = name.find('/', at + 1))
+    if (H5Lexists(m_impl->file, name.substr(0, at).c_str(), H5P_DEFAULT) <= 0) return false;
+  if (H5Lexists(m_impl->file, name.c_str(), H5P_DEFAULT) <= 0) return false;
+  const hid_t set = H5Dopen2(m_impl->file, name.c_str(), H5P_DEFAULT);
+  if (set < 0) return false;
+  H5Dclose(set);
+  return true;
 }
 
 std::vector<long> CheckpointReader::shape(const std::string& name) const {
   Quiet q;
   MOKA_REQUIRE(has(name), "checkpoint '", m_path, "': no dataset '", name, "'");
-  Handle set(H5Dopen2(m_impl->file, name.c_str(), H5P_DEFAULT), H5Dclose);
-  MOKA_REQUIRE(set.id >= 0, "checkpoint '", m_path, "': '", name, "' is not a dataset");
-  Handle space(H5Dget_space(set.id), H5Sclose);
-  const int rank = H5Sget_simple_extent_ndims(space.id);
-  MOKA_REQUIRE(rank >= 0, "checkpoint '", m_path, "': dataset '", name, "' has no readable shape");
-  std::vector<hsize_t> dims(static_cast<std::size_t>(rank));
-  H5Sget_simple_extent_dims(space.id, dims.data(), nullptr);
-  return std::vector<long>(dims.begin(), dims.end());
+  Handle set(open_set(m_impl->file, m_path, name), H5Dclose);
+  return set_shape(set.id, m_path, name);
 }
 
-std::vector<double> CheckpointReader::read_double(const std::string& name) const {
-  return read_dataset<double>(m_impl->file, m_path, name);
+CheckpointType CheckpointReader::type(const std::string& name) const {
+  Quiet q;
+  MOKA_REQUIRE(has(name), "checkpoint '", m_path, "': no dataset '", name, "'");
+  Handle set(open_set(m_impl->file, m_path, name), H5Dclose);
+  return set_type(set.id, m_path, name);
 }
-std::vector<float> CheckpointReader::read_float(const std::string& name) const {
-  return read_dataset<float>(m_impl->file, m_path, name);
+
+std::vector<std::string> CheckpointReader::datasets() const {
+  Quiet q;
+  std::vector<std::string> out;
+  H5Lvisit(m_impl->file, H5_INDEX_NAME, H5_ITER_INC, collect_dataset, &out);
+  std::sort(out.begin(), out.end());
+  return out;
 }
-std::vector<std::int64_t> CheckpointReader::read_int64(const std::string& name) const {
-  return read_dataset<std::int64_t>(m_impl->file, m_path, name);
+
+template <class T>
+std::vector<T> CheckpointReader::read(const std::string& name) const {
+  Quiet q;
+  MOKA_REQUIRE(has(name), "checkpoint '", m_path, "': no dataset '", name, "'");
+  Handle set(open_set(m_impl->file, m_path, name), H5Dclose);
+  const CheckpointType t = set_type(set.id, m_path, name);
+  MOKA_REQUIRE(t == type_of<T>(), "checkpoint '", m_path, "': dataset '", name, "' is ", to_string(t), ", not ",
+               to_string(type_of<T>()));
+  const std::vector<long> shape = set_shape(set.id, m_path, name);
+  std::vector<T> out = read_rows<T>(set.id, m_path, name, shape, 0, shape.empty() ? 0 : shape[0]);
+  if (shape.empty()) out.clear();
+  MOKA_REQUIRE(checksum_part(out.data(), long(out.size()), 0) == stored_checksum(name), "checkpoint '", m_path,
+               "': dataset '", name, "' does not match its checksum (the file is damaged)");
+  return out;
+}
+
+template <class T>
+std::vector<T> CheckpointReader::read_block(const std::string& name, const std::vector<long>& offset,
+                                            const std::vector<long>& count) const {
+  Quiet q;
+  MOKA_REQUIRE(has(name), "checkpoint '", m_path, "': no dataset '", name, "'");
+  Handle set(open_set(m_impl->file, m_path, name), H5Dclose);
+  const CheckpointType t = set_type(set.id, m_path, name);
+  MOKA_REQUIRE((t == CheckpointType::int64) == (type_of<T>() == CheckpointType::int64), "checkpoint '", m_path,
+               "': dataset '", name, "' is ", to_string(t), ", read as ", to_string(type_of<T>()));
+  std::vector<T> out(static_cast<std::size_t>(product(count)));
+  if (out.empty()) return out;
+  Handle fspace(H5Dget_space(set.id), H5Sclose);
+  select_block(fspace.id, m_path, name, offset, count);
+  const hsize_t mn = out.size();
+  Handle mspace(H5Screate_simple(1, &mn, nullptr), H5Sclose);
+  MOKA_REQUIRE(H5Dread(set.id, mem_type<T>(), mspace.id, fspace.id, H5P_DEFAULT, out.data()) >= 0, "checkpoint '",
+               m_path, "': reading dataset '", name, "' failed (a truncated or damaged file?)");
+  return out;
+}
+
+std::uint64_t CheckpointReader::stored_checksum(const std::string& name) const {
+  Quiet q;
+  Handle set(open_set(m_impl->file, m_path, name), H5Dclose);
+  MOKA_REQUIRE(H5Aexists(set.id, "checksum") > 0, "checkpoint '", m_path, "': dataset '", name, "' has no checksum");
+  Handle attr(H5Aopen(set.id, "checksum", H5P_DEFAULT), H5Aclose);
+  std::uint64_t want = 0;
+  MOKA_REQUIRE(attr.id >= 0 && H5Aread(attr.id, H5T_NATIVE_UINT64, &want) >= 0, "checkpoint '", m_path,
+               "': the checksum of '", name, "' cannot be read");
+  return want;
+}
+
+std::uint64_t CheckpointReader::checksum_rows(const std::string& name, long row0, long rows) const {
+  Quiet q;
+  Handle set(open_set(m_impl->file, m_path, name), H5Dclose);
+  const CheckpointType t        = set_type(set.id, m_path, name);
+  const std::vector<long> shape = set_shape(set.id, m_path, name);
+  if (shape.empty() || rows <= 0) return 0;
+  const long row = product(shape) / std::max(1L, shape[0]);
+  // In pieces of at most 32 MB.
+  const long per = std::max(1L, (32L << 20) / std::max(1L, row * 8));
+  std::uint64_t s = 0;
+  for (long r = row0; r < row0 + rows; r += per) {
+    const long n = std::min(per, row0 + rows - r);
+    if (t == CheckpointType::float64) {
+      const auto v = read_rows<double>(set.id, m_path, name, shape, r, n);
+      s += checksum_part(v.data(), long(v.size()), r * row);
+    } else if (t == CheckpointType::float32) {
+      const auto v = read_rows<float>(set.id, m_path, name, shape, r, n);
+      s += checksum_part(v.data(), long(v.size()), r * row);
+    } else {
+      const auto v = read_rows<std::int64_t>(set.id, m_path, name, shape, r, n);
+      s += checksum_part(v.data(), long(v.size()), r * row);
+    }
+  }
+  return s;
+}
+
+bool CheckpointReader::has_attribute(const std::string& name) const {
+  Quiet q;
+  return H5Aexists(m_impl->file, name.c_str()) > 0;
 }
 
 std::string CheckpointReader::attribute(const std::string& name) const {
@@ -258,22 +560,60 @@ namespace {
   throw Error("checkpoint '" + path + "': this MoKA was built without HDF5 (MOKA_ENABLE_HDF5=OFF)");
 }
 }  // namespace
+bool CheckpointWriter::parallel_available() { return false; }
 CheckpointWriter::CheckpointWriter(const std::string& path) : m_path(path) { no_hdf5(path); }
+CheckpointWriter::CheckpointWriter(const std::string& path, MPI_Comm) : m_path(path) { no_hdf5(path); }
 CheckpointWriter::~CheckpointWriter() = default;
-void CheckpointWriter::write(const std::string&, const std::vector<double>&, const std::vector<long>&) {}
-void CheckpointWriter::write(const std::string&, const std::vector<float>&, const std::vector<long>&) {}
-void CheckpointWriter::write(const std::string&, const std::vector<std::int64_t>&, const std::vector<long>&) {}
-void CheckpointWriter::attribute(const std::string&, const std::string&) {}
-void CheckpointWriter::commit() {}
+template <class T>
+void CheckpointWriter::create(const std::string&, const std::vector<long>&) { no_hdf5(m_path); }
+template <class T>
+void CheckpointWriter::write_block(const std::string&, const std::vector<long>&, const std::vector<long>&,
+                                   const T*) { no_hdf5(m_path); }
+template <class T>
+void CheckpointWriter::write(const std::string&, const std::vector<T>&, const std::vector<long>&) { no_hdf5(m_path); }
+void CheckpointWriter::attribute(const std::string&, const std::string&) { no_hdf5(m_path); }
+void CheckpointWriter::commit() { no_hdf5(m_path); }
 CheckpointReader::CheckpointReader(const std::string& path) : m_path(path) { no_hdf5(path); }
 CheckpointReader::~CheckpointReader() = default;
 bool CheckpointReader::has(const std::string&) const { return false; }
 std::vector<long> CheckpointReader::shape(const std::string&) const { return {}; }
-std::vector<double> CheckpointReader::read_double(const std::string&) const { return {}; }
-std::vector<float> CheckpointReader::read_float(const std::string&) const { return {}; }
-std::vector<std::int64_t> CheckpointReader::read_int64(const std::string&) const { return {}; }
-std::string CheckpointReader::attribute(const std::string&) const { return {}; }
+CheckpointType CheckpointReader::type(const std::string&) const { no_hdf5(m_path); }
+std::vector<std::string> CheckpointReader::datasets() const { return {}; }
+template <class T>
+std::vector<T> CheckpointReader::read(const std::string&) const { no_hdf5(m_path); }
+template <class T>
+std::vector<T> CheckpointReader::read_block(const std::string&, const std::vector<long>&,
+                                            const std::vector<long>&) const { no_hdf5(m_path); }
+std::uint64_t CheckpointReader::stored_checksum(const std::string&) const { no_hdf5(m_path); }
+std::uint64_t CheckpointReader::checksum_rows(const std::string&, long, long) const { no_hdf5(m_path); }
+bool CheckpointReader::has_attribute(const std::string&) const { return false; }
+std::string CheckpointReader::attribute(const std::string&) const { no_hdf5(m_path); }
+template void CheckpointWriter::create<double>(const std::string&, const std::vector<long>&);
+template void CheckpointWriter::create<float>(const std::string&, const std::vector<long>&);
+template void CheckpointWriter::create<std::int64_t>(const std::string&, const std::vector<long>&);
+template void CheckpointWriter::write_block<double>(const std::string&, const std::vector<long>&,
+                                                    const std::vector<long>&, const double*);
+template void CheckpointWriter::write_block<float>(const std::string&, const std::vector<long>&,
+                                                   const std::vector<long>&, const float*);
+template void CheckpointWriter::write_block<std::int64_t>(const std::string&, const std::vector<long>&,
+                                                          const std::vector<long>&, const std::int64_t*);
+template void CheckpointWriter::write<double>(const std::string&, const std::vector<double>&,
+                                              const std::vector<long>&);
+template void CheckpointWriter::write<float>(const std::string&, const std::vector<float>&, const std::vector<long>&);
+template void CheckpointWriter::write<std::int64_t>(const std::string&, const std::vector<std::int64_t>&,
+                                                    const std::vector<long>&);
 
 #endif
+
+template std::vector<double> CheckpointReader::read<double>(const std::string&) const;
+template std::vector<float> CheckpointReader::read<float>(const std::string&) const;
+template std::vector<std::int64_t> CheckpointReader::read<std::int64_t>(const std::string&) const;
+template std::vector<double> CheckpointReader::read_block<double>(const std::string&, const std::vector<long>&,
+                                                                  const std::vector<long>&) const;
+template std::vector<float> CheckpointReader::read_block<float>(const std::string&, const std::vector<long>&,
+                                                                const std::vector<long>&) const;
+template std::vector<std::int64_t> CheckpointReader::read_block<std::int64_t>(const std::string&,
+                                                                              const std::vector<long>&,
+                                                                              const std::vector<long>&) const;
 
 }  // namespace moka

@@ -1,4 +1,5 @@
 #include <moka/balance/Balancer.hpp>
+#include <moka/checkpoint/Checkpoint.hpp>
 #include <moka/comm/CommCheck.hpp>
 #include <moka/moe/LayerMemory.hpp>
 #include <moka/core/Log.hpp>
@@ -8,8 +9,10 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <iomanip>
 #include <limits>
@@ -54,10 +57,38 @@ DeckSchema train_schema() {
   s.merge(TrainerConfig::schema());
   s.merge(ParallelConfig::schema());
   s.merge(BalanceConfig::schema());
+  s.merge(CheckpointConfig::schema());
   return s;
 }
 
 namespace {
+
+/// The signal that asked for a checkpoint and a clean exit (SIGTERM,
+/// SIGUSR1), or 0. Set by the handler, read at step boundaries.
+volatile std::sig_atomic_t g_stop_signal = 0;
+extern "C" void moka_stop_handler(int sig) { g_stop_signal = sig; }
+
+/// Installs the handler for SIGTERM and SIGUSR1 for its lifetime.
+class StopSignals {
+ public:
+  StopSignals() {
+    g_stop_signal = 0;
+    m_term = std::signal(SIGTERM, moka_stop_handler);
+    m_usr1 = std::signal(SIGUSR1, moka_stop_handler);
+  }
+  ~StopSignals() {
+    std::signal(SIGTERM, m_term == SIG_ERR ? SIG_DFL : m_term);
+    std::signal(SIGUSR1, m_usr1 == SIG_ERR ? SIG_DFL : m_usr1);
+  }
+  StopSignals(const StopSignals&) = delete;
+  StopSignals& operator=(const StopSignals&) = delete;
+
+ private:
+  void (*m_term)(int) = nullptr;
+  void (*m_usr1)(int) = nullptr;
+};
+
+const char* signal_name(int sig) { return sig == SIGTERM ? "SIGTERM" : sig == SIGUSR1 ? "SIGUSR1" : "a signal"; }
 
 Placement initial_placement(int num_experts, int ep, int slots) {
   const int base = num_experts / ep;
@@ -120,7 +151,9 @@ class RegimeRun {
                 initial_placement(m_mcfg.moe.num_experts, m_groups->ep_size(),
                                   m_bcfg.slots(m_mcfg.moe.num_experts, m_groups->ep_size()))),
         m_opt(m_ocfg),
-        m_order(m_train.n) {
+        m_order(m_train.n),
+        m_ccfg(CheckpointConfig::from_deck(deck, m_tcfg.metrics_file)),
+        m_deck_text(deck.resolved_text()) {
     if (m_run.comm_check) {
       const CommCheckResult c = check_communication(m_world);
       log::info(c.summary());
@@ -142,20 +175,26 @@ class RegimeRun {
     m_hx   = Kokkos::create_mirror_view(m_x);
     m_hy   = Kokkos::create_mirror_view(m_y);
     std::iota(m_order.begin(), m_order.end(), 0L);
+    if (!m_ccfg.restart.empty()) restart();
   }
 
   TrainResult train() {
     open_metrics();
     TrainResult result;
-    result.initial_test_loss = held_out_loss(m_model, m_test, m_world, m_space);
+    result.first_step        = m_start;
+    result.initial_test_loss = m_start > 0 ? m_initial_loss : held_out_loss(m_model, m_test, m_world, m_space);
+    m_initial_loss           = result.initial_test_loss;
     log_start(result.initial_test_loss);
+    StopSignals signals;
+    const char* sig_env   = std::getenv("MOKA_TEST_SIGNAL_AT_STEP");  // tests: rank 0 signals itself after step N
+    const long sig_step   = sig_env ? std::atol(sig_env) : -1;
     // Failure injection for the abort test: MOKA_TEST_FAIL_RANK=r makes rank r
     // throw at step 3 while the others wait in the step's collectives.
     const char* fail_env = std::getenv("MOKA_TEST_FAIL_RANK");
     const int fail_rank  = fail_env ? std::atoi(fail_env) : -1;
     const auto t0 = std::chrono::steady_clock::now();
     double loss = 0;
-    for (long step = 0; step < m_ocfg.total_steps; ++step) {
+    for (long step = m_start; step < m_ocfg.total_steps; ++step) {
       if (step == 2 && m_rank == fail_rank)
         throw Error("failure injected at step 3 on rank " + std::to_string(m_rank) + " (MOKA_TEST_FAIL_RANK)");
       load_batch();
@@ -169,16 +208,32 @@ class RegimeRun {
       const bool last = step + 1 == m_ocfg.total_steps;
       if ((step + 1) % m_tcfg.eval_every == 0 || last) line.test_loss = held_out_loss(m_model, m_test, m_world, m_space);
       line.elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      line.sps     = double(step + 1) * m_tcfg.batch_size / line.elapsed;
+      line.sps     = double(step + 1 - m_start) * m_tcfg.batch_size / line.elapsed;
       write_metrics(line);
-      if ((step + 1) % m_tcfg.log_every == 0 || step == 0 || last) log_progress(line);
+      if ((step + 1) % m_tcfg.log_every == 0 || step == m_start || last) log_progress(line);
       if (last) result.final_test_loss = line.test_loss;
+      result.steps = step + 1;
+      if (step + 1 == sig_step && m_rank == 0) std::raise(SIGTERM);
+      // A stop signal on any rank: every rank checkpoints and leaves.
+      long sig = g_stop_signal;
+      if (m_size > 1) m_world.allreduce_host(&sig, 1);
+      if (sig != 0 && !last) {
+        result.checkpoint  = checkpoint(step + 1);
+        result.interrupted = true;
+        if (m_rank == 0)
+          m_log << "stopped by " << signal_name(int(sig > 0 ? sig : 0)) << " after step " << step + 1 << " of "
+                << m_ocfg.total_steps << ": checkpoint " << result.checkpoint
+                << " written; continue with io.restart=latest" << std::endl;
+        break;
+      }
+      if ((m_ccfg.every > 0 && (step + 1) % m_ccfg.every == 0) || (last && m_ccfg.at_end))
+        result.checkpoint = checkpoint(step + 1);
     }
+    const long done           = result.steps - m_start;
     result.seconds            = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    result.steps              = m_ocfg.total_steps;
     result.final_train_loss   = loss;
-    result.samples_per_second = double(m_ocfg.total_steps) * m_tcfg.batch_size / result.seconds;
-    log_end(result);
+    result.samples_per_second = double(done) * m_tcfg.batch_size / std::max(result.seconds, 1e-9);
+    if (!result.interrupted) log_end(result);
     return result;
   }
 
@@ -192,6 +247,85 @@ class RegimeRun {
     long moved = 0;            // expert slots migrated after this step
     double moved_bytes = 0, migration_ms = 0;
   };
+
+  /// Writes the state after \p steps steps to io.checkpoint_dir, prunes old
+  /// ones, logs at rank 0; returns the path.
+  std::string checkpoint(long steps) {
+    const std::string path = m_ccfg.file_for(m_run.name, steps);
+    agree_on_failure(m_world.mpi_comm(), [&] {
+      if (m_rank != 0) return;
+      std::error_code ec;
+      std::filesystem::create_directories(m_ccfg.dir, ec);
+      MOKA_REQUIRE(std::filesystem::is_directory(m_ccfg.dir), "cannot create io.checkpoint_dir '", m_ccfg.dir, "'",
+                   ec ? " (" + ec.message() + ")" : std::string());
+    });
+    RunCounters c;
+    c.step              = steps;
+    c.epoch             = m_epoch;
+    c.cursor            = m_cursor;
+    c.migrated          = m_migrated;
+    c.initial_test_loss = m_initial_loss;
+    c.order.assign(m_order.begin(), m_order.end());
+    // Fault tests: MOKA_TEST_KILL_IN_CHECKPOINT=N kills rank 0 with SIGKILL
+    // in the middle of writing the checkpoint of step N.
+    const char* kill_env = std::getenv("MOKA_TEST_KILL_IN_CHECKPOINT");
+    const long kill_step = kill_env ? std::atol(kill_env) : -1;
+    auto before_commit   = [&] {
+      if (steps == kill_step && m_rank == 0) std::raise(SIGKILL);
+    };
+    const CheckpointStats st = save_checkpoint(path, m_ccfg.parallel_io(), m_model, m_opt, m_balancer.get(), c,
+                                               m_deck_text, m_world, before_commit);
+    if (m_rank == 0) {
+      const auto removed = prune_checkpoints(m_ccfg.dir, m_run.name, m_ccfg.keep);
+      m_log << std::fixed << std::setprecision(1) << "checkpoint: step " << steps << " -> " << path << " ("
+            << st.bytes / 1048576.0 << " MB in " << std::setprecision(3) << st.seconds << " s"
+            << (m_ccfg.parallel_io() && m_size > 1 ? ", MPI-IO" : "") << ")";
+      if (!removed.empty()) m_log << ", " << removed.size() << " older removed";
+      m_log << std::endl;
+    }
+    return path;
+  }
+
+  /// Continues from io.restart: checks the checkpoint's deck against this
+  /// run's, loads the state (resharded to this layout), restores the loop.
+  void restart() {
+    std::string path = m_ccfg.restart;
+    agree_on_failure(m_world.mpi_comm(), [&] {
+      if (path == "latest") path = latest_checkpoint(m_ccfg.dir, m_run.name);
+      CheckpointReader r(path);
+      MOKA_REQUIRE(r.has_attribute("deck"), "checkpoint '", path, "': no deck attribute (not a MoKA checkpoint?)");
+      const auto diff = deck_differences(r.attribute("deck"), m_deck_text);
+      if (!diff.empty()) {
+        std::string m = "checkpoint '" + path + "' was written by a run with another model, task or optimizer:";
+        for (const auto& d : diff) m += "\n  " + d;
+        throw Error(m);
+      }
+    });
+    bool placement_kept = false;
+    const RunCounters c = load_checkpoint(path, m_model, m_opt, m_balancer.get(), m_world, &placement_kept);
+    agree_on_failure(m_world.mpi_comm(), [&] {
+      MOKA_REQUIRE(c.step < m_ocfg.total_steps, "checkpoint '", path, "' is at step ", c.step, " and train.steps = ",
+                   m_ocfg.total_steps, ": nothing left to run (raise train.steps to continue)");
+      MOKA_REQUIRE(c.order.empty() || long(c.order.size()) == m_train.n, "checkpoint '", path, "': a sample order of ",
+                   c.order.size(), " for task.train_size = ", m_train.n);
+    });
+    m_start        = c.step;
+    m_epoch        = c.epoch;
+    m_cursor       = c.cursor;
+    m_migrated     = c.migrated;
+    m_initial_loss = c.initial_test_loss;
+    if (!c.order.empty()) m_order.assign(c.order.begin(), c.order.end());
+    if (m_rank == 0) {
+      CheckpointReader r(path);
+      m_log << "restart: step " << c.step << " from " << path << " (written by " << r.attribute("written_by")
+            << "; here " << m_size << " rank" << (m_size > 1 ? "s" : "") << ", " << m_groups->describe() << ")";
+      if (m_mcfg.blocks > 0 && !placement_kept)
+        m_log << "; its expert placement is for another EP size or slot count, so the run starts from the "
+                 "contiguous one (load history kept)";
+      m_log << std::endl;
+    }
+    m_restarted_from = path;
+  }
 
   static ModelConfig model_config(const InputDeck& deck, const RegimeTaskConfig& task) {
     ModelConfig c       = ModelConfig::from_deck(deck);
@@ -300,6 +434,24 @@ class RegimeRun {
 
   void open_metrics() {
     if (m_rank != 0 || m_tcfg.metrics_file.empty()) return;
+    if (m_start > 0) {
+      // A restart: the lines of steps up to the checkpoint stay, later ones
+      // (written after it by the run that stopped) go.
+      std::ifstream in(m_tcfg.metrics_file);
+      std::string header, l;
+      std::vector<std::string> keep;
+      if (std::getline(in, header))
+        while (std::getline(in, l))
+          if (std::atol(l.c_str()) <= m_start) keep.push_back(l);
+      in.close();
+      if (!header.empty()) {
+        m_csv.open(m_tcfg.metrics_file);
+        MOKA_REQUIRE(bool(m_csv), "cannot write io.metrics_file '", m_tcfg.metrics_file, "'");
+        m_csv << header << "\n";
+        for (const auto& k : keep) m_csv << k << "\n";
+        return;
+      }
+    }
     m_csv.open(m_tcfg.metrics_file);
     MOKA_REQUIRE(bool(m_csv), "cannot write io.metrics_file '", m_tcfg.metrics_file, "'");
     m_csv << "step,loss,aux_loss,test_loss,lr,grad_norm,samples_per_s,load_min,load_max,elapsed_s,step_ms,moe_ms,"
@@ -375,6 +527,11 @@ class RegimeRun {
   long m_cursor = std::numeric_limits<long>::max() / 2;  // forces a shuffle at the first step
   long m_epoch  = 0;
   std::ofstream m_csv;
+  const CheckpointConfig m_ccfg;
+  const std::string m_deck_text;
+  long m_start = 0;             // first step of this run (a restart's checkpoint step)
+  double m_initial_loss = 0;    // held-out loss before the first step of the whole run
+  std::string m_restarted_from;
 };
 
 }  // namespace

@@ -140,6 +140,21 @@ class Balancer {
   /// \brief The migration bandwidth in use (bytes/s; measured after the first migration).
   double bandwidth() const { return m_bandwidth; }
   const BalanceConfig& config() const { return m_cfg; }
+  /// \brief What a checkpoint keeps: the measured row time and migration
+  /// bandwidth, then the load monitor's state; and its inverse, so that
+  /// the first re-plan after a restart is the one the run would have made.
+  std::vector<double> state() const {
+    std::vector<double> s{m_row_seconds, m_bandwidth};
+    const std::vector<double> m = m_monitor.state();
+    s.insert(s.end(), m.begin(), m.end());
+    return s;
+  }
+  void set_state(const std::vector<double>& s) {
+    MOKA_REQUIRE(s.size() >= 2, "moka::Balancer::set_state: ", s.size(), " values");
+    m_monitor.set_state(std::vector<double>(s.begin() + 2, s.end()));
+    m_row_seconds = s[0];
+    m_bandwidth   = s[1];
+  }
 
  private:
   /// The largest \p v over the layers' gate group (every rank of the run).

@@ -91,6 +91,10 @@ class InputDeck {
   /// \brief Table of every schema key with its value and source
   /// (file:line, command line, or default). Needs validate() first.
   std::string resolved_table() const;
+  /// \brief Every schema key that has a value (given or default) as a deck
+  /// (`key = value` lines, sorted, strings quoted where needed) that
+  /// parse_string reads back: what checkpoints store. Needs validate() first.
+  std::string resolved_text() const;
 
   /// \brief Byte string holding all entries (for broadcasts and checkpoints).
   std::string serialize() const;

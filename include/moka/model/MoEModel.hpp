@@ -121,7 +121,7 @@ class MoEModel {
     std::vector<ParamRef<Scalar, MemorySpace>> out;
     auto add = [&](const std::string& name, auto p, auto g, ParamTag tag = ParamTag::dense) {
       using flat = decltype(ParamRef<Scalar, MemorySpace>::param);
-      out.push_back({name, flat(p.data(), p.size()), flat(g.data(), g.size()), tag, nullptr, nullptr});
+      out.push_back({name, flat(p.data(), p.size()), flat(g.data(), g.size()), tag, nullptr, nullptr, extents_of(p)});
     };
     add("in.w", m_in.weight(), m_in.weight_grad());
     add("in.b", m_in.bias(), m_in.bias_grad());

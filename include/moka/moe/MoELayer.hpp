@@ -123,7 +123,7 @@ class MoELayer {
     std::vector<ParamRef<Scalar, MemorySpace>> out;
     auto add = [&](const std::string& name, auto p, auto g, ParamTag tag, bf16* copy = nullptr) {
       using flat = typename ParamRef<Scalar, MemorySpace>::flat;
-      out.push_back({prefix + name, flat(p.data(), p.size()), flat(g.data(), g.size()), tag, copy, nullptr});
+      out.push_back({prefix + name, flat(p.data(), p.size()), flat(g.data(), g.size()), tag, copy, nullptr, extents_of(p)});
     };
     auto& G = grads();
     add("gate_w", m_params.gate_w, G.gate_w, ParamTag::gate);
@@ -204,6 +204,20 @@ class MoELayer {
   /// \brief dx = dMoE/dx^T dy, and parameter gradients += their part.
   /// Needs the forward of the same x just before.
   void backward(const execution_space& space, const matrix& dy, const matrix& dx);
+
+  /// \brief The state of the gate's random streams and trace walk: (seed,
+  /// training forwards so far, trace rows walked), the same on every rank;
+  /// with selection_bias() what a checkpoint keeps besides the parameters.
+  std::vector<std::uint64_t> stream_state() const { return {m_seed, m_counter, std::uint64_t(m_trace_pos)}; }
+  void set_stream_state(const std::vector<std::uint64_t>& s) {
+    MOKA_REQUIRE(s.size() == 3, "moka::MoELayer::set_stream_state: ", s.size(), " values, not 3");
+    m_seed      = s[0];
+    m_counter   = s[1];
+    m_trace_pos = static_cast<long>(s[2]);
+  }
+  /// \brief Rewrites the bf16 copies of W1 and W2 from the parameters
+  /// (bf16_compute; after the parameters were set from outside).
+  void refresh_bf16_weights(const execution_space& space);
 
   /// \brief Training (noise, jitter, random routing, bias updates) or evaluation.
   void set_training(bool training) { m_training = training; }

@@ -127,7 +127,18 @@ struct ParamRef {
   /// summed among the replicas after the EDP sum, and the norm counts each
   /// logical expert once.
   std::shared_ptr<const ReplicaGroups> replicas;
+  /// Extents of the tensor on this rank (expert tensors: [slots, ...] of
+  /// this rank's part), for checkpoints.
+  std::vector<long> shape;
 };
+
+/// \brief The extents of View \p v, as a vector.
+template <class V>
+std::vector<long> extents_of(const V& v) {
+  std::vector<long> s;
+  for (unsigned r = 0; r < V::rank; ++r) s.push_back(static_cast<long>(v.extent(r)));
+  return s;
+}
 
 /// \brief Sums gradients over their tags' groups and computes the global norm.
 template <class Scalar, class MemorySpace = memory_space>

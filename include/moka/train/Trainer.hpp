@@ -38,7 +38,10 @@ struct TrainResult {
   double final_train_loss  = 0;  ///< training MSE of the last step
   double seconds           = 0;  ///< wall time of the loop
   double samples_per_second = 0; ///< samples (tokens) per second over all ranks
-  long steps = 0;
+  long steps = 0;                ///< steps done when the loop ended (of the whole run)
+  long first_step = 0;           ///< the step it started from (a restart's checkpoint step)
+  bool interrupted = false;      ///< stopped early by SIGTERM / SIGUSR1 after writing a checkpoint
+  std::string checkpoint;        ///< the last checkpoint written ("" : none)
 };
 
 /// \brief Every key moka-train reads: run, task, model, MoE, optimizer, loop.
@@ -66,8 +69,13 @@ template <class S, class M>
 double held_out_loss(MoEModel<S, M>& model, const RegimeData& data, Communicator& world,
                      const typename M::execution_space& space);
 
-/// \brief Trains the model that \p deck describes. Progress goes to \p log on rank 0.
-/// Checks the run's world communicator first when run.comm_check is set.
+/// \brief Trains the model that \p deck describes (a validated deck).
+/// Progress goes to \p log on rank 0. Checks the run's world communicator
+/// first when run.comm_check is set. Continues from io.restart where set;
+/// writes checkpoints by the io.checkpoint_* keys; SIGTERM or SIGUSR1 during
+/// the loop makes it write one at the next step boundary and return with
+/// TrainResult::interrupted set. A bad checkpoint or one that does not fit
+/// the deck raises moka::CollectiveError on every rank.
 /// \note Collective over \p comm.
 TrainResult train_regime_model(MPI_Comm comm, const InputDeck& deck, std::ostream& log);
 

@@ -235,6 +235,13 @@ void MoELayer<Scalar, MemorySpace>::init_parameters(std::uint64_t seed) {
 }
 
 template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::refresh_bf16_weights(const execution_space& space) {
+  if (!m_cfg.bf16_compute) return;
+  impl::convert_to_bf16(space, "moka::w1_to_bf16", m_params.w1.data(), m_w1_b.data(), m_w1_b.size());
+  impl::convert_to_bf16(space, "moka::w2_to_bf16", m_params.w2.data(), m_w2_b.data(), m_w2_b.size());
+}
+
+template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::zero_grad(const execution_space& space) {
   Kokkos::deep_copy(space, m_grads.gate_w, Scalar(0));
   Kokkos::deep_copy(space, m_grads.noise_w, Scalar(0));

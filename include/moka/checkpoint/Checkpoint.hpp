@@ -1,0 +1,515 @@
+#pragma once
+/// \file Checkpoint.hpp
+/// \brief Saving and restoring a training state: every parameter (fp32
+/// masters; fp64 in fp64 runs), the optimizer's moments and step, each MoE
+/// layer's random streams, selection bias and placement, the balancer's
+/// measurements and load history, and the loop's counters. Expert tensors
+/// are stored by logical expert ([E, ...]), never by rank or slot, so a
+/// file does not depend on the placement or on how many ranks wrote it, and
+/// a run restarts on another rank count or EP / EDP / slicing layout.
+/// Layout of the file: docs/checkpoints.md.
+///
+/// \code
+/// moka::RunCounters c{step, epoch, cursor, ...};
+/// moka::save_checkpoint(path, /*parallel=*/true, model, opt, &balancer, c, deck_text, world);
+/// ...
+/// moka::RunCounters c = moka::load_checkpoint(path, model, opt, &balancer, world);
+/// \endcode
+
+#include <moka/balance/Balancer.hpp>
+#include <moka/checkpoint/CheckpointConfig.hpp>
+#include <moka/comm/Communicator.hpp>
+#include <moka/core/Collective.hpp>
+#include <moka/core/Core.hpp>
+#include <moka/core/Profiling.hpp>
+#include <moka/io/CheckpointFile.hpp>
+#include <moka/model/MoEModel.hpp>
+#include <moka/model/Optimizer.hpp>
+
+#include <mpi.h>
+
+#include <chrono>
+#include <cstdint>
+#include <ctime>
+#include <functional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace moka {
+
+/// \brief The loop's state besides the model (what moka-train keeps).
+struct RunCounters {
+  long step   = 0;  ///< steps done
+  long epoch  = 0;  ///< shuffles of the training set done
+  long cursor = 0;  ///< position in the current epoch's order
+  long migrated = 0;                ///< expert slots migrated so far
+  double initial_test_loss = 0;     ///< held-out loss before the first step of the run
+  std::vector<std::int64_t> order;  ///< the current epoch's sample order
+};
+
+/// \brief What save_checkpoint wrote: bytes of datasets and seconds.
+struct CheckpointStats {
+  double bytes   = 0;
+  double seconds = 0;
+};
+
+namespace impl {
+
+/// One block of a rank's expert tensor in the [E, ...] dataset: the
+/// dataset's offset and extents, and where its rows start in the local
+/// tensor (local0) with a row stride (ld); a row holds count.back() values.
+struct ExpertBlock {
+  std::vector<long> offset, count;
+  long local0 = 0, ld = 0;
+  long rows() const {
+    long n = 1;
+    for (std::size_t i = 0; i + 1 < count.size(); ++i) n *= count[i];
+    return n;
+  }
+  long cols() const { return count.back(); }
+};
+
+/// The global [E, ...] shape of expert tensor \p kind ("w1", "b1", "w2", "b2").
+inline std::vector<long> expert_global_shape(const MoEConfig& c, const std::string& kind) {
+  const long E = c.num_experts, d = c.d_model, dff = c.d_ff, dfi = c.d_ff_in();
+  if (kind == "w1") return {E, d, dfi};
+  if (kind == "b1") return {E, dfi};
+  if (kind == "w2") return {E, dff, d};
+  return {E, d};
+}
+
+/// The blocks of local slot \p l (expert \p e) of tensor \p kind on a rank
+/// holding d_ff columns [s0, s0 + dffl) (SwiGLU: of both halves).
+inline std::vector<ExpertBlock> expert_blocks(const MoEConfig& c, const std::string& kind, int l, int e, long s0,
+                                              long dffl) {
+  const long d = c.d_model, dff = c.d_ff;
+  const int halves = c.activation == Activation::swiglu ? 2 : 1;
+  const long dfil  = dffl * halves;
+  std::vector<ExpertBlock> out;
+  if (kind == "w1" || kind == "b1") {
+    for (int h = 0; h < halves; ++h) {
+      ExpertBlock b;
+      if (kind == "w1") {
+        b.offset = {e, 0, h * dff + s0};
+        b.count  = {1, d, dffl};
+        b.local0 = l * d * dfil + h * dffl;
+      } else {
+        b.offset = {e, h * dff + s0};
+        b.count  = {1, dffl};
+        b.local0 = l * dfil + h * dffl;
+      }
+      b.ld = dfil;
+      out.push_back(b);
+    }
+  } else if (kind == "w2") {
+    out.push_back({{e, s0, 0}, {1, dffl, d}, l * dffl * d, d});
+  } else {
+    out.push_back({{e, 0}, {1, d}, l * d, d});
+  }
+  return out;
+}
+
+/// "block0.w1" -> "w1"; "" for a name that is not an expert tensor.
+inline std::string expert_kind(const std::string& name) {
+  const std::size_t dot = name.rfind('.');
+  const std::string k   = dot == std::string::npos ? name : name.substr(dot + 1);
+  return (k == "w1" || k == "b1" || k == "w2" || k == "b2") ? k : "";
+}
+
+/// "block0.norm.gamma" -> "block0/norm/gamma".
+inline std::string dataset_name(const std::string& param) {
+  std::string s = param;
+  for (char& c : s)
+    if (c == '.') c = '/';
+  return s;
+}
+
+/// Block \p b of \p local, packed row-major; and its inverse.
+template <class T>
+std::vector<T> pack_block(const std::vector<T>& local, const ExpertBlock& b) {
+  std::vector<T> out;
+  out.reserve(static_cast<std::size_t>(b.rows() * b.cols()));
+  for (long r = 0; r < b.rows(); ++r)
+    out.insert(out.end(), local.begin() + b.local0 + r * b.ld, local.begin() + b.local0 + r * b.ld + b.cols());
+  return out;
+}
+template <class T>
+void unpack_block(std::vector<T>& local, const ExpertBlock& b, const std::vector<T>& packed) {
+  for (long r = 0; r < b.rows(); ++r)
+    std::copy(packed.begin() + r * b.cols(), packed.begin() + (r + 1) * b.cols(), local.begin() + b.local0 + r * b.ld);
+}
+
+template <class V>
+std::vector<typename V::non_const_value_type> to_host_vector(const V& v) {
+  using T = typename V::non_const_value_type;
+  std::vector<T> out(v.size());
+  Kokkos::View<T*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> h(out.data(), out.size());
+  Kokkos::deep_copy(h, v);
+  return out;
+}
+template <class V>
+void from_host_vector(const V& v, const std::vector<typename V::non_const_value_type>& src) {
+  using T = typename V::non_const_value_type;
+  MOKA_REQUIRE(src.size() == v.size(), "moka::checkpoint: ", src.size(), " values for a tensor of ", v.size());
+  Kokkos::View<const T*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> h(src.data(), src.size());
+  Kokkos::deep_copy(v, h);
+}
+
+/// Sends / receives \p bytes bytes in messages of at most 1 GB.
+inline void send_bytes(const void* data, std::size_t bytes, int to, MPI_Comm comm) {
+  const char* p = static_cast<const char*>(data);
+  for (std::size_t at = 0; at < bytes; at += std::size_t(1) << 30)
+    MPI_Send(p + at, static_cast<int>(std::min(bytes - at, std::size_t(1) << 30)), MPI_BYTE, to, 77, comm);
+}
+inline void recv_bytes(void* data, std::size_t bytes, int from, MPI_Comm comm) {
+  char* p = static_cast<char*>(data);
+  for (std::size_t at = 0; at < bytes; at += std::size_t(1) << 30)
+    MPI_Recv(p + at, static_cast<int>(std::min(bytes - at, std::size_t(1) << 30)), MPI_BYTE, from, 77, comm,
+             MPI_STATUS_IGNORE);
+}
+
+/// One tensor's worth of checkpoint data: the parameter or a moment, with
+/// how it maps to its dataset.
+template <class S>
+struct TensorPlan {
+  std::string dataset;
+  std::vector<long> shape;             // of the dataset
+  bool expert = false;
+  std::vector<ExpertBlock> blocks;     // expert: every block held here (all slots)
+  std::vector<char> owned;             // expert: whether this rank writes block i
+  bool dense_writer = false;           // dense: rank 0 writes it
+};
+
+/// The plans of every parameter of \p model on this rank: each expert
+/// block is written by the first EDP group's first replica holder (b2 by
+/// the first slice rank).
+template <class S, class M>
+std::vector<TensorPlan<S>> tensor_plans(MoEModel<S, M>& model, int world_rank) {
+  std::vector<TensorPlan<S>> out;
+  const auto params = model.parameters();
+  for (const auto& p : params) {
+    TensorPlan<S> t;
+    t.dataset = dataset_name(p.name);
+    const std::string kind = (p.tag == ParamTag::expert || p.tag == ParamTag::expert_replicated)
+                                 ? expert_kind(p.name) : std::string();
+    if (kind.empty()) {
+      t.shape        = p.shape;
+      t.dense_writer = world_rank == 0;
+    } else {
+      t.expert = true;
+      const int b  = std::stoi(p.name.substr(5, p.name.find('.') - 5));  // "block<b>.w1"
+      auto& L      = model.moe(b);
+      const auto* g = L.groups();
+      const int ep_rank = g ? g->ep_rank() : 0, edp_rank = g ? g->edp_rank() : 0, slice = g ? g->slice_rank() : 0;
+      const long dffl = L.local_d_ff(), s0 = slice * dffl;
+      t.shape = expert_global_shape(L.config(), kind);
+      for (int l = 0; l < L.local_experts(); ++l) {
+        const int e = L.local_expert(l);
+        const auto& first = L.placement().slots_of(e).front();
+        const bool writer = edp_rank == 0 && first.rank == ep_rank && first.local == l && (kind != "b2" || slice == 0);
+        for (const ExpertBlock& blk : expert_blocks(L.config(), kind, l, e, s0, dffl)) {
+          t.blocks.push_back(blk);
+          t.owned.push_back(writer);
+        }
+      }
+    }
+    out.push_back(std::move(t));
+  }
+  return out;
+}
+
+/// Runs \p f unless \p failure holds an error already; an error it throws
+/// is kept there. Rank 0 of a gathered write goes on receiving after a
+/// failure, so that no sender waits for ever.
+template <class F>
+void guarded(std::string& failure, F&& f) {
+  if (!failure.empty()) return;
+  try {
+    f();
+  } catch (const Error& e) {
+    failure = e.what();
+  }
+}
+
+/// Writes one tensor (\p local: this rank's values) into dataset \p name:
+/// parallel, each rank its blocks; gathered, rank 0 writes every rank's in turn.
+template <class S>
+void write_tensor(CheckpointWriter* w, bool parallel, MPI_Comm comm, int rank, int size, const std::string& name,
+                  const TensorPlan<S>& t, const std::vector<S>& local, std::string& failure) {
+  const std::size_t R = t.shape.size();
+  if (parallel || size == 1) {
+    guarded(failure, [&] { w->create<S>(name, t.shape); });
+    if (!t.expert) {
+      if (t.dense_writer)
+        guarded(failure, [&] { w->write_block<S>(name, std::vector<long>(R, 0), t.shape, local.data()); });
+      return;
+    }
+    for (std::size_t i = 0; i < t.blocks.size(); ++i)
+      if (t.owned[i]) {
+        const std::vector<S> packed = pack_block(local, t.blocks[i]);
+        guarded(failure, [&] { w->write_block<S>(name, t.blocks[i].offset, t.blocks[i].count, packed.data()); });
+      }
+    return;
+  }
+  // Gathered: every rank packs what it owns (offsets and counts, then values).
+  std::vector<long> meta;
+  std::vector<S> vals;
+  if (t.expert) {
+    for (std::size_t i = 0; i < t.blocks.size(); ++i) {
+      if (!t.owned[i]) continue;
+      const ExpertBlock& b = t.blocks[i];
+      meta.insert(meta.end(), b.offset.begin(), b.offset.end());
+      meta.insert(meta.end(), b.count.begin(), b.count.end());
+      const std::vector<S> p = pack_block(local, b);
+      vals.insert(vals.end(), p.begin(), p.end());
+    }
+  }
+  if (rank == 0) {
+    guarded(failure, [&] { w->create<S>(name, t.shape); });
+    auto write_all = [&](const std::vector<long>& m, const std::vector<S>& v) {
+      std::size_t at = 0;
+      for (std::size_t i = 0; i + 2 * R <= m.size(); i += 2 * R) {
+        const std::vector<long> off(m.begin() + i, m.begin() + i + R), cnt(m.begin() + i + R, m.begin() + i + 2 * R);
+        long n = 1;
+        for (long c : cnt) n *= c;
+        guarded(failure, [&] { w->write_block<S>(name, off, cnt, v.data() + at); });
+        at += static_cast<std::size_t>(n);
+      }
+    };
+    if (!t.expert) {
+      guarded(failure, [&] { w->write_block<S>(name, std::vector<long>(R, 0), t.shape, local.data()); });
+      return;
+    }
+    write_all(meta, vals);
+    for (int r = 1; r < size; ++r) {
+      long sizes[2];
+      MPI_Recv(sizes, 2, MPI_LONG, r, 76, comm, MPI_STATUS_IGNORE);
+      std::vector<long> m(static_cast<std::size_t>(sizes[0]));
+      std::vector<S> v(static_cast<std::size_t>(sizes[1]));
+      recv_bytes(m.data(), m.size() * sizeof(long), r, comm);
+      recv_bytes(v.data(), v.size() * sizeof(S), r, comm);
+      write_all(m, v);
+    }
+  } else if (t.expert) {
+    long sizes[2] = {long(meta.size()), long(vals.size())};
+    MPI_Send(sizes, 2, MPI_LONG, 0, 76, comm);
+    send_bytes(meta.data(), meta.size() * sizeof(long), 0, comm);
+    send_bytes(vals.data(), vals.size() * sizeof(S), 0, comm);
+  }
+}
+
+/// Reads this rank's values of one tensor from dataset \p name (every
+/// block held here, replicas included), into a vector of \p n values.
+template <class S>
+std::vector<S> read_tensor(const CheckpointReader& r, const std::string& name, const TensorPlan<S>& t, long n) {
+  const std::vector<long> have = r.shape(name);
+  if (have != t.shape) {
+    std::string a, b;
+    for (std::size_t i = 0; i < have.size(); ++i) a += (i ? " x " : "") + std::to_string(have[i]);
+    for (std::size_t i = 0; i < t.shape.size(); ++i) b += (i ? " x " : "") + std::to_string(t.shape[i]);
+    throw Error("checkpoint '" + r.path() + "': dataset '" + name + "' is " + a + ", the model's is " + b +
+                " (a checkpoint of another model shape or expert count)");
+  }
+  if (!t.expert) return r.read_block<S>(name, std::vector<long>(t.shape.size(), 0), t.shape);
+  std::vector<S> local(static_cast<std::size_t>(n));
+  for (const ExpertBlock& b : t.blocks) unpack_block(local, b, r.read_block<S>(name, b.offset, b.count));
+  return local;
+}
+
+}  // namespace impl
+
+/// \brief Writes the training state to \p path (through `<path>.tmp`,
+/// verified, renamed). \p parallel: every rank writes its blocks through
+/// MPI-IO (needs CheckpointWriter::parallel_available()); otherwise rank 0
+/// gathers and writes. \p deck_text: the resolved deck, stored as the
+/// `deck` attribute. Collective over \p world; throws moka::Error on every
+/// rank when any fails (an earlier file at \p path is left as it was).
+/// \p before_commit, when given, runs on every rank once everything is
+/// written and before the commit (the fault tests kill a run there).
+template <class S, class M>
+CheckpointStats save_checkpoint(const std::string& path, bool parallel, MoEModel<S, M>& model,
+                                Optimizer<S, M>& opt, const Balancer<S, M>* balancer, const RunCounters& counters,
+                                const std::string& deck_text, Communicator& world,
+                                const std::function<void()>& before_commit = {}) {
+  ScopedRegion region("moka::save_checkpoint");
+  const auto t0     = std::chrono::steady_clock::now();
+  const MPI_Comm comm = world.mpi_comm();
+  const int rank = world.rank(), size = world.size();
+  parallel = parallel && size > 1;
+  Kokkos::fence();
+  const auto plans  = impl::tensor_plans(model, rank);
+  const auto params = model.parameters();
+  CheckpointStats stats;
+  std::unique_ptr<CheckpointWriter> w;
+  agree_on_failure(comm, [&] {
+    if (parallel) w = std::make_unique<CheckpointWriter>(path, comm);
+    else if (rank == 0) w = std::make_unique<CheckpointWriter>(path);
+  });
+  // Every writer call is guarded: the first failure is kept and the rest of
+  // the writes skipped, while every rank still takes part in each transfer
+  // and collective call; the failure is agreed on at the end.
+  std::string failure;
+  const bool writes = parallel || rank == 0;
+  auto tensor = [&](const std::string& name, const impl::TensorPlan<S>& t, const std::vector<S>& local) {
+    impl::write_tensor<S>(w.get(), parallel, comm, rank, size, name, t, local, failure);
+    long n = 1;
+    for (long s : t.shape) n *= s;
+    stats.bytes += double(n) * sizeof(S);
+  };
+  auto ints = [&](const std::string& name, const std::vector<std::int64_t>& v, std::vector<long> shape = {}) {
+    if (shape.empty()) shape = {long(v.size())};
+    if (writes) impl::guarded(failure, [&] { w->write<std::int64_t>(name, v, shape); });
+  };
+  auto reals = [&](const std::string& name, const std::vector<double>& v) {
+    if (writes) impl::guarded(failure, [&] { w->write<double>(name, v, {long(v.size())}); });
+  };
+  auto attribute = [&](const std::string& name, const std::string& v) {
+    if (writes) impl::guarded(failure, [&] { w->attribute(name, v); });
+  };
+  for (std::size_t i = 0; i < params.size(); ++i)
+    tensor("model/" + plans[i].dataset, plans[i], impl::to_host_vector(params[i].param));
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const long k = opt.find(params[i].param.data());
+    MOKA_REQUIRE(k >= 0, "moka::save_checkpoint: parameter '", params[i].name, "' is not in the optimizer");
+    tensor("optimizer/m/" + plans[i].dataset, plans[i], impl::to_host_vector(opt.first_moment(std::size_t(k))));
+    if (opt.second_moment(std::size_t(k)).extent(0) > 0)
+      tensor("optimizer/v/" + plans[i].dataset, plans[i], impl::to_host_vector(opt.second_moment(std::size_t(k))));
+  }
+  ints("optimizer/steps", {opt.steps_taken()});
+  for (int b = 0; b < model.config().blocks; ++b) {
+    auto& L = model.moe(b);
+    const std::string p = "model/block" + std::to_string(b) + "/";
+    std::vector<std::int64_t> st;
+    for (std::uint64_t v : L.stream_state()) st.push_back(static_cast<std::int64_t>(v));
+    ints(p + "streams", st);
+    const auto bias = impl::to_host_vector(L.selection_bias());
+    if (writes) impl::guarded(failure, [&] { w->write<S>(p + "selection_bias", bias, {long(bias.size())}); });
+    const Placement& pl = L.placement();
+    ints("balance/block" + std::to_string(b) + "/placement",
+         std::vector<std::int64_t>(pl.slot_experts().begin(), pl.slot_experts().end()),
+         {long(pl.ep_size()), long(pl.slots_per_rank())});
+  }
+  if (balancer) reals("balance/state", balancer->state());
+  ints("run/step", {counters.step});
+  ints("run/epoch", {counters.epoch});
+  ints("run/cursor", {counters.cursor});
+  ints("run/migrated", {counters.migrated});
+  reals("run/initial_test_loss", {counters.initial_test_loss});
+  ints("run/order", counters.order.empty() ? std::vector<std::int64_t>{-1} : counters.order);
+  const auto* g = model.config().blocks > 0 ? model.moe(0).groups() : nullptr;
+  std::string layout = std::to_string(size) + " rank" + (size > 1 ? "s" : "");
+  if (g) layout += " (EP " + std::to_string(g->ep_size()) + " x EDP " + std::to_string(g->edp_size()) +
+                   " x slicing " + std::to_string(g->slice_size()) + ")";
+  const std::time_t now = std::time(nullptr);
+  char stamp[64];
+  std::strftime(stamp, sizeof(stamp), "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+  attribute("format", "MoKA checkpoint");
+  attribute("format_version", "1");
+  attribute("moka_version", version());
+  attribute("build", build_description());
+  attribute("written_by", layout + (parallel ? ", MPI-IO" : ", gathered to rank 0"));
+  attribute("precision", std::is_same<S, double>::value ? "fp64" : "fp32");
+  attribute("optimizer", opt.config().type == OptimizerType::sgd    ? "sgd"
+                         : opt.config().type == OptimizerType::adam ? "adam" : "adamw");
+  attribute("created", stamp);
+  attribute("deck", deck_text);
+  if (before_commit) before_commit();
+  if (parallel) {
+    // commit() agrees on block-write failures; a failure of the collective
+    // calls is the same on every rank.
+    agree_on_failure(comm, [&] {
+      if (!failure.empty()) throw Error(failure);
+      w->commit();
+    });
+  } else {
+    agree_on_failure(comm, [&] {
+      if (!failure.empty()) throw Error(failure);
+      if (rank == 0) w->commit();
+    });
+  }
+  stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return stats;
+}
+
+/// \brief Restores the training state of \p path into \p model, \p opt and
+/// \p balancer (nullptr: skipped) and returns the loop counters. The file is
+/// verified first (each rank a share of every dataset); every rank reads
+/// the blocks of the experts its slots hold, so the writer's rank count and
+/// layout do not matter. The placement is restored where the file's has
+/// this run's EP size and slots per rank (otherwise the model's stays and
+/// \p placement_kept says so). Collective over \p world; moka::Error on
+/// every rank naming the file and what is wrong.
+template <class S, class M>
+RunCounters load_checkpoint(const std::string& path, MoEModel<S, M>& model, Optimizer<S, M>& opt,
+                            Balancer<S, M>* balancer, Communicator& world, bool* placement_kept = nullptr) {
+  ScopedRegion region("moka::load_checkpoint");
+  const MPI_Comm comm = world.mpi_comm();
+  verify_checkpoint(path, comm);
+  RunCounters c;
+  bool kept = false;
+  agree_on_failure(comm, [&] {
+    CheckpointReader r(path);
+    MOKA_REQUIRE(r.has_attribute("format") && r.attribute("format") == "MoKA checkpoint", "checkpoint '", path,
+                 "': not a MoKA checkpoint (no format attribute)");
+    MOKA_REQUIRE(r.attribute("format_version") == "1", "checkpoint '", path, "': format version ",
+                 r.attribute("format_version"), " (this MoKA reads version 1)");
+    auto one = [&](const std::string& n) { return r.read<std::int64_t>(n).at(0); };
+    // The placement first: the expert blocks are read for the slots as they will be.
+    for (int b = 0; b < model.config().blocks; ++b) {
+      auto& L = model.moe(b);
+      const std::string n = "balance/block" + std::to_string(b) + "/placement";
+      const auto s        = r.shape(n);
+      MOKA_REQUIRE(s.size() == 2, "checkpoint '", path, "': dataset '", n, "' is not [ranks, slots]");
+      if (s[0] == L.placement().ep_size() && s[1] == L.placement().slots_per_rank()) {
+        const auto v = r.read<std::int64_t>(n);
+        const Placement p = Placement::from_slots(L.config().num_experts, int(s[0]), std::vector<int>(v.begin(), v.end()));
+        if (p != L.placement()) L.set_placement(p);
+        kept = true;
+      }
+    }
+    const auto plans  = impl::tensor_plans(model, world.rank());
+    const auto params = model.parameters();
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      const long n = static_cast<long>(params[i].param.extent(0));
+      impl::from_host_vector(params[i].param, impl::read_tensor<S>(r, "model/" + plans[i].dataset, plans[i], n));
+      const long k = opt.find(params[i].param.data());
+      MOKA_REQUIRE(k >= 0, "moka::load_checkpoint: parameter '", params[i].name, "' is not in the optimizer");
+      impl::from_host_vector(opt.first_moment(std::size_t(k)),
+                             impl::read_tensor<S>(r, "optimizer/m/" + plans[i].dataset, plans[i], n));
+      const auto v = opt.second_moment(std::size_t(k));
+      if (v.extent(0) > 0) {
+        MOKA_REQUIRE(r.has("optimizer/v/" + plans[i].dataset), "checkpoint '", path, "': no second moments ('optimizer/v/",
+                     plans[i].dataset, "'): it was written with train.optimizer = ",
+                     r.has_attribute("optimizer") ? r.attribute("optimizer") : "?");
+        impl::from_host_vector(v, impl::read_tensor<S>(r, "optimizer/v/" + plans[i].dataset, plans[i], n));
+      }
+    }
+    opt.set_steps_taken(one("optimizer/steps"));
+    for (int b = 0; b < model.config().blocks; ++b) {
+      auto& L = model.moe(b);
+      const std::string p = "model/block" + std::to_string(b) + "/";
+      std::vector<std::uint64_t> st;
+      for (std::int64_t v : r.read<std::int64_t>(p + "streams")) st.push_back(static_cast<std::uint64_t>(v));
+      L.set_stream_state(st);
+      const long E = L.config().num_experts;
+      impl::from_host_vector(L.selection_bias(), r.read_block<S>(p + "selection_bias", {0}, {E}));
+      typename MoEModel<S, M>::execution_space space;
+      L.refresh_bf16_weights(space);
+      space.fence();
+    }
+    if (balancer && r.has("balance/state")) balancer->set_state(r.read<double>("balance/state"));
+    c.step     = one("run/step");
+    c.epoch    = one("run/epoch");
+    c.cursor   = one("run/cursor");
+    c.migrated = one("run/migrated");
+    c.initial_test_loss = r.read<double>("run/initial_test_loss").at(0);
+    c.order    = r.read<std::int64_t>("run/order");
+    if (c.order.size() == 1 && c.order[0] == -1) c.order.clear();
+  });
+  Kokkos::fence();
+  if (placement_kept) *placement_kept = kept;
+  return c;
+}
+
+}  // namespace moka
