@@ -17,17 +17,23 @@ namespace {
 class RankFailurePrinter : public ::testing::EmptyTestEventListener {
  public:
   explicit RankFailurePrinter(int rank) : m_rank(rank) {}
+  // The test's name is kept at its start: OnTestPartResult runs with the
+  // framework's lock held (for an exception thrown out of a test body), so
+  // asking for current_test_info() there deadlocks.
+  void OnTestStart(const ::testing::TestInfo& info) override {
+    m_test = std::string(info.test_suite_name()) + "." + info.name();
+  }
   void OnTestPartResult(const ::testing::TestPartResult& r) override {
     if (!r.failed()) return;
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
     std::ostringstream os;
-    os << "[rank " << m_rank << "] " << (info ? std::string(info->test_suite_name()) + "." + info->name() : "")
-       << ": " << (r.file_name() ? r.file_name() : "?") << ":" << r.line_number() << ": " << r.summary() << "\n";
+    os << "[rank " << m_rank << "] " << m_test << ": " << (r.file_name() ? r.file_name() : "?") << ":"
+       << r.line_number() << ": " << r.summary() << "\n";
     std::cerr << os.str() << std::flush;  // one write: lines of ranks do not interleave
   }
 
  private:
   int m_rank;
+  std::string m_test;
 };
 
 }  // namespace

@@ -215,13 +215,13 @@ class RegimeRun {
       result.steps = step + 1;
       if (step + 1 == sig_step && m_rank == 0) std::raise(SIGTERM);
       // A stop signal on any rank: every rank checkpoints and leaves.
-      long sig = g_stop_signal;
-      if (m_size > 1) m_world.allreduce_host(&sig, 1);
+      int sig = g_stop_signal;
+      if (m_size > 1) MPI_Allreduce(MPI_IN_PLACE, &sig, 1, MPI_INT, MPI_MAX, m_world.mpi_comm());
       if (sig != 0 && !last) {
         result.checkpoint  = checkpoint(step + 1);
         result.interrupted = true;
         if (m_rank == 0)
-          m_log << "stopped by " << signal_name(int(sig > 0 ? sig : 0)) << " after step " << step + 1 << " of "
+          m_log << "stopped by " << signal_name(sig) << " after step " << step + 1 << " of "
                 << m_ocfg.total_steps << ": checkpoint " << result.checkpoint
                 << " written; continue with io.restart=latest" << std::endl;
         break;

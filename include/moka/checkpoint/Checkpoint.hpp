@@ -219,6 +219,18 @@ std::vector<TensorPlan<S>> tensor_plans(MoEModel<S, M>& model, int world_rank) {
   return out;
 }
 
+/// Checks that \p model's layers are laid out over the ranks of \p world.
+template <class S, class M>
+void check_world(MoEModel<S, M>& model, Communicator& world, const char* op) {
+  if (model.config().blocks == 0) return;
+  const auto* g = model.moe(0).groups();
+  const int n   = g ? g->world().size() : 1;
+  agree_on_failure(world.mpi_comm(), [&] {
+    MOKA_REQUIRE(n == world.size(), "moka::", op, ": the model's layers are laid out over ", n, " rank",
+                 n > 1 ? "s" : "", ", the communicator has ", world.size());
+  });
+}
+
 /// Runs \p f unless \p failure holds an error already; an error it throws
 /// is kept there. Rank 0 of a gathered write goes on receiving after a
 /// failure, so that no sender waits for ever.
@@ -337,6 +349,7 @@ CheckpointStats save_checkpoint(const std::string& path, bool parallel, MoEModel
   const MPI_Comm comm = world.mpi_comm();
   const int rank = world.rank(), size = world.size();
   parallel = parallel && size > 1;
+  impl::check_world(model, world, "save_checkpoint");
   Kokkos::fence();
   const auto plans  = impl::tensor_plans(model, rank);
   const auto params = model.parameters();
@@ -445,6 +458,7 @@ RunCounters load_checkpoint(const std::string& path, MoEModel<S, M>& model, Opti
                             Balancer<S, M>* balancer, Communicator& world, bool* placement_kept = nullptr) {
   ScopedRegion region("moka::load_checkpoint");
   const MPI_Comm comm = world.mpi_comm();
+  impl::check_world(model, world, "load_checkpoint");
   verify_checkpoint(path, comm);
   RunCounters c;
   bool kept = false;
