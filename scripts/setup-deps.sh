@@ -49,7 +49,7 @@ log() { printf '[setup-deps] %s\n' "$*"; }
 # ---------------------------------------------------------------- apt packages
 apt_packages=(build-essential cmake ninja-build pkg-config git ca-certificates
   libopenmpi-dev openmpi-bin libhdf5-openmpi-dev hdf5-tools libgtest-dev libopenblas-dev
-  dpkg-dev xz-utils python3-matplotlib)
+  dpkg-dev xz-utils python3-matplotlib python3-h5py)
 install_apt() {
   [ "${MOKA_SKIP_APT:-0}" = 1 ] && return 0
   local missing=()

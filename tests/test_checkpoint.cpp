@@ -46,7 +46,7 @@ const std::string base_deck =
     "run.name = ck\nrun.comm_check = false\nio.log_every = 100\nio.eval_every = 4\n"
     "task.train_size = 320\ntask.test_size = 64\nmodel.blocks = 2\nmoe.d_model = 8\nmoe.d_ff = 16\n"
     "moe.num_experts = 8\nmoe.top_k = 2\ntrain.steps = 12\ntrain.batch_size = 64\ntrain.lr = 3e-3\n"
-    "train.warmup_steps = 2\nio.checkpoint_every = 6\nio.checkpoint_keep = 0\n";
+    "train.warmup_steps = 2\nio.checkpoint_every = 6\nio.checkpoint_keep = 0\nio.checkpoint_final = true\n";
 
 struct TrainRun {
   moka::TrainResult result;

@@ -34,8 +34,8 @@ DeckSchema CheckpointConfig::schema() {
       .set_doc("Directory of checkpoints; \"\" means checkpoints/ beside the metrics file (created when needed).");
   s.add("io.checkpoint_every", DeckType::integer).set_default("0").set_min(0)
       .set_doc("Steps between checkpoints (0: none during the run).");
-  s.add("io.checkpoint_final", DeckType::boolean).set_default("true")
-      .set_doc("Write a checkpoint after the last step.");
+  s.add("io.checkpoint_final", DeckType::boolean).set_default("false")
+      .set_doc("Write a checkpoint after the last step (also when io.checkpoint_every does not divide train.steps).");
   s.add("io.checkpoint_keep", DeckType::integer).set_default("3").set_min(0)
       .set_doc("Newest checkpoints of the run kept in io.checkpoint_dir (0: all).");
   s.add("io.checkpoint_io", DeckType::string).set_default("auto").set_choices({"auto", "parallel", "gather"})

@@ -544,6 +544,16 @@ std::string CheckpointReader::attribute(const std::string& name) const {
   Handle type(H5Aget_type(attr.id), H5Tclose);
   MOKA_REQUIRE(H5Tget_class(type.id) == H5T_STRING, "checkpoint '", m_path, "': attribute '", name,
                "' is not a string");
+  if (H5Tis_variable_str(type.id) > 0) {
+    // Written by another tool (h5py's default): a pointer HDF5 allocates.
+    char* p = nullptr;
+    Handle mt(H5Tcopy(H5T_C_S1), H5Tclose);
+    H5Tset_size(mt.id, H5T_VARIABLE);
+    MOKA_REQUIRE(H5Aread(attr.id, mt.id, &p) >= 0, "checkpoint '", m_path, "': reading attribute '", name, "' failed");
+    std::string v = p ? p : "";
+    H5free_memory(p);
+    return v;
+  }
   std::string v(H5Tget_size(type.id), '\0');
   MOKA_REQUIRE(H5Aread(attr.id, type.id, &v[0]) >= 0, "checkpoint '", m_path, "': reading attribute '", name,
                "' failed");

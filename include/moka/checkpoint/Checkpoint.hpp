@@ -181,40 +181,54 @@ struct TensorPlan {
   bool dense_writer = false;           // dense: rank 0 writes it
 };
 
-/// The plans of every parameter of \p model on this rank: each expert
-/// block is written by the first EDP group's first replica holder (b2 by
-/// the first slice rank).
+/// The plan of MoE layer tensor \p p (named "<prefix>gate_w", "<prefix>w1",
+/// ...) of \p L on this rank, into dataset \p dataset: each expert block is
+/// written by the first EDP group's first replica holder (b2 by the first
+/// slice rank); the gate's tensors by world rank 0.
+template <class S, class M>
+TensorPlan<S> layer_plan(MoELayer<S, M>& L, const ParamRef<S, M>& p, const std::string& dataset, int world_rank) {
+  TensorPlan<S> t;
+  t.dataset = dataset;
+  const std::string kind = (p.tag == ParamTag::expert || p.tag == ParamTag::expert_replicated)
+                               ? expert_kind(p.name) : std::string();
+  if (kind.empty()) {
+    t.shape        = p.shape;
+    t.dense_writer = world_rank == 0;
+    return t;
+  }
+  t.expert = true;
+  const auto* g = L.groups();
+  const int ep_rank = g ? g->ep_rank() : 0, edp_rank = g ? g->edp_rank() : 0, slice = g ? g->slice_rank() : 0;
+  const long dffl = L.local_d_ff(), s0 = slice * dffl;
+  t.shape = expert_global_shape(L.config(), kind);
+  for (int l = 0; l < L.local_experts(); ++l) {
+    const int e = L.local_expert(l);
+    const auto& first = L.placement().slots_of(e).front();
+    const bool writer = edp_rank == 0 && first.rank == ep_rank && first.local == l && (kind != "b2" || slice == 0);
+    for (const ExpertBlock& blk : expert_blocks(L.config(), kind, l, e, s0, dffl)) {
+      t.blocks.push_back(blk);
+      t.owned.push_back(writer);
+    }
+  }
+  return t;
+}
+
+/// The plans of every parameter of \p model on this rank (datasets named
+/// as the parameters, '.' -> '/').
 template <class S, class M>
 std::vector<TensorPlan<S>> tensor_plans(MoEModel<S, M>& model, int world_rank) {
   std::vector<TensorPlan<S>> out;
-  const auto params = model.parameters();
-  for (const auto& p : params) {
-    TensorPlan<S> t;
-    t.dataset = dataset_name(p.name);
-    const std::string kind = (p.tag == ParamTag::expert || p.tag == ParamTag::expert_replicated)
-                                 ? expert_kind(p.name) : std::string();
-    if (kind.empty()) {
+  for (const auto& p : model.parameters()) {
+    if (p.name.rfind("block", 0) == 0) {
+      const int b = std::stoi(p.name.substr(5, p.name.find('.') - 5));  // "block<b>.w1"
+      out.push_back(layer_plan(model.moe(b), p, dataset_name(p.name), world_rank));
+    } else {
+      TensorPlan<S> t;
+      t.dataset      = dataset_name(p.name);
       t.shape        = p.shape;
       t.dense_writer = world_rank == 0;
-    } else {
-      t.expert = true;
-      const int b  = std::stoi(p.name.substr(5, p.name.find('.') - 5));  // "block<b>.w1"
-      auto& L      = model.moe(b);
-      const auto* g = L.groups();
-      const int ep_rank = g ? g->ep_rank() : 0, edp_rank = g ? g->edp_rank() : 0, slice = g ? g->slice_rank() : 0;
-      const long dffl = L.local_d_ff(), s0 = slice * dffl;
-      t.shape = expert_global_shape(L.config(), kind);
-      for (int l = 0; l < L.local_experts(); ++l) {
-        const int e = L.local_expert(l);
-        const auto& first = L.placement().slots_of(e).front();
-        const bool writer = edp_rank == 0 && first.rank == ep_rank && first.local == l && (kind != "b2" || slice == 0);
-        for (const ExpertBlock& blk : expert_blocks(L.config(), kind, l, e, s0, dffl)) {
-          t.blocks.push_back(blk);
-          t.owned.push_back(writer);
-        }
-      }
+      out.push_back(t);
     }
-    out.push_back(std::move(t));
   }
   return out;
 }
@@ -524,6 +538,25 @@ RunCounters load_checkpoint(const std::string& path, MoEModel<S, M>& model, Opti
   Kokkos::fence();
   if (placement_kept) *placement_kept = kept;
   return c;
+}
+
+/// \brief Sets the parameters of MoE layer \p L from datasets \p prefix +
+/// "gate_w", "noise_w", "w1", "b1", "w2", "b2" of \p r (a checkpoint's
+/// "model/block<b>/", or a file another framework wrote in this layout:
+/// scripts/torch-moka.py), each rank the blocks of its slots; float data
+/// is converted to the layer's type. The bf16 copies follow. moka::Error
+/// names a missing dataset or one of another shape.
+template <class S, class M>
+void read_layer_parameters(const CheckpointReader& r, const std::string& prefix, MoELayer<S, M>& L,
+                           const typename M::execution_space& space) {
+  const int world_rank = L.groups() ? L.groups()->world().rank() : 0;
+  for (const auto& p : L.parameters()) {
+    const std::string name = prefix + p.name;
+    const impl::TensorPlan<S> t = impl::layer_plan(L, p, name, world_rank);
+    impl::from_host_vector(p.param, impl::read_tensor<S>(r, name, t, static_cast<long>(p.param.extent(0))));
+  }
+  L.refresh_bf16_weights(space);
+  space.fence();
 }
 
 }  // namespace moka
