@@ -31,12 +31,12 @@ def mix64(z):
 
 
 def checksum(a):
-    """MoKA's dataset checksum: sum over elements of mix64(bits ^ mix64(flat index)), mod 2^64."""
+    """MoKA's dataset checksum: sum over elements of mix64(bits ^ flat index * 0x9e3779b97f4a7c15), mod 2^64."""
     a = np.ascontiguousarray(a).reshape(-1)
     bits = a.view(np.uint32).astype(np.uint64) if a.dtype.itemsize == 4 else a.view(np.uint64)
     idx = np.arange(a.size, dtype=np.uint64)
     with np.errstate(over='ignore'):
-        return np.uint64(np.sum(mix64(bits ^ mix64(idx)), dtype=np.uint64))
+        return np.uint64(np.sum(mix64(bits ^ (idx * M1)), dtype=np.uint64))
 
 
 def put(f, name, a):
@@ -140,7 +140,7 @@ def numpy_layer(x, dy, Wg, W1, W2, k):
 
 
 def torch_layer(x0, dy, Wg, W1, W2, k, precision):
-    """The layer as torch_moe_reference.py computes it, at \p precision."""
+    """The layer as torch_moe_reference.py computes it, at the given precision."""
     import torch
     import torch.nn.functional as F
     dev = 'cuda' if torch.cuda.is_available() else 'cpu'

@@ -3,9 +3,9 @@
 #  1. rank 0 killed with SIGKILL in the middle of writing a checkpoint: the
 #     last complete one is still what io.restart = latest finds, and the run
 #     continues from it to the end;
-#  2. SIGUSR1 sent to mpiexec (as SLURM's --signal does to the job step):
-#     a checkpoint at the next step boundary, a line saying so, exit 0, and
-#     moka-inspect finds the file sound;
+#  2. SIGUSR1 sent to the ranks (as SLURM's --signal does to the tasks of a
+#     job step): a checkpoint at the next step boundary, a line saying so,
+#     exit 0, and moka-inspect finds the file sound;
 #  3. moka-inspect on a damaged file exits 1, on a file that is not HDF5 2.
 # usage: checkpoint_faults.sh <mpiexec and its flags, as one string> <moka-train> <moka-inspect> <deck>
 set -u
@@ -28,12 +28,19 @@ grep -E "^step +12/12" restart.log || fail "the restarted run did not finish"
 [ -f ck/kill.step00000012.h5 ] || fail "no final checkpoint"
 ls ck/*.tmp 2>/dev/null && fail "a temporary file was left"
 
-echo "== 2. SIGUSR1 to mpiexec"
+echo "== 2. SIGUSR1 to the ranks"
 $mpi -n 2 "$train" "$deck" "${common[@]}" run.name=sig train.steps=1000000 > sig.log 2>&1 &
 pid=$!
 for i in $(seq 1 600); do grep -q "^step " sig.log && break; sleep 0.1; done
 grep -q "^step " sig.log || { kill -9 $pid; cat sig.log; fail "the run never started"; }
-kill -USR1 $pid
+# The ranks are mpiexec's children on one node (OpenMPI runs them itself).
+pkill -USR1 -P $pid -f "run.name=sig" || { kill -9 $pid; fail "no rank process found to signal"; }
+# A watchdog: a run that does not stop within 120 s fails the test (with its log).
+for i in $(seq 1 1200); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+if kill -0 $pid 2>/dev/null; then
+  kill -9 $pid; pkill -9 -f "run.name=sig" 2>/dev/null
+  cat sig.log | grep -v "^  " | tail -20; fail "the run did not stop within 120 s of SIGUSR1"
+fi
 wait $pid
 rc=$?
 cat sig.log | grep -v "^  " | tail -5

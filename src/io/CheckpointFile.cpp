@@ -1,5 +1,6 @@
 #include <moka/core/Config.hpp>
 #include <moka/core/Error.hpp>
+#include <moka/core/Profiling.hpp>
 #include <moka/io/CheckpointFile.hpp>
 
 #include <algorithm>
@@ -64,7 +65,12 @@ long product(const std::vector<long>& v) {
 template <class T>
 std::uint64_t checksum_part(const T* data, long n, long first_index) {
   std::uint64_t s = 0;
-  for (long i = 0; i < n; ++i) s += mix64(bits_of(data[i]) ^ mix64(static_cast<std::uint64_t>(first_index + i)));
+  // One SplitMix64 finaliser per element of (bits ^ index * golden ratio):
+  // a bijection of the bits for a given index, so one changed bit changes
+  // the term, and the index makes the sum see two values swapped.
+  const std::uint64_t k = 0x9e3779b97f4a7c15ull;
+  std::uint64_t i0      = static_cast<std::uint64_t>(first_index) * k;
+  for (long i = 0; i < n; ++i, i0 += k) s += mix64(bits_of(data[i]) ^ i0);
   return s;
 }
 template std::uint64_t checksum_part<double>(const double*, long, long);
@@ -237,6 +243,7 @@ void CheckpointWriter::create(const std::string& name, const std::vector<long>& 
 template <class T>
 void CheckpointWriter::write_block(const std::string& name, const std::vector<long>& offset,
                                    const std::vector<long>& count, const T* data) {
+  ScopedRegion region("moka::CheckpointWriter::write_block");
   Quiet q;
   try {
     Impl::Set& s = m_impl->find(m_path, name);
@@ -315,8 +322,12 @@ void CheckpointWriter::commit() {
     MOKA_REQUIRE(attr.id >= 0 && H5Awrite(attr.id, H5T_NATIVE_UINT64, &sums[i]) >= 0, "checkpoint '", m_path,
                  "': writing the checksum of '", I.order[i], "' failed");
   }
-  I.close_all();
+  {
+    ScopedRegion region("moka::CheckpointWriter::close");
+    I.close_all();
+  }
   // Read back: every dataset against its checksum (each rank a share of the rows).
+  ScopedRegion verify_region("moka::CheckpointWriter::verify");
   std::string failure;
   try {
     CheckpointReader r(temp_path());
@@ -476,22 +487,29 @@ std::vector<T> CheckpointReader::read(const std::string& name) const {
 }
 
 template <class T>
-std::vector<T> CheckpointReader::read_block(const std::string& name, const std::vector<long>& offset,
-                                            const std::vector<long>& count) const {
+void CheckpointReader::read_block_into(const std::string& name, const std::vector<long>& offset,
+                                       const std::vector<long>& count, T* out) const {
   Quiet q;
   MOKA_REQUIRE(has(name), "checkpoint '", m_path, "': no dataset '", name, "'");
   Handle set(open_set(m_impl->file, m_path, name), H5Dclose);
   const CheckpointType t = set_type(set.id, m_path, name);
   MOKA_REQUIRE((t == CheckpointType::int64) == (type_of<T>() == CheckpointType::int64), "checkpoint '", m_path,
                "': dataset '", name, "' is ", to_string(t), ", read as ", to_string(type_of<T>()));
-  std::vector<T> out(static_cast<std::size_t>(product(count)));
-  if (out.empty()) return out;
+  const long n = product(count);
+  if (n == 0) return;
   Handle fspace(H5Dget_space(set.id), H5Sclose);
   select_block(fspace.id, m_path, name, offset, count);
-  const hsize_t mn = out.size();
+  const hsize_t mn = static_cast<hsize_t>(n);
   Handle mspace(H5Screate_simple(1, &mn, nullptr), H5Sclose);
-  MOKA_REQUIRE(H5Dread(set.id, mem_type<T>(), mspace.id, fspace.id, H5P_DEFAULT, out.data()) >= 0, "checkpoint '",
+  MOKA_REQUIRE(H5Dread(set.id, mem_type<T>(), mspace.id, fspace.id, H5P_DEFAULT, out) >= 0, "checkpoint '",
                m_path, "': reading dataset '", name, "' failed (a truncated or damaged file?)");
+}
+
+template <class T>
+std::vector<T> CheckpointReader::read_block(const std::string& name, const std::vector<long>& offset,
+                                            const std::vector<long>& count) const {
+  std::vector<T> out(static_cast<std::size_t>(product(count)));
+  read_block_into(name, offset, count, out.data());
   return out;
 }
 
@@ -513,20 +531,27 @@ std::uint64_t CheckpointReader::checksum_rows(const std::string& name, long row0
   const std::vector<long> shape = set_shape(set.id, m_path, name);
   if (shape.empty() || rows <= 0) return 0;
   const long row = product(shape) / std::max(1L, shape[0]);
-  // In pieces of at most 32 MB.
+  // In pieces of at most 32 MB, through one buffer.
   const long per = std::max(1L, (32L << 20) / std::max(1L, row * 8));
+  std::vector<std::uint64_t> buf(static_cast<std::size_t>(std::min(rows, per) * row));
   std::uint64_t s = 0;
   for (long r = row0; r < row0 + rows; r += per) {
     const long n = std::min(per, row0 + rows - r);
+    std::vector<long> offset(shape.size(), 0), count = shape;
+    offset[0] = r;
+    count[0]  = n;
     if (t == CheckpointType::float64) {
-      const auto v = read_rows<double>(set.id, m_path, name, shape, r, n);
-      s += checksum_part(v.data(), long(v.size()), r * row);
+      auto* p = reinterpret_cast<double*>(buf.data());
+      read_block_into(name, offset, count, p);
+      s += checksum_part(p, n * row, r * row);
     } else if (t == CheckpointType::float32) {
-      const auto v = read_rows<float>(set.id, m_path, name, shape, r, n);
-      s += checksum_part(v.data(), long(v.size()), r * row);
+      auto* p = reinterpret_cast<float*>(buf.data());
+      read_block_into(name, offset, count, p);
+      s += checksum_part(p, n * row, r * row);
     } else {
-      const auto v = read_rows<std::int64_t>(set.id, m_path, name, shape, r, n);
-      s += checksum_part(v.data(), long(v.size()), r * row);
+      auto* p = reinterpret_cast<std::int64_t*>(buf.data());
+      read_block_into(name, offset, count, p);
+      s += checksum_part(p, n * row, r * row);
     }
   }
   return s;
@@ -594,6 +619,9 @@ std::vector<T> CheckpointReader::read(const std::string&) const { no_hdf5(m_path
 template <class T>
 std::vector<T> CheckpointReader::read_block(const std::string&, const std::vector<long>&,
                                             const std::vector<long>&) const { no_hdf5(m_path); }
+template <class T>
+void CheckpointReader::read_block_into(const std::string&, const std::vector<long>&, const std::vector<long>&,
+                                       T*) const { no_hdf5(m_path); }
 std::uint64_t CheckpointReader::stored_checksum(const std::string&) const { no_hdf5(m_path); }
 std::uint64_t CheckpointReader::checksum_rows(const std::string&, long, long) const { no_hdf5(m_path); }
 bool CheckpointReader::has_attribute(const std::string&) const { return false; }
@@ -615,6 +643,12 @@ template void CheckpointWriter::write<std::int64_t>(const std::string&, const st
 
 #endif
 
+template void CheckpointReader::read_block_into<double>(const std::string&, const std::vector<long>&,
+                                                        const std::vector<long>&, double*) const;
+template void CheckpointReader::read_block_into<float>(const std::string&, const std::vector<long>&,
+                                                       const std::vector<long>&, float*) const;
+template void CheckpointReader::read_block_into<std::int64_t>(const std::string&, const std::vector<long>&,
+                                                              const std::vector<long>&, std::int64_t*) const;
 template std::vector<double> CheckpointReader::read<double>(const std::string&) const;
 template std::vector<float> CheckpointReader::read<float>(const std::string&) const;
 template std::vector<std::int64_t> CheckpointReader::read<std::int64_t>(const std::string&) const;

@@ -125,35 +125,68 @@ inline std::string dataset_name(const std::string& param) {
   return s;
 }
 
-/// Block \p b of \p local, packed row-major; and its inverse.
+/// Whether block \p b is one contiguous run of the local tensor.
+inline bool contiguous(const ExpertBlock& b) { return b.rows() == 1 || b.ld == b.cols(); }
+
+/// Block \p b of \p local packed row-major into \p out; and its inverse.
 template <class T>
-std::vector<T> pack_block(const std::vector<T>& local, const ExpertBlock& b) {
-  std::vector<T> out;
-  out.reserve(static_cast<std::size_t>(b.rows() * b.cols()));
+void pack_block(const T* local, const ExpertBlock& b, std::vector<T>& out) {
+  out.resize(static_cast<std::size_t>(b.rows() * b.cols()));
   for (long r = 0; r < b.rows(); ++r)
-    out.insert(out.end(), local.begin() + b.local0 + r * b.ld, local.begin() + b.local0 + r * b.ld + b.cols());
-  return out;
+    std::copy(local + b.local0 + r * b.ld, local + b.local0 + r * b.ld + b.cols(), out.begin() + r * b.cols());
 }
 template <class T>
-void unpack_block(std::vector<T>& local, const ExpertBlock& b, const std::vector<T>& packed) {
+void unpack_block(T* local, const ExpertBlock& b, const std::vector<T>& packed) {
   for (long r = 0; r < b.rows(); ++r)
-    std::copy(packed.begin() + r * b.cols(), packed.begin() + (r + 1) * b.cols(), local.begin() + b.local0 + r * b.ld);
+    std::copy(packed.begin() + r * b.cols(), packed.begin() + (r + 1) * b.cols(), local + b.local0 + r * b.ld);
+}
+
+/// The values of \p v on the host: its own memory where the host can read
+/// it, else a copy in \p scratch (grown, never shrunk: one allocation for
+/// all tensors of a checkpoint).
+template <class V>
+const typename V::non_const_value_type* host_data(const V& v, std::vector<typename V::non_const_value_type>& scratch) {
+  using T = typename V::non_const_value_type;
+  if (Kokkos::SpaceAccessibility<Kokkos::HostSpace, typename V::memory_space>::accessible) {
+    Kokkos::fence();
+    return v.data();
+  }
+  if (scratch.size() < v.size()) scratch.resize(v.size());
+  Kokkos::View<T*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> h(scratch.data(), v.size());
+  Kokkos::deep_copy(h, Kokkos::View<const T*, typename V::memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>(v.data(), v.size()));
+  return scratch.data();
+}
+/// Where values for \p v are read to on the host (its memory, or
+/// \p scratch), and the copy to the device after.
+template <class V>
+typename V::non_const_value_type* host_target(const V& v, std::vector<typename V::non_const_value_type>& scratch) {
+  if (Kokkos::SpaceAccessibility<Kokkos::HostSpace, typename V::memory_space>::accessible) {
+    Kokkos::fence();
+    return v.data();
+  }
+  if (scratch.size() < v.size()) scratch.resize(v.size());
+  return scratch.data();
+}
+template <class V>
+void finish_target(const V& v, const std::vector<typename V::non_const_value_type>& scratch) {
+  using T = typename V::non_const_value_type;
+  if (Kokkos::SpaceAccessibility<Kokkos::HostSpace, typename V::memory_space>::accessible) return;
+  Kokkos::View<const T*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> h(scratch.data(), v.size());
+  Kokkos::deep_copy(Kokkos::View<T*, typename V::memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>(v.data(), v.size()), h);
 }
 
 template <class V>
 std::vector<typename V::non_const_value_type> to_host_vector(const V& v) {
-  using T = typename V::non_const_value_type;
-  std::vector<T> out(v.size());
-  Kokkos::View<T*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> h(out.data(), out.size());
-  Kokkos::deep_copy(h, v);
-  return out;
+  std::vector<typename V::non_const_value_type> scratch;
+  const auto* p = host_data(v, scratch);
+  return std::vector<typename V::non_const_value_type>(p, p + v.size());
 }
 template <class V>
 void from_host_vector(const V& v, const std::vector<typename V::non_const_value_type>& src) {
   using T = typename V::non_const_value_type;
   MOKA_REQUIRE(src.size() == v.size(), "moka::checkpoint: ", src.size(), " values for a tensor of ", v.size());
   Kokkos::View<const T*, Kokkos::HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> h(src.data(), src.size());
-  Kokkos::deep_copy(v, h);
+  Kokkos::deep_copy(Kokkos::View<T*, typename V::memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>>(v.data(), v.size()), h);
 }
 
 /// Sends / receives \p bytes bytes in messages of at most 1 GB.
@@ -258,66 +291,65 @@ void guarded(std::string& failure, F&& f) {
   }
 }
 
-/// Writes one tensor (\p local: this rank's values) into dataset \p name:
-/// parallel, each rank its blocks; gathered, rank 0 writes every rank's in turn.
+/// Writes one tensor (\p local: this rank's values on the host) into
+/// dataset \p name: parallel, each rank its blocks; gathered, rank 0 writes
+/// its own, then every other rank's in turn. Contiguous blocks are written
+/// from \p local as they are; others are packed into \p pack first.
 template <class S>
 void write_tensor(CheckpointWriter* w, bool parallel, MPI_Comm comm, int rank, int size, const std::string& name,
-                  const TensorPlan<S>& t, const std::vector<S>& local, std::string& failure) {
+                  const TensorPlan<S>& t, const S* local, std::vector<S>& pack, std::string& failure) {
   const std::size_t R = t.shape.size();
-  if (parallel || size == 1) {
-    guarded(failure, [&] { w->create<S>(name, t.shape); });
+  auto write_own = [&] {
     if (!t.expert) {
       if (t.dense_writer)
-        guarded(failure, [&] { w->write_block<S>(name, std::vector<long>(R, 0), t.shape, local.data()); });
+        guarded(failure, [&] { w->write_block<S>(name, std::vector<long>(R, 0), t.shape, local); });
       return;
     }
-    for (std::size_t i = 0; i < t.blocks.size(); ++i)
-      if (t.owned[i]) {
-        const std::vector<S> packed = pack_block(local, t.blocks[i]);
-        guarded(failure, [&] { w->write_block<S>(name, t.blocks[i].offset, t.blocks[i].count, packed.data()); });
-      }
-    return;
-  }
-  // Gathered: every rank packs what it owns (offsets and counts, then values).
-  std::vector<long> meta;
-  std::vector<S> vals;
-  if (t.expert) {
     for (std::size_t i = 0; i < t.blocks.size(); ++i) {
       if (!t.owned[i]) continue;
       const ExpertBlock& b = t.blocks[i];
-      meta.insert(meta.end(), b.offset.begin(), b.offset.end());
-      meta.insert(meta.end(), b.count.begin(), b.count.end());
-      const std::vector<S> p = pack_block(local, b);
-      vals.insert(vals.end(), p.begin(), p.end());
+      const S* from        = local + b.local0;
+      if (!contiguous(b)) {
+        pack_block(local, b, pack);
+        from = pack.data();
+      }
+      guarded(failure, [&] { w->write_block<S>(name, b.offset, b.count, from); });
     }
+  };
+  if (parallel || size == 1 || rank == 0) {
+    if (parallel || rank == 0) guarded(failure, [&] { w->create<S>(name, t.shape); });
+    write_own();
   }
+  if (parallel || size == 1 || !t.expert) return;
   if (rank == 0) {
-    guarded(failure, [&] { w->create<S>(name, t.shape); });
-    auto write_all = [&](const std::vector<long>& m, const std::vector<S>& v) {
+    for (int r = 1; r < size; ++r) {
+      long sizes[2];
+      MPI_Recv(sizes, 2, MPI_LONG, r, 76, comm, MPI_STATUS_IGNORE);
+      std::vector<long> m(static_cast<std::size_t>(sizes[0]));
+      recv_bytes(m.data(), m.size() * sizeof(long), r, comm);
+      pack.resize(static_cast<std::size_t>(sizes[1]));
+      recv_bytes(pack.data(), pack.size() * sizeof(S), r, comm);
       std::size_t at = 0;
       for (std::size_t i = 0; i + 2 * R <= m.size(); i += 2 * R) {
         const std::vector<long> off(m.begin() + i, m.begin() + i + R), cnt(m.begin() + i + R, m.begin() + i + 2 * R);
         long n = 1;
         for (long c : cnt) n *= c;
-        guarded(failure, [&] { w->write_block<S>(name, off, cnt, v.data() + at); });
+        guarded(failure, [&] { w->write_block<S>(name, off, cnt, pack.data() + at); });
         at += static_cast<std::size_t>(n);
       }
-    };
-    if (!t.expert) {
-      guarded(failure, [&] { w->write_block<S>(name, std::vector<long>(R, 0), t.shape, local.data()); });
-      return;
     }
-    write_all(meta, vals);
-    for (int r = 1; r < size; ++r) {
-      long sizes[2];
-      MPI_Recv(sizes, 2, MPI_LONG, r, 76, comm, MPI_STATUS_IGNORE);
-      std::vector<long> m(static_cast<std::size_t>(sizes[0]));
-      std::vector<S> v(static_cast<std::size_t>(sizes[1]));
-      recv_bytes(m.data(), m.size() * sizeof(long), r, comm);
-      recv_bytes(v.data(), v.size() * sizeof(S), r, comm);
-      write_all(m, v);
+  } else {
+    // Gathered: the blocks this rank owns, offsets and counts, then values.
+    std::vector<long> meta;
+    std::vector<S> vals, one;
+    for (std::size_t i = 0; i < t.blocks.size(); ++i) {
+      if (!t.owned[i]) continue;
+      const ExpertBlock& b = t.blocks[i];
+      meta.insert(meta.end(), b.offset.begin(), b.offset.end());
+      meta.insert(meta.end(), b.count.begin(), b.count.end());
+      pack_block(local, b, one);
+      vals.insert(vals.end(), one.begin(), one.end());
     }
-  } else if (t.expert) {
     long sizes[2] = {long(meta.size()), long(vals.size())};
     MPI_Send(sizes, 2, MPI_LONG, 0, 76, comm);
     send_bytes(meta.data(), meta.size() * sizeof(long), 0, comm);
@@ -326,9 +358,11 @@ void write_tensor(CheckpointWriter* w, bool parallel, MPI_Comm comm, int rank, i
 }
 
 /// Reads this rank's values of one tensor from dataset \p name (every
-/// block held here, replicas included), into a vector of \p n values.
-template <class S>
-std::vector<S> read_tensor(const CheckpointReader& r, const std::string& name, const TensorPlan<S>& t, long n) {
+/// block held here, replicas included) into \p v (through \p scratch on a
+/// device).
+template <class S, class V>
+void read_tensor(const CheckpointReader& r, const std::string& name, const TensorPlan<S>& t, const V& v,
+                 std::vector<S>& scratch, std::vector<S>& pack) {
   const std::vector<long> have = r.shape(name);
   if (have != t.shape) {
     std::string a, b;
@@ -337,10 +371,25 @@ std::vector<S> read_tensor(const CheckpointReader& r, const std::string& name, c
     throw Error("checkpoint '" + r.path() + "': dataset '" + name + "' is " + a + ", the model's is " + b +
                 " (a checkpoint of another model shape or expert count)");
   }
-  if (!t.expert) return r.read_block<S>(name, std::vector<long>(t.shape.size(), 0), t.shape);
-  std::vector<S> local(static_cast<std::size_t>(n));
-  for (const ExpertBlock& b : t.blocks) unpack_block(local, b, r.read_block<S>(name, b.offset, b.count));
-  return local;
+  S* dst = host_target(v, scratch);
+  if (!t.expert) {
+    long n = 1;
+    for (long x : t.shape) n *= x;
+    MOKA_REQUIRE(n == long(v.size()), "checkpoint '", r.path(), "': dataset '", name, "' has ", n,
+                 " values for a tensor of ", v.size());
+    r.read_block_into<S>(name, std::vector<long>(t.shape.size(), 0), t.shape, dst);
+  } else {
+    for (const ExpertBlock& b : t.blocks) {
+      if (contiguous(b)) {
+        r.read_block_into<S>(name, b.offset, b.count, dst + b.local0);
+      } else {
+        pack.resize(static_cast<std::size_t>(b.rows() * b.cols()));
+        r.read_block_into<S>(name, b.offset, b.count, pack.data());
+        unpack_block(dst, b, pack);
+      }
+    }
+  }
+  finish_target(v, scratch);
 }
 
 }  // namespace impl
@@ -378,8 +427,9 @@ CheckpointStats save_checkpoint(const std::string& path, bool parallel, MoEModel
   // and collective call; the failure is agreed on at the end.
   std::string failure;
   const bool writes = parallel || rank == 0;
-  auto tensor = [&](const std::string& name, const impl::TensorPlan<S>& t, const std::vector<S>& local) {
-    impl::write_tensor<S>(w.get(), parallel, comm, rank, size, name, t, local, failure);
+  std::vector<S> scratch, pack;  // grown once for the largest tensor
+  auto tensor = [&](const std::string& name, const impl::TensorPlan<S>& t, const auto& view) {
+    impl::write_tensor<S>(w.get(), parallel, comm, rank, size, name, t, impl::host_data(view, scratch), pack, failure);
     long n = 1;
     for (long s : t.shape) n *= s;
     stats.bytes += double(n) * sizeof(S);
@@ -395,13 +445,13 @@ CheckpointStats save_checkpoint(const std::string& path, bool parallel, MoEModel
     if (writes) impl::guarded(failure, [&] { w->attribute(name, v); });
   };
   for (std::size_t i = 0; i < params.size(); ++i)
-    tensor("model/" + plans[i].dataset, plans[i], impl::to_host_vector(params[i].param));
+    tensor("model/" + plans[i].dataset, plans[i], params[i].param);
   for (std::size_t i = 0; i < params.size(); ++i) {
     const long k = opt.find(params[i].param.data());
     MOKA_REQUIRE(k >= 0, "moka::save_checkpoint: parameter '", params[i].name, "' is not in the optimizer");
-    tensor("optimizer/m/" + plans[i].dataset, plans[i], impl::to_host_vector(opt.first_moment(std::size_t(k))));
+    tensor("optimizer/m/" + plans[i].dataset, plans[i], opt.first_moment(std::size_t(k)));
     if (opt.second_moment(std::size_t(k)).extent(0) > 0)
-      tensor("optimizer/v/" + plans[i].dataset, plans[i], impl::to_host_vector(opt.second_moment(std::size_t(k))));
+      tensor("optimizer/v/" + plans[i].dataset, plans[i], opt.second_moment(std::size_t(k)));
   }
   ints("optimizer/steps", {opt.steps_taken()});
   for (int b = 0; b < model.config().blocks; ++b) {
@@ -498,19 +548,19 @@ RunCounters load_checkpoint(const std::string& path, MoEModel<S, M>& model, Opti
     }
     const auto plans  = impl::tensor_plans(model, world.rank());
     const auto params = model.parameters();
+    std::vector<S> scratch, pack;
     for (std::size_t i = 0; i < params.size(); ++i) {
-      const long n = static_cast<long>(params[i].param.extent(0));
-      impl::from_host_vector(params[i].param, impl::read_tensor<S>(r, "model/" + plans[i].dataset, plans[i], n));
+      impl::read_tensor<S>(r, "model/" + plans[i].dataset, plans[i], params[i].param, scratch, pack);
       const long k = opt.find(params[i].param.data());
       MOKA_REQUIRE(k >= 0, "moka::load_checkpoint: parameter '", params[i].name, "' is not in the optimizer");
-      impl::from_host_vector(opt.first_moment(std::size_t(k)),
-                             impl::read_tensor<S>(r, "optimizer/m/" + plans[i].dataset, plans[i], n));
+      impl::read_tensor<S>(r, "optimizer/m/" + plans[i].dataset, plans[i], opt.first_moment(std::size_t(k)), scratch,
+                           pack);
       const auto v = opt.second_moment(std::size_t(k));
       if (v.extent(0) > 0) {
         MOKA_REQUIRE(r.has("optimizer/v/" + plans[i].dataset), "checkpoint '", path, "': no second moments ('optimizer/v/",
                      plans[i].dataset, "'): it was written with train.optimizer = ",
                      r.has_attribute("optimizer") ? r.attribute("optimizer") : "?");
-        impl::from_host_vector(v, impl::read_tensor<S>(r, "optimizer/v/" + plans[i].dataset, plans[i], n));
+        impl::read_tensor<S>(r, "optimizer/v/" + plans[i].dataset, plans[i], v, scratch, pack);
       }
     }
     opt.set_steps_taken(one("optimizer/steps"));
@@ -550,10 +600,11 @@ template <class S, class M>
 void read_layer_parameters(const CheckpointReader& r, const std::string& prefix, MoELayer<S, M>& L,
                            const typename M::execution_space& space) {
   const int world_rank = L.groups() ? L.groups()->world().rank() : 0;
+  std::vector<S> scratch, pack;
   for (const auto& p : L.parameters()) {
     const std::string name = prefix + p.name;
     const impl::TensorPlan<S> t = impl::layer_plan(L, p, name, world_rank);
-    impl::from_host_vector(p.param, impl::read_tensor<S>(r, name, t, static_cast<long>(p.param.extent(0))));
+    impl::read_tensor<S>(r, name, t, p.param, scratch, pack);
   }
   L.refresh_bf16_weights(space);
   space.fence();

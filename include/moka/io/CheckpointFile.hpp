@@ -120,6 +120,10 @@ class CheckpointReader {
   template <class T>
   std::vector<T> read_block(const std::string& name, const std::vector<long>& offset,
                             const std::vector<long>& count) const;
+  /// \brief As read_block, into \p out (prod(count) values).
+  template <class T>
+  void read_block_into(const std::string& name, const std::vector<long>& offset, const std::vector<long>& count,
+                       T* out) const;
   /// \brief The checksum stored with dataset \p name.
   std::uint64_t stored_checksum(const std::string& name) const;
   /// \brief The checksum part of rows [\p row0, \p row0 + \p rows) of the
