@@ -28,7 +28,7 @@ for n in $ranks; do
   ep=$n; [ $n -gt 8 ] && ep=8
   out=$($mpi -n $n "$exe" "$deck" "${keys[@]}" run.name=bench train.steps=1 parallel.expert_parallel=$ep 2>&1) \
     || { echo "$out" | tail -5; exit 1; }
-  w=$(echo "$out" | sed -n 's/^checkpoint: step 1 -> .* (\([0-9.]*\) MB in \([0-9.]*\) s.*/\1 \2/p')
+  w=$(echo "$out" | sed -n 's/^checkpoint: step 1 -> .* (\([0-9.]*\) MB in \([0-9.]*\) s, \([0-9.]*\) s of it.*/\1 \2 \3/p')
   out=$($mpi -n $n "$exe" "$deck" "${keys[@]}" run.name=bench train.steps=2 parallel.expert_parallel=$ep \
         io.restart=latest 2>&1) || { echo "$out" | tail -5; exit 1; }
   r=$(echo "$out" | awk '$1 == "moka::load_checkpoint" {print $4}')
@@ -36,7 +36,7 @@ for n in $ranks; do
   bytes=$(stat -c %s "$file")
   set -- $w
   echo "$n rank(s), io=$io: state $(awk "BEGIN{printf \"%.2f\", $1/1024}") GiB (file $(awk "BEGIN{printf \"%.2f\", $bytes/2^30}") GiB):" \
-       "write $2 s = $(awk "BEGIN{printf \"%.2f\", $1/1024/$2}") GiB/s (with the read-back check)," \
+       "write $2 s = $(awk "BEGIN{printf \"%.2f\", $1/1024/$2}") GiB/s ($3 s of it reading back)," \
        "read $r s = $(awk "BEGIN{printf \"%.2f\", $1/1024/$r}") GiB/s (checksums verified, max over ranks)"
 done
 file=$(ls "$dir"/bench*.h5 | tail -1)

@@ -1,6 +1,5 @@
 #include <moka/core/Config.hpp>
 #include <moka/core/Error.hpp>
-#include <moka/core/Profiling.hpp>
 #include <moka/io/CheckpointFile.hpp>
 
 #include <algorithm>
@@ -243,7 +242,6 @@ void CheckpointWriter::create(const std::string& name, const std::vector<long>& 
 template <class T>
 void CheckpointWriter::write_block(const std::string& name, const std::vector<long>& offset,
                                    const std::vector<long>& count, const T* data) {
-  ScopedRegion region("moka::CheckpointWriter::write_block");
   Quiet q;
   try {
     Impl::Set& s = m_impl->find(m_path, name);
@@ -322,12 +320,8 @@ void CheckpointWriter::commit() {
     MOKA_REQUIRE(attr.id >= 0 && H5Awrite(attr.id, H5T_NATIVE_UINT64, &sums[i]) >= 0, "checkpoint '", m_path,
                  "': writing the checksum of '", I.order[i], "' failed");
   }
-  {
-    ScopedRegion region("moka::CheckpointWriter::close");
-    I.close_all();
-  }
+  I.close_all();
   // Read back: every dataset against its checksum (each rank a share of the rows).
-  ScopedRegion verify_region("moka::CheckpointWriter::verify");
   std::string failure;
   try {
     CheckpointReader r(temp_path());

@@ -278,7 +278,8 @@ class RegimeRun {
     if (m_rank == 0) {
       const auto removed = prune_checkpoints(m_ccfg.dir, m_run.name, m_ccfg.keep);
       m_log << std::fixed << std::setprecision(1) << "checkpoint: step " << steps << " -> " << path << " ("
-            << st.bytes / 1048576.0 << " MB in " << std::setprecision(3) << st.seconds << " s"
+            << st.bytes / 1048576.0 << " MB in " << std::setprecision(3) << st.seconds << " s, "
+            << st.verify_seconds << " s of it reading back"
             << (m_ccfg.parallel_io() && m_size > 1 ? ", MPI-IO" : "") << ")";
       if (!removed.empty()) m_log << ", " << removed.size() << " older removed";
       m_log << std::endl;
