@@ -277,12 +277,89 @@ void CheckpointWriter::write_block(const std::string& name, const std::vector<lo
 }
 
 template <class T>
+void CheckpointWriter::write_blocks(const std::string& name, const std::vector<CheckpointBlock<T>>& blocks) {
+  if (m_impl->comm == MPI_COMM_NULL) {
+    for (const auto& b : blocks) write_block<T>(name, b.offset, b.count, b.data);
+    return;
+  }
+#ifdef H5_HAVE_PARALLEL
+  Quiet q;
+  long mine = static_cast<long>(blocks.size()), most = 0;
+  MPI_Allreduce(&mine, &most, 1, MPI_LONG, MPI_MAX, m_impl->comm);
+  Impl::Set* s = nullptr;
+  try {
+    s = &m_impl->find(m_path, name);
+  } catch (const Error& e) {
+    if (m_impl->error.empty()) m_impl->error = e.what();
+  }
+  if (!s) return;  // the same on every rank: the dataset was created collectively
+  Handle xfer(H5Pcreate(H5P_DATASET_XFER), H5Pclose);
+  H5Pset_dxpl_mpio(xfer.id, H5FD_MPIO_COLLECTIVE);
+  const T dummy{};
+  for (long i = 0; i < most; ++i) {
+    Handle fspace(H5Dget_space(s->id), H5Sclose);
+    const hsize_t one = 1;
+    Handle mspace(H5Screate_simple(1, &one, nullptr), H5Sclose);
+    const T* data = &dummy;
+    long n        = 0;
+    bool ok       = true;
+    if (i < mine && m_impl->error.empty()) {
+      const auto& b = blocks[static_cast<std::size_t>(i)];
+      try {
+        MOKA_REQUIRE(s->type == type_of<T>(), "checkpoint '", m_path, "': a block of ", to_string(type_of<T>()),
+                     " for dataset '", name, "' of ", to_string(s->type));
+        select_block(fspace.id, m_path, name, b.offset, b.count);
+        n = product(b.count);
+      } catch (const Error& e) {
+        if (m_impl->error.empty()) m_impl->error = e.what();
+        ok = false;
+      }
+      if (ok && n > 0) {
+        const hsize_t mn = static_cast<hsize_t>(n);
+        H5Sset_extent_simple(mspace.id, 1, &mn, nullptr);
+        data = b.data;
+      }
+    }
+    if (n == 0) {
+      H5Sselect_none(fspace.id);
+      H5Sselect_none(mspace.id);
+    }
+    if (H5Dwrite(s->id, mem_type<T>(), mspace.id, fspace.id, xfer.id, data) < 0 && m_impl->error.empty())
+      m_impl->error = "checkpoint '" + m_path + "': writing a block of dataset '" + name + "' failed (disk full?)";
+    if (n > 0) {
+      // Checksum part, as write_block keeps it.
+      const auto& b = blocks[static_cast<std::size_t>(i)];
+      const int R   = static_cast<int>(b.count.size());
+      std::vector<long> stride(R, 1);
+      for (int r = R - 2; r >= 0; --r) stride[r] = stride[r + 1] * s->shape[r + 1];
+      const long run = b.count[R - 1];
+      std::vector<long> idx(R, 0);
+      for (long done = 0; done < n; done += run) {
+        long flat = b.offset[R - 1];
+        for (int r = 0; r < R - 1; ++r) flat += (b.offset[r] + idx[r]) * stride[r];
+        s->part += checksum_part(b.data + done, run, flat);
+        for (int r = R - 2; r >= 0; --r) {
+          if (++idx[r] < b.count[r]) break;
+          idx[r] = 0;
+        }
+      }
+    }
+  }
+#else
+  (void)blocks;
+  throw Error("checkpoint '" + m_path + "': parallel writes need an HDF5 built for MPI-IO");
+#endif
+}
+
+template <class T>
 void CheckpointWriter::write(const std::string& name, const std::vector<T>& data, const std::vector<long>& shape) {
   if (m_impl->rank == 0)
     MOKA_REQUIRE(product(shape) == static_cast<long>(data.size()), "checkpoint '", m_path, "': dataset '", name,
                  "' has ", data.size(), " values for a shape of ", product(shape));
   create<T>(name, shape);
-  if (m_impl->rank == 0) write_block<T>(name, std::vector<long>(shape.size(), 0), shape, data.data());
+  std::vector<CheckpointBlock<T>> b;
+  if (m_impl->rank == 0) b.push_back({std::vector<long>(shape.size(), 0), shape, data.data()});
+  write_blocks<T>(name, b);
 }
 
 void CheckpointWriter::attribute(const std::string& name, const std::string& value) {
@@ -360,6 +437,10 @@ template void CheckpointWriter::write_block<float>(const std::string&, const std
                                                    const std::vector<long>&, const float*);
 template void CheckpointWriter::write_block<std::int64_t>(const std::string&, const std::vector<long>&,
                                                           const std::vector<long>&, const std::int64_t*);
+template void CheckpointWriter::write_blocks<double>(const std::string&, const std::vector<CheckpointBlock<double>>&);
+template void CheckpointWriter::write_blocks<float>(const std::string&, const std::vector<CheckpointBlock<float>>&);
+template void CheckpointWriter::write_blocks<std::int64_t>(const std::string&,
+                                                           const std::vector<CheckpointBlock<std::int64_t>>&);
 template void CheckpointWriter::write<double>(const std::string&, const std::vector<double>&,
                                               const std::vector<long>&);
 template void CheckpointWriter::write<float>(const std::string&, const std::vector<float>&, const std::vector<long>&);
@@ -600,6 +681,8 @@ void CheckpointWriter::write_block(const std::string&, const std::vector<long>&,
                                    const T*) { no_hdf5(m_path); }
 template <class T>
 void CheckpointWriter::write(const std::string&, const std::vector<T>&, const std::vector<long>&) { no_hdf5(m_path); }
+template <class T>
+void CheckpointWriter::write_blocks(const std::string&, const std::vector<CheckpointBlock<T>>&) { no_hdf5(m_path); }
 void CheckpointWriter::attribute(const std::string&, const std::string&) { no_hdf5(m_path); }
 void CheckpointWriter::commit() { no_hdf5(m_path); }
 CheckpointReader::CheckpointReader(const std::string& path) : m_path(path) { no_hdf5(path); }
@@ -629,6 +712,10 @@ template void CheckpointWriter::write_block<float>(const std::string&, const std
                                                    const std::vector<long>&, const float*);
 template void CheckpointWriter::write_block<std::int64_t>(const std::string&, const std::vector<long>&,
                                                           const std::vector<long>&, const std::int64_t*);
+template void CheckpointWriter::write_blocks<double>(const std::string&, const std::vector<CheckpointBlock<double>>&);
+template void CheckpointWriter::write_blocks<float>(const std::string&, const std::vector<CheckpointBlock<float>>&);
+template void CheckpointWriter::write_blocks<std::int64_t>(const std::string&,
+                                                           const std::vector<CheckpointBlock<std::int64_t>>&);
 template void CheckpointWriter::write<double>(const std::string&, const std::vector<double>&,
                                               const std::vector<long>&);
 template void CheckpointWriter::write<float>(const std::string&, const std::vector<float>&, const std::vector<long>&);

@@ -633,6 +633,7 @@ void check_training_deck(const InputDeck& deck, int world_size, int ranks_on_nod
   }
   const ParallelConfig pc = ParallelConfig::from_deck(deck);
   (void)BalanceConfig::from_deck(deck).slots(m.moe.num_experts, pc.expert_parallel);
+  (void)CheckpointConfig::from_deck(deck, t.metrics_file);  // io.checkpoint_io = parallel on a serial HDF5
   check_memory_fits(training_memory(deck, world_size), ranks_on_node, "the run");
 }
 

@@ -317,11 +317,37 @@ void write_tensor(CheckpointWriter* w, bool parallel, MPI_Comm comm, int rank, i
       guarded(failure, [&] { w->write_block<S>(name, b.offset, b.count, from); });
     }
   };
-  if (parallel || size == 1 || rank == 0) {
-    if (parallel || rank == 0) guarded(failure, [&] { w->create<S>(name, t.shape); });
+  if (parallel) {
+    // Every rank's blocks in one collective call (MPI-IO collective transfer).
+    std::vector<CheckpointBlock<S>> blocks;
+    std::vector<std::vector<S>> packed;
+    if (!t.expert) {
+      if (t.dense_writer) blocks.push_back({std::vector<long>(R, 0), t.shape, local});
+    } else {
+      for (std::size_t i = 0; i < t.blocks.size(); ++i) {
+        if (!t.owned[i]) continue;
+        const ExpertBlock& b = t.blocks[i];
+        if (contiguous(b)) {
+          blocks.push_back({b.offset, b.count, local + b.local0});
+        } else {
+          packed.emplace_back();
+          pack_block(local, b, packed.back());
+        }
+      }
+      std::size_t k = 0;
+      for (std::size_t i = 0; i < t.blocks.size(); ++i)
+        if (t.owned[i] && !contiguous(t.blocks[i]))
+          blocks.push_back({t.blocks[i].offset, t.blocks[i].count, packed[k++].data()});
+    }
+    guarded(failure, [&] { w->create<S>(name, t.shape); });
+    w->write_blocks<S>(name, blocks);  // collective: every rank, also after a failure (kept for commit)
+    return;
+  }
+  if (size == 1 || rank == 0) {
+    guarded(failure, [&] { w->create<S>(name, t.shape); });
     write_own();
   }
-  if (parallel || size == 1 || !t.expert) return;
+  if (size == 1 || !t.expert) return;
   if (rank == 0) {
     for (int r = 1; r < size; ++r) {
       long sizes[2];

@@ -45,6 +45,13 @@ const char* to_string(CheckpointType t);
 template <class T>
 std::uint64_t checksum_part(const T* data, long n, long first_index);
 
+/// \brief One block of a dataset: offset, extents, and prod(count) values.
+template <class T>
+struct CheckpointBlock {
+  std::vector<long> offset, count;
+  const T* data = nullptr;
+};
+
 /// \brief Writes one checkpoint file. Throws moka::Error naming the file
 /// and dataset on any failure; a writer destroyed without commit() removes
 /// its temporary file and leaves any file already at the final name as it was.
@@ -71,6 +78,13 @@ class CheckpointWriter {
   template <class T>
   void write_block(const std::string& name, const std::vector<long>& offset, const std::vector<long>& count,
                    const T* data);
+  /// \brief Every block this rank holds of dataset \p name. In parallel
+  /// mode a collective call (every rank, any number of blocks, none too):
+  /// the writes go through MPI-IO's collective transfer, each rank taking
+  /// part in as many as the rank with the most blocks (empty ones where it
+  /// has none left); one process: write_block for each.
+  template <class T>
+  void write_blocks(const std::string& name, const std::vector<CheckpointBlock<T>>& blocks);
   /// \brief create() and the whole dataset from \p data (in parallel mode
   /// the data of rank 0 is written; the others may pass an empty vector).
   template <class T>
