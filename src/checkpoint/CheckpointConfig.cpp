@@ -35,7 +35,8 @@ DeckSchema CheckpointConfig::schema() {
   s.add("io.checkpoint_every", DeckType::integer).set_default("0").set_min(0)
       .set_doc("Steps between checkpoints (0: none during the run).");
   s.add("io.checkpoint_final", DeckType::boolean).set_default("false")
-      .set_doc("Write a checkpoint after the last step (also when io.checkpoint_every does not divide train.steps).");
+      .set_doc("Write a checkpoint after the last step also without io.checkpoint_every (with io.checkpoint_every > 0 "
+               "the last step always gets one).");
   s.add("io.checkpoint_keep", DeckType::integer).set_default("3").set_min(0)
       .set_doc("Newest checkpoints of the run kept in io.checkpoint_dir (0: all).");
   s.add("io.checkpoint_io", DeckType::string).set_default("auto").set_choices({"auto", "parallel", "gather"})
@@ -55,7 +56,7 @@ CheckpointConfig CheckpointConfig::from_deck(const InputDeck& deck, const std::s
     c.dir = (parent.empty() ? fs::path("checkpoints") : parent / "checkpoints").string();
   }
   c.every   = deck.get<long>("io.checkpoint_every");
-  c.at_end  = deck.get<bool>("io.checkpoint_final");
+  c.at_end  = deck.get<bool>("io.checkpoint_final") || c.every > 0;
   c.keep    = deck.get<long>("io.checkpoint_keep");
   c.restart = deck.get<std::string>("io.restart");
   const std::string io = deck.get<std::string>("io.checkpoint_io");

@@ -25,7 +25,7 @@ std::string to_string(CheckpointIO io);
 struct CheckpointConfig {
   std::string dir;        ///< io.checkpoint_dir ("" : checkpoints/ beside the metrics file)
   long every = 0;         ///< io.checkpoint_every: steps between checkpoints (0: none on the way)
-  bool at_end = false;    ///< io.checkpoint_final: one after the last step
+  bool at_end = false;    ///< one after the last step: io.checkpoint_final, or io.checkpoint_every > 0
   long keep = 3;          ///< io.checkpoint_keep: newest kept (0: all)
   CheckpointIO io = CheckpointIO::automatic;  ///< io.checkpoint_io
   std::string restart;    ///< io.restart: a file, "latest", or "" (a fresh run)
