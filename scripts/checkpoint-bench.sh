@@ -45,6 +45,11 @@ mb=$(( (bytes + 1048575) / 1048576 ))
 t0=$(date +%s.%N); dd if=/dev/zero of="$dir/dd.bin" bs=1M count=$mb status=none; t1=$(date +%s.%N)
 sync; t2=$(date +%s.%N)
 echo "dd write $mb MiB (no sync): $(awk "BEGIN{printf \"%.3f s = %.2f GB/s\", $t1-$t0, $mb*1048576/1e9/($t1-$t0)}"); sync after: $(awk "BEGIN{printf \"%.3f s\", $t2-$t1}")"
+# A second file while the first stays: page-cache pages that no deleted
+# file just gave back (what a checkpoint written beside older ones gets).
+t0=$(date +%s.%N); dd if=/dev/zero of="$dir/dd2.bin" bs=8M count=$(( (mb + 7) / 8 )) status=none; t1=$(date +%s.%N)
+echo "dd write to a second new file (first kept): $(awk "BEGIN{printf \"%.3f s = %.2f GB/s\", $t1-$t0, $mb*1048576/1e9/($t1-$t0)}")"
+rm -f "$dir/dd2.bin"
 t0=$(date +%s.%N); cp "$file" "$dir/cp.h5"; t1=$(date +%s.%N)
 echo "cp of the checkpoint: $(awk "BEGIN{printf \"%.3f s = %.2f GB/s\", $t1-$t0, $bytes/1e9/($t1-$t0)}")"
 t0=$(date +%s.%N); dd if="$file" of=/dev/null bs=1M status=none; t1=$(date +%s.%N)

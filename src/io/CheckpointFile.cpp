@@ -2,6 +2,8 @@
 #include <moka/core/Error.hpp>
 #include <moka/io/CheckpointFile.hpp>
 
+#include <Kokkos_Core.hpp>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -63,13 +65,21 @@ long product(const std::vector<long>& v) {
 
 template <class T>
 std::uint64_t checksum_part(const T* data, long n, long first_index) {
-  std::uint64_t s = 0;
   // One SplitMix64 finaliser per element of (bits ^ index * golden ratio):
   // a bijection of the bits for a given index, so one changed bit changes
-  // the term, and the index makes the sum see two values swapped.
-  const std::uint64_t k = 0x9e3779b97f4a7c15ull;
-  std::uint64_t i0      = static_cast<std::uint64_t>(first_index) * k;
-  for (long i = 0; i < n; ++i, i0 += k) s += mix64(bits_of(data[i]) ^ i0);
+  // the term, and the index makes the sum see two values swapped. A sum of
+  // integers modulo 2^64: the same in any order, so the host threads share
+  // it (where Kokkos is up; moka-inspect runs without it).
+  const std::uint64_t k  = 0x9e3779b97f4a7c15ull;
+  const std::uint64_t i0 = static_cast<std::uint64_t>(first_index) * k;
+  std::uint64_t s        = 0;
+  if (n >= (1L << 16) && Kokkos::is_initialized()) {
+    Kokkos::parallel_reduce(
+        "moka::checksum", Kokkos::RangePolicy<Kokkos::DefaultHostExecutionSpace>(0, n),
+        [=](long i, std::uint64_t& acc) { acc += mix64(bits_of(data[i]) ^ (i0 + std::uint64_t(i) * k)); }, s);
+    return s;
+  }
+  for (long i = 0; i < n; ++i) s += mix64(bits_of(data[i]) ^ (i0 + std::uint64_t(i) * k));
   return s;
 }
 template std::uint64_t checksum_part<double>(const double*, long, long);
