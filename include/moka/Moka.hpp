@@ -21,6 +21,7 @@
 #include <moka/comm/CommCheck.hpp>
 #include <moka/comm/Communicator.hpp>
 // io: routing traces
+#include <moka/io/CheckpointFile.hpp>
 #include <moka/io/RoutingTrace.hpp>
 // parallel: process groups, gradient synchronisation
 #include <moka/parallel/GradSync.hpp>
@@ -42,6 +43,8 @@
 #include <moka/balance/LoadMonitor.hpp>
 #include <moka/balance/Migration.hpp>
 #include <moka/balance/Policy.hpp>
+#include <moka/checkpoint/Checkpoint.hpp>
+#include <moka/checkpoint/CheckpointConfig.hpp>
 // train: the training loop, the regime task, run and benchmark settings
 #include <moka/train/BenchConfig.hpp>
 #include <moka/train/RegimeTask.hpp>
