@@ -86,6 +86,37 @@ template std::uint64_t checksum_part<double>(const double*, long, long);
 template std::uint64_t checksum_part<float>(const float*, long, long);
 template std::uint64_t checksum_part<std::int64_t>(const std::int64_t*, long, long);
 
+namespace {
+
+/// The checksum part of a block (\p offset, \p count: row-major values at
+/// \p data) of a dataset of \p shape: each run along the last extent
+/// keyed by its flat index in the dataset.
+template <class T>
+std::uint64_t block_checksum(const std::vector<long>& shape, const std::vector<long>& offset,
+                             const std::vector<long>& count, const T* data) {
+  const int R = static_cast<int>(count.size());
+  long n      = 1;
+  for (long c : count) n *= c;
+  if (n == 0) return 0;
+  std::vector<long> stride(R, 1);
+  for (int i = R - 2; i >= 0; --i) stride[i] = stride[i + 1] * shape[i + 1];
+  const long run = count[R - 1];
+  std::vector<long> idx(R, 0);
+  std::uint64_t sum = 0;
+  for (long done = 0; done < n; done += run) {
+    long flat = offset[R - 1];
+    for (int i = 0; i < R - 1; ++i) flat += (offset[i] + idx[i]) * stride[i];
+    sum += checksum_part(data + done, run, flat);
+    for (int i = R - 2; i >= 0; --i) {
+      if (++idx[i] < count[i]) break;
+      idx[i] = 0;
+    }
+  }
+  return sum;
+}
+
+}  // namespace
+
 #ifdef MOKA_HAVE_HDF5
 namespace {
 
@@ -265,21 +296,7 @@ void CheckpointWriter::write_block(const std::string& name, const std::vector<lo
     Handle mspace(H5Screate_simple(1, &mn, nullptr), H5Sclose);
     MOKA_REQUIRE(H5Dwrite(s.id, mem_type<T>(), mspace.id, fspace.id, H5P_DEFAULT, data) >= 0, "checkpoint '",
                  m_path, "': writing a block of dataset '", name, "' failed (disk full?)");
-    // Checksum part: flat index of each element of the block.
-    const int R = static_cast<int>(count.size());
-    std::vector<long> stride(R, 1);
-    for (int i = R - 2; i >= 0; --i) stride[i] = stride[i + 1] * s.shape[i + 1];
-    const long run = count[R - 1];
-    std::vector<long> idx(R, 0);
-    for (long done = 0; done < n; done += run) {
-      long flat = offset[R - 1];
-      for (int i = 0; i < R - 1; ++i) flat += (offset[i] + idx[i]) * stride[i];
-      s.part += checksum_part(data + done, run, flat);
-      for (int i = R - 2; i >= 0; --i) {
-        if (++idx[i] < count[i]) break;
-        idx[i] = 0;
-      }
-    }
+    s.part += block_checksum(s.shape, offset, count, data);
   } catch (const Error& e) {
     if (m_impl->comm == MPI_COMM_NULL) throw;
     if (m_impl->error.empty()) m_impl->error = e.what();
@@ -337,22 +354,8 @@ void CheckpointWriter::write_blocks(const std::string& name, const std::vector<C
     if (H5Dwrite(s->id, mem_type<T>(), mspace.id, fspace.id, xfer.id, data) < 0 && m_impl->error.empty())
       m_impl->error = "checkpoint '" + m_path + "': writing a block of dataset '" + name + "' failed (disk full?)";
     if (n > 0) {
-      // Checksum part, as write_block keeps it.
       const auto& b = blocks[static_cast<std::size_t>(i)];
-      const int R   = static_cast<int>(b.count.size());
-      std::vector<long> stride(R, 1);
-      for (int r = R - 2; r >= 0; --r) stride[r] = stride[r + 1] * s->shape[r + 1];
-      const long run = b.count[R - 1];
-      std::vector<long> idx(R, 0);
-      for (long done = 0; done < n; done += run) {
-        long flat = b.offset[R - 1];
-        for (int r = 0; r < R - 1; ++r) flat += (b.offset[r] + idx[r]) * stride[r];
-        s->part += checksum_part(b.data + done, run, flat);
-        for (int r = R - 2; r >= 0; --r) {
-          if (++idx[r] < b.count[r]) break;
-          idx[r] = 0;
-        }
-      }
+      s->part += block_checksum(s->shape, b.offset, b.count, b.data);
     }
   }
 #else
@@ -438,24 +441,6 @@ void CheckpointWriter::commit() {
   MOKA_REQUIRE(renamed, "checkpoint '", m_path, "': renaming '", temp_path(), "' to it failed");
 }
 
-template void CheckpointWriter::create<double>(const std::string&, const std::vector<long>&);
-template void CheckpointWriter::create<float>(const std::string&, const std::vector<long>&);
-template void CheckpointWriter::create<std::int64_t>(const std::string&, const std::vector<long>&);
-template void CheckpointWriter::write_block<double>(const std::string&, const std::vector<long>&,
-                                                    const std::vector<long>&, const double*);
-template void CheckpointWriter::write_block<float>(const std::string&, const std::vector<long>&,
-                                                   const std::vector<long>&, const float*);
-template void CheckpointWriter::write_block<std::int64_t>(const std::string&, const std::vector<long>&,
-                                                          const std::vector<long>&, const std::int64_t*);
-template void CheckpointWriter::write_blocks<double>(const std::string&, const std::vector<CheckpointBlock<double>>&);
-template void CheckpointWriter::write_blocks<float>(const std::string&, const std::vector<CheckpointBlock<float>>&);
-template void CheckpointWriter::write_blocks<std::int64_t>(const std::string&,
-                                                           const std::vector<CheckpointBlock<std::int64_t>>&);
-template void CheckpointWriter::write<double>(const std::string&, const std::vector<double>&,
-                                              const std::vector<long>&);
-template void CheckpointWriter::write<float>(const std::string&, const std::vector<float>&, const std::vector<long>&);
-template void CheckpointWriter::write<std::int64_t>(const std::string&, const std::vector<std::int64_t>&,
-                                                    const std::vector<long>&);
 
 // ------------------------------------------------------------------ reader
 
@@ -483,23 +468,6 @@ std::vector<long> set_shape(hid_t set, const std::string& path, const std::strin
   std::vector<hsize_t> dims(static_cast<std::size_t>(rank));
   H5Sget_simple_extent_dims(space.id, dims.data(), nullptr);
   return std::vector<long>(dims.begin(), dims.end());
-}
-
-template <class T>
-std::vector<T> read_rows(hid_t set, const std::string& path, const std::string& name, const std::vector<long>& shape,
-                         long row0, long rows) {
-  std::vector<long> offset(shape.size(), 0), count = shape;
-  offset[0] = row0;
-  count[0]  = rows;
-  std::vector<T> out(static_cast<std::size_t>(product(count)));
-  if (out.empty()) return out;
-  Handle fspace(H5Dget_space(set), H5Sclose);
-  select_block(fspace.id, path, name, offset, count);
-  const hsize_t mn = out.size();
-  Handle mspace(H5Screate_simple(1, &mn, nullptr), H5Sclose);
-  MOKA_REQUIRE(H5Dread(set, mem_type<T>(), mspace.id, fspace.id, H5P_DEFAULT, out.data()) >= 0, "checkpoint '", path,
-               "': reading dataset '", name, "' failed (a truncated or damaged file?)");
-  return out;
 }
 
 herr_t collect_dataset(hid_t group, const char* name, const H5L_info_t*, void* data) {
@@ -564,8 +532,8 @@ std::vector<T> CheckpointReader::read(const std::string& name) const {
   MOKA_REQUIRE(t == type_of<T>(), "checkpoint '", m_path, "': dataset '", name, "' is ", to_string(t), ", not ",
                to_string(type_of<T>()));
   const std::vector<long> shape = set_shape(set.id, m_path, name);
-  std::vector<T> out = read_rows<T>(set.id, m_path, name, shape, 0, shape.empty() ? 0 : shape[0]);
-  if (shape.empty()) out.clear();
+  std::vector<T> out(shape.empty() ? 0 : static_cast<std::size_t>(product(shape)));
+  if (!out.empty()) read_block_into<T>(name, std::vector<long>(shape.size(), 0), shape, out.data());
   MOKA_REQUIRE(checksum_part(out.data(), long(out.size()), 0) == stored_checksum(name), "checkpoint '", m_path,
                "': dataset '", name, "' does not match its checksum (the file is damaged)");
   return out;
@@ -713,42 +681,24 @@ std::uint64_t CheckpointReader::stored_checksum(const std::string&) const { no_h
 std::uint64_t CheckpointReader::checksum_rows(const std::string&, long, long) const { no_hdf5(m_path); }
 bool CheckpointReader::has_attribute(const std::string&) const { return false; }
 std::string CheckpointReader::attribute(const std::string&) const { no_hdf5(m_path); }
-template void CheckpointWriter::create<double>(const std::string&, const std::vector<long>&);
-template void CheckpointWriter::create<float>(const std::string&, const std::vector<long>&);
-template void CheckpointWriter::create<std::int64_t>(const std::string&, const std::vector<long>&);
-template void CheckpointWriter::write_block<double>(const std::string&, const std::vector<long>&,
-                                                    const std::vector<long>&, const double*);
-template void CheckpointWriter::write_block<float>(const std::string&, const std::vector<long>&,
-                                                   const std::vector<long>&, const float*);
-template void CheckpointWriter::write_block<std::int64_t>(const std::string&, const std::vector<long>&,
-                                                          const std::vector<long>&, const std::int64_t*);
-template void CheckpointWriter::write_blocks<double>(const std::string&, const std::vector<CheckpointBlock<double>>&);
-template void CheckpointWriter::write_blocks<float>(const std::string&, const std::vector<CheckpointBlock<float>>&);
-template void CheckpointWriter::write_blocks<std::int64_t>(const std::string&,
-                                                           const std::vector<CheckpointBlock<std::int64_t>>&);
-template void CheckpointWriter::write<double>(const std::string&, const std::vector<double>&,
-                                              const std::vector<long>&);
-template void CheckpointWriter::write<float>(const std::string&, const std::vector<float>&, const std::vector<long>&);
-template void CheckpointWriter::write<std::int64_t>(const std::string&, const std::vector<std::int64_t>&,
-                                                    const std::vector<long>&);
 
 #endif
 
-template void CheckpointReader::read_block_into<double>(const std::string&, const std::vector<long>&,
-                                                        const std::vector<long>&, double*) const;
-template void CheckpointReader::read_block_into<float>(const std::string&, const std::vector<long>&,
-                                                       const std::vector<long>&, float*) const;
-template void CheckpointReader::read_block_into<std::int64_t>(const std::string&, const std::vector<long>&,
-                                                              const std::vector<long>&, std::int64_t*) const;
-template std::vector<double> CheckpointReader::read<double>(const std::string&) const;
-template std::vector<float> CheckpointReader::read<float>(const std::string&) const;
-template std::vector<std::int64_t> CheckpointReader::read<std::int64_t>(const std::string&) const;
-template std::vector<double> CheckpointReader::read_block<double>(const std::string&, const std::vector<long>&,
-                                                                  const std::vector<long>&) const;
-template std::vector<float> CheckpointReader::read_block<float>(const std::string&, const std::vector<long>&,
-                                                                const std::vector<long>&) const;
-template std::vector<std::int64_t> CheckpointReader::read_block<std::int64_t>(const std::string&,
-                                                                              const std::vector<long>&,
-                                                                              const std::vector<long>&) const;
+// Every member template, for each element type (the HDF5 bodies or the stubs above).
+#define MOKA_CHECKPOINT_INSTANTIATE(T)                                                                          \
+  template void CheckpointWriter::create<T>(const std::string&, const std::vector<long>&);                      \
+  template void CheckpointWriter::write_block<T>(const std::string&, const std::vector<long>&,                  \
+                                                 const std::vector<long>&, const T*);                           \
+  template void CheckpointWriter::write_blocks<T>(const std::string&, const std::vector<CheckpointBlock<T>>&);   \
+  template void CheckpointWriter::write<T>(const std::string&, const std::vector<T>&, const std::vector<long>&); \
+  template void CheckpointReader::read_block_into<T>(const std::string&, const std::vector<long>&,              \
+                                                     const std::vector<long>&, T*) const;                       \
+  template std::vector<T> CheckpointReader::read<T>(const std::string&) const;                                 \
+  template std::vector<T> CheckpointReader::read_block<T>(const std::string&, const std::vector<long>&,          \
+                                                          const std::vector<long>&) const;
+MOKA_CHECKPOINT_INSTANTIATE(double)
+MOKA_CHECKPOINT_INSTANTIATE(float)
+MOKA_CHECKPOINT_INSTANTIATE(std::int64_t)
+#undef MOKA_CHECKPOINT_INSTANTIATE
 
 }  // namespace moka

@@ -294,58 +294,40 @@ void guarded(std::string& failure, F&& f) {
 
 /// Writes one tensor (\p local: this rank's values on the host) into
 /// dataset \p name: parallel, each rank its blocks; gathered, rank 0 writes
-/// its own, then every other rank's in turn. Contiguous blocks are written
-/// from \p local as they are; others are packed into \p pack first.
+/// its own, then every other rank's in turn (received through \p pack).
 template <class S>
 void write_tensor(CheckpointWriter* w, bool parallel, MPI_Comm comm, int rank, int size, const std::string& name,
                   const TensorPlan<S>& t, const S* local, std::vector<S>& pack, std::string& failure) {
   const std::size_t R = t.shape.size();
-  auto write_own = [&] {
-    if (!t.expert) {
-      if (t.dense_writer)
-        guarded(failure, [&] { w->write_block<S>(name, std::vector<long>(R, 0), t.shape, local); });
-      return;
-    }
+  // The blocks this rank writes: contiguous ones from \p local as they are,
+  // the others packed (room reserved first, so the pointers stay valid).
+  std::vector<CheckpointBlock<S>> mine;
+  std::vector<std::vector<S>> packed;
+  if (!t.expert) {
+    if (t.dense_writer) mine.push_back({std::vector<long>(R, 0), t.shape, local});
+  } else {
+    packed.reserve(t.blocks.size());
     for (std::size_t i = 0; i < t.blocks.size(); ++i) {
       if (!t.owned[i]) continue;
       const ExpertBlock& b = t.blocks[i];
-      const S* from        = local + b.local0;
-      if (!contiguous(b)) {
-        pack_block(local, b, pack);
-        from = pack.data();
+      if (contiguous(b)) {
+        mine.push_back({b.offset, b.count, local + b.local0});
+      } else {
+        packed.emplace_back();
+        pack_block(local, b, packed.back());
+        mine.push_back({b.offset, b.count, packed.back().data()});
       }
-      guarded(failure, [&] { w->write_block<S>(name, b.offset, b.count, from); });
     }
-  };
+  }
   if (parallel) {
     // Every rank's blocks in one collective call (MPI-IO collective transfer).
-    std::vector<CheckpointBlock<S>> blocks;
-    std::vector<std::vector<S>> packed;
-    if (!t.expert) {
-      if (t.dense_writer) blocks.push_back({std::vector<long>(R, 0), t.shape, local});
-    } else {
-      for (std::size_t i = 0; i < t.blocks.size(); ++i) {
-        if (!t.owned[i]) continue;
-        const ExpertBlock& b = t.blocks[i];
-        if (contiguous(b)) {
-          blocks.push_back({b.offset, b.count, local + b.local0});
-        } else {
-          packed.emplace_back();
-          pack_block(local, b, packed.back());
-        }
-      }
-      std::size_t k = 0;
-      for (std::size_t i = 0; i < t.blocks.size(); ++i)
-        if (t.owned[i] && !contiguous(t.blocks[i]))
-          blocks.push_back({t.blocks[i].offset, t.blocks[i].count, packed[k++].data()});
-    }
     guarded(failure, [&] { w->create<S>(name, t.shape); });
-    w->write_blocks<S>(name, blocks);  // collective: every rank, also after a failure (kept for commit)
+    w->write_blocks<S>(name, mine);  // collective: every rank, also after a failure (kept for commit)
     return;
   }
-  if (size == 1 || rank == 0) {
+  if (rank == 0) {
     guarded(failure, [&] { w->create<S>(name, t.shape); });
-    write_own();
+    guarded(failure, [&] { w->write_blocks<S>(name, mine); });
   }
   if (size == 1 || !t.expert) return;
   if (rank == 0) {
@@ -366,16 +348,15 @@ void write_tensor(CheckpointWriter* w, bool parallel, MPI_Comm comm, int rank, i
       }
     }
   } else {
-    // Gathered: the blocks this rank owns, offsets and counts, then values.
+    // Gathered: this rank's blocks to rank 0, offsets and counts, then values.
     std::vector<long> meta;
-    std::vector<S> vals, one;
-    for (std::size_t i = 0; i < t.blocks.size(); ++i) {
-      if (!t.owned[i]) continue;
-      const ExpertBlock& b = t.blocks[i];
+    std::vector<S> vals;
+    for (const auto& b : mine) {
       meta.insert(meta.end(), b.offset.begin(), b.offset.end());
       meta.insert(meta.end(), b.count.begin(), b.count.end());
-      pack_block(local, b, one);
-      vals.insert(vals.end(), one.begin(), one.end());
+      long n = 1;
+      for (long c : b.count) n *= c;
+      vals.insert(vals.end(), b.data, b.data + n);
     }
     long sizes[2] = {long(meta.size()), long(vals.size())};
     MPI_Send(sizes, 2, MPI_LONG, 0, 76, comm);
