@@ -4,14 +4,14 @@
 #
 # Layers, bottom to top (docs/design.md): core, deck, {linalg, comm, io}
 # (side by side: none includes another), parallel, moe, model, balance,
-# checkpoint, train; then drivers, and moka/Moka.hpp (the umbrella header,
+# plan, checkpoint, train; then drivers, and moka/Moka.hpp (the umbrella header,
 # for users and drivers only). A file's layer is its folder under
 # include/moka/ or src/; drivers/ is the top. Fails naming every offending
 # line.
 if(NOT ROOT)
   message(FATAL_ERROR "CheckLayering: pass -DROOT=<source tree>")
 endif()
-set(_layers core deck linalg comm io parallel moe model balance checkpoint train)
+set(_layers core deck linalg comm io parallel moe model balance plan checkpoint train)
 set(_rank_core 1)
 set(_rank_deck 2)
 set(_rank_linalg 3)
@@ -21,10 +21,11 @@ set(_rank_parallel 4)
 set(_rank_moe 5)
 set(_rank_model 6)
 set(_rank_balance 7)
-set(_rank_checkpoint 8)
-set(_rank_train 9)
-set(_rank_drivers 10)
-set(_rank_umbrella 11)
+set(_rank_plan 8)
+set(_rank_checkpoint 9)
+set(_rank_train 10)
+set(_rank_drivers 11)
+set(_rank_umbrella 12)
 
 file(GLOB_RECURSE _files RELATIVE "${ROOT}"
   "${ROOT}/include/moka/*.hpp" "${ROOT}/src/*.cpp" "${ROOT}/src/*.hpp" "${ROOT}/drivers/*.cpp")

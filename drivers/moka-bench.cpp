@@ -5,9 +5,17 @@
 //   moka-bench input_decks/bench_layer.deck [key=value ...]   (H100, bf16)
 //   moka-bench input_decks/bench_cpu.deck                     (CPU, fp32)
 //   mpirun -np 4 moka-bench input_decks/bench_exchange.deck    (token exchange vs all-to-all)
+//   mpirun -np 2 moka-bench input_decks/calibrate_cpu.deck     (machine profile for the cost model)
+//   mpirun -np 4 moka-bench input_decks/bench_step.deck bench.profile=cpu.profile
+//                                                              (a distributed layer step, measured and predicted)
 
 #include <moka/core/Collective.hpp>
 #include <moka/train/BenchConfig.hpp>
+#include <moka/model/Optimizer.hpp>
+#include <moka/parallel/GradSync.hpp>
+#include <moka/plan/Calibration.hpp>
+#include <moka/plan/CostModel.hpp>
+#include <moka/plan/MachineProfile.hpp>
 #include <moka/deck/InputDeck.hpp>
 #include <moka/moe/MoELayer.hpp>
 #include <moka/parallel/ProcessGroups.hpp>
@@ -21,7 +29,11 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <ctime>
+#include <map>
+#include <sstream>
 #include <iostream>
 #include <mpi.h>
 #include <vector>
@@ -337,6 +349,427 @@ int run_exchange(const moka::InputDeck& deck, int rank, int size) {
   return 0;
 }
 
+/// Seconds of one layer step (zero_grad + forward + backward) by kind of
+/// work, from the fenced regions of one step (this rank).
+struct StepParts {
+  double gate = 0, tokens = 0, experts = 0, exchange = 0, total = 0;
+};
+
+StepParts parts_of(const std::map<std::string, moka::TimerStats>& snap) {
+  auto sec = [&](const char* n) {
+    auto i = snap.find(std::string("moka::MoELayer::") + n);
+    return i == snap.end() ? 0.0 : i->second.seconds;
+  };
+  StepParts p;
+  p.gate     = sec("gate") + sec("gate_backward");
+  p.exchange = sec("exchange_plan") + sec("exchange") + sec("exchange_back");
+  p.tokens   = sec("dispatch") - sec("exchange_plan") + sec("combine") + sec("combine_backward") + sec("undispatch");
+  p.experts  = sec("to_bf16") + sec("expert_up") + sec("activation") + sec("expert_down") +
+              sec("expert_down_backward") + sec("activation_backward") + sec("expert_up_backward");
+  return p;
+}
+
+/// One layer measured for calibration: every rank runs its own (groups
+/// nullptr) or the EP group's, all ranks at once.
+struct Measured {
+  double total = 0;      ///< unfenced zero_grad + forward + backward, slowest rank, median
+  StepParts parts;       ///< fenced regions, slowest rank per kind, median
+  std::vector<double> counts;  ///< kept assignments per expert (summed over the layer's ranks), last forward
+  long T = 0;
+};
+
+template <class S>
+Measured measure_layer(const moka::MoEConfig& cfg, std::shared_ptr<moka::ProcessGroups> groups, long T, long warmup,
+                       long iters, std::uint64_t seed) {
+  using M      = moka::memory_space;
+  using Exec   = moka::execution_space;
+  using matrix = Kokkos::View<S**, Kokkos::LayoutRight, M>;
+  Exec space;
+  moka::MoELayer<S, M> layer(cfg, groups);
+  layer.init_parameters(seed);
+  layer.set_bf16_weights_managed(true);
+  if (cfg.bf16_compute) layer.refresh_bf16_weights(space);
+  matrix x("x", T, cfg.d_model), y("y", T, cfg.d_model), dy("dy", T, cfg.d_model), dx("dx", T, cfg.d_model);
+  {
+    int r = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &r);
+    Kokkos::Random_XorShift64_Pool<Exec> pool(17 + r);
+    Kokkos::fill_random(x, pool, S(-1), S(1));
+    Kokkos::fill_random(dy, pool, S(-1), S(1));
+  }
+  auto step = [&] {
+    layer.zero_grad(space);
+    layer.forward(space, x, y);
+    layer.backward(space, dy, dx);
+  };
+  for (long i = 0; i < std::max(1L, warmup); ++i) step();
+  Measured out;
+  out.T = T;
+  std::vector<double> totals;
+  std::vector<StepParts> parts;
+  for (long i = 0; i < iters; ++i) {
+    space.fence();
+    MPI_Barrier(MPI_COMM_WORLD);
+    const auto t0 = std::chrono::steady_clock::now();
+    step();
+    space.fence();
+    double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    MPI_Allreduce(MPI_IN_PLACE, &t, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    totals.push_back(t);
+  }
+  moka::set_fence_regions(true);
+  for (long i = 0; i < iters; ++i) {
+    space.fence();
+    MPI_Barrier(MPI_COMM_WORLD);
+    moka::TimerTable::instance().clear();
+    step();
+    StepParts p = parts_of(moka::TimerTable::instance().snapshot());
+    double v[4] = {p.gate, p.tokens, p.experts, p.exchange};
+    MPI_Allreduce(MPI_IN_PLACE, v, 4, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    parts.push_back({v[0], v[1], v[2], v[3], 0});
+  }
+  moka::set_fence_regions(false);
+  moka::TimerTable::instance().clear();
+  out.total = moka::median_of(totals);
+  auto med  = [&](double StepParts::*f) {
+    std::vector<double> v;
+    for (const auto& p : parts) v.push_back(p.*f);
+    return moka::median_of(v);
+  };
+  out.parts = {med(&StepParts::gate), med(&StepParts::tokens), med(&StepParts::experts), med(&StepParts::exchange),
+               out.total};
+  auto hc = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.expert_counts());
+  std::vector<long> c(hc.extent(0));
+  for (std::size_t e = 0; e < c.size(); ++e) c[e] = hc(e);
+  if (groups) groups->moe().allreduce_host(c.data(), int(c.size()));
+  out.counts.assign(c.begin(), c.end());
+  return out;
+}
+
+std::string exchange_path(const moka::ProcessGroups* g, bool direct) {
+  if (!g || g->ep_size() == 1) return "none";
+  if (direct) return "direct";
+  return moka::to_string(g->ep().backend());
+}
+
+std::string utc_now() {
+  std::time_t t = std::time(nullptr);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
+  return buf;
+}
+
+/// bench.mode = calibrate: measures what moka::MachineProfile holds on
+/// this machine with this many ranks running side by side, and writes the
+/// profile (rank 0).
+template <class S>
+int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per_node) {
+  using M = moka::memory_space;
+  moka::MoEConfig cfg = moka::MoEConfig::from_deck(deck);
+  cfg.bf16_compute    = deck.get<std::string>("bench.precision") == "bf16";
+  const long T0 = deck.get<long>("bench.tokens");
+  const long warmup = deck.get<long>("bench.warmup"), iters = deck.get<long>("bench.iters");
+  const auto seed = static_cast<std::uint64_t>(deck.get<long>("run.seed"));
+  moka::MachineProfile prof;
+  prof.card           = moka::Runtime::device_name();
+  prof.backend        = Kokkos::DefaultExecutionSpace::name();
+  prof.precision      = deck.get<std::string>("bench.precision");
+  prof.ranks_per_node = ranks_per_node;
+  prof.created        = utc_now();
+  auto say = [&](const std::string& s) {
+    if (rank == 0) std::printf("%s\n", s.c_str()), std::fflush(stdout);
+  };
+  say("moka-bench calibrate: " + prof.card + ", " + prof.backend + ", " + prof.precision + ", " +
+      std::to_string(size) + " rank(s) side by side");
+
+  // 1. Expert curves: one expert (E = 1, top-1), rows = tokens.
+  std::vector<std::pair<int, int>> shapes;
+  for (int sl : {1, 2, 4})
+    if (cfg.d_ff % sl == 0 && cfg.d_ff / sl >= 8) shapes.push_back({cfg.d_model, cfg.d_ff / sl});
+  {
+    std::istringstream is(deck.get<std::string>("bench.calibrate_shapes"));
+    for (std::string w; is >> w;) {
+      const auto x = w.find('x');
+      shapes.push_back({std::stoi(w.substr(0, x)), std::stoi(w.substr(x + 1))});
+    }
+  }
+  long rows_max = deck.get<long>("bench.calibrate_rows_max");
+  if (rows_max <= 0) rows_max = T0 * cfg.top_k;
+  std::vector<long> grid;
+  for (long r = 32; r < rows_max; r *= 2) grid.push_back(r);
+  grid.push_back(rows_max);
+  struct Point {
+    double T, d, E, k, total, gate, tokens;
+    std::vector<double> counts;
+    int dff;
+  };
+  std::vector<Point> points;
+  for (const auto& [d, f] : shapes) {
+    moka::MoEConfig c1 = cfg;
+    c1.d_model = d, c1.d_ff = f, c1.num_experts = 1, c1.top_k = 1, c1.gate = moka::GateType::topk;
+    c1.dropless = true, c1.trace_file.clear(), c1.bias_balance = false, c1.renormalize = false;
+    moka::MachineProfile::ExpertCurve curve;
+    curve.d_model = d, curve.d_ff = f;
+    for (long rows : grid) {
+      const Measured m = measure_layer<S>(c1, nullptr, rows, warmup, iters, seed);
+      curve.rows.push_back(double(rows));
+      curve.seconds.push_back(m.parts.experts);
+      points.push_back({double(rows), double(d), 1, 1, m.total, m.parts.gate, m.parts.tokens, m.counts, f});
+    }
+    prof.experts.push_back(curve);
+    std::ostringstream os;
+    os << "  expert " << d << " x " << f << ":";
+    for (std::size_t i = 0; i < curve.rows.size(); ++i)
+      os << " " << long(curve.rows[i]) << " rows " << curve.seconds[i] * 1e3 << " ms;";
+    say(os.str());
+  }
+  // 2. Gate and token work: the deck's layer (and twice the experts) at
+  // several token counts.
+  {
+    moka::MoEConfig c2 = cfg;
+    if (c2.gate == moka::GateType::trace) c2.gate = moka::GateType::topk, c2.trace_file.clear();
+    for (int emul : {1, 2})
+      for (long T : {std::max(1L, T0 / 4), std::max(1L, T0 / 2), T0}) {
+        moka::MoEConfig c = c2;
+        c.num_experts     = cfg.num_experts * emul;
+        const Measured m  = measure_layer<S>(c, nullptr, T, warmup, iters, seed);
+        points.push_back({double(T), double(c.d_model), double(c.num_experts), double(c.top_k), m.total, m.parts.gate,
+                          m.parts.tokens, m.counts, c.d_ff});
+      }
+  }
+  {
+    std::vector<std::vector<double>> Xg, Xt;
+    std::vector<double> yg, yt;
+    for (const auto& p : points) {
+      Xg.push_back({p.T * p.d * p.E, p.T * p.E});
+      yg.push_back(p.gate);
+      Xt.push_back({p.T * p.k * p.d});
+      yt.push_back(p.tokens);
+    }
+    const auto g = moka::fit_nonnegative(Xg, yg);
+    const auto t = moka::fit_nonnegative(Xt, yt);
+    prof.gate_flop = g[0], prof.gate_elem = g[1], prof.token_elem = t[0];
+    // What the parts leave of the unfenced total: launches, allocations checks, host work.
+    std::vector<double> rest;
+    for (const auto& p : points) {
+      double e = 0;
+      for (double c : p.counts) e += prof.expert_seconds(int(p.d), p.dff, c);
+      rest.push_back(p.total - (p.T * p.d * p.E * prof.gate_flop + p.T * p.E * prof.gate_elem +
+                                p.T * p.k * p.d * prof.token_elem + e));
+    }
+    prof.layer_fixed = std::max(0.0, moka::median_of(rest));
+    std::ostringstream os;
+    os << "  gate " << prof.gate_flop << " s per T d E + " << prof.gate_elem << " s per T E; tokens "
+       << prof.token_elem << " s per T k d; fixed " << prof.layer_fixed * 1e3 << " ms per layer step";
+    say(os.str());
+  }
+  // 3. Exchange (EP = every rank) and all-reduce.
+  if (size > 1) {
+    moka::ParallelConfig pc = moka::ParallelConfig::from_deck(deck);
+    pc.expert_parallel = size, pc.expert_slicing = 1, pc.expert_data_parallel = 0;
+    moka::MoEConfig c3 = cfg;
+    if (c3.gate == moka::GateType::trace) c3.gate = moka::GateType::topk, c3.trace_file.clear();
+    c3.num_experts = size * ((cfg.num_experts + size - 1) / size);
+    auto groups = std::make_shared<moka::ProcessGroups>(MPI_COMM_WORLD, pc, c3.num_experts, c3.d_ff,
+                                                        !Kokkos::SpaceAccessibility<Kokkos::HostSpace, M>::accessible);
+    std::vector<double> bytes, secs;
+    std::vector<Measured> ms;
+    std::string path;
+    moka::StepShape shape;
+    shape.moe = c3, shape.scalar_bytes = sizeof(S);
+    moka::LayoutChoice lay;
+    lay.ep = size;
+    for (long T : {std::max(1L, T0 / 8), std::max(1L, T0 / 2), T0}) {
+      Measured m = measure_layer<S>(c3, groups, T, warmup, iters, seed);
+      shape.tokens = double(T);
+      std::vector<double> rank_rows(size, 0.0);
+      const int L = c3.num_experts / size;
+      for (int e = 0; e < c3.num_experts; ++e) rank_rows[e / L] += m.counts[e];
+      bytes.push_back(moka::exchange_busiest_rows(shape, lay, m.counts, rank_rows) * c3.d_model * sizeof(S));
+      secs.push_back(m.parts.exchange);
+      ms.push_back(m);
+    }
+    {
+      // Which path the layer's exchange takes (known after a forward).
+      using matrix = Kokkos::View<S**, Kokkos::LayoutRight, M>;
+      moka::MoELayer<S, M> layer(c3, groups);
+      layer.init_parameters(seed);
+      matrix x("x", 8, c3.d_model), y("y", 8, c3.d_model);
+      layer.forward(moka::execution_space(), x, y);
+      path = exchange_path(groups.get(), layer.exchange_direct());
+    }
+    prof.comm = moka::to_string(groups->ep().backend());
+    prof.exchange.push_back(moka::fit_link(path, bytes, secs, 4.0));
+    lay.exchange = path;
+    std::vector<double> rest;
+    for (std::size_t i = 0; i < ms.size(); ++i) {
+      shape.tokens = double(ms[i].T);
+      moka::MachineProfile p = prof;
+      p.exchange_fixed       = 0;
+      p.allreduce            = {"allreduce", 0, 1e30};
+      const auto pred        = moka::predict_step(p, shape, lay, ms[i].counts);
+      rest.push_back(ms[i].total - pred.layer);
+    }
+    prof.exchange_fixed = std::max(0.0, moka::median_of(rest));
+    // All-reduce over every rank, as the gradient buckets go.
+    std::vector<double> ab, as;
+    moka::execution_space space;
+    for (double mb : {0.0625, 1.0, 8.0, 32.0}) {
+      const long n = std::max(1L, long(mb * 1048576 / sizeof(S)));
+      Kokkos::View<S*, M> buf("allreduce", n);
+      std::vector<double> t;
+      for (long i = 0; i < warmup + iters; ++i) {
+        space.fence();
+        MPI_Barrier(MPI_COMM_WORLD);
+        const auto t0 = std::chrono::steady_clock::now();
+        moka::allreduce_sum(groups->world(), space, buf);
+        space.fence();
+        double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        MPI_Allreduce(MPI_IN_PLACE, &s, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+        if (i >= warmup) t.push_back(s);
+      }
+      ab.push_back(double(n) * sizeof(S));
+      as.push_back(moka::median_of(t));
+    }
+    prof.allreduce = moka::fit_link("allreduce", ab, as, 1.0);
+    std::ostringstream os;
+    os << "  exchange (" << path << ") " << prof.exchange[0].latency * 1e6 << " us + bytes / "
+       << prof.exchange[0].bandwidth * 1e-9 << " GB/s per transfer; fixed " << prof.exchange_fixed * 1e3
+       << " ms per layer step; all-reduce " << prof.allreduce.latency * 1e6 << " us + bytes / "
+       << prof.allreduce.bandwidth * 1e-9 << " GB/s";
+    say(os.str());
+  }
+  // 4. The optimizer's update (AdamW) per parameter.
+  {
+    moka::execution_space space;
+    const long n = 1L << 21;
+    Kokkos::View<S*, M> w("calibrate_w", n), g("calibrate_g", n);
+    moka::Optimizer<S, M> opt{moka::OptimizerConfig()};
+    opt.add(w, g);
+    std::vector<double> t;
+    for (long i = 0; i < warmup + iters; ++i) {
+      space.fence();
+      MPI_Barrier(MPI_COMM_WORLD);
+      const auto t0 = std::chrono::steady_clock::now();
+      opt.step(space);
+      space.fence();
+      double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      MPI_Allreduce(MPI_IN_PLACE, &s, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+      if (i >= warmup) t.push_back(s);
+    }
+    prof.optimizer_elem = moka::median_of(t) / double(n);
+  }
+  const std::string out = deck.get<std::string>("bench.profile_out");
+  if (rank == 0) prof.write(out);
+  say("  wrote " + out);
+  return 0;
+}
+
+/// bench.mode = step: one MoE layer laid out by parallel.* over the ranks,
+/// timed as a training step (zero_grad + forward + backward, then the
+/// gradient sums and the optimizer), and predicted by the cost model when
+/// bench.profile names a machine profile.
+template <class S>
+int run_step(const moka::InputDeck& deck, int rank, int size) {
+  using M      = moka::memory_space;
+  using Exec   = moka::execution_space;
+  using matrix = Kokkos::View<S**, Kokkos::LayoutRight, M>;
+  moka::MoEConfig cfg     = moka::MoEConfig::from_deck(deck);
+  cfg.bf16_compute        = deck.get<std::string>("bench.precision") == "bf16";
+  moka::ParallelConfig pc = moka::ParallelConfig::from_deck(deck);
+  const long T = deck.get<long>("bench.tokens");
+  const long warmup = deck.get<long>("bench.warmup"), iters = deck.get<long>("bench.iters");
+  auto groups = std::make_shared<moka::ProcessGroups>(MPI_COMM_WORLD, pc, cfg.num_experts, cfg.d_ff,
+                                                      !Kokkos::SpaceAccessibility<Kokkos::HostSpace, M>::accessible);
+  Exec space;
+  moka::MoELayer<S, M> layer(cfg, groups);
+  layer.init_parameters(static_cast<std::uint64_t>(deck.get<long>("run.seed")));
+  layer.set_bf16_weights_managed(true);
+  auto params = layer.parameters();
+  moka::Optimizer<S, M> opt{moka::OptimizerConfig()};
+  for (const auto& p : params) opt.add(p.param, p.grad, p.bf16_copy);
+  moka::GradSync<S, M> sync(groups, params, pc.bucket_mb);
+  if (cfg.bf16_compute) layer.refresh_bf16_weights(space);
+  matrix x("x", T, cfg.d_model), y("y", T, cfg.d_model), dy("dy", T, cfg.d_model), dx("dx", T, cfg.d_model);
+  {
+    Kokkos::Random_XorShift64_Pool<Exec> pool(29 + rank);
+    Kokkos::fill_random(x, pool, S(-1), S(1));
+    Kokkos::fill_random(dy, pool, S(-1), S(1));
+  }
+  const int E = cfg.num_experts;
+  std::vector<double> t_layer, t_step;
+  std::vector<std::vector<double>> counts;
+  for (long it = 0; it < warmup + iters; ++it) {
+    space.fence();
+    MPI_Barrier(MPI_COMM_WORLD);
+    const auto t0 = std::chrono::steady_clock::now();
+    layer.zero_grad(space);
+    layer.forward(space, x, y);
+    layer.backward(space, dy, dx);
+    space.fence();
+    const auto t1 = std::chrono::steady_clock::now();
+    sync.sync(space);
+    opt.step(space, sync.global_norm(space));
+    space.fence();
+    const auto t2 = std::chrono::steady_clock::now();
+    double t[2] = {std::chrono::duration<double>(t1 - t0).count(), std::chrono::duration<double>(t2 - t0).count()};
+    MPI_Allreduce(MPI_IN_PLACE, t, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    if (it < warmup) continue;
+    t_layer.push_back(t[0]);
+    t_step.push_back(t[1]);
+    auto hc = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.expert_counts());
+    std::vector<long> c(E);
+    for (int e = 0; e < E; ++e) c[e] = hc(e);
+    groups->moe().allreduce_host(c.data(), E);
+    counts.emplace_back(c.begin(), c.end());
+  }
+  const double ml = moka::median_of(t_layer), mstep = moka::median_of(t_step);
+  moka::LayoutChoice lay;
+  lay.ep       = groups->ep_size();
+  lay.slices   = pc.expert_slicing;
+  lay.edp      = size / (lay.ep * lay.slices);
+  lay.exchange = exchange_path(groups.get(), layer.exchange_direct());
+  if (rank == 0) {
+    std::printf("moka-bench step: %s, %s, T=%ld per rank, d=%d, d_ff=%d, E=%d, top-%d, %s gate, %s\n",
+                Kokkos::DefaultExecutionSpace::name(), lay.describe(E).c_str(), T, cfg.d_model, cfg.d_ff, E,
+                cfg.top_k, moka::to_string(cfg.gate), deck.get<std::string>("bench.precision").c_str());
+    std::printf("  layer zero_grad+forward+backward: median %.3f ms; step (+ gradient sums + AdamW): median %.3f ms "
+                "(slowest rank, %ld iterations)\n", ml * 1e3, mstep * 1e3, iters);
+  }
+  const std::string pf = deck.get<std::string>("bench.profile");
+  if (!pf.empty()) {
+    const moka::MachineProfile prof = moka::MachineProfile::read(pf);
+    moka::StepShape shape;
+    shape.moe          = cfg;
+    shape.tokens       = double(T);
+    shape.scalar_bytes = sizeof(S);
+    shape.bucket_mb    = pc.bucket_mb;
+    std::vector<double> pl, ps;
+    moka::StepPrediction last;
+    for (const auto& c : counts) {
+      last = moka::predict_step(prof, shape, lay, c);
+      pl.push_back(last.layer);
+      ps.push_back(last.step);
+    }
+    const double pml = moka::median_of(pl), pms = moka::median_of(ps);
+    if (rank == 0) {
+      if (prof.ranks_per_node != size)
+        std::printf("  note: the profile was measured with %d rank(s) per node, this run has %d\n",
+                    prof.ranks_per_node, size);
+      std::printf("  predicted (%s, %s): layer %.3f ms (fixed %.3f, gate %.3f, tokens %.3f, experts %.3f, exchange "
+                  "%.3f, slicing %.3f), step %.3f ms (gradient sums %.3f, optimizer %.3f)\n",
+                  pf.c_str(), prof.card.c_str(), pml * 1e3, last.fixed * 1e3, last.gate * 1e3, last.tokens * 1e3,
+                  last.experts * 1e3, last.exchange * 1e3, last.slicing * 1e3, pms * 1e3, last.grad_sync * 1e3,
+                  last.optimizer * 1e3);
+      std::printf("  error: layer %+.1f%%, step %+.1f%% (busiest EP rank %.0f rows, mean %.0f)\n",
+                  100.0 * (pml - ml) / ml, 100.0 * (pms - mstep) / mstep, last.busiest_rows, last.mean_rows);
+      std::printf("validate: layer_ms=%.4f predicted_layer_ms=%.4f step_ms=%.4f predicted_step_ms=%.4f\n", ml * 1e3,
+                  pml * 1e3, mstep * 1e3, pms * 1e3);
+    }
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char* argv[]) {
@@ -369,7 +802,16 @@ int main(int argc, char* argv[]) {
   }
   try {
     const std::string p = deck.get<std::string>("bench.precision");
-    if (deck.get<std::string>("bench.mode") == "exchange") {
+    const std::string mode = deck.get<std::string>("bench.mode");
+    if (mode == "calibrate") {
+      if (p == "fp64") return run_calibrate<double>(deck, runtime.rank(), runtime.size(), runtime.local_size());
+      return run_calibrate<float>(deck, runtime.rank(), runtime.size(), runtime.local_size());
+    }
+    if (mode == "step") {
+      if (p == "fp64") return run_step<double>(deck, runtime.rank(), runtime.size());
+      return run_step<float>(deck, runtime.rank(), runtime.size());
+    }
+    if (mode == "exchange") {
       if (p == "fp64") return run_exchange<double>(deck, runtime.rank(), runtime.size());
       return run_exchange<float>(deck, runtime.rank(), runtime.size());
     }

@@ -23,6 +23,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <thread>
 #include <iostream>
 #include <sstream>
 #include <string>
@@ -227,6 +229,22 @@ void Runtime::abort(const std::string& program, const std::exception& e, int cod
   std::cerr << line << std::flush;
   if (init && !fin) MPI_Abort(MPI_COMM_WORLD, code);
   std::exit(code);
+}
+
+std::string Runtime::device_name() {
+#ifdef KOKKOS_ENABLE_CUDA
+  cudaDeviceProp prop;
+  if (cudaGetDeviceProperties(&prop, Kokkos::Cuda().cuda_device()) == cudaSuccess) return prop.name;
+#endif
+  std::string model = "unknown";
+  std::ifstream is("/proc/cpuinfo");
+  for (std::string line; std::getline(is, line);)
+    if (line.compare(0, 10, "model name") == 0) {
+      const auto colon = line.find(':');
+      if (colon != std::string::npos) model = line.substr(line.find_first_not_of(" \t", colon + 1));
+      break;
+    }
+  return "cpu: " + model + " (" + std::to_string(std::thread::hardware_concurrency()) + " cores)";
 }
 
 }  // namespace moka

@@ -7,6 +7,8 @@
 #include <Kokkos_Core.hpp>
 
 #include <algorithm>
+#include <sstream>
+#include <string>
 
 namespace moka {
 
@@ -22,10 +24,22 @@ DeckSchema bench_schema() {
   s.add("bench.breakdown", DeckType::boolean).set_default("false")
       .set_doc("Also time each stage of the layer (fences after every stage; slower overall).");
   s.add("bench.iters", DeckType::integer).set_default("10").set_min(1).set_doc("Timed iterations (median).");
-  s.add("bench.mode", DeckType::string).set_default("layer").set_choices({"layer", "exchange"})
+  s.add("bench.mode", DeckType::string).set_default("layer").set_choices({"layer", "exchange", "calibrate", "step"})
       .set_doc("layer: forward+backward of one layer on each rank (one rank's layer, no exchange); exchange: the "
                "layer's token exchange with EP = all ranks, against the communicator's own equal-count "
-               "all-to-all at the same bytes per rank.");
+               "all-to-all at the same bytes per rank; calibrate: measure this machine for the cost model and "
+               "write bench.profile_out (run with as many ranks per node as the runs to plan); step: one layer "
+               "laid out by parallel.* over the ranks, timed as a training step (forward, backward, gradient "
+               "sums, AdamW) and, with bench.profile, predicted by the cost model (docs/cost-model.md).");
+  s.add("bench.profile", DeckType::string).set_default("")
+      .set_doc("Step mode: machine profile to predict the step with (empty: measure only).");
+  s.add("bench.profile_out", DeckType::string).set_default("machine.profile")
+      .set_doc("Calibrate mode: the machine profile file to write.");
+  s.add("bench.calibrate_shapes", DeckType::string).set_default("")
+      .set_doc("Calibrate mode: expert shapes to measure besides the deck's (d_model x d_ff / S for S = 1, 2, 4), "
+               "as space-separated DxF, e.g. \"256x1024 512x512\" (F: d_ff per rank).");
+  s.add("bench.calibrate_rows_max", DeckType::integer).set_default("0").set_min(0)
+      .set_doc("Calibrate mode: most rows per expert measured (0: bench.tokens x moe.top_k); from 32, doubling.");
   s.add("bench.exchange_mb_min", DeckType::real).set_default("4").set_min(0.001)
       .set_doc("Exchange mode: smallest payload per rank (MB of dispatched rows); doubled up to the largest.");
   s.add("bench.exchange_mb_max", DeckType::real).set_default("1024").set_min(0.001)
@@ -46,10 +60,16 @@ MemoryEstimate bench_memory(const InputDeck& deck, int world_size) {
   const std::string prec = deck.get<std::string>("bench.precision");
   cfg.bf16_compute       = prec == "bf16";
   const std::size_t s    = prec == "fp64" ? 8 : 4;
-  const bool exchange    = deck.get<std::string>("bench.mode") == "exchange";
+  const std::string mode = deck.get<std::string>("bench.mode");
+  const bool exchange    = mode == "exchange";
   LayerMemoryShape shape;
   shape.tokens       = exchange ? exchange_tokens(deck, cfg, s) : double(deck.get<long>("bench.tokens"));
   shape.ep           = exchange ? std::max(1, world_size) : 1;
+  if (mode == "step") {
+    const ParallelConfig pc = ParallelConfig::from_deck(deck);
+    shape.ep     = pc.expert_parallel;
+    shape.slices = pc.expert_slicing;
+  }
   shape.scalar_bytes = s;
   shape.moments      = 0;
   shape.tokens_key   = exchange ? "bench.exchange_mb_max" : "bench.tokens";
@@ -60,7 +80,7 @@ MemoryEstimate bench_memory(const InputDeck& deck, int world_size) {
   // operands of the same shapes as the experts' GEMMs.
   const double T = shape.tokens, d = cfg.d_model, rows = T * cfg.top_k, dfi = cfg.d_ff_in(), dff = cfg.d_ff;
   est.add("benchmark inputs and outputs", shape.tokens_key + ", moe.d_model", 4 * T * d * s);
-  if (!exchange)
+  if (mode == "layer")
     est.add("dense reference operands", "bench.tokens, moe.top_k, moe.d_model, moe.d_ff",
             (rows * (3 * d + 2 * dfi + 2 * dff) + 2 * d * dfi + 2 * dff * d) * s);
   return est;
@@ -81,6 +101,21 @@ void check_bench_deck(const InputDeck& deck, int world_size, int ranks_on_node) 
         MOKA_REQUIRE(deck.get<long>(key) == (std::string(key) == "parallel.expert_data_parallel" ? 0 : 1),
                      e->where(), ": ", key, " = ", deck.get<long>(key), " is not used by bench.mode = layer (one "
                      "layer per rank, no exchange); bench.mode = exchange runs EP = every rank");
+  } else if (mode == "step") {
+    const ParallelConfig pc = ParallelConfig::from_deck(deck);
+    pc.validate(world_size, cfg.num_experts, cfg.d_ff);
+  } else if (mode == "calibrate") {
+    std::istringstream is(deck.get<std::string>("bench.calibrate_shapes"));
+    const DeckEntry* e = given("bench.calibrate_shapes");
+    for (std::string w; is >> w;) {
+      const auto x = w.find('x');
+      bool ok = x != std::string::npos && x > 0 && x + 1 < w.size() &&
+                w.find_first_not_of("0123456789", 0) == x && w.find_first_not_of("0123456789", x + 1) == std::string::npos;
+      MOKA_REQUIRE(ok, e ? e->where() + ": " : std::string(), "bench.calibrate_shapes: '", w,
+                   "' is not DxF (d_model x d_ff per rank, e.g. 256x1024)");
+      MOKA_REQUIRE(std::stol(w.substr(0, x)) > 0 && std::stol(w.substr(x + 1)) > 0, "bench.calibrate_shapes: '", w,
+                   "' has a zero size");
+    }
   } else {
     const double lo = deck.get<double>("bench.exchange_mb_min"), hi = deck.get<double>("bench.exchange_mb_max");
     MOKA_REQUIRE(lo <= hi, "bench.exchange_mb_min = ", lo, " exceeds bench.exchange_mb_max = ", hi,

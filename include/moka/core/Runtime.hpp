@@ -85,6 +85,10 @@ class Runtime {
   [[noreturn]] static void abort(const std::string& program, const std::exception& e,
                                  int code = 1);
 
+  /// \brief What this rank computes on: the CUDA device's name ("NVIDIA
+  /// H200"), or "cpu: <model name> (<N> cores)" from /proc/cpuinfo.
+  static std::string device_name();
+
  private:
   bool m_owns_mpi    = false;
   bool m_owns_kokkos = false;

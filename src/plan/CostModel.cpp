@@ -1,0 +1,160 @@
+#include <moka/plan/CostModel.hpp>
+
+#include <moka/core/Error.hpp>
+#include <moka/moe/LayerMemory.hpp>
+#include <moka/parallel/ReplicaSplit.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <sstream>
+
+namespace moka {
+
+std::string LayoutChoice::describe(int num_experts) const {
+  std::ostringstream os;
+  os << "EP " << ep << " x S " << slices << " x EDP " << edp << ", " << slots_per_rank(num_experts) << " slot"
+     << (slots_per_rank(num_experts) == 1 ? "" : "s") << ", " << exchange;
+  return os.str();
+}
+
+namespace {
+
+/// Columns of an expert's first GEMM per rank (swiglu: two halves).
+double dff_in_local(const MoEConfig& m, int slices) { return double(m.d_ff_in()) / slices; }
+
+/// Parameters of one expert slot on one rank.
+double slot_params(const MoEConfig& m, int slices) {
+  const double d = m.d_model, dfi = dff_in_local(m, slices), dff = double(m.d_ff) / slices;
+  return d * dfi + dff * d + (m.expert_bias ? dfi + d : 0.0);
+}
+
+double gate_params(const MoEConfig& m) {
+  return double(m.d_model) * m.num_experts * (m.gate == GateType::noisy ? 2 : 1);
+}
+
+/// Seconds to all-reduce \p values of \p bytes each in buckets of \p bucket_mb.
+double allreduce_seconds(const MachineProfile& p, double values, std::size_t bytes, double bucket_mb) {
+  if (values <= 0) return 0.0;
+  MOKA_REQUIRE(p.allreduce.bandwidth > 0, "the machine profile ", p.source.empty() ? "" : "'" + p.source + "' ",
+               "has no all-reduce figures (it was measured on one rank); calibrate on as many ranks per node as the "
+               "run uses");
+  const double total   = values * bytes;
+  const double bucket  = std::max(1.0, bucket_mb * 1048576.0);
+  const double buckets = std::ceil(total / bucket);
+  return buckets * p.allreduce.latency + total / p.allreduce.bandwidth;
+}
+
+}  // namespace
+
+double exchange_busiest_rows(const StepShape& shape, const LayoutChoice& layout, const std::vector<double>& counts,
+                             const std::vector<double>& rank_rows) {
+  const int EP = layout.ep, S = layout.slices;
+  if (EP <= 1) return 0.0;
+  const double T = shape.tokens, k = shape.moe.top_k;
+  const double total = std::accumulate(counts.begin(), counts.end(), 0.0);
+  // A rank's own tokens spread over the experts as the whole batch does:
+  // of what it routes, the share of the other ranks' experts leaves; of
+  // its experts' rows, the other EP ranks' share arrives. Rows of an EP
+  // rank come from the tokens of its S slice ranks; each moves its own.
+  const double kept = total / std::max(T * k * EP * S, 1.0);  // below 1 when rows are dropped
+  double busiest = 0;
+  for (int r = 0; r < EP; ++r) {
+    const double share = rank_rows[r] / std::max(total, 1.0);
+    const double sent  = T * k * kept * (1.0 - share);
+    const double recv  = rank_rows[r] / S * (EP - 1) / EP;
+    busiest = std::max({busiest, sent, recv});
+  }
+  return busiest;
+}
+
+double parameters_per_rank(const StepShape& shape, const LayoutChoice& layout) {
+  const int slots = layout.slots_per_rank(shape.moe.num_experts);
+  return shape.layers * (gate_params(shape.moe) + slots * slot_params(shape.moe, layout.slices)) + shape.dense_params;
+}
+
+StepPrediction predict_step(const MachineProfile& p, const StepShape& shape, const LayoutChoice& layout,
+                            const std::vector<double>& counts, const RankExperts& experts_at) {
+  const MoEConfig& m = shape.moe;
+  const int E = m.num_experts, EP = layout.ep, S = layout.slices;
+  MOKA_REQUIRE(int(counts.size()) == E, counts.size(), " expert counts for ", E, " experts");
+  MOKA_REQUIRE(EP >= 1 && S >= 1 && layout.edp >= 1, "layout ", layout.describe(E), " has a size below 1");
+  MOKA_REQUIRE(E % EP == 0, "moe.num_experts = ", E, " is not divisible by EP = ", EP);
+  RankExperts at = experts_at.empty() ? contiguous_layout(E, EP) : experts_at;
+  MOKA_REQUIRE(int(at.size()) == EP, "placement of ", at.size(), " ranks for EP = ", EP);
+
+  StepPrediction out;
+  const double T = shape.tokens, d = m.d_model, k = m.top_k;
+  const double row_bytes = d * double(shape.scalar_bytes);
+  const int world        = layout.world();
+  out.fixed  = p.layer_fixed + (world > 1 ? p.exchange_fixed : 0.0);
+  out.gate   = T * d * E * p.gate_flop + T * E * p.gate_elem;
+  out.tokens = T * k * d * p.token_elem;
+
+  // Rows of each slot: a replicated expert's rows split as MoELayer splits them.
+  const auto share  = split_replica_rows(at, counts, true);
+  const int dff_loc = m.d_ff / S;
+  double total_rows = std::accumulate(counts.begin(), counts.end(), 0.0);
+  std::vector<double> rank_rows(EP, 0.0);
+  out.rank_expert_seconds.assign(EP, 0.0);
+  for (int r = 0; r < EP; ++r)
+    for (std::size_t l = 0; l < share[r].size(); ++l) {
+      rank_rows[r] += share[r][l];
+      out.rank_expert_seconds[r] += p.expert_seconds(m.d_model, dff_loc, share[r][l]);
+    }
+  out.experts      = *std::max_element(out.rank_expert_seconds.begin(), out.rank_expert_seconds.end());
+  out.busiest_rows = *std::max_element(rank_rows.begin(), rank_rows.end());
+  out.rank_rows    = rank_rows;
+  out.mean_rows    = total_rows / EP;
+
+  if (EP > 1) {
+    const MachineProfile::Link* link = p.link(layout.exchange);
+    MOKA_REQUIRE(link, "the machine profile ", p.source.empty() ? "" : "'" + p.source + "' ",
+                 "has no figures for the exchange path '", layout.exchange, "'");
+    out.exchange = 4.0 * (link->latency + exchange_busiest_rows(shape, layout, counts, rank_rows) * row_bytes /
+                                              link->bandwidth);
+  }
+  if (S > 1) {
+    const MachineProfile::Link* link = p.link(layout.exchange == "none" ? std::string("mpi") : layout.exchange);
+    if (!link && !p.exchange.empty()) link = &p.exchange.front();
+    MOKA_REQUIRE(link, "the machine profile has no exchange figures for expert slicing over ", S, " ranks");
+    out.slicing = 4.0 * (link->latency + out.busiest_rows * row_bytes * (S - 1) / S / link->bandwidth);
+  }
+  out.layer = out.fixed + out.gate + out.tokens + out.experts + out.exchange + out.slicing;
+
+  // Gradient sums: gate over the world, experts over EDP (and replicas), b2 over the slice group.
+  const double L = layout.slots_per_rank(E);
+  if (world > 1) out.grad_sync += shape.layers * allreduce_seconds(p, gate_params(m), shape.scalar_bytes, shape.bucket_mb);
+  if (layout.edp > 1)
+    out.grad_sync += shape.layers * allreduce_seconds(p, L * slot_params(m, S), shape.scalar_bytes, shape.bucket_mb);
+  if (L * EP > E) {
+    // Replicated experts: their slots' gradients summed among the replicas.
+    const double extra = L - double(E) / EP;
+    out.grad_sync += shape.layers * allreduce_seconds(p, extra * slot_params(m, S), shape.scalar_bytes, shape.bucket_mb);
+  }
+  if (S > 1 && m.expert_bias) out.grad_sync += shape.layers * allreduce_seconds(p, L * d, shape.scalar_bytes, shape.bucket_mb);
+  if (world > 1 && shape.dense_params > 0)
+    out.grad_sync += allreduce_seconds(p, shape.dense_params, shape.scalar_bytes, shape.bucket_mb);
+  out.optimizer = parameters_per_rank(shape, layout) * p.optimizer_elem;
+  out.step      = shape.layers * out.layer + out.grad_sync + out.optimizer;
+  return out;
+}
+
+MemoryEstimate layout_memory(const StepShape& shape, const LayoutChoice& layout, int optimizer_moments) {
+  MemoryEstimate est;
+  LayerMemoryShape ls;
+  ls.tokens         = shape.tokens;
+  ls.ep             = layout.ep;
+  ls.slices         = layout.slices;
+  ls.slots_per_rank = layout.slots;
+  ls.layers         = shape.layers;
+  ls.scalar_bytes   = shape.scalar_bytes;
+  ls.moments        = optimizer_moments;
+  add_moe_layer_memory(est, shape.moe, ls);
+  if (shape.dense_params > 0)
+    est.add("dense weights, gradients and optimizer state", "model", shape.dense_params * shape.scalar_bytes *
+                                                                         (2.0 + optimizer_moments));
+  return est;
+}
+
+}  // namespace moka
