@@ -380,7 +380,7 @@ struct Measured {
 
 template <class S>
 Measured measure_layer(const moka::MoEConfig& cfg, std::shared_ptr<moka::ProcessGroups> groups, long T, long warmup,
-                       long iters, std::uint64_t seed) {
+                       long iters, std::uint64_t seed, bool active = true) {
   using M      = moka::memory_space;
   using Exec   = moka::execution_space;
   using matrix = Kokkos::View<S**, Kokkos::LayoutRight, M>;
@@ -398,6 +398,7 @@ Measured measure_layer(const moka::MoEConfig& cfg, std::shared_ptr<moka::Process
     Kokkos::fill_random(dy, pool, S(-1), S(1));
   }
   auto step = [&] {
+    if (!active) return;  // this rank waits while the others compute
     layer.zero_grad(space);
     layer.forward(space, x, y);
     layer.backward(space, dy, dx);
@@ -502,6 +503,7 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
     double T, d, E, k, total, gate, tokens;
     std::vector<double> counts;
     int dff;
+    double experts;
   };
   std::vector<Point> points;
   for (const auto& [d, f] : shapes) {
@@ -514,13 +516,31 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
       const Measured m = measure_layer<S>(c1, nullptr, rows, warmup, iters, seed);
       curve.rows.push_back(double(rows));
       curve.seconds.push_back(m.parts.experts);
-      points.push_back({double(rows), double(d), 1, 1, m.total, m.parts.gate, m.parts.tokens, m.counts, f});
+      points.push_back({double(rows), double(d), 1, 1, m.total, m.parts.gate, m.parts.tokens, m.counts, f,
+                        m.parts.experts});
     }
     prof.experts.push_back(curve);
     std::ostringstream os;
     os << "  expert " << d << " x " << f << ":";
     for (std::size_t i = 0; i < curve.rows.size(); ++i)
       os << " " << long(curve.rows[i]) << " rows " << curve.seconds[i] * 1e3 << " ms;";
+    say(os.str());
+  }
+  // How much faster one rank computes while the others wait: ranks that
+  // share cores (or a device) give it their share.
+  prof.concurrent_ranks = ranks_per_node;
+  if (size > 1) {
+    moka::MoEConfig c1 = cfg;
+    c1.num_experts = 1, c1.top_k = 1, c1.gate = moka::GateType::topk, c1.dropless = true, c1.trace_file.clear();
+    c1.bias_balance = false, c1.renormalize = false;
+    const Measured alone = measure_layer<S>(c1, nullptr, rows_max, warmup, iters, seed, rank == 0);
+    const double side    = prof.experts.front().seconds.back();
+    const double ratio   = side / std::max(alone.parts.experts, 1e-12);
+    prof.concurrent_ranks = std::min(double(ranks_per_node), std::max(1.0, ranks_per_node / ratio));
+    std::ostringstream os;
+    os << "  one rank alone: " << alone.parts.experts * 1e3 << " ms for " << rows_max << " rows ("
+       << side * 1e3 << " ms with every rank busy): " << prof.concurrent_ranks << " of " << ranks_per_node
+       << " ranks compute at full speed at once";
     say(os.str());
   }
   // 2. Gate and token work: the deck's layer (and twice the experts) at
@@ -534,7 +554,7 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
         c.num_experts     = cfg.num_experts * emul;
         const Measured m  = measure_layer<S>(c, nullptr, T, warmup, iters, seed);
         points.push_back({double(T), double(c.d_model), double(c.num_experts), double(c.top_k), m.total, m.parts.gate,
-                          m.parts.tokens, m.counts, c.d_ff});
+                          m.parts.tokens, m.counts, c.d_ff, m.parts.experts});
       }
   }
   {
@@ -549,18 +569,36 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
     const auto g = moka::fit_nonnegative(Xg, yg);
     const auto t = moka::fit_nonnegative(Xt, yt);
     prof.gate_flop = g[0], prof.gate_elem = g[1], prof.token_elem = t[0];
+    // Experts of one layer share part of what one expert alone costs
+    // (kernels over all rows, launches): the curves' sum over a layer's
+    // experts exceeds its expert time by expert_shared per expert beyond
+    // the first.
+    {
+      std::vector<std::vector<double>> Xs;
+      std::vector<double> ys;
+      for (const auto& p : points) {
+        double sum = 0, used = 0;
+        for (double c : p.counts) sum += prof.expert_seconds(int(p.d), p.dff, c), used += c > 0;
+        if (used < 2) continue;
+        Xs.push_back({used - 1});
+        ys.push_back(sum - p.experts);
+      }
+      if (!Xs.empty()) prof.expert_shared = moka::fit_nonnegative(Xs, ys)[0];
+    }
     // What the parts leave of the unfenced total: launches, allocations checks, host work.
     std::vector<double> rest;
     for (const auto& p : points) {
-      double e = 0;
-      for (double c : p.counts) e += prof.expert_seconds(int(p.d), p.dff, c);
+      double e = 0, used = 0;
+      for (double c : p.counts) e += prof.expert_seconds(int(p.d), p.dff, c), used += c > 0;
+      e -= std::max(0.0, used - 1) * prof.expert_shared;
       rest.push_back(p.total - (p.T * p.d * p.E * prof.gate_flop + p.T * p.E * prof.gate_elem +
                                 p.T * p.k * p.d * prof.token_elem + e));
     }
     prof.layer_fixed = std::max(0.0, moka::median_of(rest));
     std::ostringstream os;
     os << "  gate " << prof.gate_flop << " s per T d E + " << prof.gate_elem << " s per T E; tokens "
-       << prof.token_elem << " s per T k d; fixed " << prof.layer_fixed * 1e3 << " ms per layer step";
+       << prof.token_elem << " s per T k d; fixed " << prof.layer_fixed * 1e3 << " ms per layer step; experts share "
+       << prof.expert_shared * 1e3 << " ms per expert beyond the first";
     say(os.str());
   }
   // 3. Exchange (EP = every rank) and all-reduce.

@@ -25,9 +25,10 @@ using moka_test::error_of;
 MachineProfile sample_profile() {
   MachineProfile p;
   p.card = "test card", p.backend = "Serial", p.precision = "fp32", p.ranks_per_node = 4, p.comm = "mpi";
+  p.concurrent_ranks = 4;
   p.created     = "2026-12-02T00:00:00Z";
   p.layer_fixed = 1e-4, p.gate_flop = 2e-12, p.gate_elem = 3e-9, p.token_elem = 4e-11;
-  p.exchange_fixed = 5e-5, p.optimizer_elem = 2e-9;
+  p.exchange_fixed = 5e-5, p.optimizer_elem = 2e-9, p.expert_shared = 1e-5;
   p.experts.push_back({64, 256, {32, 64, 128}, {1e-4, 1.5e-4, 2.5e-4}});
   p.experts.push_back({64, 128, {32, 128}, {6e-5, 1.4e-4}});
   p.exchange.push_back({"mpi", 2e-5, 1e9});
@@ -52,11 +53,13 @@ TEST(MachineProfile, WritesAndReadsBack) {
   EXPECT_EQ(q.backend, p.backend);
   EXPECT_EQ(q.precision, p.precision);
   EXPECT_EQ(q.ranks_per_node, 4);
+  EXPECT_EQ(q.concurrent_ranks, 4);
   EXPECT_EQ(q.comm, "mpi");
   EXPECT_DOUBLE_EQ(q.layer_fixed, 1e-4);
   EXPECT_DOUBLE_EQ(q.gate_flop, 2e-12);
   EXPECT_DOUBLE_EQ(q.token_elem, 4e-11);
   EXPECT_DOUBLE_EQ(q.exchange_fixed, 5e-5);
+  EXPECT_DOUBLE_EQ(q.expert_shared, 1e-5);
   ASSERT_EQ(q.experts.size(), 2u);
   ASSERT_NE(q.link("mpi"), nullptr);
   EXPECT_DOUBLE_EQ(q.link("mpi")->bandwidth, 1e9);
@@ -107,6 +110,8 @@ TEST(MachineProfile, BadFilesAreNamed) {
   EXPECT_NE(e.find("negative"), std::string::npos) << e;
   e = parse_error(replace("token_elem_s     = 4e-11\n", ""));
   EXPECT_NE(e.find("'token_elem_s' is missing"), std::string::npos) << e;
+  e = parse_error(replace("concurrent_ranks = 4", "concurrent_ranks = 5"));
+  EXPECT_NE(e.find("exceeds ranks_per_node = 4"), std::string::npos) << e;
   e = parse_error(good + "card = again\n");
   EXPECT_NE(e.find("'card' given twice"), std::string::npos) << e;
   e = parse_error(good + "exchange = carrier 1 1\n");
@@ -174,6 +179,7 @@ TEST(CostModel, OneRankByHand) {
   const double d = 64, E = 4, k = 2, T = 100;
   double experts = 0;
   for (double c : counts) experts += p.expert_seconds(64, 256, c);
+  experts -= 3 * 1e-5;  // four experts share what one expert's time holds once
   EXPECT_DOUBLE_EQ(pr.fixed, 1e-4);
   EXPECT_DOUBLE_EQ(pr.gate, T * d * E * 2e-12 + T * E * 3e-9);
   EXPECT_DOUBLE_EQ(pr.tokens, T * k * d * 4e-11);
@@ -196,8 +202,8 @@ TEST(CostModel, ExpertParallelByHand) {
   const std::vector<double> counts{150, 100, 100, 50};
   const auto pr = moka::predict_step(p, sh, lay, counts);
   // Rank 0 holds experts 0, 1 (250 rows), rank 1 experts 2, 3 (150 rows).
-  const double e0 = p.expert_seconds(64, 256, 150) + p.expert_seconds(64, 256, 100);
-  const double e1 = p.expert_seconds(64, 256, 100) + p.expert_seconds(64, 256, 50);
+  const double e0 = p.expert_seconds(64, 256, 150) + p.expert_seconds(64, 256, 100) - 1e-5;
+  const double e1 = p.expert_seconds(64, 256, 100) + p.expert_seconds(64, 256, 50) - 1e-5;
   EXPECT_DOUBLE_EQ(pr.experts, std::max(e0, e1));
   EXPECT_DOUBLE_EQ(pr.busiest_rows, 250);
   EXPECT_DOUBLE_EQ(pr.mean_rows, 200);
@@ -229,7 +235,7 @@ TEST(CostModel, SlicingAndDataParallel) {
   lay.slices = 2, lay.edp = 2;
   const std::vector<double> counts{100, 100, 100, 100};  // the two slice ranks' tokens
   const auto pr = moka::predict_step(p, sh, lay, counts);
-  EXPECT_DOUBLE_EQ(pr.experts, 4 * p.expert_seconds(64, 128, 100));  // d_ff / 2 columns per rank
+  EXPECT_DOUBLE_EQ(pr.experts, 4 * p.expert_seconds(64, 128, 100) - 3e-5);  // d_ff / 2 columns per rank
   EXPECT_DOUBLE_EQ(pr.slicing, 4 * (2e-5 + 400 * 64 * 4 * 0.5 / 1e9));
   EXPECT_EQ(pr.exchange, 0.0);
   const double slot = 64 * 128 + 128 * 64 + 128 + 64;
@@ -240,6 +246,20 @@ TEST(CostModel, SlicingAndDataParallel) {
   q.allreduce      = {"allreduce", 0, 0};
   EXPECT_NE(error_of([&] { moka::predict_step(q, sh, lay, counts); }).find("no all-reduce figures"),
             std::string::npos);
+}
+
+TEST(CostModel, RanksThatShareCores) {
+  MachineProfile p = sample_profile();  // 4 ranks per node
+  const std::vector<double> t{4.0, 2.0, 1.0, 1.0};  // seconds with every rank busy
+  EXPECT_DOUBLE_EQ(moka::shared_node_seconds(p, t, 1), 4.0);  // a device per rank: the busiest
+  p.concurrent_ranks = 2;  // 4 ranks on 2 cores: alone, a rank runs twice as fast
+  // Full-speed work 2, 1, 0.5, 0.5: four share 2 cores (rate 1/2) until
+  // 0.5 is done at t = 1; two left run at full speed: 1 at t = 1.5, 2 at t = 2.5.
+  EXPECT_DOUBLE_EQ(moka::shared_node_seconds(p, t, 1), 2.5);
+  // Equal work: no one finishes early, the times as measured.
+  EXPECT_DOUBLE_EQ(moka::shared_node_seconds(p, {3.0, 3.0}, 2), 3.0);
+  // Two EP ranks, two copies each (EDP 2): the node's four ranks.
+  EXPECT_DOUBLE_EQ(moka::shared_node_seconds(p, {2.0, 1.0}, 2), 0.5 * 2 + 0.5);
 }
 
 TEST(CostModel, MemoryOfALayout) {

@@ -47,6 +47,33 @@ double allreduce_seconds(const MachineProfile& p, double values, std::size_t byt
 
 }  // namespace
 
+double shared_node_seconds(const MachineProfile& p, const std::vector<double>& rank_seconds, int copies) {
+  if (rank_seconds.empty()) return 0.0;
+  const double R = std::max(1, p.ranks_per_node);
+  const double K = std::min(R, std::max(1.0, p.concurrent_ranks));
+  if (K >= R) return *std::max_element(rank_seconds.begin(), rank_seconds.end());
+  // The ranks of one node: the EP ranks' work, each as many times as there
+  // are EP groups and slice ranks (copies), as far as a node holds them.
+  std::vector<double> w;
+  for (int c = 0; c < std::max(1, copies); ++c)
+    for (double t : rank_seconds) w.push_back(t);
+  std::sort(w.begin(), w.end());
+  if (w.size() > std::size_t(R)) w.erase(w.begin(), w.end() - std::size_t(R));  // the busiest node's ranks
+  // Processor sharing: the times were measured with every rank busy
+  // (each at K / R of full speed); with m ranks busy each runs at
+  // min(1, K / m) of full speed.
+  const double slow = R / K;
+  double t = 0, done = 0;
+  const std::size_t n = w.size();
+  for (std::size_t i = 0; i < n; ++i) {
+    const double work = w[i] / slow;  // full-speed seconds
+    const double rate = std::min(1.0, K / double(n - i));
+    t += (work - done) / rate;
+    done = work;
+  }
+  return t;
+}
+
 double exchange_busiest_rows(const StepShape& shape, const LayoutChoice& layout, const std::vector<double>& counts,
                              const std::vector<double>& rank_rows) {
   const int EP = layout.ep, S = layout.slices;
@@ -97,12 +124,16 @@ StepPrediction predict_step(const MachineProfile& p, const StepShape& shape, con
   double total_rows = std::accumulate(counts.begin(), counts.end(), 0.0);
   std::vector<double> rank_rows(EP, 0.0);
   out.rank_expert_seconds.assign(EP, 0.0);
-  for (int r = 0; r < EP; ++r)
+  for (int r = 0; r < EP; ++r) {
+    int used = 0;
     for (std::size_t l = 0; l < share[r].size(); ++l) {
       rank_rows[r] += share[r][l];
       out.rank_expert_seconds[r] += p.expert_seconds(m.d_model, dff_loc, share[r][l]);
+      used += share[r][l] > 0;
     }
-  out.experts      = *std::max_element(out.rank_expert_seconds.begin(), out.rank_expert_seconds.end());
+    out.rank_expert_seconds[r] = std::max(0.0, out.rank_expert_seconds[r] - std::max(0, used - 1) * p.expert_shared);
+  }
+  out.experts      = shared_node_seconds(p, out.rank_expert_seconds, layout.world() / EP);
   out.busiest_rows = *std::max_element(rank_rows.begin(), rank_rows.end());
   out.rank_rows    = rank_rows;
   out.mean_rows    = total_rows / EP;

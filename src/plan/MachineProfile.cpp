@@ -89,12 +89,14 @@ void MachineProfile::write(const std::string& path) const {
      << "backend          = " << backend << "\n"
      << "precision        = " << precision << "\n"
      << "ranks_per_node   = " << ranks_per_node << "\n"
+     << "concurrent_ranks = " << concurrent_ranks << "\n"
      << "comm             = " << comm << "\n"
      << "created          = " << created << "\n"
      << "layer_fixed_s    = " << layer_fixed << "\n"
      << "gate_flop_s      = " << gate_flop << "\n"
      << "gate_elem_s      = " << gate_elem << "\n"
      << "token_elem_s     = " << token_elem << "\n"
+     << "expert_shared_s  = " << expert_shared << "\n"
      << "exchange_fixed_s = " << exchange_fixed << "\n"
      << "optimizer_elem_s = " << optimizer_elem << "\n"
      << "allreduce        = " << allreduce.latency << " " << allreduce.bandwidth << "\n";
@@ -163,6 +165,9 @@ MachineProfile MachineProfile::parse(const std::string& text, const std::string&
       const double v = number(key, value);
       if (v < 1 || v != std::floor(v)) fail("ranks_per_node = " + value + " is not a positive integer");
       p.ranks_per_node = int(v);
+    } else if (key == "concurrent_ranks") {
+      p.concurrent_ranks = number(key, value);
+      if (p.concurrent_ranks < 1) fail("concurrent_ranks = " + value + " is below 1");
     } else if (key == "comm") {
       p.comm = value;
     } else if (key == "created") {
@@ -175,6 +180,8 @@ MachineProfile MachineProfile::parse(const std::string& text, const std::string&
       p.gate_elem = number(key, value);
     } else if (key == "token_elem_s") {
       p.token_elem = number(key, value);
+    } else if (key == "expert_shared_s") {
+      p.expert_shared = number(key, value);
     } else if (key == "exchange_fixed_s") {
       p.exchange_fixed = number(key, value);
     } else if (key == "optimizer_elem_s") {
@@ -206,10 +213,13 @@ MachineProfile MachineProfile::parse(const std::string& text, const std::string&
     }
   }
   lineno = 0;
-  for (const char* k : {"moka_profile", "card", "backend", "precision", "ranks_per_node", "layer_fixed_s",
-                        "gate_flop_s", "gate_elem_s", "token_elem_s", "optimizer_elem_s"})
+  for (const char* k : {"moka_profile", "card", "backend", "precision", "ranks_per_node", "concurrent_ranks", "layer_fixed_s",
+                        "gate_flop_s", "gate_elem_s", "token_elem_s", "expert_shared_s", "optimizer_elem_s"})
     if (!seen.count(k)) throw Error("machine profile '" + name + "': '" + k + "' is missing");
   if (curves.empty()) throw Error("machine profile '" + name + "': no 'expert' line");
+  if (p.concurrent_ranks > p.ranks_per_node)
+    throw Error("machine profile '" + name + "': concurrent_ranks = " + std::to_string(p.concurrent_ranks) +
+                " exceeds ranks_per_node = " + std::to_string(p.ranks_per_node));
   for (auto& [shape, pts] : curves) {
     std::sort(pts.begin(), pts.end());
     ExpertCurve c;

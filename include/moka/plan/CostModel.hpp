@@ -9,7 +9,10 @@
 ///   gate     = T d E gate_flop + T E gate_elem         (T: tokens per rank)
 ///   tokens   = T k d token_elem                        (dispatch, combine and their backwards)
 ///   experts  = max over EP ranks of the sum over its slots of
-///              expert_seconds(d, d_ff / S, rows of the slot)
+///              expert_seconds(d, d_ff / S, rows of the slot), less
+///              expert_shared per slot with rows beyond the first
+///              (where ranks share cores, concurrent_ranks < ranks_per_node:
+///              the node's processor sharing, shared_node_seconds)
 ///   exchange = 4 (latency + max over ranks of max(rows sent, rows received) x row bytes / bandwidth)
 ///              (there and back, forward and backward; EP > 1)
 ///   slicing  = 4 (latency + rows gathered x row bytes (S - 1) / S / bandwidth)   (S > 1)
@@ -71,6 +74,13 @@ struct StepPrediction {
 /// figures for more than one rank).
 StepPrediction predict_step(const MachineProfile& profile, const StepShape& shape, const LayoutChoice& layout,
                             const std::vector<double>& counts, const RankExperts& experts_at = {});
+
+/// \brief When the last of a node's ranks finishes work that takes each
+/// EP rank \p rank_seconds with every rank of the node busy (\p copies:
+/// ranks with the same work, world / EP). With profile.concurrent_ranks =
+/// ranks_per_node (a device per rank), the largest; with fewer (ranks share
+/// cores), ranks that finish early leave their share to the others.
+double shared_node_seconds(const MachineProfile& profile, const std::vector<double>& rank_seconds, int copies);
 
 /// \brief Rows the busiest rank sends or receives in one transfer of the
 /// EP exchange, given the rows each EP rank's experts process (\p rank_rows).

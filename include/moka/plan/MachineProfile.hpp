@@ -13,12 +13,14 @@
 ///     backend          = Cuda
 ///     precision        = bf16
 ///     ranks_per_node   = 1
+///     concurrent_ranks = 1              # ranks of a node that compute at full speed at once
 ///     comm             = nccl
 ///     layer_fixed_s    = 2.1e-04        # per layer forward+backward, no data
 ///     gate_flop_s      = 1.0e-13        # per token x d_model x experts
 ///     gate_elem_s      = 2.0e-10        # per token x experts
 ///     token_elem_s     = 3.0e-11        # per routed row x d_model (dispatch, combine, their backwards)
 ///     expert           = 2048 8192 1024 1.9e-03   # d_model, d_ff per rank, rows, seconds (one expert, fwd+bwd)
+///     expert_shared_s  = 5.0e-05        # of one expert's time, what the experts of a layer share
 ///     exchange         = mpi 4.0e-05 2.5e+09      # path, seconds per transfer, bytes per second
 ///     exchange_fixed_s = 1.0e-04        # per layer step with an EP group (counts, gate statistics)
 ///     allreduce        = 2.0e-05 5.0e+09          # seconds per call, bytes per second
@@ -52,6 +54,12 @@ struct MachineProfile {
   std::string backend;        ///< Kokkos default execution space
   std::string precision;      ///< fp32, bf16, fp64
   int ranks_per_node = 1;     ///< ranks that ran side by side while measuring
+  /// How many of a node's ranks compute at full speed at once: ranks_per_node
+  /// where each has its own device or cores, fewer where they share (4 ranks
+  /// on 2 cores: about 2). The costs below were measured with every rank of
+  /// the node busy; a rank that computes while others wait runs
+  /// ranks_per_node / concurrent_ranks times faster (moka::predict_step).
+  double concurrent_ranks = 1;
   std::string comm = "none";  ///< the collectives' backend (mpi, nccl; none at one rank)
   std::string created;        ///< UTC time of the calibration
   std::string source;         ///< where it was read from (not written)
@@ -59,6 +67,7 @@ struct MachineProfile {
   double gate_flop    = 0;
   double gate_elem    = 0;
   double token_elem   = 0;
+  double expert_shared = 0;  ///< what a layer's experts share: subtracted per expert with rows beyond the first
   double exchange_fixed = 0;
   double optimizer_elem = 0;
   std::vector<ExpertCurve> experts;

@@ -1,0 +1,25 @@
+# MoKA machine profile, written by moka-bench bench.mode = calibrate (docs/cost-model.md).
+# Seconds per unit of work on this machine; the cost model multiplies by these.
+moka_profile     = 1
+card             = test card
+backend          = Serial
+precision        = fp32
+ranks_per_node   = 4
+concurrent_ranks = 4
+comm             = mpi
+created          = 2026-12-02T00:00:00Z
+layer_fixed_s    = 0.0001
+gate_flop_s      = 2e-12
+gate_elem_s      = 3e-09
+token_elem_s     = 4e-11
+expert_shared_s  = 1e-05
+exchange_fixed_s = 5e-05
+optimizer_elem_s = 2e-09
+allreduce        = 1e-05 2e+09
+exchange         = mpi 2e-05 1e+09
+# expert = d_model d_ff_per_rank rows seconds   (one expert, forward + backward)
+expert           = 64 256 32 0.0001
+expert           = 64 256 64 0.00015
+expert           = 64 256 128 0.00025
+expert           = 64 128 32 6e-05
+expert           = 64 128 128 0.00014
