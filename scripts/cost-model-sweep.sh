@@ -9,7 +9,8 @@
 #
 # Environment: MOKA_SWEEP_OUT (profiles and logs; default a fresh
 # directory under /tmp), MOKA_SWEEP_PRECISION (fp32; bf16 on CUDA),
-# MOKA_SWEEP_SCALE (multiplies the tokens: 1 on CPUs, 16 or so on a GPU),
+# MOKA_SWEEP_SET (cpu: d=128-256 layers, 1024 tokens per rank, at 1, 2 and
+# 4 ranks; gpu: d=512-2048 layers, 16384 tokens, bf16, one rank per GPU),
 # MPIEXEC (default mpirun with the flags a root shell on a small machine needs).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -20,13 +21,18 @@ ranks=("$@")
 [ ${#ranks[@]} -gt 0 ] || ranks=(1 2 4)
 out=${MOKA_SWEEP_OUT:-$(mktemp -d /tmp/moka-sweep.XXXXXX)}
 mkdir -p "$out"
-prec=${MOKA_SWEEP_PRECISION:-fp32}
-scale=${MOKA_SWEEP_SCALE:-1}
+set_name=${MOKA_SWEEP_SET:-cpu}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_PROC_BIND=${OMP_PROC_BIND:-false}
 mpiexec=${MPIEXEC:-mpirun --oversubscribe}
 bench=$build/drivers/moka-bench
 trace=$root/tests/data/gpt_moe_32e_cut.h5
-T=$((1024 * scale))
+if [ "$set_name" = gpu ]; then
+  T=16384; prec=bf16; calib=$root/input_decks/calibrate_gpu.deck
+  base=(moe.d_model=1024 moe.d_ff=4096 bench.warmup=3 bench.iters=10)
+else
+  T=1024; prec=fp32; calib=$root/input_decks/calibrate_cpu.deck
+  base=()
+fi
 
 # The configurations at each rank count: "label|key=value ...".
 configs_1=(
@@ -43,6 +49,22 @@ configs_2=(
   "S2|parallel.expert_slicing=2"
   "EP2 trace E32|parallel.expert_parallel=2 moe.num_experts=32 gate.type=trace gate.trace_file=$trace"
 )
+if [ "$set_name" = gpu ]; then
+configs_1=(
+  "base d1024 f4096 E8 k2|"
+  "E16|moe.num_experts=16"
+  "E32 trace|moe.num_experts=32 gate.type=trace gate.trace_file=$trace"
+  "T/4|bench.tokens=$((T / 4))"
+  "T/16|bench.tokens=$((T / 16))"
+  "top-1|moe.top_k=1"
+  "top-4 E16|moe.top_k=4 moe.num_experts=16"
+  "d2048 f8192 T/2|moe.d_model=2048 moe.d_ff=8192 bench.tokens=$((T / 2))"
+  "d512 f2048|moe.d_model=512 moe.d_ff=2048"
+  "d2048 f4096 E32 trace|moe.d_model=2048 moe.d_ff=4096 moe.num_experts=32 gate.type=trace gate.trace_file=$trace"
+  "d1024 f2048 E64 T/2|moe.d_ff=2048 moe.num_experts=64 bench.tokens=$((T / 2))"
+  "d512 f1024 T/4 E8|moe.d_model=512 moe.d_ff=1024 bench.tokens=$((T / 4))"
+)
+fi
 configs_4=(
   "EP4|parallel.expert_parallel=4"
   "EP2xEDP2|parallel.expert_parallel=2"
@@ -57,8 +79,7 @@ printf "%-22s %5s %10s %10s %7s %10s %10s %7s\n" "config" "ranks" "layer ms" "pr
 for n in "${ranks[@]}"; do
   prof=$out/profile-np$n.profile
   if [ ! -f "$prof" ]; then
-    $mpiexec -np "$n" "$bench" "$root/input_decks/calibrate_cpu.deck" bench.precision=$prec \
-      bench.tokens=$T bench.profile_out="$prof" > "$out/calibrate-np$n.log" 2>&1 \
+    $mpiexec -np "$n" "$bench" "$calib" bench.profile_out="$prof" > "$out/calibrate-np$n.log" 2>&1 \
       || { cat "$out/calibrate-np$n.log"; exit 1; }
   fi
   var="configs_$n[@]"
@@ -68,7 +89,7 @@ for n in "${ranks[@]}"; do
     log=$out/step-np$n-${label//[ \/]/_}.log
     # shellcheck disable=SC2086
     line=$($mpiexec -np "$n" "$bench" "$root/input_decks/bench_step.deck" bench.precision=$prec bench.tokens=$T \
-      bench.profile="$prof" $keys 2>&1 | tee "$log" | grep '^validate:' || true)
+      "${base[@]}" bench.profile="$prof" $keys 2>&1 | tee "$log" | grep '^validate:' || true)
     if [ -z "$line" ]; then
       echo "cost-model-sweep: '$label' at $n ranks printed no figures:" >&2
       tail -5 "$log" >&2

@@ -91,6 +91,12 @@ void MoEConfig::validate() const {
                "position, or gate.capacity_scope = local");
   MOKA_REQUIRE(bias_update_rate >= 0, "gate.bias_update_rate = ", bias_update_rate, " must be >= 0");
   MOKA_REQUIRE(gate != GateType::trace || !trace_file.empty(), "gate.type = trace needs gate.trace_file");
+  MOKA_REQUIRE(max_offnode_share >= 0 && max_offnode_share <= 1, "gate.max_offnode_share = ", max_offnode_share,
+               " is not in [0, 1]");
+  MOKA_REQUIRE(max_offnode_share >= 1 || gate == GateType::topk || gate == GateType::softmax ||
+                   gate == GateType::switch_top1,
+               "gate.max_offnode_share applies to the topk, softmax and switch gates (gate.type = ", to_string(gate),
+               ")");
 }
 
 DeckSchema MoEConfig::schema() {
@@ -141,6 +147,11 @@ DeckSchema MoEConfig::schema() {
       .set_doc("DeepSeek-V3 auxiliary-loss-free balancing: a per-expert bias added to the logits for selection only.");
   s.add("gate.bias_update_rate", DeckType::real).set_default("1e-3").set_min(0)
       .set_doc("Step of the selection bias: bias_e += rate * sign(mean load - load_e) after each training forward.");
+  s.add("gate.max_offnode_share", DeckType::real).set_default("1").set_min(0).set_max(1)
+      .set_doc("Topology-aware gate (FasterMoE): of each rank's token assignments (T k), at most this share goes "
+               "to experts held only on other nodes; the choices past it, in token order, go to the best expert "
+               "(by gate logit) on the rank's node that the token has not chosen yet (none left: the choice "
+               "stays). Nodes: parallel.ranks_per_node. Applies to the topk, softmax and switch gates; 1: off.");
   s.add("gate.trace_file", DeckType::string).set_default("").set_doc("Trace gate: HDF5 file with /counts.");
   s.add("gate.trace_layer", DeckType::integer).set_default("0").set_min(0).set_doc("Trace gate: layer index.");
   s.add("gate.trace_iteration", DeckType::integer).set_default("-1").set_min(-1)
@@ -189,6 +200,7 @@ MoEConfig MoEConfig::from_deck(const InputDeck& deck) {
   c.trace_layer      = deck.get<int>("gate.trace_layer");
   c.trace_iteration  = deck.get<int>("gate.trace_iteration");
   c.trace_stride     = deck.get<int>("gate.trace_stride");
+  c.max_offnode_share = deck.get<double>("gate.max_offnode_share");
   c.validate();
   return c;
 }

@@ -1,6 +1,7 @@
 #include <moka/parallel/ProcessGroups.hpp>
 
 #include <sstream>
+#include <vector>
 
 namespace moka {
 
@@ -37,6 +38,10 @@ DeckSchema ParallelConfig::schema() {
                "on: one kernel stores every row straight into its place in the receiving GPU's buffer (NCCL "
                "symmetric windows), no messages per block and no reordering pass; off: NCCL send/recv messages; "
                "auto: on where possible. on where it is not possible is an error naming why.");
+  s.add("parallel.ranks_per_node", DeckType::integer).set_default("0").set_min(0)
+      .set_doc("Ranks per node for the topology-aware gate (gate.max_offnode_share): world ranks r and q share a "
+               "node when r / N = q / N. 0: the ranks that share memory (MPI_COMM_TYPE_SHARED). A smaller N fakes "
+               "several nodes on one machine (tests).");
   return s;
 }
 
@@ -50,6 +55,7 @@ ParallelConfig ParallelConfig::from_deck(const InputDeck& deck) {
   c.exchange_coalesce_mb = deck.get<double>("comm.exchange_coalesce_mb");
   c.exchange_max_message_mb = deck.get<double>("comm.exchange_max_message_mb");
   c.exchange_direct      = deck.get<std::string>("comm.exchange_direct");
+  c.ranks_per_node       = static_cast<int>(deck.get<long>("parallel.ranks_per_node"));
   return c;
 }
 
@@ -97,6 +103,20 @@ ProcessGroups::ProcessGroups(MPI_Comm world, const ParallelConfig& config, int n
   m_slice = m_world->split(edp * EP + ep, s);
   m_edp   = m_world->split(ep * S + s, edp);
   m_moe   = m_world->split(edp, ep * S + s);
+  // Nodes: consecutive blocks of ranks_per_node, or the ranks that share
+  // memory (named by their lowest world rank).
+  if (m_cfg.ranks_per_node > 0) {
+    m_node = rank / m_cfg.ranks_per_node;
+  } else {
+    MPI_Comm shm = MPI_COMM_NULL;
+    MPI_Comm_split_type(world, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &shm);
+    MPI_Allreduce(&rank, &m_node, 1, MPI_INT, MPI_MIN, shm);
+    MPI_Comm_free(&shm);
+  }
+  std::vector<int> nodes(size);
+  MPI_Allgather(&m_node, 1, MPI_INT, nodes.data(), 1, MPI_INT, world);
+  m_ep_nodes.resize(EP);
+  for (int q = 0; q < EP; ++q) m_ep_nodes[q] = nodes[(edp * EP + q) * S + s];
 }
 
 std::string ProcessGroups::describe() const {

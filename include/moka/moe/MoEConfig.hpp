@@ -73,6 +73,10 @@ struct MoEConfig {
   int trace_iteration = -1;       ///< gate.trace_iteration: first row of the trace (-1: the last)
   int trace_stride    = 1;        ///< gate.trace_stride: rows advanced per training forward (0: stay)
   bool dropless = true;           ///< gate.dropless: no capacity limit
+  /// gate.max_offnode_share: share of a rank's assignments (T k) that may
+  /// go to experts on other nodes (FasterMoE's topology-aware gate); the
+  /// rest go to the best expert on the rank's node. 1: no limit.
+  double max_offnode_share = 1.0;
   DropPolicy drop_policy = DropPolicy::position;  ///< gate.drop_policy
   CapacityScope capacity_scope = CapacityScope::automatic;  ///< gate.capacity_scope
   /// \brief Whether capacity counts over all ranks' tokens (resolves automatic).

@@ -219,6 +219,15 @@ class MoELayer {
   /// (bf16_compute; after the parameters were set from outside).
   void refresh_bf16_weights(const execution_space& space);
 
+  /// \brief Whether the topology-aware gate acts (gate.max_offnode_share < 1
+  /// and some expert has no slot on this rank's node), and each expert's
+  /// place: 1 where a slot on this rank's node holds it.
+  bool topology_gate() const { return m_topology; }
+  const index_vector& experts_on_node() const { return m_on_node; }
+  /// \brief This rank's choices in the last forward that go to experts off
+  /// its node, after the topology-aware gate (-1 when it did not act).
+  long offnode_choices() const { return m_offnode; }
+
   /// \brief Training (noise, jitter, random routing, bias updates) or evaluation.
   void set_training(bool training) { m_training = training; }
   bool training() const { return m_training; }
@@ -326,6 +335,12 @@ class MoELayer {
   Kokkos::View<char*, MemorySpace> m_lt_work;
   Kokkos::View<Scalar*, MemorySpace> m_rr, m_sel_bias, m_bal_grad, m_imp_grad, m_load_grad;
   index_vector m_trace_cum;
+  // Topology-aware gate: experts with a slot on this rank's node, the
+  // off-node numbering workspace, and the choices moved in the last forward.
+  bool m_topology = false;
+  index_vector m_on_node;
+  Kokkos::View<long*, MemorySpace> m_off_base;
+  long m_offnode = -1;
   // Trace gate: every row of its layer; forward i of training uses row
   // (m_trace_row0 + i stride) mod rows (m_trace_pos counts them).
   std::vector<std::vector<long>> m_trace_rows;

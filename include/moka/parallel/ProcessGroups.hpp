@@ -26,6 +26,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace moka {
 
@@ -46,6 +47,9 @@ struct ParallelConfig {
   /// straight into the peers' receive buffers (NCCL symmetric windows)
   /// where the ranks' GPUs reach each other's memory.
   std::string exchange_direct = "auto";
+  /// parallel.ranks_per_node: consecutive world ranks per node for the
+  /// topology-aware gate (0: the ranks that share memory, as MPI finds them).
+  int ranks_per_node = 0;
 
   /// \brief Throws moka::Error naming the first inconsistency with a world of
   /// \p world ranks and experts of the given shape.
@@ -78,12 +82,18 @@ class ProcessGroups {
   int edp_rank() const { return m_edp->rank(); }
   CommBackend backend() const { return m_backend; }
   const ParallelConfig& config() const { return m_cfg; }
+  /// \brief This rank's node (parallel.ranks_per_node, or the ranks that
+  /// share memory), and the node of each rank of its EP group (by EP rank).
+  int node() const { return m_node; }
+  const std::vector<int>& ep_nodes() const { return m_ep_nodes; }
   /// \brief "EP 2 x EDP 2 x S 1 over 4 ranks, nccl".
   std::string describe() const;
 
  private:
   ParallelConfig m_cfg;
   CommBackend m_backend = CommBackend::mpi;
+  int m_node = 0;
+  std::vector<int> m_ep_nodes;
   std::unique_ptr<Communicator> m_world, m_ep, m_slice, m_edp, m_moe;
 };
 

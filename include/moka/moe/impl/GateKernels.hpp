@@ -137,6 +137,65 @@ void gate_select(const Exec& space, const GateArgs a, const gmat<S, M>& logits,
       });
 }
 
+/// Topology-aware gate (FasterMoE): of this rank's choices of experts that
+/// no slot on its node holds (on_node(e) == 0), numbered in (token, choice)
+/// order, those numbered \p limit or more go to the best expert (logit +
+/// bias) on the node that the token has not chosen; without one the choice
+/// stays. Scores of a changed token are computed again as gate_select does
+/// (topk: softmax over the chosen logits; softmax, switch: their
+/// probabilities, renormalised when asked). \p off_base: [T] workspace.
+template <class Exec, class S, class M>
+void cap_offnode(const Exec& space, GateType type, bool renormalize, bool use_bias, long limit,
+                 const gmat<S, M>& logits, const Kokkos::View<S*, M>& bias, const gmat<S, M>& probs,
+                 const Kokkos::View<int*, M>& on_node, const imat<M>& idx, const gmat<S, M>& score, const imat<M>& route,
+                 const Kokkos::View<long*, M>& off_base) {
+  const int T = static_cast<int>(idx.extent(0));
+  const int E = static_cast<int>(logits.extent(1));
+  const int k = static_cast<int>(idx.extent(1));
+  Kokkos::parallel_scan(
+      "moka::gate_offnode_scan", Kokkos::RangePolicy<Exec>(space, 0, T),
+      KOKKOS_LAMBDA(int t, long& acc, const bool final) {
+        if (final) off_base(t) = acc;
+        for (int j = 0; j < k; ++j) acc += on_node(idx(t, j)) == 0 ? 1 : 0;
+      });
+  Kokkos::parallel_for(
+      "moka::gate_offnode_cap", Kokkos::RangePolicy<Exec>(space, 0, T), KOKKOS_LAMBDA(int t) {
+        long n       = off_base(t);
+        bool changed = false;
+        for (int j = 0; j < k; ++j) {
+          if (on_node(idx(t, j))) continue;
+          if (n++ < limit) continue;
+          int best   = -1;
+          S best_val = 0;
+          for (int e = 0; e < E; ++e) {
+            if (!on_node(e)) continue;
+            bool taken = false;
+            for (int i = 0; i < k; ++i) taken = taken || idx(t, i) == e;
+            if (taken) continue;
+            const S v = logits(t, e) + (use_bias ? bias(e) : S(0));
+            if (best < 0 || v > best_val) best = e, best_val = v;
+          }
+          if (best >= 0) {
+            idx(t, j)   = best;
+            route(t, j) = best;
+            changed     = true;
+          }
+        }
+        if (!changed) return;
+        if (type == GateType::topk) {
+          S mm = logits(t, idx(t, 0));
+          for (int j = 1; j < k; ++j) mm = logits(t, idx(t, j)) > mm ? logits(t, idx(t, j)) : mm;
+          S sum = 0;
+          for (int j = 0; j < k; ++j) sum += impl::exp(logits(t, idx(t, j)) - mm);
+          for (int j = 0; j < k; ++j) score(t, j) = impl::exp(logits(t, idx(t, j)) - mm) / sum;
+          return;
+        }
+        S sel = 0;
+        for (int j = 0; j < k; ++j) sel += probs(t, idx(t, j));
+        for (int j = 0; j < k; ++j) score(t, j) = renormalize ? probs(t, idx(t, j)) / sel : probs(t, idx(t, j));
+      });
+}
+
 /// dlogits = d(loss)/d(logits) from the score gradients dscore, the
 /// per-(token, expert) gradient reaching the softmax probabilities dprob
 /// (balance losses; may be empty), and the z-loss of weight wz (lse of

@@ -160,6 +160,19 @@ void MoELayer<Scalar, MemorySpace>::apply_placement() {
   if (!m_replicas) m_replicas = std::make_shared<ReplicaGroups>();
   m_replicas->rebuild(m_place, m_ep_rank);
   if (static_cast<int>(m_offsets.extent(0)) != N + 1) m_offsets = index_vector("moka::moe::offsets", N + 1);
+  // Topology-aware gate: which experts have a slot on this rank's node.
+  m_topology = false;
+  if (m_cfg.max_offnode_share < 1 && m_groups) {
+    if (m_on_node.extent(0) == 0) m_on_node = index_vector("moka::moe::expert_on_node", E);
+    auto hn              = Kokkos::create_mirror_view(m_on_node);
+    const auto& ep_nodes = m_groups->ep_nodes();
+    for (int e = 0; e < E; ++e) {
+      hn(e) = 0;
+      for (const Placement::Slot& sl : m_place.slots_of(e)) hn(e) |= ep_nodes[sl.rank] == m_groups->node() ? 1 : 0;
+      m_topology = m_topology || hn(e) == 0;
+    }
+    Kokkos::deep_copy(m_on_node, hn);
+  }
   if (m_identity) return;
   if (m_expert_slot.extent(0) == 0) m_expert_slot = index_vector("moka::moe::expert_slot", E);
   if (static_cast<int>(m_slot_counts.extent(0)) != N) m_slot_counts = index_vector("moka::moe::slot_counts", N);
