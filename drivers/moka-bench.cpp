@@ -762,6 +762,20 @@ int run_step(const moka::InputDeck& deck, int rank, int size) {
     counts.emplace_back(c.begin(), c.end());
   }
   const double ml = moka::median_of(t_layer), mstep = moka::median_of(t_step);
+  if (deck.get<bool>("bench.breakdown")) {
+    // Per-stage time of the layer step (every region fences at its ends).
+    moka::TimerTable::instance().clear();
+    moka::set_fence_regions(true);
+    for (long it = 0; it < iters; ++it) {
+      layer.zero_grad(space);
+      layer.forward(space, x, y);
+      layer.backward(space, dy, dx);
+    }
+    moka::set_fence_regions(false);
+    if (rank == 0) std::printf("  stage breakdown (seconds over %ld fenced iterations):\n", iters);
+    moka::TimerTable::instance().report(MPI_COMM_WORLD, std::cout);
+    moka::TimerTable::instance().clear();
+  }
   moka::LayoutChoice lay;
   lay.ep       = groups->ep_size();
   lay.slices   = pc.expert_slicing;

@@ -20,6 +20,14 @@ stamp "ctest: cost model, topology gate"
 grep -E "Test +#|tests passed|tests failed" "$logs/ctest.log"
 
 stamp "calibrate and sweep (one GPU)"
-MOKA_SWEEP_SET=gpu MOKA_SWEEP_OUT=$logs/sweep MPIEXEC="mpirun --oversubscribe" "$here/cost-model-sweep.sh" "$b" 1
+# One rank, its host threads free to use the node's cores (mpirun binds a
+# rank to one core by default; OpenMP threads sharing it spin).
+for c in "moe.num_experts=32 gate.type=trace gate.trace_file=$root/tests/data/gpt_moe_32e_cut.h5" "bench.tokens=1024"; do
+  # shellcheck disable=SC2086
+  mpirun --bind-to none -np 1 "$b/drivers/moka-bench" "$root/input_decks/bench_step.deck" bench.precision=bf16 \
+    moe.d_model=1024 moe.d_ff=4096 bench.tokens=16384 bench.breakdown=true $c 2>&1 | grep -v "^$" | head -40
+done
+MOKA_SWEEP_SET=gpu MOKA_SWEEP_OUT=$logs/sweep MPIEXEC="mpirun --oversubscribe --bind-to none" \
+  "$here/cost-model-sweep.sh" "$b" 1
 cat "$logs/sweep/profile-np1.profile" | head -24
 stamp "done"
