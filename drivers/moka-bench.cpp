@@ -505,26 +505,26 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
     int dff;
     double experts;
   };
-  std::vector<Point> points;
+  std::vector<Point> points;   // multi-expert layers
+  std::vector<Point> singles;  // one expert, by shape
   for (const auto& [d, f] : shapes) {
     moka::MoEConfig c1 = cfg;
     c1.d_model = d, c1.d_ff = f, c1.num_experts = 1, c1.top_k = 1, c1.gate = moka::GateType::topk;
     c1.dropless = true, c1.trace_file.clear(), c1.bias_balance = false, c1.renormalize = false;
-    moka::MachineProfile::ExpertCurve curve;
-    curve.d_model = d, curve.d_ff = f;
-    for (long rows : grid) {
-      const Measured m = measure_layer<S>(c1, nullptr, rows, warmup, iters, seed);
-      curve.rows.push_back(double(rows));
-      curve.seconds.push_back(m.parts.experts);
-      points.push_back({double(rows), double(d), 1, 1, m.total, m.parts.gate, m.parts.tokens, m.counts, f,
-                        m.parts.experts});
+    // Three rounds over the rows, the median of each point's rounds: a
+    // slow spell of a shared machine then moves one round of a point, not
+    // the curve's shape.
+    std::vector<std::vector<Measured>> rounds(grid.size());
+    for (int round = 0; round < 3; ++round)
+      for (std::size_t i = 0; i < grid.size(); ++i)
+        rounds[i].push_back(measure_layer<S>(c1, nullptr, grid[i], warmup, iters, seed));
+    for (std::size_t i = 0; i < grid.size(); ++i) {
+      auto& r = rounds[i];
+      std::sort(r.begin(), r.end(), [](const Measured& a, const Measured& b) { return a.total < b.total; });
+      const Measured& m = r[r.size() / 2];
+      singles.push_back({double(grid[i]), double(d), 1, 1, m.total, m.parts.gate, m.parts.tokens, m.counts, f,
+                         m.parts.experts});
     }
-    prof.experts.push_back(curve);
-    std::ostringstream os;
-    os << "  expert " << d << " x " << f << ":";
-    for (std::size_t i = 0; i < curve.rows.size(); ++i)
-      os << " " << long(curve.rows[i]) << " rows " << curve.seconds[i] * 1e3 << " ms;";
-    say(os.str());
   }
   // How much faster one rank computes while the others wait: ranks that
   // share cores (or a device) give it their share.
@@ -534,12 +534,12 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
     c1.num_experts = 1, c1.top_k = 1, c1.gate = moka::GateType::topk, c1.dropless = true, c1.trace_file.clear();
     c1.bias_balance = false, c1.renormalize = false;
     const Measured alone = measure_layer<S>(c1, nullptr, rows_max, warmup, iters, seed, rank == 0);
-    const double side    = prof.experts.front().seconds.back();
-    const double ratio   = side / std::max(alone.parts.experts, 1e-12);
+    const double side    = singles[grid.size() - 1].total;  // the deck's shape at rows_max, every rank busy
+    const double ratio   = side / std::max(alone.total, 1e-12);
     prof.concurrent_ranks = std::min(double(ranks_per_node), std::max(1.0, ranks_per_node / ratio));
     std::ostringstream os;
-    os << "  one rank alone: " << alone.parts.experts * 1e3 << " ms for " << rows_max << " rows ("
-       << side * 1e3 << " ms with every rank busy): " << prof.concurrent_ranks << " of " << ranks_per_node
+    os << "  one rank alone: " << alone.total * 1e3 << " ms for " << rows_max << " rows (" << side * 1e3
+       << " ms with every rank busy): " << prof.concurrent_ranks << " of " << ranks_per_node
        << " ranks compute at full speed at once";
     say(os.str());
   }
@@ -558,43 +558,53 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
       }
   }
   {
+    // Gate and token work from their (fenced) regions, over every run.
     std::vector<std::vector<double>> Xg, Xt;
     std::vector<double> yg, yt;
-    for (const auto& p : points) {
-      Xg.push_back({p.T * p.d * p.E, p.T * p.E});
-      yg.push_back(p.gate);
-      Xt.push_back({p.T * p.k * p.d});
-      yt.push_back(p.tokens);
-    }
+    for (const auto* set : {&singles, &points})
+      for (const auto& p : *set) {
+        Xg.push_back({p.T * p.d * p.E, p.T * p.E});
+        yg.push_back(p.gate);
+        Xt.push_back({p.T * p.k * p.d});
+        yt.push_back(p.tokens);
+      }
     const auto g = moka::fit_nonnegative(Xg, yg);
     const auto t = moka::fit_nonnegative(Xt, yt);
     prof.gate_flop = g[0], prof.gate_elem = g[1], prof.token_elem = t[0];
-    // Experts of one layer share part of what one expert alone costs
-    // (kernels over all rows, launches): the curves' sum over a layer's
-    // experts exceeds its expert time by expert_shared per expert beyond
-    // the first.
-    {
-      std::vector<std::vector<double>> Xs;
-      std::vector<double> ys;
-      for (const auto& p : points) {
-        double sum = 0, used = 0;
-        for (double c : p.counts) sum += prof.expert_seconds(int(p.d), p.dff, c), used += c > 0;
-        if (used < 2) continue;
-        Xs.push_back({used - 1});
-        ys.push_back(sum - p.experts);
-      }
-      if (!Xs.empty()) prof.expert_shared = moka::fit_nonnegative(Xs, ys)[0];
+    auto gate_tokens = [&](const Point& p) {
+      return p.T * p.d * p.E * prof.gate_flop + p.T * p.E * prof.gate_elem + p.T * p.k * p.d * prof.token_elem;
+    };
+    // Expert curves: the one-expert layer's unfenced time less its gate and
+    // token work (what a step with one expert of that many rows costs).
+    for (std::size_t i = 0; i < singles.size(); ++i) {
+      const Point& p = singles[i];
+      if (prof.experts.empty() || prof.experts.back().d_model != int(p.d) || prof.experts.back().d_ff != p.dff)
+        prof.experts.push_back({int(p.d), p.dff, {}, {}});
+      prof.experts.back().rows.push_back(p.T);
+      prof.experts.back().seconds.push_back(std::max(1e-9, p.total - gate_tokens(p)));
     }
-    // What the parts leave of the unfenced total: launches, allocations checks, host work.
-    std::vector<double> rest;
+    for (const auto& curve : prof.experts) {
+      std::ostringstream os;
+      os << "  expert " << curve.d_model << " x " << curve.d_ff << ":";
+      for (std::size_t i = 0; i < curve.rows.size(); ++i)
+        os << " " << long(curve.rows[i]) << " rows " << curve.seconds[i] * 1e3 << " ms;";
+      say(os.str());
+    }
+    // A layer of n experts pays once what each one-expert step holds
+    // (launches, host work, kernels over all rows): the curves' sum exceeds
+    // it by expert_shared per expert beyond the first; what is left over a
+    // whole layer is layer_fixed.
+    std::vector<std::vector<double>> Xs;
+    std::vector<double> ys;
     for (const auto& p : points) {
-      double e = 0, used = 0;
-      for (double c : p.counts) e += prof.expert_seconds(int(p.d), p.dff, c), used += c > 0;
-      e -= std::max(0.0, used - 1) * prof.expert_shared;
-      rest.push_back(p.total - (p.T * p.d * p.E * prof.gate_flop + p.T * p.E * prof.gate_elem +
-                                p.T * p.k * p.d * prof.token_elem + e));
+      double sum = 0, used = 0;
+      for (double c : p.counts) sum += prof.expert_seconds(int(p.d), p.dff, c), used += c > 0;
+      Xs.push_back({used - 1, -1.0});
+      ys.push_back(sum - (p.total - gate_tokens(p)));
     }
-    prof.layer_fixed = std::max(0.0, moka::median_of(rest));
+    const auto sh = moka::fit_nonnegative(Xs, ys);
+    prof.expert_shared = sh[0];
+    prof.layer_fixed   = sh[1];
     std::ostringstream os;
     os << "  gate " << prof.gate_flop << " s per T d E + " << prof.gate_elem << " s per T E; tokens "
        << prof.token_elem << " s per T k d; fixed " << prof.layer_fixed * 1e3 << " ms per layer step; experts share "

@@ -44,6 +44,9 @@ moka::DeckSchema plan_schema() {
       .set_doc("Tokens per rank per step (0: train.batch_size / plan.ranks).");
   s.add("plan.max_extra_slots", DeckType::integer).set_default("2").set_min(0)
       .set_doc("Spare expert slots per rank tried (replicas of hot experts, balance.policy = moka).");
+  s.add("plan.policies", DeckType::string).set_default("static smartmoe moka")
+      .set_doc("Placement policies tried, space-separated: static (contiguous), smartmoe (balanced, one slot per "
+               "expert), moka (spare slots hold replicas).");
   s.add("plan.out", DeckType::string).set_default("plan.deck").set_doc("Deck fragment written with the best layout.");
   s.add("plan.show", DeckType::integer).set_default("20").set_min(1).set_doc("Layouts printed.");
   return s;
@@ -122,6 +125,12 @@ int main(int argc, char* argv[]) {
     opt.ranks           = P;
     opt.max_extra_slots = deck.get<int>("plan.max_extra_slots");
     opt.optimizer_moments = oc.type == moka::OptimizerType::sgd ? 1 : 2;
+    {
+      std::istringstream is(deck.get<std::string>("plan.policies"));
+      opt.policies.clear();
+      for (std::string w; is >> w;) opt.policies.push_back(w);
+      MOKA_REQUIRE(!opt.policies.empty(), "plan.policies is empty");
+    }
     opt.memory_per_rank = deck.get<double>("plan.memory_per_rank_gb") * 1073741824.0;
     if (opt.memory_per_rank == 0) {
 #ifdef KOKKOS_ENABLE_CUDA

@@ -72,11 +72,14 @@ MachineProfile::Link fit_link(const std::string& path, const std::vector<double>
   MOKA_REQUIRE(bytes.size() == seconds.size() && bytes.size() >= 2, "a link needs two or more (bytes, seconds) "
                "measurements, got ", bytes.size());
   MOKA_REQUIRE(transfers > 0, "transfers = ", transfers);
+  // Relative errors: each measurement divided by its time, so that the
+  // largest transfer does not decide the latency of the small ones.
   std::vector<std::vector<double>> X;
   std::vector<double> y;
   for (std::size_t i = 0; i < bytes.size(); ++i) {
-    X.push_back({1.0, bytes[i]});
-    y.push_back(seconds[i] / transfers);
+    const double w = 1.0 / std::max(seconds[i] / transfers, 1e-12);
+    X.push_back({w, bytes[i] * w});
+    y.push_back(seconds[i] / transfers * w);
   }
   const auto b = fit_nonnegative(X, y);
   MOKA_REQUIRE(b[1] > 0, "the ", path, " times do not grow with the bytes moved (", seconds.front(), " s for ",

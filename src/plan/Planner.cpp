@@ -90,6 +90,9 @@ std::vector<PlanCandidate> plan_layouts(const MachineProfile& profile, const Ste
   const int E = m.num_experts, P = opt.ranks;
   MOKA_REQUIRE(P >= 1, "plan.ranks = ", P, " must be positive");
   MOKA_REQUIRE(!workload.shares.empty(), "the workload has no steps");
+  for (const auto& p : opt.policies)
+    MOKA_REQUIRE(p == "static" || p == "smartmoe" || p == "moka", "plan.policies: '", p,
+                 "' is not a placement policy (static, smartmoe, moka)");
   for (const auto& s : workload.shares)
     MOKA_REQUIRE(int(s.size()) == E, "the workload has ", s.size(), " experts, moe.num_experts = ", E);
   std::vector<PlanCandidate> out;
@@ -126,6 +129,7 @@ std::vector<PlanCandidate> plan_layouts(const MachineProfile& profile, const Ste
           else if (ep > 1) policies = {"static", "smartmoe"};
           else policies = {"static"};
           for (const std::string& policy : policies) {
+            if (std::find(opt.policies.begin(), opt.policies.end(), policy) == opt.policies.end()) continue;
             PlanCandidate c;
             c.layout          = base;
             c.layout.slots    = extra > 0 ? L : 0;

@@ -17,7 +17,8 @@ std::vector<double> fit_nonnegative(const std::vector<std::vector<double>>& X, c
 
 /// \brief Latency and bandwidth of a link from measurements of \p transfers
 /// transfers each of \p bytes[i] taking \p seconds[i] in all: seconds =
-/// transfers (latency + bytes / bandwidth), fitted with latency >= 0.
+/// transfers (latency + bytes / bandwidth), fitted with latency >= 0 by
+/// least relative error (each measurement weighted by 1 / its time).
 /// Throws moka::Error when the times do not grow with the bytes (no
 /// bandwidth can be derived).
 MachineProfile::Link fit_link(const std::string& path, const std::vector<double>& bytes,

@@ -35,6 +35,7 @@ struct PlanOptions {
   double memory_per_rank = 0;    ///< bytes (0: no limit)
   int max_extra_slots = 2;       ///< spare slots per rank tried (replicas)
   int optimizer_moments = 2;     ///< Adam 2, SGD 1
+  std::vector<std::string> policies{"static", "smartmoe", "moka"};  ///< placement policies tried
 };
 
 /// \brief One layout: its choices, where the experts go, what is predicted
