@@ -460,6 +460,31 @@ std::string utc_now() {
   return buf;
 }
 
+/// The machine's speed now: the slowest rank's median time of a fixed
+/// piece of work (fp32 GEMMs of 256 x 256 x 256), every rank at once. A
+/// profile keeps the figure of its calibration, so a later run can tell a
+/// slower spell of a shared machine from an error of the model.
+double speed_probe() {
+  using M      = moka::memory_space;
+  using matrix = Kokkos::View<float**, Kokkos::LayoutRight, M>;
+  moka::execution_space space;
+  matrix a("probe_a", 256, 256), b("probe_b", 256, 256), c("probe_c", 256, 256);
+  Kokkos::deep_copy(a, 0.5f);
+  Kokkos::deep_copy(b, 0.25f);
+  std::vector<double> t;
+  for (int it = 0; it < 9; ++it) {
+    space.fence();
+    MPI_Barrier(MPI_COMM_WORLD);
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int r = 0; r < 8; ++r) moka::impl::gemm(space, "N", "N", 1.0f, a, b, 0.0f, c);
+    space.fence();
+    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    MPI_Allreduce(MPI_IN_PLACE, &s, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    if (it > 0) t.push_back(s);
+  }
+  return moka::median_of(t);
+}
+
 /// bench.mode = calibrate: measures what moka::MachineProfile holds on
 /// this machine with this many ranks running side by side, and writes the
 /// profile (rank 0).
@@ -482,6 +507,7 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
   };
   say("moka-bench calibrate: " + prof.card + ", " + prof.backend + ", " + prof.precision + ", " +
       std::to_string(size) + " rank(s) side by side");
+  const double probe0 = speed_probe();
 
   // 1. Expert curves: one expert (E = 1, top-1), rows = tokens.
   std::vector<std::pair<int, int>> shapes;
@@ -505,6 +531,14 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
     int dff;
     double experts;
   };
+  // Each rank's own layer, built as a run's layer is (process groups of
+  // this rank alone), so that whatever that costs is in the figures.
+  auto self_groups = [&](const moka::MoEConfig& c) {
+    moka::ParallelConfig pc = moka::ParallelConfig::from_deck(deck);
+    pc.expert_parallel = 1, pc.expert_slicing = 1, pc.expert_data_parallel = 0;
+    return std::make_shared<moka::ProcessGroups>(MPI_COMM_SELF, pc, c.num_experts, c.d_ff,
+                                                 !Kokkos::SpaceAccessibility<Kokkos::HostSpace, M>::accessible);
+  };
   std::vector<Point> points;   // multi-expert layers
   std::vector<Point> singles;  // one expert, by shape
   for (const auto& [d, f] : shapes) {
@@ -517,7 +551,7 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
     std::vector<std::vector<Measured>> rounds(grid.size());
     for (int round = 0; round < 3; ++round)
       for (std::size_t i = 0; i < grid.size(); ++i)
-        rounds[i].push_back(measure_layer<S>(c1, nullptr, grid[i], warmup, iters, seed));
+        rounds[i].push_back(measure_layer<S>(c1, self_groups(c1), grid[i], warmup, iters, seed));
     for (std::size_t i = 0; i < grid.size(); ++i) {
       auto& r = rounds[i];
       std::sort(r.begin(), r.end(), [](const Measured& a, const Measured& b) { return a.total < b.total; });
@@ -533,7 +567,7 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
     moka::MoEConfig c1 = cfg;
     c1.num_experts = 1, c1.top_k = 1, c1.gate = moka::GateType::topk, c1.dropless = true, c1.trace_file.clear();
     c1.bias_balance = false, c1.renormalize = false;
-    const Measured alone = measure_layer<S>(c1, nullptr, rows_max, warmup, iters, seed, rank == 0);
+    const Measured alone = measure_layer<S>(c1, self_groups(c1), rows_max, warmup, iters, seed, rank == 0);
     const double side    = singles[grid.size() - 1].total;  // the deck's shape at rows_max, every rank busy
     const double ratio   = side / std::max(alone.total, 1e-12);
     prof.concurrent_ranks = std::min(double(ranks_per_node), std::max(1.0, ranks_per_node / ratio));
@@ -552,7 +586,7 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
       for (long T : {std::max(1L, T0 / 4), std::max(1L, T0 / 2), T0}) {
         moka::MoEConfig c = c2;
         c.num_experts     = cfg.num_experts * emul;
-        const Measured m  = measure_layer<S>(c, nullptr, T, warmup, iters, seed);
+        const Measured m  = measure_layer<S>(c, self_groups(c), T, warmup, iters, seed);
         points.push_back({double(T), double(c.d_model), double(c.num_experts), double(c.top_k), m.total, m.parts.gate,
                           m.parts.tokens, m.counts, c.d_ff, m.parts.experts});
       }
@@ -707,6 +741,7 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
     }
     prof.optimizer_elem = moka::median_of(t) / double(n);
   }
+  prof.probe = 0.5 * (probe0 + speed_probe());
   const std::string out = deck.get<std::string>("bench.profile_out");
   if (rank == 0) prof.write(out);
   say("  wrote " + out);
@@ -745,6 +780,7 @@ int run_step(const moka::InputDeck& deck, int rank, int size) {
     Kokkos::fill_random(dy, pool, S(-1), S(1));
   }
   const int E = cfg.num_experts;
+  const double probe0 = speed_probe();
   std::vector<double> t_layer, t_step;
   std::vector<std::vector<double>> counts;
   for (long it = 0; it < warmup + iters; ++it) {
@@ -772,6 +808,7 @@ int run_step(const moka::InputDeck& deck, int rank, int size) {
     counts.emplace_back(c.begin(), c.end());
   }
   const double ml = moka::median_of(t_layer), mstep = moka::median_of(t_step);
+  const double probe = 0.5 * (probe0 + speed_probe());
   if (deck.get<bool>("bench.breakdown")) {
     // Per-stage time of the layer step (every region fences at its ends).
     moka::TimerTable::instance().clear();
@@ -825,8 +862,15 @@ int run_step(const moka::InputDeck& deck, int rank, int size) {
                   last.optimizer * 1e3);
       std::printf("  error: layer %+.1f%%, step %+.1f%% (busiest EP rank %.0f rows, mean %.0f)\n",
                   100.0 * (pml - ml) / ml, 100.0 * (pms - mstep) / mstep, last.busiest_rows, last.mean_rows);
-      std::printf("validate: layer_ms=%.4f predicted_layer_ms=%.4f step_ms=%.4f predicted_step_ms=%.4f\n", ml * 1e3,
-                  pml * 1e3, mstep * 1e3, pms * 1e3);
+      // The same work took speed x its calibration time now: the machine's
+      // drift since the calibration, apart from the model's error.
+      const double speed = prof.probe > 0 ? probe / prof.probe : 1.0;
+      std::printf("  machine speed probe: %.3f ms now, %.3f ms at calibration (x%.3f); at today's speed the "
+                  "prediction is layer %.3f ms (%+.1f%%), step %.3f ms (%+.1f%%)\n",
+                  probe * 1e3, prof.probe * 1e3, speed, pml * speed * 1e3, 100.0 * (pml * speed - ml) / ml,
+                  pms * speed * 1e3, 100.0 * (pms * speed - mstep) / mstep);
+      std::printf("validate: layer_ms=%.4f predicted_layer_ms=%.4f step_ms=%.4f predicted_step_ms=%.4f speed=%.4f\n",
+                  ml * 1e3, pml * 1e3, mstep * 1e3, pms * 1e3, speed);
     }
   }
   return 0;
