@@ -15,7 +15,6 @@ token_elem_s     = 4e-11
 expert_shared_s  = 1e-05
 exchange_fixed_s = 5e-05
 optimizer_elem_s = 2e-09
-probe_s          = 0.0015
 allreduce        = 1e-05 2e+09
 exchange         = mpi 2e-05 1e+09
 # expert = d_model d_ff_per_rank rows seconds   (one expert, forward + backward)

@@ -460,31 +460,6 @@ std::string utc_now() {
   return buf;
 }
 
-/// The machine's speed now: the slowest rank's median time of a fixed
-/// piece of work (fp32 GEMMs of 256 x 256 x 256), every rank at once. A
-/// profile keeps the figure of its calibration, so a later run can tell a
-/// slower spell of a shared machine from an error of the model.
-double speed_probe() {
-  using M      = moka::memory_space;
-  using matrix = Kokkos::View<float**, Kokkos::LayoutRight, M>;
-  moka::execution_space space;
-  matrix a("probe_a", 256, 256), b("probe_b", 256, 256), c("probe_c", 256, 256);
-  Kokkos::deep_copy(a, 0.5f);
-  Kokkos::deep_copy(b, 0.25f);
-  std::vector<double> t;
-  for (int it = 0; it < 9; ++it) {
-    space.fence();
-    MPI_Barrier(MPI_COMM_WORLD);
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int r = 0; r < 8; ++r) moka::impl::gemm(space, "N", "N", 1.0f, a, b, 0.0f, c);
-    space.fence();
-    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    MPI_Allreduce(MPI_IN_PLACE, &s, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-    if (it > 0) t.push_back(s);
-  }
-  return moka::median_of(t);
-}
-
 /// bench.mode = calibrate: measures what moka::MachineProfile holds on
 /// this machine with this many ranks running side by side, and writes the
 /// profile (rank 0).
@@ -507,7 +482,6 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
   };
   say("moka-bench calibrate: " + prof.card + ", " + prof.backend + ", " + prof.precision + ", " +
       std::to_string(size) + " rank(s) side by side");
-  const double probe0 = speed_probe();
 
   // 1. Expert curves: one expert (E = 1, top-1), rows = tokens.
   std::vector<std::pair<int, int>> shapes;
@@ -741,7 +715,6 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
     }
     prof.optimizer_elem = moka::median_of(t) / double(n);
   }
-  prof.probe = 0.5 * (probe0 + speed_probe());
   const std::string out = deck.get<std::string>("bench.profile_out");
   if (rank == 0) prof.write(out);
   say("  wrote " + out);
@@ -780,7 +753,6 @@ int run_step(const moka::InputDeck& deck, int rank, int size) {
     Kokkos::fill_random(dy, pool, S(-1), S(1));
   }
   const int E = cfg.num_experts;
-  const double probe0 = speed_probe();
   std::vector<double> t_layer, t_step;
   std::vector<std::vector<double>> counts;
   for (long it = 0; it < warmup + iters; ++it) {
@@ -808,7 +780,6 @@ int run_step(const moka::InputDeck& deck, int rank, int size) {
     counts.emplace_back(c.begin(), c.end());
   }
   const double ml = moka::median_of(t_layer), mstep = moka::median_of(t_step);
-  const double probe = 0.5 * (probe0 + speed_probe());
   if (deck.get<bool>("bench.breakdown")) {
     // Per-stage time of the layer step (every region fences at its ends).
     moka::TimerTable::instance().clear();
@@ -862,15 +833,8 @@ int run_step(const moka::InputDeck& deck, int rank, int size) {
                   last.optimizer * 1e3);
       std::printf("  error: layer %+.1f%%, step %+.1f%% (busiest EP rank %.0f rows, mean %.0f)\n",
                   100.0 * (pml - ml) / ml, 100.0 * (pms - mstep) / mstep, last.busiest_rows, last.mean_rows);
-      // The same work took speed x its calibration time now: the machine's
-      // drift since the calibration, apart from the model's error.
-      const double speed = prof.probe > 0 ? probe / prof.probe : 1.0;
-      std::printf("  machine speed probe: %.3f ms now, %.3f ms at calibration (x%.3f); at today's speed the "
-                  "prediction is layer %.3f ms (%+.1f%%), step %.3f ms (%+.1f%%)\n",
-                  probe * 1e3, prof.probe * 1e3, speed, pml * speed * 1e3, 100.0 * (pml * speed - ml) / ml,
-                  pms * speed * 1e3, 100.0 * (pms * speed - mstep) / mstep);
-      std::printf("validate: layer_ms=%.4f predicted_layer_ms=%.4f step_ms=%.4f predicted_step_ms=%.4f speed=%.4f\n",
-                  ml * 1e3, pml * 1e3, mstep * 1e3, pms * 1e3, speed);
+      std::printf("validate: layer_ms=%.4f predicted_layer_ms=%.4f step_ms=%.4f predicted_step_ms=%.4f\n", ml * 1e3,
+                  pml * 1e3, mstep * 1e3, pms * 1e3);
     }
   }
   return 0;

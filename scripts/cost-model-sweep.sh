@@ -74,8 +74,8 @@ configs_4=(
   "EDP4 E16|parallel.expert_parallel=1 moe.num_experts=16"
 )
 
-printf "%-22s %5s %10s %10s %7s %10s %10s %7s %7s %8s %8s\n" "config" "ranks" "layer ms" "predicted" "error" \
-  "step ms" "predicted" "error" "speed" "layer*" "step*" | tee "$out/sweep.txt"
+printf "%-22s %5s %10s %10s %7s %10s %10s %7s\n" "config" "ranks" "layer ms" "predicted" "error" "step ms" \
+  "predicted" "error" | tee "$out/sweep.txt"
 for n in "${ranks[@]}"; do
   prof=$out/profile-np$n.profile
   if [ ! -f "$prof" ]; then
@@ -96,26 +96,19 @@ for n in "${ranks[@]}"; do
       exit 1
     fi
     eval "$(echo "$line" | sed 's/^validate: //')"
-    printf "%-22s %5d %10.3f %10.3f %6.1f%% %10.3f %10.3f %6.1f%% %7.3f %7.1f%% %7.1f%%\n" "$label" "$n" "$layer_ms" \
-      "$predicted_layer_ms" "$(awk "BEGIN { print 100 * ($predicted_layer_ms - $layer_ms) / $layer_ms }")" "$step_ms" \
-      "$predicted_step_ms" "$(awk "BEGIN { print 100 * ($predicted_step_ms - $step_ms) / $step_ms }")" "$speed" \
-      "$(awk "BEGIN { print 100 * ($predicted_layer_ms * $speed - $layer_ms) / $layer_ms }")" \
-      "$(awk "BEGIN { print 100 * ($predicted_step_ms * $speed - $step_ms) / $step_ms }")" | tee -a "$out/sweep.txt"
+    printf "%-22s %5d %10.3f %10.3f %6.1f%% %10.3f %10.3f %6.1f%%\n" "$label" "$n" "$layer_ms" "$predicted_layer_ms" \
+      "$(awk "BEGIN { print 100 * ($predicted_layer_ms - $layer_ms) / $layer_ms }")" "$step_ms" "$predicted_step_ms" \
+      "$(awk "BEGIN { print 100 * ($predicted_step_ms - $step_ms) / $step_ms }")" | tee -a "$out/sweep.txt"
   done
 done
 awk 'function abs(x) { return x < 0 ? -x : x }
      NR > 1 {
-       le = $(NF - 6); se = $(NF - 3); la = $(NF - 1); sa = $NF;
-       sub("%", "", le); sub("%", "", se); sub("%", "", la); sub("%", "", sa);
-       le = abs(le + 0); se = abs(se + 0); la = abs(la + 0); sa = abs(sa + 0);
-       sl += le; ss += se; sla += la; ssa += sa; n++;
-       if (le > wl) wl = le; if (se > ws) ws = se; if (la > wla) wla = la; if (sa > wsa) wsa = sa }
+       le = $(NF - 3); se = $NF; sub("%", "", le); sub("%", "", se);
+       le = abs(le + 0); se = abs(se + 0); sl += le; ss += se; n++;
+       if (le > wl) wl = le; if (se > ws) ws = se }
      END {
        printf "configurations: %d\n", n;
        printf "layer: mean absolute percentage error %.1f%%, worst %.1f%%\n", sl / n, wl;
-       printf "step:  mean absolute percentage error %.1f%%, worst %.1f%%\n", ss / n, ws;
-       printf "at the speed the probe measured during each run (layer*, step*):\n";
-       printf "layer: mean absolute percentage error %.1f%%, worst %.1f%%\n", sla / n, wla;
-       printf "step:  mean absolute percentage error %.1f%%, worst %.1f%%\n", ssa / n, wsa }' \
+       printf "step:  mean absolute percentage error %.1f%%, worst %.1f%%\n", ss / n, ws }' \
   "$out/sweep.txt" | tee -a "$out/sweep.txt"
 echo "profiles and logs: $out"

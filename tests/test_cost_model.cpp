@@ -28,7 +28,7 @@ MachineProfile sample_profile() {
   p.concurrent_ranks = 4;
   p.created     = "2026-12-02T00:00:00Z";
   p.layer_fixed = 1e-4, p.gate_flop = 2e-12, p.gate_elem = 3e-9, p.token_elem = 4e-11;
-  p.exchange_fixed = 5e-5, p.optimizer_elem = 2e-9, p.expert_shared = 1e-5, p.probe = 1.5e-3;
+  p.exchange_fixed = 5e-5, p.optimizer_elem = 2e-9, p.expert_shared = 1e-5;
   p.experts.push_back({64, 256, {32, 64, 128}, {1e-4, 1.5e-4, 2.5e-4}});
   p.experts.push_back({64, 128, {32, 128}, {6e-5, 1.4e-4}});
   p.exchange.push_back({"mpi", 2e-5, 1e9});
@@ -60,7 +60,6 @@ TEST(MachineProfile, WritesAndReadsBack) {
   EXPECT_DOUBLE_EQ(q.token_elem, 4e-11);
   EXPECT_DOUBLE_EQ(q.exchange_fixed, 5e-5);
   EXPECT_DOUBLE_EQ(q.expert_shared, 1e-5);
-  EXPECT_DOUBLE_EQ(q.probe, 1.5e-3);
   ASSERT_EQ(q.experts.size(), 2u);
   ASSERT_NE(q.link("mpi"), nullptr);
   EXPECT_DOUBLE_EQ(q.link("mpi")->bandwidth, 1e9);

@@ -99,7 +99,6 @@ void MachineProfile::write(const std::string& path) const {
      << "expert_shared_s  = " << expert_shared << "\n"
      << "exchange_fixed_s = " << exchange_fixed << "\n"
      << "optimizer_elem_s = " << optimizer_elem << "\n"
-     << "probe_s          = " << probe << "\n"
      << "allreduce        = " << allreduce.latency << " " << allreduce.bandwidth << "\n";
   for (const auto& l : exchange) os << "exchange         = " << l.path << " " << l.latency << " " << l.bandwidth << "\n";
   os << "# expert = d_model d_ff_per_rank rows seconds   (one expert, forward + backward)\n";
@@ -187,8 +186,6 @@ MachineProfile MachineProfile::parse(const std::string& text, const std::string&
       p.exchange_fixed = number(key, value);
     } else if (key == "optimizer_elem_s") {
       p.optimizer_elem = number(key, value);
-    } else if (key == "probe_s") {
-      p.probe = number(key, value);
     } else if (key == "allreduce") {
       const auto w = words(value);
       if (w.size() != 2) fail("allreduce takes 'latency_s bytes_per_s', got '" + value + "'");
@@ -217,7 +214,7 @@ MachineProfile MachineProfile::parse(const std::string& text, const std::string&
   }
   lineno = 0;
   for (const char* k : {"moka_profile", "card", "backend", "precision", "ranks_per_node", "concurrent_ranks", "layer_fixed_s",
-                        "gate_flop_s", "gate_elem_s", "token_elem_s", "expert_shared_s", "optimizer_elem_s", "probe_s"})
+                        "gate_flop_s", "gate_elem_s", "token_elem_s", "expert_shared_s", "optimizer_elem_s"})
     if (!seen.count(k)) throw Error("machine profile '" + name + "': '" + k + "' is missing");
   if (curves.empty()) throw Error("machine profile '" + name + "': no 'expert' line");
   if (p.concurrent_ranks > p.ranks_per_node)

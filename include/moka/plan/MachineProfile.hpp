@@ -25,7 +25,6 @@
 ///     exchange_fixed_s = 1.0e-04        # per layer step with an EP group (counts, gate statistics)
 ///     allreduce        = 2.0e-05 5.0e+09          # seconds per call, bytes per second
 ///     optimizer_elem_s = 1.0e-09        # per parameter per step
-///     probe_s          = 1.2e-03        # moka-bench's speed probe at calibration
 ///
 /// `expert` lines form one curve of rows -> seconds per (d_model, d_ff per
 /// rank); `exchange` one line per path (mpi, nccl, direct).
@@ -71,9 +70,6 @@ struct MachineProfile {
   double expert_shared = 0;  ///< what a layer's experts share: subtracted per expert with rows beyond the first
   double exchange_fixed = 0;
   double optimizer_elem = 0;
-  /// Seconds of moka-bench's speed probe (fixed GEMMs, every rank at once)
-  /// at calibration: a later run compares its own probe with it.
-  double probe = 0;
   std::vector<ExpertCurve> experts;
   std::vector<Link> exchange;
   Link allreduce{"allreduce", 0, 0};  ///< latency 0 and bandwidth 0: not measured (one rank)
