@@ -507,12 +507,16 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
   };
   // Each rank's own layer, built as a run's layer is (process groups of
   // this rank alone), so that whatever that costs is in the figures.
-  auto self_groups = [&](const moka::MoEConfig& c) {
+  // One set for all of them: making communicators (NCCL's) costs more
+  // than the measurements.
+  std::shared_ptr<moka::ProcessGroups> self;
+  {
     moka::ParallelConfig pc = moka::ParallelConfig::from_deck(deck);
     pc.expert_parallel = 1, pc.expert_slicing = 1, pc.expert_data_parallel = 0;
-    return std::make_shared<moka::ProcessGroups>(MPI_COMM_SELF, pc, c.num_experts, c.d_ff,
+    self = std::make_shared<moka::ProcessGroups>(MPI_COMM_SELF, pc, 1, 1,
                                                  !Kokkos::SpaceAccessibility<Kokkos::HostSpace, M>::accessible);
-  };
+  }
+  auto self_groups = [&](const moka::MoEConfig&) { return self; };
   std::vector<Point> points;   // multi-expert layers
   std::vector<Point> singles;  // one expert, by shape
   for (const auto& [d, f] : shapes) {
