@@ -503,7 +503,6 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
     double T, d, E, k, total, gate, tokens;
     std::vector<double> counts;
     int dff;
-    double experts;
   };
   // Each rank's own layer, built as a run's layer is (process groups of
   // this rank alone), so that whatever that costs is in the figures.
@@ -534,8 +533,7 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
       auto& r = rounds[i];
       std::sort(r.begin(), r.end(), [](const Measured& a, const Measured& b) { return a.total < b.total; });
       const Measured& m = r[r.size() / 2];
-      singles.push_back({double(grid[i]), double(d), 1, 1, m.total, m.parts.gate, m.parts.tokens, m.counts, f,
-                         m.parts.experts});
+      singles.push_back({double(grid[i]), double(d), 1, 1, m.total, m.parts.gate, m.parts.tokens, m.counts, f});
     }
   }
   // How much faster one rank computes while the others wait: ranks that
@@ -566,7 +564,7 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
         c.num_experts     = cfg.num_experts * emul;
         const Measured m  = measure_layer<S>(c, self_groups(c), T, warmup, iters, seed);
         points.push_back({double(T), double(c.d_model), double(c.num_experts), double(c.top_k), m.total, m.parts.gate,
-                          m.parts.tokens, m.counts, c.d_ff, m.parts.experts});
+                          m.parts.tokens, m.counts, c.d_ff});
       }
   }
   {

@@ -12,6 +12,7 @@
 #include <moka/model/Optimizer.hpp>
 #include <moka/plan/Planner.hpp>
 #include <moka/train/RegimeTask.hpp>
+#include <moka/train/PlanConfig.hpp>
 #include <moka/train/Trainer.hpp>
 
 #include <algorithm>
@@ -22,35 +23,6 @@
 #include <sstream>
 
 namespace {
-
-moka::DeckSchema plan_schema() {
-  using moka::DeckType;
-  moka::DeckSchema s = moka::train_schema();
-  s.add("plan.profile", DeckType::string).set_default("")
-      .set_doc("Machine profile to predict with (moka-bench bench.mode = calibrate writes one).");
-  s.add("plan.ranks", DeckType::integer).set_default("0").set_min(0)
-      .set_doc("Ranks of the run to plan (required).");
-  s.add("plan.memory_per_rank_gb", DeckType::real).set_default("0").set_min(0)
-      .set_doc("Memory one rank may use, GiB (0: this machine's: the device's free memory on CUDA builds, else the "
-               "host's available memory over the profile's ranks per node).");
-  s.add("plan.workload", DeckType::string).set_default("auto").set_choices({"auto", "trace", "zipf", "uniform"})
-      .set_doc("Routing to plan for: trace (plan.trace_file, each iteration a step), zipf (plan.zipf_exponent), "
-               "uniform; auto: trace when plan.trace_file or gate.trace_file is set, else uniform.");
-  s.add("plan.trace_file", DeckType::string).set_default("").set_doc("Routing trace (default: gate.trace_file).");
-  s.add("plan.trace_layer", DeckType::integer).set_default("-1").set_min(-1)
-      .set_doc("Layer of the trace (-1: gate.trace_layer).");
-  s.add("plan.zipf_exponent", DeckType::real).set_default("1.0").set_min(0).set_doc("Zipf workload: exponent.");
-  s.add("plan.tokens_per_rank", DeckType::integer).set_default("0").set_min(0)
-      .set_doc("Tokens per rank per step (0: train.batch_size / plan.ranks).");
-  s.add("plan.max_extra_slots", DeckType::integer).set_default("2").set_min(0)
-      .set_doc("Spare expert slots per rank tried (replicas of hot experts, balance.policy = moka).");
-  s.add("plan.policies", DeckType::string).set_default("static smartmoe moka")
-      .set_doc("Placement policies tried, space-separated: static (contiguous), smartmoe (balanced, one slot per "
-               "expert), moka (spare slots hold replicas).");
-  s.add("plan.out", DeckType::string).set_default("plan.deck").set_doc("Deck fragment written with the best layout.");
-  s.add("plan.show", DeckType::integer).set_default("20").set_min(1).set_doc("Layouts printed.");
-  return s;
-}
 
 std::string fmt_ms(double s) {
   char b[32];
@@ -69,13 +41,13 @@ int main(int argc, char* argv[]) {
     return args.empty() ? 2 : 0;
   }
   if (args[0] == "--deck-reference") {
-    if (root) std::cout << plan_schema().markdown();
+    if (root) std::cout << moka::plan_schema().markdown();
     return 0;
   }
   try {
     moka::InputDeck deck =
         moka::InputDeck::load(runtime.comm(), args[0], std::vector<std::string>(args.begin() + 1, args.end()));
-    deck.validate(plan_schema());
+    deck.validate(moka::plan_schema());
     const int P = deck.get<int>("plan.ranks");
     MOKA_REQUIRE(P > 0, "plan.ranks is not set: give the number of ranks to plan for (plan.ranks=N)");
     const std::string pf = deck.get<std::string>("plan.profile");

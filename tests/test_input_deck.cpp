@@ -1,5 +1,6 @@
 #include <moka/balance/BalanceConfig.hpp>
 #include <moka/train/BenchConfig.hpp>
+#include <moka/train/PlanConfig.hpp>
 #include <moka/deck/InputDeck.hpp>
 #include <moka/train/RunConfig.hpp>
 #include <moka/train/Trainer.hpp>
@@ -265,8 +266,12 @@ TEST(InputDeck, ExampleDecksValidate) {
     if (entry.path().extension() != ".deck") continue;
     auto d = moka::InputDeck::parse_file(entry.path().string());
     const std::string name = entry.path().filename().string();
-    const bool bench = name.rfind("bench_", 0) == 0, replay = name.rfind("replay", 0) == 0;
-    EXPECT_NO_THROW(d.validate(bench ? moka::bench_schema() : replay ? moka::replay_schema() : moka::train_schema()))
+    const bool bench  = name.rfind("bench_", 0) == 0 || name.rfind("calibrate_", 0) == 0;
+    const bool replay = name.rfind("replay", 0) == 0, plan = name.rfind("plan_", 0) == 0;
+    EXPECT_NO_THROW(d.validate(bench    ? moka::bench_schema()
+                               : replay ? moka::replay_schema()
+                               : plan   ? moka::plan_schema()
+                                        : moka::train_schema()))
         << entry.path();
     ++n;
   }
