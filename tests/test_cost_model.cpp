@@ -219,6 +219,10 @@ TEST(CostModel, ExpertParallelByHand) {
   const moka::RankExperts at{{0, 1, 3}, {2, 0, 3}};
   EXPECT_NE(error_of([&] { moka::predict_step(p, sh, rep, counts, {{0, 1}, {2, 3}, {0}}); }).find("EP = 2"),
             std::string::npos);
+  EXPECT_NE(error_of([&] { moka::predict_step(p, sh, rep, counts, {{0, 1, 9}, {2, 0, 1}}); }).find("holds expert 9"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { moka::predict_step(p, sh, rep, counts, {{0, 1, 0}, {2, 0, 1}}); }).find("expert 3 has no slot"),
+            std::string::npos);
   const auto pr2 = moka::predict_step(p, sh, rep, counts, at);
   EXPECT_LT(pr2.busiest_rows, pr.busiest_rows);
   EXPECT_GT(pr2.grad_sync, pr.grad_sync);  // the replicas' gradients are summed too

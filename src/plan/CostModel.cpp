@@ -109,6 +109,15 @@ StepPrediction predict_step(const MachineProfile& p, const StepShape& shape, con
   MOKA_REQUIRE(E % EP == 0, "moe.num_experts = ", E, " is not divisible by EP = ", EP);
   RankExperts at = experts_at.empty() ? contiguous_layout(E, EP) : experts_at;
   MOKA_REQUIRE(int(at.size()) == EP, "placement of ", at.size(), " ranks for EP = ", EP);
+  {
+    std::vector<int> held(E, 0);
+    for (int r = 0; r < EP; ++r)
+      for (int e : at[r]) {
+        MOKA_REQUIRE(e >= 0 && e < E, "placement: rank ", r, " holds expert ", e, " of ", E);
+        ++held[e];
+      }
+    for (int e = 0; e < E; ++e) MOKA_REQUIRE(held[e] > 0, "placement: expert ", e, " has no slot");
+  }
 
   StepPrediction out;
   const double T = shape.tokens, d = m.d_model, k = m.top_k;

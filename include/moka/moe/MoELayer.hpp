@@ -226,7 +226,21 @@ class MoELayer {
   const index_vector& experts_on_node() const { return m_on_node; }
   /// \brief This rank's choices in the last forward that go to experts off
   /// its node, after the topology-aware gate (-1 when it did not act).
-  long offnode_choices() const { return m_offnode; }
+  /// Counted when asked (a reduction and a wait on the default instance).
+  long offnode_choices() const {
+    if (!m_capped) return -1;
+    auto idx = m_idx;
+    auto on  = m_on_node;
+    const int k = static_cast<int>(idx.extent(1));
+    long off    = 0;
+    Kokkos::parallel_reduce(
+        "moka::gate_offnode_count", Kokkos::RangePolicy<execution_space>(0, static_cast<long>(m_T)),
+        KOKKOS_LAMBDA(long t, long& acc) {
+          for (int j = 0; j < k; ++j) acc += on(idx(t, j)) == 0 ? 1 : 0;
+        },
+        off);
+    return off;
+  }
 
   /// \brief Training (noise, jitter, random routing, bias updates) or evaluation.
   void set_training(bool training) { m_training = training; }
@@ -340,7 +354,7 @@ class MoELayer {
   bool m_topology = false;
   index_vector m_on_node;
   Kokkos::View<long*, MemorySpace> m_off_base;
-  long m_offnode = -1;
+  bool m_capped = false;  // the last forward's gate was capped
   // Trace gate: every row of its layer; forward i of training uses row
   // (m_trace_row0 + i stride) mod rows (m_trace_pos counts them).
   std::vector<std::vector<long>> m_trace_rows;

@@ -74,23 +74,13 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
   impl::GateArgs args{type, m_cfg.renormalize, training && m_cfg.random_routing, m_cfg.bias_balance, seed ^ 0x3c6ef372fe94f82bull,
                       counter, TG, t0};
   impl::gate_select(space, args, m_logits, m_sel_bias, m_probs, m_idx, m_score, m_route, m_thr, m_rr);
-  m_offnode = -1;
+  m_capped = false;
   if (m_topology && type != GateType::trace) {
     if (static_cast<int>(m_off_base.extent(0)) < T) m_off_base = Kokkos::View<long*, MemorySpace>("moka::moe::offnode_base", T);
     const long limit = static_cast<long>(std::floor(m_cfg.max_offnode_share * double(T) * k + 1e-9));
     impl::cap_offnode(space, type, m_cfg.renormalize, m_cfg.bias_balance, limit, m_logits, m_sel_bias, m_probs,
                       m_on_node, m_idx, m_score, m_route, m_off_base);
-    // The choices that leave the node now.
-    auto idx = m_idx;
-    auto on  = m_on_node;
-    long off = 0;
-    Kokkos::parallel_reduce(
-        "moka::gate_offnode_count", Kokkos::RangePolicy<execution_space>(space, 0, T),
-        KOKKOS_LAMBDA(int t, long& acc) {
-          for (int j = 0; j < k; ++j) acc += on(idx(t, j)) == 0 ? 1 : 0;
-        },
-        off);
-    m_offnode = off;
+    m_capped = true;
   }
   if (type == GateType::trace) {
     // Assignment j T + t (T, t over the whole batch) goes to the expert whose
