@@ -5,8 +5,9 @@
 #     validate line;
 #  3. moka-plan ranks the layouts of 2 ranks with it and writes a fragment;
 #     moka-train includes the fragment and trains 3 steps on that layout;
-#  4. bad input: a profile with an unknown key, no profile, no plan.ranks,
-#     each named, exit 2.
+#  4. bad input: a profile with an unknown key (moka-plan, step mode), no
+#     profile, no plan.ranks, a calibration output directory that does not
+#     exist: each named, exit 2.
 # usage: cost_model_drivers.sh <mpiexec and flags> <moka-bench> <moka-plan> <moka-train> <input_decks dir> <trace>
 set -u
 mpi=$1 bench=$2 plan=$3 train=$4 decks=$5 trace=$6
@@ -61,4 +62,8 @@ grep -q "bad.profile', line [0-9]*: unknown key 'cards'" bad.log || { cat bad.lo
 [ $? -eq 2 ] && grep -q "plan.profile is not set" none.log || { cat none.log; fail "a missing profile is not named"; }
 "$plan" "$decks/plan_cpu.deck" plan.ranks=0 plan.profile=$work/m.profile run.comm_check=false > r.log 2>&1
 [ $? -eq 2 ] && grep -q "plan.ranks is not set" r.log || { cat r.log; fail "missing plan.ranks is not named"; }
+$mpi -n 2 "$bench" "$decks/bench_step.deck" "${small[@]}" bench.profile=$work/bad.profile > bs.log 2>&1
+[ $? -eq 2 ] && grep -q "unknown key 'cards'" bs.log || { cat bs.log; fail "step mode: the bad profile is not named"; }
+"$bench" "$decks/calibrate_cpu.deck" bench.profile_out=/no/such/dir/m.profile > bo.log 2>&1
+[ $? -eq 2 ] && grep -q "the directory '/no/such/dir' does not exist" bo.log || { cat bo.log; fail "calibrate: bad output path"; }
 echo "cost model drivers: ok"

@@ -1,4 +1,5 @@
 #include <moka/train/BenchConfig.hpp>
+#include <moka/plan/MachineProfile.hpp>
 #include <moka/moe/LayerMemory.hpp>
 #include <moka/moe/MoEConfig.hpp>
 #include <moka/parallel/ProcessGroups.hpp>
@@ -6,7 +7,10 @@
 
 #include <Kokkos_Core.hpp>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <filesystem>
 #include <sstream>
 #include <string>
 
@@ -104,7 +108,16 @@ void check_bench_deck(const InputDeck& deck, int world_size, int ranks_on_node) 
   } else if (mode == "step") {
     const ParallelConfig pc = ParallelConfig::from_deck(deck);
     pc.validate(world_size, cfg.num_experts, cfg.d_ff);
+    const std::string prof = deck.get<std::string>("bench.profile");
+    if (!prof.empty()) (void)MachineProfile::read(prof);  // a bad profile is named now, not after the timing
   } else if (mode == "calibrate") {
+    // The profile is written at the end: a directory it cannot be written
+    // to is named before minutes of measuring.
+    const std::filesystem::path out(deck.get<std::string>("bench.profile_out"));
+    const std::filesystem::path dir = out.has_parent_path() ? out.parent_path() : std::filesystem::path(".");
+    MOKA_REQUIRE(std::filesystem::is_directory(dir) && ::access(dir.c_str(), W_OK) == 0, "bench.profile_out = '",
+                 out.string(), "': the directory '", dir.string(), "' does not exist or cannot be written");
+    MOKA_REQUIRE(!std::filesystem::is_directory(out), "bench.profile_out = '", out.string(), "' is a directory");
     std::istringstream is(deck.get<std::string>("bench.calibrate_shapes"));
     const DeckEntry* e = given("bench.calibrate_shapes");
     for (std::string w; is >> w;) {
