@@ -9,7 +9,11 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <numeric>
+#include <random>
+#include <string>
 
 namespace {
 
@@ -123,6 +127,94 @@ TEST(BalanceConfig, SlotsAreChecked) {
   EXPECT_NE(error_of([&] { c.slots(8, 4); }).find("fewer than the 2 experts"), std::string::npos);
   c.slots_per_rank = 3;
   EXPECT_NE(error_of([&] { c.slots(2, 1); }).find("replicas need another rank"), std::string::npos);
+}
+
+}  // namespace
+
+// FasterMoE's dynamic shadowing: the rank loads with experts computed at
+// their tokens' ranks, and the greedy decision against the time it models.
+namespace {
+
+double shadow_seconds(const std::vector<std::vector<double>>& src, const moka::RankExperts& layout,
+                      const std::vector<int>& s, const moka::ShadowCost& c) {
+  const auto l = moka::shadowed_rank_loads(src, layout, s);
+  return *std::max_element(l.begin(), l.end()) * c.row_seconds + double(s.size()) * 2 * (c.latency + c.expert_bytes / c.bandwidth);
+}
+
+TEST(Shadowing, RankLoadsByHand) {
+  const moka::RankExperts layout{{0, 1}, {2, 3}};
+  const std::vector<std::vector<double>> src{{30, 5, 5, 0}, {30, 5, 0, 5}};
+  EXPECT_EQ(moka::shadowed_rank_loads(src, layout, {}), (std::vector<double>{70, 10}));
+  // Expert 0 computed where its tokens are: 30 rows stay on each rank.
+  EXPECT_EQ(moka::shadowed_rank_loads(src, layout, {0}), (std::vector<double>{40, 40}));
+  EXPECT_EQ(moka::shadowed_rank_loads(src, layout, {0, 1}), (std::vector<double>{35, 45}));
+  // A replicated expert not shadowed splits its rows as the layer does.
+  const moka::RankExperts rep{{0, 1, 2}, {0, 2, 3}};
+  EXPECT_EQ(moka::shadowed_rank_loads(src, rep, {}), moka::rank_loads({60, 10, 5, 5}, rep));
+  const std::string e = moka_test::error_of([&] { moka::shadowed_rank_loads(src, layout, {4}); });
+  EXPECT_NE(e.find("shadowed expert 4 of 4"), std::string::npos) << e;
+}
+
+TEST(Shadowing, GreedyDecisionFollowsTheModel) {
+  std::mt19937_64 rng(5);
+  for (int trial = 0; trial < 20; ++trial) {
+    const int P = 2 + trial % 3, L = 2, E = P * L;
+    std::vector<std::vector<double>> src(P, std::vector<double>(E));
+    std::gamma_distribution<double> skew(0.4, 1.0);  // a few hot experts
+    for (int e = 0; e < E; ++e) {
+      const double hot = 200 * skew(rng);
+      for (int r = 0; r < P; ++r) src[r][e] = std::floor(hot * (0.5 + std::uniform_real_distribution<double>(0, 1)(rng)));
+    }
+    const moka::RankExperts layout = moka::contiguous_layout(E, P);
+    moka::ShadowCost c;
+    c.row_seconds  = 1e-6;
+    c.expert_bytes = 4e6 * (trial % 4);  // free to dear
+    c.bandwidth    = 1e11;
+    c.latency      = 1e-6;
+    c.max_shadowed = 1 + trial % 3;
+    const auto d = moka::choose_shadowed(src, layout, c);
+    EXPECT_LE(int(d.experts.size()), c.max_shadowed);
+    EXPECT_DOUBLE_EQ(d.seconds_before, shadow_seconds(src, layout, {}, c));
+    EXPECT_DOUBLE_EQ(d.seconds_after, shadow_seconds(src, layout, d.experts, c));
+    // Every expert taken lowered the modelled time when it was added.
+    std::vector<int> s;
+    double t = d.seconds_before;
+    for (int e : d.experts) {
+      s.push_back(e);
+      const double t2 = shadow_seconds(src, layout, s, c);
+      EXPECT_LT(t2, t);
+      t = t2;
+    }
+    // Stopped for a reason: the cap, or no further expert lowers the time.
+    if (int(d.experts.size()) < c.max_shadowed)
+      for (int e = 0; e < E; ++e) {
+        if (std::find(s.begin(), s.end(), e) != s.end()) continue;
+        auto s2 = s;
+        s2.push_back(e);
+        EXPECT_GE(shadow_seconds(src, layout, s2, c), d.seconds_after) << "expert " << e;
+      }
+  }
+}
+
+TEST(Shadowing, FreeShadowsTheHotExpertDearShadowsNone) {
+  const moka::RankExperts layout{{0, 1}, {2, 3}};
+  const std::vector<std::vector<double>> src{{300, 5, 5, 0}, {300, 5, 0, 5}};
+  moka::ShadowCost c;
+  c.row_seconds  = 1e-6;
+  c.expert_bytes = 0;
+  const auto free_d = moka::choose_shadowed(src, layout, c);
+  ASSERT_FALSE(free_d.experts.empty());
+  EXPECT_EQ(free_d.experts[0], 0);
+  EXPECT_EQ(free_d.busiest_before, 610);
+  EXPECT_LT(free_d.busiest_after, 320);
+  c.expert_bytes = 1e9;  // 2 x 10 ms per expert against at most 0.3 ms saved
+  c.bandwidth    = 1e11;
+  const auto dear = moka::choose_shadowed(src, layout, c);
+  EXPECT_TRUE(dear.experts.empty());
+  EXPECT_EQ(dear.seconds_after, dear.seconds_before);
+  c.expert_bytes = 0;
+  c.max_shadowed = 0;
+  EXPECT_TRUE(moka::choose_shadowed(src, layout, c).experts.empty());
 }
 
 }  // namespace

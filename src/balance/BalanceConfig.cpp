@@ -67,6 +67,13 @@ DeckSchema replay_schema() {
   s.add("replay.first_layer", DeckType::integer).set_default("0").set_min(0).set_doc("First trace layer replayed.");
   s.add("replay.layers", DeckType::integer).set_default("0").set_min(0)
       .set_doc("Trace layers replayed from replay.first_layer (0: all).");
+  s.add("replay.shadowing", DeckType::boolean).set_default("false")
+      .set_doc("Also replay FasterMoE's dynamic shadowing on the static placement: each step the experts whose "
+               "computation at their tokens' ranks lowers the modelled time (busiest rank's rows x row time, plus "
+               "their parameters broadcast and gradients reduced at balance.migration_gbs) are shadowed "
+               "(moka::choose_shadowed; the trace's source ranks give where the tokens are).");
+  s.add("replay.max_shadowed", DeckType::integer).set_default("4").set_min(0)
+      .set_doc("Shadowing: experts shadowed at most per step.");
   s.add("replay.csv_file", DeckType::string).set_default("").set_doc("Per-iteration CSV output (empty: none).");
   s.add("replay.optimizer_moments", DeckType::integer).set_default("2").set_min(0).set_max(2)
       .set_doc("Optimizer moments an expert's state carries (adam: 2, sgd: 1), for the bytes moved.");

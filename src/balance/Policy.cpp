@@ -327,4 +327,57 @@ PlanDecision plan_placement(BalancePolicy policy, const std::vector<double>& loa
   return best;
 }
 
+std::vector<double> shadowed_rank_loads(const std::vector<std::vector<double>>& per_source, const RankExperts& layout,
+                                        const std::vector<int>& shadowed) {
+  const int P = static_cast<int>(layout.size());
+  MOKA_REQUIRE(int(per_source.size()) == P, per_source.size(), " source ranks for a layout of ", P, " ranks");
+  MOKA_REQUIRE(P > 0, "a layout of no ranks");
+  const int E = static_cast<int>(per_source[0].size());
+  std::vector<double> travel(E, 0.0);
+  for (const auto& row : per_source) {
+    MOKA_REQUIRE(int(row.size()) == E, "source rows of ", row.size(), " and ", E, " experts");
+    for (int e = 0; e < E; ++e) travel[e] += row[e];
+  }
+  for (int e : shadowed) {
+    MOKA_REQUIRE(e >= 0 && e < E, "shadowed expert ", e, " of ", E);
+    travel[e] = 0;  // computed at the source
+  }
+  std::vector<double> load = rank_loads(travel, layout);
+  for (int r = 0; r < P; ++r)
+    for (int e : shadowed) load[r] += per_source[r][e];
+  return load;
+}
+
+ShadowDecision choose_shadowed(const std::vector<std::vector<double>>& per_source, const RankExperts& layout,
+                               const ShadowCost& cost) {
+  MOKA_REQUIRE(cost.row_seconds >= 0 && cost.bandwidth > 0 && cost.max_shadowed >= 0,
+               "shadowing costs: row_seconds ", cost.row_seconds, ", bandwidth ", cost.bandwidth, ", max ",
+               cost.max_shadowed);
+  ShadowDecision d;
+  auto busiest = [&](const std::vector<int>& s) {
+    const auto l = shadowed_rank_loads(per_source, layout, s);
+    return *std::max_element(l.begin(), l.end());
+  };
+  auto seconds = [&](double rows, std::size_t n) { return rows * cost.row_seconds + double(n) * cost.per_expert(); };
+  d.busiest_before = d.busiest_after = busiest({});
+  d.seconds_before = d.seconds_after = seconds(d.busiest_before, 0);
+  const int E = per_source.empty() ? 0 : static_cast<int>(per_source[0].size());
+  while (static_cast<int>(d.experts.size()) < cost.max_shadowed) {
+    int best = -1;
+    double best_rows = 0, best_s = d.seconds_after;
+    for (int e = 0; e < E; ++e) {
+      if (std::find(d.experts.begin(), d.experts.end(), e) != d.experts.end()) continue;
+      std::vector<int> s = d.experts;
+      s.push_back(e);
+      const double rows = busiest(s), t = seconds(rows, s.size());
+      if (t < best_s) best = e, best_s = t, best_rows = rows;
+    }
+    if (best < 0) break;
+    d.experts.push_back(best);
+    d.busiest_after = best_rows;
+    d.seconds_after = best_s;
+  }
+  return d;
+}
+
 }  // namespace moka

@@ -28,6 +28,19 @@ std::vector<long> RoutingTrace::expert_counts(long iteration_row, long layer) co
   return out;
 }
 
+std::vector<std::vector<long>> RoutingTrace::source_counts(long iteration_row, long layer) const {
+  const long row = iteration_row < 0 ? n_iter - 1 : iteration_row;
+  MOKA_REQUIRE(row >= 0 && row < n_iter, "trace row ", iteration_row, " outside [0, ", n_iter, ") of ", path);
+  MOKA_REQUIRE(layer >= 0 && layer < n_layers, "trace layer ", layer, " outside [0, ", n_layers, ") of ", path);
+  std::vector<std::vector<long>> out(n_ranks, std::vector<long>(n_experts, 0));
+  for (long r = 0; r < n_ranks; ++r)
+    for (long m = 0; m < n_micro; ++m) {
+      const long base = (((row * n_ranks + r) * n_layers + layer) * n_micro + m) * n_experts;
+      for (long e = 0; e < n_experts; ++e) out[r][e] += counts[base + e];
+    }
+  return out;
+}
+
 std::vector<long> scale_counts(const std::vector<long>& counts, long total) {
   const double sum = std::accumulate(counts.begin(), counts.end(), 0.0);
   MOKA_REQUIRE(sum > 0, "moka::scale_counts: the counts sum to zero");

@@ -86,4 +86,39 @@ RankExperts contiguous_layout(int num_experts, int ranks);
 PlanDecision plan_placement(BalancePolicy policy, const std::vector<double>& load, const RankExperts& current,
                             int slots, const PlanCost& cost, const std::vector<std::vector<double>>& recent = {});
 
+/// \brief What FasterMoE's dynamic shadowing weighs for one step.
+struct ShadowCost {
+  double row_seconds  = 1e-9;  ///< expert time per row on a rank (forward + backward)
+  double expert_bytes = 0;     ///< one expert's parameters (broadcast), and again its gradients (reduced)
+  double bandwidth    = 50e9;  ///< bytes per second of the broadcast and the reduction
+  double latency      = 0;     ///< seconds per broadcast or reduction
+  int max_shadowed    = 4;     ///< experts shadowed at most per step
+  /// Seconds one shadowed expert adds: its parameters to every rank, its gradients back.
+  double per_expert() const { return 2.0 * (latency + expert_bytes / bandwidth); }
+};
+
+/// \brief Which experts one step shadows, and what it gains.
+struct ShadowDecision {
+  std::vector<int> experts;   ///< shadowed, in the order chosen
+  double busiest_before = 0;  ///< rows of the busiest rank without shadowing
+  double busiest_after  = 0;  ///< with the chosen experts shadowed
+  double seconds_before = 0;  ///< busiest x row_seconds
+  double seconds_after  = 0;  ///< busiest x row_seconds + shadowing's own cost
+};
+
+/// \brief Rank loads (rows) when the experts in \p shadowed are computed
+/// where their tokens are (rank r takes \p per_source[r][e] rows of each;
+/// no row of theirs moves) and the others as \p layout places them
+/// (replicas splitting their rows as MoELayer does). \p per_source: [ranks][experts].
+std::vector<double> shadowed_rank_loads(const std::vector<std::vector<double>>& per_source, const RankExperts& layout,
+                                        const std::vector<int>& shadowed);
+
+/// \brief FasterMoE's dynamic shadowing decision for one step: greedily, the
+/// expert whose shadowing lowers the step's predicted time (busiest rank's
+/// rows x row_seconds, plus ShadowCost::per_expert for every shadowed
+/// expert) the most, while one does and fewer than max_shadowed are taken.
+/// Deterministic (ties: the lower expert).
+ShadowDecision choose_shadowed(const std::vector<std::vector<double>>& per_source, const RankExperts& layout,
+                               const ShadowCost& cost);
+
 }  // namespace moka

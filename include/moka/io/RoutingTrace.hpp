@@ -24,6 +24,8 @@ struct RoutingTrace {
   /// \brief Per-expert assignments of one iteration row and layer, summed
   /// over source ranks and micro-batches. \p iteration_row -1 means the last.
   std::vector<long> expert_counts(long iteration_row, long layer) const;
+  /// \brief As expert_counts, per source rank: [n_ranks][experts].
+  std::vector<std::vector<long>> source_counts(long iteration_row, long layer) const;
 };
 
 /// \brief Reads \p path; throws moka::Error naming the file and what is
