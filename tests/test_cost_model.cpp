@@ -266,6 +266,28 @@ TEST(CostModel, RanksThatShareCores) {
   EXPECT_DOUBLE_EQ(moka::shared_node_seconds(p, {2.0, 1.0}, 2), 0.5 * 2 + 0.5);
 }
 
+TEST(CostModel, ShadowingCostsFromTheProfile) {
+  const MachineProfile p   = sample_profile();
+  const moka::StepShape sh = shape_of(100);
+  moka::LayoutChoice lay;
+  lay.ep = 2, lay.exchange = "mpi";
+  const moka::ShadowCost c = moka::shadow_cost(p, sh, lay, 64, 3);
+  // The curve's slope between 64 and 128 rows: (2.5e-4 - 1.5e-4) / 64.
+  EXPECT_DOUBLE_EQ(c.row_seconds, (2.5e-4 - 1.5e-4) / 64);
+  EXPECT_DOUBLE_EQ(c.expert_bytes, (64.0 * 256 + 256 * 64 + 256 + 64) * 4);
+  EXPECT_DOUBLE_EQ(c.bandwidth, 2e9);
+  EXPECT_DOUBLE_EQ(c.latency, 1e-5);
+  EXPECT_EQ(c.max_shadowed, 3);
+  // The decision with these costs: a hot expert's rows against its transfers.
+  const std::vector<std::vector<double>> src{{3000, 50, 50, 0}, {3000, 50, 0, 50}};
+  const auto d = moka::choose_shadowed(src, moka::contiguous_layout(4, 2), c);
+  ASSERT_FALSE(d.experts.empty());
+  EXPECT_EQ(d.experts[0], 0);
+  MachineProfile one = p;
+  one.allreduce      = {"allreduce", 0, 0};
+  EXPECT_NE(error_of([&] { moka::shadow_cost(one, sh, lay, 64, 3); }).find("no all-reduce figures"), std::string::npos);
+}
+
 TEST(CostModel, MemoryOfALayout) {
   moka::StepShape sh = shape_of(1024);
   moka::LayoutChoice one, four;

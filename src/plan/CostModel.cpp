@@ -180,6 +180,22 @@ StepPrediction predict_step(const MachineProfile& p, const StepShape& shape, con
   return out;
 }
 
+ShadowCost shadow_cost(const MachineProfile& p, const StepShape& shape, const LayoutChoice& layout,
+                       double rows_per_expert, int max_shadowed) {
+  MOKA_REQUIRE(p.allreduce.bandwidth > 0, "the machine profile ", p.source.empty() ? "" : "'" + p.source + "' ",
+               "has no all-reduce figures (measured on one rank): shadowing's broadcast cannot be costed");
+  const MoEConfig& m = shape.moe;
+  const int dff      = m.d_ff / layout.slices;
+  const double r     = std::max(1.0, rows_per_expert);
+  ShadowCost c;
+  c.row_seconds  = std::max(0.0, (p.expert_seconds(m.d_model, dff, 2 * r) - p.expert_seconds(m.d_model, dff, r)) / r);
+  c.expert_bytes = slot_params(m, layout.slices) * double(shape.scalar_bytes);
+  c.bandwidth    = p.allreduce.bandwidth;
+  c.latency      = p.allreduce.latency;
+  c.max_shadowed = max_shadowed;
+  return c;
+}
+
 MemoryEstimate layout_memory(const StepShape& shape, const LayoutChoice& layout, int optimizer_moments) {
   MemoryEstimate est;
   LayerMemoryShape ls;

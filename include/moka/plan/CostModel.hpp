@@ -91,6 +91,14 @@ double exchange_busiest_rows(const StepShape& shape, const LayoutChoice& layout,
 /// experts' slots, and its share of the dense parameters (all of them).
 double parameters_per_rank(const StepShape& shape, const LayoutChoice& layout);
 
+/// \brief Dynamic shadowing's costs (moka::choose_shadowed) from the
+/// profile: the marginal expert time per row at \p rows_per_expert rows (the
+/// curve's slope there), one expert slot's parameters in the run's scalar
+/// bytes, and the all-reduce link for their broadcast and the gradients'
+/// reduction. Throws moka::Error without all-reduce figures.
+ShadowCost shadow_cost(const MachineProfile& profile, const StepShape& shape, const LayoutChoice& layout,
+                       double rows_per_expert, int max_shadowed);
+
 /// \brief The memory one rank needs for \p shape on \p layout (the
 /// estimate the drivers check runs with).
 MemoryEstimate layout_memory(const StepShape& shape, const LayoutChoice& layout, int optimizer_moments);
