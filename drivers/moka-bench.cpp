@@ -494,6 +494,13 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
       shapes.push_back({std::stoi(w.substr(0, x)), std::stoi(w.substr(x + 1))});
     }
   }
+  // Each shape once (a listed shape may be one of the deck's).
+  {
+    std::vector<std::pair<int, int>> once;
+    for (const auto& sh : shapes)
+      if (std::find(once.begin(), once.end(), sh) == once.end()) once.push_back(sh);
+    shapes = once;
+  }
   long rows_max = deck.get<long>("bench.calibrate_rows_max");
   if (rows_max <= 0) rows_max = T0 * cfg.top_k;
   std::vector<long> grid;

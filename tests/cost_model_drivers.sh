@@ -17,7 +17,7 @@ fail() { echo "FAIL: $*"; exit 1; }
 small=(moe.d_model=32 moe.d_ff=64 bench.tokens=128 bench.warmup=1 bench.iters=2 run.comm_check=false)
 
 echo "== 1. calibrate"
-$mpi -n 2 "$bench" "$decks/calibrate_cpu.deck" "${small[@]}" bench.calibrate_shapes=16x32 bench.calibrate_rows_max=128 \
+$mpi -n 2 "$bench" "$decks/calibrate_cpu.deck" "${small[@]}" "bench.calibrate_shapes=\"16x32 32x32\"" bench.calibrate_rows_max=128 \
   bench.profile_out=$work/m.profile > cal.log 2>&1 || { cat cal.log; fail "calibration failed"; }
 grep -q "^moka_profile *= 1" m.profile || fail "no profile written"
 grep -q "^exchange *= mpi " m.profile || fail "no exchange line at 2 ranks"
