@@ -40,9 +40,24 @@
 
 namespace {
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
+using moka::median_of;
+
+/// Median over \p iters runs (after \p warmup) of the slowest rank's time
+/// of \p op, every rank starting together and \p space fenced around it.
+template <class Op>
+double slowest_median(const moka::execution_space& space, long warmup, long iters, Op&& op) {
+  std::vector<double> t;
+  for (long it = 0; it < warmup + iters; ++it) {
+    space.fence();
+    MPI_Barrier(MPI_COMM_WORLD);
+    const auto t0 = std::chrono::steady_clock::now();
+    op();
+    space.fence();
+    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    MPI_Allreduce(MPI_IN_PLACE, &s, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    if (it >= warmup) t.push_back(s);
+  }
+  return median_of(t);
 }
 
 template <class S>
@@ -150,8 +165,8 @@ int run(const moka::InputDeck& deck, int rank) {
       });
     }
   }
-  const double t_layer = median(times);
-  const double t_dense = median(dense);
+  const double t_layer = median_of(times);
+  const double t_dense = median_of(dense);
   if (rank == 0) {
     std::printf("moka-bench: %s, T=%ld, d=%d, d_ff=%d, E=%d, top-%d, %s gate, %s, %s%s\n",
                 Kokkos::DefaultExecutionSpace::name(), T, cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k,
@@ -255,20 +270,7 @@ int run_exchange(const moka::InputDeck& deck, int rank, int size) {
     Kokkos::View<S*, M> sbuf("a2a_send", std::size_t(count) * size), rbuf("a2a_recv", std::size_t(count) * size);
     // Median over iters (after warmup) of the slowest rank's time of op,
     // all ranks starting together.
-    auto slowest = [&](auto&& op) {
-      std::vector<double> t;
-      for (long it = 0; it < warmup + iters; ++it) {
-        space.fence();
-        MPI_Barrier(MPI_COMM_WORLD);
-        const auto t0 = std::chrono::steady_clock::now();
-        op();
-        space.fence();
-        double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        MPI_Allreduce(MPI_IN_PLACE, &s, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-        if (it >= warmup) t.push_back(s);
-      }
-      return median(t);
-    };
+    auto slowest = [&](auto&& op) { return slowest_median(space, warmup, iters, op); };
     const double t_ref = slowest([&] {
       groups->ep().alltoall(space, sbuf.data(), rbuf.data(), count, moka::data_type_of<S>(), moka::memory_kind_of<M>());
     });
@@ -376,6 +378,7 @@ struct Measured {
   StepParts parts;       ///< fenced regions, slowest rank per kind, median
   std::vector<double> counts;  ///< kept assignments per expert (summed over the layer's ranks), last forward
   long T = 0;
+  bool direct = false;   ///< the exchange stored rows straight into the peers' buffers
 };
 
 template <class S>
@@ -406,18 +409,8 @@ Measured measure_layer(const moka::MoEConfig& cfg, std::shared_ptr<moka::Process
   for (long i = 0; i < std::max(1L, warmup); ++i) step();
   Measured out;
   out.T = T;
-  std::vector<double> totals;
+  out.total = slowest_median(space, 0, iters, step);
   std::vector<StepParts> parts;
-  for (long i = 0; i < iters; ++i) {
-    space.fence();
-    MPI_Barrier(MPI_COMM_WORLD);
-    const auto t0 = std::chrono::steady_clock::now();
-    step();
-    space.fence();
-    double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    MPI_Allreduce(MPI_IN_PLACE, &t, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-    totals.push_back(t);
-  }
   moka::set_fence_regions(true);
   for (long i = 0; i < iters; ++i) {
     space.fence();
@@ -431,7 +424,6 @@ Measured measure_layer(const moka::MoEConfig& cfg, std::shared_ptr<moka::Process
   }
   moka::set_fence_regions(false);
   moka::TimerTable::instance().clear();
-  out.total = moka::median_of(totals);
   auto med  = [&](double StepParts::*f) {
     std::vector<double> v;
     for (const auto& p : parts) v.push_back(p.*f);
@@ -444,6 +436,7 @@ Measured measure_layer(const moka::MoEConfig& cfg, std::shared_ptr<moka::Process
   for (std::size_t e = 0; e < c.size(); ++e) c[e] = hc(e);
   if (groups) groups->moe().allreduce_host(c.data(), int(c.size()));
   out.counts.assign(c.begin(), c.end());
+  out.direct = layer.exchange_direct();
   return out;
 }
 
@@ -654,15 +647,7 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
       secs.push_back(m.parts.exchange);
       ms.push_back(m);
     }
-    {
-      // Which path the layer's exchange takes (known after a forward).
-      using matrix = Kokkos::View<S**, Kokkos::LayoutRight, M>;
-      moka::MoELayer<S, M> layer(c3, groups);
-      layer.init_parameters(seed);
-      matrix x("x", 8, c3.d_model), y("y", 8, c3.d_model);
-      layer.forward(moka::execution_space(), x, y);
-      path = exchange_path(groups.get(), layer.exchange_direct());
-    }
+    path = exchange_path(groups.get(), ms.back().direct);  // the path those layers' exchange took
     prof.comm = moka::to_string(groups->ep().backend());
     prof.exchange.push_back(moka::fit_link(path, bytes, secs, 4.0));
     lay.exchange = path;
@@ -682,19 +667,8 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
     for (double mb : {0.0625, 1.0, 8.0, 32.0}) {
       const long n = std::max(1L, long(mb * 1048576 / sizeof(S)));
       Kokkos::View<S*, M> buf("allreduce", n);
-      std::vector<double> t;
-      for (long i = 0; i < warmup + iters; ++i) {
-        space.fence();
-        MPI_Barrier(MPI_COMM_WORLD);
-        const auto t0 = std::chrono::steady_clock::now();
-        moka::allreduce_sum(groups->world(), space, buf);
-        space.fence();
-        double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        MPI_Allreduce(MPI_IN_PLACE, &s, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-        if (i >= warmup) t.push_back(s);
-      }
       ab.push_back(double(n) * sizeof(S));
-      as.push_back(moka::median_of(t));
+      as.push_back(slowest_median(space, warmup, iters, [&] { moka::allreduce_sum(groups->world(), space, buf); }));
     }
     prof.allreduce = moka::fit_link("allreduce", ab, as, 1.0);
     std::ostringstream os;
@@ -711,18 +685,7 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
     Kokkos::View<S*, M> w("calibrate_w", n), g("calibrate_g", n);
     moka::Optimizer<S, M> opt{moka::OptimizerConfig()};
     opt.add(w, g);
-    std::vector<double> t;
-    for (long i = 0; i < warmup + iters; ++i) {
-      space.fence();
-      MPI_Barrier(MPI_COMM_WORLD);
-      const auto t0 = std::chrono::steady_clock::now();
-      opt.step(space);
-      space.fence();
-      double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      MPI_Allreduce(MPI_IN_PLACE, &s, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-      if (i >= warmup) t.push_back(s);
-    }
-    prof.optimizer_elem = moka::median_of(t) / double(n);
+    prof.optimizer_elem = slowest_median(space, warmup, iters, [&] { opt.step(space); }) / double(n);
   }
   const std::string out = deck.get<std::string>("bench.profile_out");
   if (rank == 0) prof.write(out);

@@ -8,12 +8,7 @@
 #   scripts/gpu-cost-model.sh [bundle] [log-dir]
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/gpu-env.sh"
-nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$logs/gpus.txt"
-
-stamp "build MoKA (CUDA) from the bundle"
-MOKA_SKIP_TESTS=1 MOKA_JOBS=$jobs "$here/gpu-node-build.sh" "$bundle" "$root/build-gpu" > "$logs/build.log" 2>&1 \
-  || { tail -60 "$logs/build.log"; echo "BUILD FAILED"; exit 1; }
-b=$root/build-gpu
+build_from_bundle
 
 stamp "ctest: cost model, topology gate"
 [ -n "${MOKA_GPU_SKIP_TESTS:-}" ] || (cd "$b" && ctest -j4 --output-on-failure --timeout 300 -R "cost_model|topology_gate") > "$logs/ctest.log" 2>&1

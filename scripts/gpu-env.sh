@@ -12,3 +12,13 @@ export PATH=${CUDA_HOME:-/usr/local/cuda}/bin:$PATH CUDA_ROOT=${CUDA_HOME:-/usr/
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_PROC_BIND=false OMP_NUM_THREADS=4
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+# Lists the node's GPUs into $logs/gpus.txt, builds MoKA (CUDA) from the
+# bundle into $root/build-gpu (log: $logs/build.log) and sets b to it;
+# stops the script when the build fails.
+build_from_bundle() {
+  nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$logs/gpus.txt"
+  stamp "build MoKA (CUDA) from the bundle"
+  MOKA_SKIP_TESTS=1 MOKA_JOBS=$jobs "$here/gpu-node-build.sh" "$bundle" "$root/build-gpu" > "$logs/build.log" 2>&1 \
+    || { tail -60 "$logs/build.log"; echo "BUILD FAILED"; exit 1; }
+  b=$root/build-gpu
+}

@@ -82,6 +82,32 @@ void add(StepPrediction& sum, const StepPrediction& p, double w) {
   sum.busiest_rows += w * p.busiest_rows, sum.mean_rows += w * p.mean_rows;
 }
 
+/// Where \p policy puts the experts for a workload of mean counts \p mean
+/// and per-step counts \p steps: contiguous (static), or the policy's plan
+/// from the contiguous start; moka's spare slots all filled, as a layer's
+/// are (a policy may leave one empty where a replica does not pay), with
+/// the heaviest experts the rank does not hold yet.
+RankExperts planned_placement(const std::string& policy, const std::vector<double>& mean,
+                              const std::vector<std::vector<double>>& steps, int E, int ep, int L) {
+  const RankExperts current = contiguous_layout(E, ep);
+  if (policy == "static") return current;
+  PlanCost cost;
+  cost.bandwidth     = 1e30;  // a plan, not a migration: where the experts should be
+  cost.horizon_steps = 1e6;
+  RankExperts at = plan_placement(policy == "moka" ? BalancePolicy::moka : BalancePolicy::smartmoe, mean, current, L,
+                                  cost, steps)
+                       .layout;
+  if (policy == "moka")
+    for (auto& held : at)
+      while (int(held.size()) < L) {
+        int best = -1;
+        for (int e = 0; e < E; ++e)
+          if (std::find(held.begin(), held.end(), e) == held.end() && (best < 0 || mean[e] > mean[best])) best = e;
+        held.push_back(best);
+      }
+  return at;
+}
+
 }  // namespace
 
 std::vector<PlanCandidate> plan_layouts(const MachineProfile& profile, const StepShape& shape, const Workload& workload,
@@ -138,9 +164,9 @@ std::vector<PlanCandidate> plan_layouts(const MachineProfile& profile, const Ste
             c.refused         = why;
             if (c.refused.empty()) {
               try {
-                c.memory = layout_memory(shape, c.layout, opt.optimizer_moments).total(true);
+                const MemoryEstimate est = layout_memory(shape, c.layout, opt.optimizer_moments);
+                c.memory                 = est.total(true);
                 if (opt.memory_per_rank > 0 && c.memory > opt.memory_per_rank) {
-                  const auto est = layout_memory(shape, c.layout, opt.optimizer_moments);
                   const MemoryEstimate::Item* big = nullptr;
                   for (const auto& it : est.items())
                     if (!big || it.bytes > big->bytes) big = &it;
@@ -148,38 +174,12 @@ std::vector<PlanCandidate> plan_layouts(const MachineProfile& profile, const Ste
                               " allowed (largest: " + big->what + ", " + format_bytes(big->bytes) + ")";
                 }
                 if (c.refused.empty()) {
-                  RankExperts current = contiguous_layout(E, ep);
-                  if (policy == "static") {
-                    c.experts_at = current;
-                  } else {
-                    PlanCost cost;
-                    cost.bandwidth     = 1e30;  // a plan, not a migration: where the experts should be
-                    cost.horizon_steps = 1e6;
-                    std::vector<std::vector<double>> recent;
-                    for (const auto& s : workload.shares) recent.push_back(group_counts(shape, c.layout, s));
-                    const PlanDecision d = plan_placement(policy == "moka" ? BalancePolicy::moka : BalancePolicy::smartmoe,
-                                                          group_counts(shape, c.layout, mean), current, L, cost, recent);
-                    c.experts_at = d.layout;
-                    if (policy == "moka") {
-                      // Every slot filled, as a layer does (a policy may leave one empty when a replica does not pay).
-                      for (int r = 0; r < ep; ++r) {
-                        std::vector<int>& held = c.experts_at[r];
-                        std::vector<double> load = group_counts(shape, c.layout, mean);
-                        while (int(held.size()) < L) {
-                          int best = -1;
-                          for (int e = 0; e < E; ++e)
-                            if (std::find(held.begin(), held.end(), e) == held.end() && (best < 0 || load[e] > load[best]))
-                              best = e;
-                          held.push_back(best);
-                        }
-                      }
-                    }
-                  }
-                  const double w = 1.0 / workload.shares.size();
-                  for (const auto& s : workload.shares) {
-                    const auto p = predict_step(profile, shape, c.layout, group_counts(shape, c.layout, s), c.experts_at);
-                    add(c.predicted, p, w);
-                  }
+                  std::vector<std::vector<double>> steps;
+                  for (const auto& s : workload.shares) steps.push_back(group_counts(shape, c.layout, s));
+                  c.experts_at = planned_placement(policy, group_counts(shape, c.layout, mean), steps, E, ep, L);
+                  const double w = 1.0 / steps.size();
+                  for (const auto& counts : steps)
+                    add(c.predicted, predict_step(profile, shape, c.layout, counts, c.experts_at), w);
                 }
               } catch (const Error& e) {
                 c.refused = e.what();
