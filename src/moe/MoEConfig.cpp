@@ -63,6 +63,8 @@ void MoEConfig::validate() const {
   MOKA_REQUIRE(num_experts > 0, "moe.num_experts = ", num_experts, " must be positive");
   MOKA_REQUIRE(top_k > 0, "moe.top_k = ", top_k, " must be positive");
   MOKA_REQUIRE(top_k <= num_experts, "moe.top_k = ", top_k, " exceeds moe.num_experts = ", num_experts);
+  MOKA_REQUIRE(shadow_slots >= 0 && shadow_slots <= num_experts, "balance.max_shadowed = ", shadow_slots,
+               " is outside [0, moe.num_experts = ", num_experts, "]");
   // A factor of E / k already lets an expert take every assignment; far
   // beyond that the capacity in tokens overflows. 1e6 leaves room for any
   // real E / k and keeps f T k / E exact in a double.

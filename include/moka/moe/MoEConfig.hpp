@@ -77,6 +77,11 @@ struct MoEConfig {
   /// go to experts on other nodes (FasterMoE's topology-aware gate); the
   /// rest go to the best expert on the rank's node. 1: no limit.
   double max_offnode_share = 1.0;
+  /// Dynamic shadowing (FasterMoE): extra expert slots per rank that hold,
+  /// for one step, copies of the experts the shadow rule picks (at most
+  /// this many per step). Not a moe.* key: moka-train sets it from
+  /// balance.shadowing / balance.max_shadowed. 0: no shadowing.
+  int shadow_slots = 0;
   DropPolicy drop_policy = DropPolicy::position;  ///< gate.drop_policy
   CapacityScope capacity_scope = CapacityScope::automatic;  ///< gate.capacity_scope
   /// \brief Whether capacity counts over all ranks' tokens (resolves automatic).

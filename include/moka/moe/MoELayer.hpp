@@ -48,6 +48,7 @@
 #include <moka/linalg/impl/CublasGemm.hpp>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -121,9 +122,15 @@ class MoELayer {
   /// Names are \p prefix + "gate_w", "w1", ...
   std::vector<ParamRef<Scalar, MemorySpace>> parameters(const std::string& prefix = "") {
     std::vector<ParamRef<Scalar, MemorySpace>> out;
+    // Expert tensors: the owned slots only (shadow slots, after them, are
+    // the layer's own workspace: neither updated nor synchronised).
     auto add = [&](const std::string& name, auto p, auto g, ParamTag tag, bf16* copy = nullptr) {
       using flat = typename ParamRef<Scalar, MemorySpace>::flat;
-      out.push_back({prefix + name, flat(p.data(), p.size()), flat(g.data(), g.size()), tag, copy, nullptr, extents_of(p)});
+      const bool expert  = tag != ParamTag::gate;
+      const std::size_t n = expert && m_L ? p.size() / m_L * m_Lo : p.size();
+      auto shape          = extents_of(p);
+      if (expert) shape[0] = m_Lo;
+      out.push_back({prefix + name, flat(p.data(), n), flat(g.data(), n), tag, copy, nullptr, shape});
     };
     auto& G = grads();
     add("gate_w", m_params.gate_w, G.gate_w, ParamTag::gate);
@@ -160,9 +167,10 @@ class MoELayer {
   bool bf16_weights_managed() const { return m_bf16_managed; }
   /// \brief The process groups (nullptr: one rank).
   const ProcessGroups* groups() const { return m_groups.get(); }
-  /// \brief Expert slots held here (L = E / EP), the logical expert on local
-  /// slot \p l, and the d_ff columns of each held here (d_ff / S).
-  int local_experts() const { return m_L; }
+  /// \brief Expert slots held here (L = E / EP, or the placement's), the
+  /// logical expert on local slot \p l, and the d_ff columns of each held
+  /// here (d_ff / S). Shadow slots are not counted.
+  int local_experts() const { return m_Lo; }
   int local_expert(int l) const { return m_place.expert_at(m_ep_rank, l); }
   int local_d_ff() const { return m_dffl; }
   /// \brief Where the experts live (contiguous unless one was given).
@@ -182,6 +190,31 @@ class MoELayer {
   /// \brief The replicas of this rank's slots (what moka::GradSync reads;
   /// rebuilt in place by set_placement).
   std::shared_ptr<const ReplicaGroups> replica_groups() const { return m_replicas; }
+  /// \name Dynamic shadowing (FasterMoE; docs/balance.md, balance.shadowing).
+  /// With MoEConfig::shadow_slots = M > 0 (and an EP group of more than one
+  /// rank, one slot per expert), every forward asks the shadow rule which
+  /// experts to shadow this step, given the kept rows of every expert from
+  /// every EP rank (per_source[rank][expert]) and the placement. A shadowed
+  /// expert's parameters are broadcast from its owner into shadow slot j
+  /// (j: its place in the rule's answer) on every EP rank; each rank's own
+  /// rows of it go to that slot and never leave the rank; backward reduces
+  /// the shadow slots' gradients to the owner's slot (added to it) and
+  /// clears them. Results equal the unshadowed layer's within round-off
+  /// (the sums over an expert's rows are split by rank). No rule: nothing
+  /// is shadowed. The rule must answer alike on every rank of the EP group
+  /// (it is given the same numbers there): at most M distinct experts.
+  /// @{
+  using ShadowRule =
+      std::function<std::vector<int>(const std::vector<std::vector<double>>& per_source, const Placement& placement)>;
+  void set_shadow_rule(ShadowRule rule) { m_shadow_rule = std::move(rule); }
+  /// Shadow slots per rank (0: shadowing off).
+  int shadow_slots() const { return m_M; }
+  /// The experts the last forward shadowed (in shadow-slot order).
+  const std::vector<int>& shadowed() const { return m_shadowed; }
+  /// Bytes this rank received (weights) and sent (gradients) for shadowing in the last step.
+  long shadow_bytes() const { return m_shadow_bytes; }
+  /// @}
+
   /// \brief Tokens of the whole batch over all ranks, and this rank's first (last forward).
   long tokens_global() const { return m_T_global; }
   long token_offset() const { return m_tok0; }
@@ -282,6 +315,9 @@ class MoELayer {
   void global_batch(int T);
   void plan_exchange(const execution_space& space);
   void route_to_slots(const execution_space& space);
+  void shadow_route(const execution_space& space, const std::vector<long>& all);
+  void shadow_weights(const execution_space& space);
+  void shadow_reduce_grads(const execution_space& space);
   void expert_bias_add(const execution_space& space);
   static constexpr int bias_chunk = 64;  ///< rows per partial sum of the bias gradients
   enum class Stage { up, down, down_backward, up_backward };
@@ -300,7 +336,8 @@ class MoELayer {
 
   MoEConfig m_cfg;
   std::shared_ptr<ProcessGroups> m_groups;
-  int m_S = 1, m_L = 0, m_dffl = 0, m_dfil = 0;  // slices, local expert slots, local d_ff, d_ff_in
+  // slices, local expert slots (owned + shadow), owned slots, shadow slots, local d_ff, d_ff_in
+  int m_S = 1, m_L = 0, m_Lo = 0, m_M = 0, m_dffl = 0, m_dfil = 0;
   int m_ep_rank = 0;
   // Where the experts live. Not contiguous: the gate's choices are mapped
   // to slots (m_slot_route) before the slot assignment, so dispatch rows
@@ -320,6 +357,15 @@ class MoELayer {
   typename Kokkos::View<long*, MemorySpace>::HostMirror m_rep_base_host;
   impl::SlotWork<MemorySpace> m_slot_work2;
   index_vector m_row_token_e, m_row_choice_e;
+  // Dynamic shadowing: the rule, this step's shadowed experts, each
+  // expert's slot for this step (owner's, or the local shadow slot), the
+  // gradient staging of one slot, and the bytes moved.
+  ShadowRule m_shadow_rule;
+  std::vector<int> m_shadowed;
+  index_vector m_shadow_target;
+  typename index_vector::HostMirror m_shadow_target_host;
+  Kokkos::View<Scalar*, MemorySpace> m_shadow_stage;
+  long m_shadow_bytes = 0;
   std::vector<int> m_h_expert_offsets;
   std::vector<int> m_rep_start_host;
   params_type m_params, m_grads;

@@ -71,6 +71,12 @@ inline Placement resolved_placement(const MoEConfig& cfg, const std::shared_ptr<
   return p;
 }
 
+/// Shadow slots per rank: MoEConfig::shadow_slots where the EP group has
+/// more than one rank (on one, every expert is local already).
+inline int shadow_slots_of(const MoEConfig& cfg, const std::shared_ptr<ProcessGroups>& g) {
+  return g && g->ep_size() > 1 ? cfg.shadow_slots : 0;
+}
+
 inline int validated_slices(const MoEConfig& cfg, const std::shared_ptr<ProcessGroups>& g) {
   if (!g) return 1;
   g->config().validate(g->world().size(), cfg.num_experts, cfg.d_ff);
@@ -89,9 +95,11 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr
       m_dfil(config.d_ff_in() / m_S),
       m_ep_rank(m_groups ? m_groups->ep_rank() : 0),
       m_place(impl::resolved_placement(config, m_groups, std::move(placement))),
-      m_params(config, "moka::moe::", m_place.slots_per_rank(), m_S),
-      m_grads(config, "moka::moe::grad_", m_place.slots_per_rank(), m_S) {
-  m_L = m_place.slots_per_rank();
+      m_params(config, "moka::moe::", m_place.slots_per_rank() + impl::shadow_slots_of(config, m_groups), m_S),
+      m_grads(config, "moka::moe::grad_", m_place.slots_per_rank() + impl::shadow_slots_of(config, m_groups), m_S) {
+  m_Lo = m_place.slots_per_rank();
+  m_M  = impl::shadow_slots_of(config, m_groups);
+  m_L  = m_Lo + m_M;
   apply_placement();
   {
     // The expert-side offsets, the bias-sum chunk starts and the coalesced
@@ -146,8 +154,8 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr
 template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::set_placement(const Placement& p) {
   Placement q = impl::resolved_placement(m_cfg, m_groups, p);
-  MOKA_REQUIRE(q.slots_per_rank() == m_L, "moka::MoELayer::set_placement: the placement has ", q.slots_per_rank(),
-               " slots per rank, the layer ", m_L);
+  MOKA_REQUIRE(q.slots_per_rank() == m_Lo, "moka::MoELayer::set_placement: the placement has ", q.slots_per_rank(),
+               " slots per rank, the layer ", m_Lo);
   m_place = std::move(q);
   apply_placement();
 }
@@ -155,11 +163,15 @@ void MoELayer<Scalar, MemorySpace>::set_placement(const Placement& p) {
 template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::apply_placement() {
   const int E = m_cfg.num_experts, N = m_place.num_slots();
-  m_identity   = m_place.is_contiguous();
+  const int NS = m_place.ep_size() * m_L;  // slots with the shadow slots
+  MOKA_REQUIRE(m_M == 0 || m_place.single_slot(), "balance.shadowing needs one slot per expert (the placement has ",
+               m_place.slots_per_rank(), " slots per rank for ", E, " experts on ", m_place.ep_size(),
+               " ranks): set balance.slots_per_rank = 0, or shadowing off");
+  m_identity   = m_place.is_contiguous() && m_M == 0;
   m_replicated = !m_place.single_slot();
   if (!m_replicas) m_replicas = std::make_shared<ReplicaGroups>();
   m_replicas->rebuild(m_place, m_ep_rank);
-  if (static_cast<int>(m_offsets.extent(0)) != N + 1) m_offsets = index_vector("moka::moe::offsets", N + 1);
+  if (static_cast<int>(m_offsets.extent(0)) != NS + 1) m_offsets = index_vector("moka::moe::offsets", NS + 1);
   // Topology-aware gate: which experts have a slot on this rank's node.
   m_topology = false;
   if (m_cfg.max_offnode_share < 1 && m_groups) {
@@ -175,13 +187,18 @@ void MoELayer<Scalar, MemorySpace>::apply_placement() {
   }
   if (m_identity) return;
   if (m_expert_slot.extent(0) == 0) m_expert_slot = index_vector("moka::moe::expert_slot", E);
-  if (static_cast<int>(m_slot_counts.extent(0)) != N) m_slot_counts = index_vector("moka::moe::slot_counts", N);
+  if (static_cast<int>(m_slot_counts.extent(0)) != NS) m_slot_counts = index_vector("moka::moe::slot_counts", NS);
   auto h = Kokkos::create_mirror_view(m_expert_slot);
   for (int e = 0; e < E; ++e) {
     const Placement::Slot s = m_place.slots_of(e).front();
     h(e)                    = s.rank * m_L + s.local;
   }
   Kokkos::deep_copy(m_expert_slot, h);
+  if (m_M > 0 && m_shadow_target.extent(0) == 0) {
+    m_shadow_target      = index_vector("moka::moe::shadow_target", E);
+    m_shadow_target_host = Kokkos::create_mirror_view(m_shadow_target);
+    m_expert_offsets     = index_vector("moka::moe::expert_offsets", E + 1);
+  }
   if (!m_replicated) return;
   // Each expert's slots by rank (the order the rows are split in).
   if (m_rep_start.extent(0) == 0) {
@@ -216,7 +233,7 @@ void MoELayer<Scalar, MemorySpace>::init_parameters(std::uint64_t seed) {
   const bool swiglu = m_cfg.activation == Activation::swiglu;
   // Local slot of each expert held here (-1 elsewhere), from the placement.
   std::vector<long> local(E, -1);
-  for (int l = 0; l < m_L; ++l) local[local_expert(l)] = l;
+  for (int l = 0; l < m_Lo; ++l) local[local_expert(l)] = l;
   impl::fill_uniform(m_params.gate_w, rng, 1.0 / std::sqrt(double(d)));
   if (m_params.noise_w.size()) impl::fill_uniform(m_params.noise_w, rng, 1.0 / std::sqrt(double(d)));
   // W1 [E, d, dfi]: local column of global column c (SwiGLU: both halves sliced alike).
@@ -505,6 +522,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
       }
     m_wgrad_zero = false;
   }
+  if (!m_shadowed.empty()) shadow_reduce_grads(space);
   const matrix dxs = m_tx.reverse(space, m_dxe, TokenExchange<Scalar, MemorySpace>::Buffer::dispatch_grad);
 
   // Gate backward (into dx), then the expert rows of each token.
@@ -517,6 +535,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
 
 #include <moka/moe/impl/MoELayerExperts_impl.hpp>
 #include <moka/moe/impl/MoELayerGate_impl.hpp>
+#include <moka/moe/impl/MoELayerShadow_impl.hpp>
 
 namespace moka {
 
@@ -534,7 +553,8 @@ void MoELayer<Scalar, MemorySpace>::route_to_slots(const execution_space& space)
   // assignment by expert first, then the kept rows split among the
   // replicas and placed by slot in a second, dropless pass.
   index_matrix route = m_route;
-  if (!m_identity && !m_replicated) {
+  const bool shadowing = m_M > 0;  // two passes, as with replicas, the second to this step's slots
+  if (!m_identity && !m_replicated && !shadowing) {
     auto r = m_route, sr = m_slot_route;
     auto es = m_expert_slot;
     Kokkos::parallel_for(
@@ -557,7 +577,7 @@ void MoELayer<Scalar, MemorySpace>::route_to_slots(const execution_space& space)
     Kokkos::deep_copy(m_cap_base, hb);
     base = m_cap_base;
   }
-  if (!m_replicated) {
+  if (!m_replicated && !shadowing) {
     m_rows = impl::assign_slots(space, m_cfg.drop_policy, m_capacity, base, route, m_score,
                                 m_identity ? m_counts : m_slot_counts, m_offsets, m_slot, m_slot_work, m_row_token,
                                 m_row_choice, m_h_offsets);
@@ -583,6 +603,10 @@ void MoELayer<Scalar, MemorySpace>::route_to_slots(const execution_space& space)
   for (int e = 0; e < E; ++e) mine[e] = m_h_expert_offsets[e + 1] - m_h_expert_offsets[e];
   if (P > 1) m_groups->ep().allgather_counts(mine.data(), all.data(), E);
   else all = mine;
+  if (shadowing) {
+    shadow_route(space, all);
+    return;
+  }
   std::vector<double> total(E, 0.0);
   if (m_rep_base_host.extent(0) != m_rep_base.extent(0)) m_rep_base_host = Kokkos::create_mirror_view(m_rep_base);
   auto hb = m_rep_base_host;
