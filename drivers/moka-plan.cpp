@@ -96,6 +96,7 @@ int main(int argc, char* argv[]) {
     moka::PlanOptions opt;
     opt.ranks           = P;
     opt.max_extra_slots = deck.get<int>("plan.max_extra_slots");
+    opt.max_shadowed    = deck.get<int>("plan.max_shadowed");
     opt.optimizer_moments = oc.type == moka::OptimizerType::sgd ? 1 : 2;
     {
       std::istringstream is(deck.get<std::string>("plan.policies"));
@@ -124,9 +125,9 @@ int main(int argc, char* argv[]) {
                   prof.ranks_per_node);
     std::printf("  predicted step = MoE layers' forward+backward + gradient sums + optimizer; the dense layers' "
                 "work is the same in every layout and not included\n");
-    std::printf("  %4s %3s %3s %4s %5s %-8s %-9s %10s %10s %9s %9s %9s %9s %10s\n", "rank", "EP", "S", "EDP",
-                "slots", "exchange", "policy", "step ms", "layer ms", "experts", "exchange", "slicing", "sync",
-                "memory");
+    std::printf("  %4s %3s %3s %4s %5s %-8s %-9s %6s %10s %10s %9s %9s %9s %9s %10s\n", "rank", "EP", "S", "EDP",
+                "slots", "exchange", "policy", "shadow", "step ms", "layer ms", "experts", "exchange", "slicing",
+                "sync", "memory");
     const int show = deck.get<int>("plan.show");
     int n = 0, runnable = 0;
     for (const auto& c : plans) {
@@ -135,9 +136,10 @@ int main(int argc, char* argv[]) {
       if (n >= show) continue;
       ++n;
       const auto& p = c.predicted;
-      std::printf("  %4d %3d %3d %4d %5d %-8s %-9s %10s %10s %9s %9s %9s %9s %10s\n", n, c.layout.ep, c.layout.slices,
-                  c.layout.edp, c.layout.slots_per_rank(model.moe.num_experts), c.layout.exchange.c_str(),
-                  c.policy.c_str(), fmt_ms(p.step).c_str(), fmt_ms(p.layer).c_str(), fmt_ms(p.experts).c_str(),
+      const std::string shadow = c.layout.shadowing > 0 ? std::to_string(c.layout.shadowing) : "-";
+      std::printf("  %4d %3d %3d %4d %5d %-8s %-9s %6s %10s %10s %9s %9s %9s %9s %10s\n", n, c.layout.ep,
+                  c.layout.slices, c.layout.edp, c.layout.slots_per_rank(model.moe.num_experts),
+                  c.layout.exchange.c_str(), c.policy.c_str(), shadow.c_str(), fmt_ms(p.step).c_str(), fmt_ms(p.layer).c_str(), fmt_ms(p.experts).c_str(),
                   fmt_ms(p.exchange).c_str(), fmt_ms(p.slicing).c_str(), fmt_ms(p.grad_sync).c_str(),
                   moka::format_bytes(c.memory).c_str());
     }
@@ -146,8 +148,7 @@ int main(int argc, char* argv[]) {
       if (c.refused.empty()) continue;
       if (!any_refused) std::printf("  refused:\n");
       any_refused = true;
-      std::printf("    EP %d x S %d x EDP %d, %d slot(s), %s, %s: %s\n", c.layout.ep, c.layout.slices, c.layout.edp,
-                  c.layout.slots_per_rank(model.moe.num_experts), c.layout.exchange.c_str(), c.policy.c_str(),
+      std::printf("    %s, %s: %s\n", c.layout.describe(model.moe.num_experts).c_str(), c.policy.c_str(),
                   c.refused.c_str());
     }
     if (runnable == 0) {

@@ -288,6 +288,44 @@ TEST(CostModel, ShadowingCostsFromTheProfile) {
   EXPECT_NE(error_of([&] { moka::shadow_cost(one, sh, lay, 64, 3); }).find("no all-reduce figures"), std::string::npos);
 }
 
+TEST(CostModel, ShadowingInThePrediction) {
+  const MachineProfile p   = sample_profile();
+  const moka::StepShape sh = shape_of(100);  // 2 ranks: 400 rows in all
+  moka::LayoutChoice lay;
+  lay.ep = 2, lay.exchange = "mpi";
+  const std::vector<double> counts{300, 50, 30, 20};  // expert 0 hot, on rank 0
+  const auto plain = moka::predict_step(p, sh, lay, counts);
+  lay.shadowing    = 1;
+  const auto pr    = moka::predict_step(p, sh, lay, counts);
+  // The decision the model makes (each rank holds half of every expert's tokens).
+  const moka::ShadowCost c = moka::shadow_cost(p, sh, lay, 100, 1);
+  const auto d = moka::choose_shadowed({{150, 25, 15, 10}, {150, 25, 15, 10}}, moka::contiguous_layout(4, 2), c);
+  ASSERT_EQ(d.experts, std::vector<int>{0});
+  EXPECT_DOUBLE_EQ(pr.shadowed, 1);
+  EXPECT_DOUBLE_EQ(pr.shadowing, c.per_expert());
+  // Rank 0: expert 1 (50) + its half of expert 0 (150); rank 1: 30 + 20 + 150.
+  EXPECT_DOUBLE_EQ(pr.busiest_rows, 200);
+  const double e0 = p.expert_seconds(64, 256, 50) + p.expert_seconds(64, 256, 150) - 1e-5;
+  const double e1 = p.expert_seconds(64, 256, 30) + p.expert_seconds(64, 256, 20) + p.expert_seconds(64, 256, 150) -
+                    2 * 1e-5;
+  EXPECT_DOUBLE_EQ(pr.experts, std::max(e0, e1));
+  // Only the other experts' rows move: 100 in all; rank 0 holds 50 of
+  // them, sends 50 (1 - 50/100) = 25 and receives 25; rank 1 the same.
+  EXPECT_DOUBLE_EQ(pr.exchange, 4 * (2e-5 + 25 * 64 * 4 / 1e9));
+  EXPECT_DOUBLE_EQ(pr.layer, pr.fixed + pr.gate + pr.tokens + pr.experts + pr.exchange + pr.slicing + pr.shadowing);
+  EXPECT_LT(pr.busiest_rows, plain.busiest_rows);
+  // Shadowing with replicas is not a layout.
+  lay.slots = 3;
+  EXPECT_NE(error_of([&] { moka::predict_step(p, sh, lay, counts, {{0, 1, 2}, {2, 3, 0}}); })
+                .find("shadowing needs one slot per expert"),
+            std::string::npos);
+  // Its memory: the shadow slots' parameters and gradients.
+  lay.slots = 0;
+  moka::LayoutChoice off = lay;
+  off.shadowing = 0;
+  EXPECT_GT(moka::layout_memory(sh, lay, 2).total(true), moka::layout_memory(sh, off, 2).total(true));
+}
+
 TEST(CostModel, MemoryOfALayout) {
   moka::StepShape sh = shape_of(1024);
   moka::LayoutChoice one, four;
@@ -371,6 +409,23 @@ TEST(Planner, RanksByPredictedStepAndNamesRefusals) {
   }
   EXPECT_TRUE(seen_replicas);
   EXPECT_TRUE(seen_smartmoe);
+  // Shadowing is tried on one-slot layouts with EP > 1, never with replicas, and not when asked not to.
+  int shadowed = 0;
+  for (const auto& c : plans)
+    if (c.layout.shadowing > 0) {
+      ++shadowed;
+      EXPECT_EQ(c.layout.slots, 0) << c.layout.describe(8);
+      EXPECT_GT(c.layout.ep, 1) << c.layout.describe(8);
+      EXPECT_NE(c.policy, "moka");
+    }
+  EXPECT_GT(shadowed, 0);
+  {
+    moka::PlanOptions none = opt;
+    none.max_shadowed      = 0;
+    const auto fewer       = moka::plan_layouts(p, plan_shape(), moka::zipf_workload(8, 1.0, 3), none);
+    EXPECT_EQ(fewer.size() + shadowed, plans.size());
+    for (const auto& c : fewer) EXPECT_EQ(c.layout.shadowing, 0);
+  }
   // A memory limit below every layout's need: all refused, each saying so.
   opt.memory_per_rank = 1024;
   for (const auto& c : moka::plan_layouts(p, plan_shape(), moka::uniform_workload(8), opt)) {
@@ -434,6 +489,14 @@ TEST(Planner, FragmentIsADeckMokaTrainReads) {
   EXPECT_NO_THROW(deck.validate(moka::train_schema()));
   EXPECT_EQ(deck.get<long>("parallel.expert_parallel"), plans.front().layout.ep);
   EXPECT_EQ(deck.get<std::string>("balance.policy"), plans.front().policy);
+  // A shadowing layout's fragment turns it on.
+  for (const auto& c : plans)
+    if (c.refused.empty() && c.layout.shadowing > 0) {
+      const std::string f = moka::deck_fragment(c, plan_shape().moe, "");
+      EXPECT_NE(f.find("balance.shadowing             = true"), std::string::npos) << f;
+      EXPECT_NE(f.find("balance.max_shadowed          = 2"), std::string::npos) << f;
+      break;
+    }
   moka::PlanCandidate bad;
   bad.refused = "too big";
   EXPECT_NE(error_of([&] { moka::deck_fragment(bad, plan_shape().moe, ""); }).find("too big"), std::string::npos);

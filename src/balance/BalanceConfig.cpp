@@ -33,6 +33,17 @@ DeckSchema BalanceConfig::schema() {
       .set_doc("Expert GEMM rate (TFLOP/s) for the row-time estimate when balance.row_ns = 0.");
   s.add("balance.migration_buffer_mb", DeckType::real).set_default("64").set_min(1e-6)
       .set_doc("Migration staging buffer per rank and round (MB; at least one expert's state).");
+  s.add("balance.shadowing", DeckType::boolean).set_default("false")
+      .set_doc("FasterMoE's dynamic shadowing (docs/balance.md): every step, the experts whose broadcast to every "
+               "EP rank shortens the step most (moka::choose_shadowed: busiest rank's rows x the row time, plus "
+               "their parameters broadcast and gradients reduced at the migration bandwidth) are computed where "
+               "their tokens are. Needs one slot per expert (balance.slots_per_rank = 0); any policy that keeps "
+               "one (static, smartmoe).");
+  s.add("balance.max_shadowed", DeckType::integer).set_default("2").set_min(1)
+      .set_doc("Shadowing: experts shadowed at most per step and layer (each rank keeps this many extra expert "
+               "slots for them).");
+  s.add("balance.shadow_latency_us", DeckType::real).set_default("20").set_min(0)
+      .set_doc("Shadowing: latency (us) of one broadcast or reduction, counted in the decision.");
   return s;
 }
 
@@ -49,6 +60,9 @@ BalanceConfig BalanceConfig::from_deck(const InputDeck& deck) {
   c.row_ns               = deck.get<double>("balance.row_ns");
   c.tflops               = deck.get<double>("balance.tflops");
   c.migration_buffer_mb  = deck.get<double>("balance.migration_buffer_mb");
+  c.shadowing            = deck.get<bool>("balance.shadowing");
+  c.max_shadowed         = deck.get<int>("balance.max_shadowed");
+  c.shadow_latency_us    = deck.get<double>("balance.shadow_latency_us");
   c.predictor.validate();
   return c;
 }
@@ -92,6 +106,9 @@ int BalanceConfig::slots(int num_experts, int ep) const {
   MOKA_REQUIRE(slots_per_rank == base || policy == BalancePolicy::moka, "balance.slots_per_rank = ", slots_per_rank,
                " gives spare slots (", slots_per_rank - base, " per rank), which only balance.policy = moka fills "
                "(", to_string(policy), " keeps one slot per expert)");
+  MOKA_REQUIRE(!shadowing || slots_per_rank == base, "balance.shadowing needs one slot per expert: "
+               "balance.slots_per_rank = ", slots_per_rank, " places replicas in ", slots_per_rank - base,
+               " spare slots per rank (set balance.slots_per_rank = 0, or balance.shadowing = false)");
   MOKA_REQUIRE(slots_per_rank - base <= num_experts - base || ep == 1, "balance.slots_per_rank = ", slots_per_rank,
                ": more slots per rank than experts");
   MOKA_REQUIRE(ep > 1 || slots_per_rank == base, "balance.slots_per_rank = ", slots_per_rank,

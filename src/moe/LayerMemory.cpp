@@ -18,6 +18,13 @@ void add_moe_layer_memory(MemoryEstimate& m, const MoEConfig& c, const LayerMemo
             ", parallel.expert_parallel, parallel.expert_slicing" +
             (sh.slots_per_rank > 0 ? ", balance.slots_per_rank" : ""),
         n * (expert * s * (2 + sh.moments) + bf16));
+  if (c.shadow_slots > 0 && sh.ep > 1) {
+    // Shadow slots: parameters and gradients (no optimizer state), bf16
+    // copies, and one slot's gradient staging.
+    const double M = c.shadow_slots, slot = expert / L;
+    m.add("shadow slots (dynamic shadowing)", "balance.max_shadowed, moe.d_model, moe.d_ff" + layers,
+          n * (M * slot * s * 2 + (L > 0 ? bf16 / L * M : 0) + slot * s));
+  }
   const double gate = d * E * (c.gate == GateType::noisy ? 2 : 1);
   m.add("gate weights, gradients and optimizer state", "moe.d_model, moe.num_experts" + layers,
         n * gate * s * (2 + sh.moments));

@@ -15,6 +15,7 @@ std::string LayoutChoice::describe(int num_experts) const {
   std::ostringstream os;
   os << "EP " << ep << " x S " << slices << " x EDP " << edp << ", " << slots_per_rank(num_experts) << " slot"
      << (slots_per_rank(num_experts) == 1 ? "" : "s") << ", " << exchange;
+  if (shadowing > 0) os << ", shadowing " << shadowing;
   return os.str();
 }
 
@@ -127,11 +128,28 @@ StepPrediction predict_step(const MachineProfile& p, const StepShape& shape, con
   out.gate   = T * d * E * p.gate_flop + T * E * p.gate_elem;
   out.tokens = T * k * d * p.token_elem;
 
-  // Rows of each slot: a replicated expert's rows split as MoELayer splits them.
-  const auto share  = split_replica_rows(at, counts, true);
+  // Dynamic shadowing: which experts, and the counts that still move.
+  std::vector<double> moving = counts;
+  std::vector<int> shadowed;
+  if (layout.shadowing > 0 && EP > 1) {
+    MOKA_REQUIRE(int(at.front().size()) * EP == E, "shadowing needs one slot per expert (layout ", layout.describe(E),
+                 ")");
+    const double total = std::accumulate(counts.begin(), counts.end(), 0.0);
+    std::vector<std::vector<double>> per_source(EP, std::vector<double>(E));
+    for (int r = 0; r < EP; ++r)
+      for (int e = 0; e < E; ++e) per_source[r][e] = counts[e] / EP;
+    shadowed = choose_shadowed(per_source, at, shadow_cost(p, shape, layout, total / E, layout.shadowing)).experts;
+    const ShadowCost sc = shadow_cost(p, shape, layout, total / E, layout.shadowing);
+    out.shadowed  = double(shadowed.size());
+    out.shadowing = out.shadowed * sc.per_expert();
+    for (int e : shadowed) moving[e] = 0;
+  }
+  // Rows of each slot: a replicated expert's rows split as MoELayer splits
+  // them; a shadowed expert's in a shadow slot on every rank.
+  const auto share  = split_replica_rows(at, moving, true);
   const int dff_loc = m.d_ff / S;
   double total_rows = std::accumulate(counts.begin(), counts.end(), 0.0);
-  std::vector<double> rank_rows(EP, 0.0);
+  std::vector<double> rank_rows(EP, 0.0), moving_rows(EP, 0.0);  // moving: without shadowed rows
   out.rank_expert_seconds.assign(EP, 0.0);
   for (int r = 0; r < EP; ++r) {
     int used = 0;
@@ -139,6 +157,12 @@ StepPrediction predict_step(const MachineProfile& p, const StepShape& shape, con
       rank_rows[r] += share[r][l];
       out.rank_expert_seconds[r] += p.expert_seconds(m.d_model, dff_loc, share[r][l]);
       used += share[r][l] > 0;
+    }
+    moving_rows[r] = rank_rows[r];
+    for (int e : shadowed) {
+      rank_rows[r] += counts[e] / EP;
+      out.rank_expert_seconds[r] += p.expert_seconds(m.d_model, dff_loc, counts[e] / EP);
+      used += counts[e] > 0;
     }
     out.rank_expert_seconds[r] = std::max(0.0, out.rank_expert_seconds[r] - std::max(0, used - 1) * p.expert_shared);
   }
@@ -151,7 +175,7 @@ StepPrediction predict_step(const MachineProfile& p, const StepShape& shape, con
     const MachineProfile::Link* link = p.link(layout.exchange);
     MOKA_REQUIRE(link, "the machine profile ", p.source.empty() ? "" : "'" + p.source + "' ",
                  "has no figures for the exchange path '", layout.exchange, "'");
-    out.exchange = 4.0 * (link->latency + exchange_busiest_rows(shape, layout, counts, rank_rows) * row_bytes /
+    out.exchange = 4.0 * (link->latency + exchange_busiest_rows(shape, layout, moving, moving_rows) * row_bytes /
                                               link->bandwidth);
   }
   if (S > 1) {
@@ -160,7 +184,7 @@ StepPrediction predict_step(const MachineProfile& p, const StepShape& shape, con
     MOKA_REQUIRE(link, "the machine profile has no exchange figures for expert slicing over ", S, " ranks");
     out.slicing = 4.0 * (link->latency + out.busiest_rows * row_bytes * (S - 1) / S / link->bandwidth);
   }
-  out.layer = out.fixed + out.gate + out.tokens + out.experts + out.exchange + out.slicing;
+  out.layer = out.fixed + out.gate + out.tokens + out.experts + out.exchange + out.slicing + out.shadowing;
 
   // Gradient sums: gate over the world, experts over EDP (and replicas), b2 over the slice group.
   const double L = layout.slots_per_rank(E);
@@ -206,7 +230,9 @@ MemoryEstimate layout_memory(const StepShape& shape, const LayoutChoice& layout,
   ls.layers         = shape.layers;
   ls.scalar_bytes   = shape.scalar_bytes;
   ls.moments        = optimizer_moments;
-  add_moe_layer_memory(est, shape.moe, ls);
+  MoEConfig moe     = shape.moe;
+  moe.shadow_slots  = layout.shadowing;
+  add_moe_layer_memory(est, moe, ls);
   if (shape.dense_params > 0)
     est.add("dense weights, gradients and optimizer state", "model", shape.dense_params * shape.scalar_bytes *
                                                                          (2.0 + optimizer_moments));

@@ -154,12 +154,17 @@ std::vector<PlanCandidate> plan_layouts(const MachineProfile& profile, const Ste
           if (extra > 0) policies = {"moka"};
           else if (ep > 1) policies = {"static", "smartmoe"};
           else policies = {"static"};
-          for (const std::string& policy : policies) {
+          // Dynamic shadowing: with one slot per expert and more than one EP rank.
+          std::vector<int> shadows{0};
+          if (opt.max_shadowed > 0 && extra == 0 && ep > 1) shadows.push_back(opt.max_shadowed);
+          for (const std::string& policy : policies)
+          for (int shadow : shadows) {
             if (std::find(opt.policies.begin(), opt.policies.end(), policy) == opt.policies.end()) continue;
             PlanCandidate c;
             c.layout          = base;
             c.layout.slots    = extra > 0 ? L : 0;
             c.layout.exchange = path;
+            c.layout.shadowing = shadow;
             c.policy          = policy;
             c.refused         = why;
             if (c.refused.empty()) {
@@ -204,7 +209,9 @@ std::string deck_fragment(const PlanCandidate& c, const MoEConfig& moe, const st
      << "parallel.expert_slicing       = " << c.layout.slices << "\n"
      << "parallel.expert_data_parallel = " << c.layout.edp << "\n"
      << "balance.policy                = " << c.policy << "\n"
-     << "balance.slots_per_rank        = " << c.layout.slots << "\n";
+     << "balance.slots_per_rank        = " << c.layout.slots << "\n"
+     << "balance.shadowing             = " << (c.layout.shadowing > 0 ? "true" : "false") << "\n";
+  if (c.layout.shadowing > 0) os << "balance.max_shadowed          = " << c.layout.shadowing << "\n";
   if (c.layout.exchange == "mpi") os << "comm.backend                  = mpi\n";
   if (c.layout.exchange == "nccl") os << "comm.backend                  = nccl\ncomm.exchange_direct          = off\n";
   if (c.layout.exchange == "direct") os << "comm.backend                  = nccl\ncomm.exchange_direct          = on\n";

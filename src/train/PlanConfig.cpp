@@ -27,6 +27,9 @@ DeckSchema plan_schema() {
   s.add("plan.policies", DeckType::string).set_default("static smartmoe moka")
       .set_doc("Placement policies tried, space-separated: static (contiguous), smartmoe (balanced, one slot per "
                "expert), moka (spare slots hold replicas).");
+  s.add("plan.max_shadowed", DeckType::integer).set_default("2").set_min(0)
+      .set_doc("Dynamic shadowing tried (balance.shadowing) with this many experts shadowed at most per step, on "
+               "the layouts with one slot per expert and EP > 1; 0: not tried.");
   s.add("plan.out", DeckType::string).set_default("plan.deck").set_doc("Deck fragment written with the best layout.");
   s.add("plan.show", DeckType::integer).set_default("20").set_min(1).set_doc("Layouts printed.");
   return s;

@@ -331,6 +331,8 @@ class RegimeRun {
   static ModelConfig model_config(const InputDeck& deck, const RegimeTaskConfig& task) {
     ModelConfig c       = ModelConfig::from_deck(deck);
     c.moe.bf16_compute  = deck.get<std::string>("train.precision") == "bf16";
+    // Dynamic shadowing: the layers keep balance.max_shadowed extra slots.
+    if (deck.get<bool>("balance.shadowing")) c.moe.shadow_slots = deck.get<int>("balance.max_shadowed");
     c.d_in              = task.input_dim;
     c.d_out             = RegimeTaskConfig::output_dim;
     return c;
@@ -491,6 +493,7 @@ class RegimeRun {
          << "/" << l.load_max << "  ranks busiest/mean " << l.imbalance << "  step " << std::setprecision(1)
          << l.step_ms << " ms (MoE " << l.moe_ms << " ms)";
     if (m_bcfg.policy != BalancePolicy::static_placement) line << "  " << m_migrated << " slots migrated";
+    if (m_bcfg.shadowing) line << "  " << m_balancer->shadowed_experts() << " experts shadowed";
     m_log << line.str() << std::endl;
   }
 
@@ -579,6 +582,7 @@ MemoryEstimate training_memory(const InputDeck& deck, int world_size) {
   const TrainerConfig t       = TrainerConfig::from_deck(deck);
   const ParallelConfig p      = ParallelConfig::from_deck(deck);
   m.moe.bf16_compute          = t.precision == "bf16";
+  if (deck.get<bool>("balance.shadowing")) m.moe.shadow_slots = deck.get<int>("balance.max_shadowed");
   const std::size_t s         = t.precision == "fp64" ? 8 : 4;
   const double ranks = std::max(1, world_size);
   // The largest forward: a training batch slice, or an evaluation chunk.

@@ -23,6 +23,9 @@ struct BalanceConfig {
   double row_ns        = 0;     ///< balance.row_ns: layer time per row of the busiest rank (0: from balance.tflops)
   double tflops        = 300;   ///< balance.tflops: expert GEMM rate for the row-time estimate
   double migration_buffer_mb = 64;  ///< balance.migration_buffer_mb: staging per rank and round
+  bool shadowing       = false; ///< balance.shadowing: FasterMoE's dynamic shadowing, decided every step
+  int max_shadowed     = 2;     ///< balance.max_shadowed: experts shadowed at most per step and layer
+  double shadow_latency_us = 20;  ///< balance.shadow_latency_us: per broadcast or reduction, in the decision
 
   static DeckSchema schema();
   static BalanceConfig from_deck(const InputDeck& deck);

@@ -56,6 +56,30 @@ class Balancer {
     m_bandwidth = cfg.migration_gbs * 1e9;
     m_imbalance.assign(m_layers.size(), 1.0);
     m_busiest_rows.assign(m_layers.size(), 0.0);
+    if (cfg.shadowing)
+      for (layer_type* L : m_layers) {
+        MOKA_REQUIRE(L->config().shadow_slots >= cfg.max_shadowed || !L->groups() || L->groups()->ep_size() == 1,
+                     "balance.shadowing: the layers were built with ", L->config().shadow_slots,
+                     " shadow slots, balance.max_shadowed = ", cfg.max_shadowed);
+        L->set_shadow_rule([this, L](const std::vector<std::vector<double>>& per_source, const Placement& p) {
+          return choose_shadowed(per_source, layout_of(p), shadow_cost(*L)).experts;
+        });
+      }
+  }
+
+  /// \brief What shadowing one expert of \p L costs in the decision: the
+  /// row time in use, one slot's parameters (broadcast; its gradients,
+  /// reduced, are as many), the migration bandwidth in use and
+  /// balance.shadow_latency_us per collective. The same on every rank (the
+  /// row time and bandwidth are agreed over the gate group).
+  ShadowCost shadow_cost(layer_type& L) const {
+    ShadowCost c;
+    c.row_seconds  = row_seconds(L.config());
+    c.expert_bytes = double(slot_elements(L, false)) * sizeof(Scalar);
+    c.bandwidth    = m_bandwidth;
+    c.latency      = 4 * m_cfg.shadow_latency_us * 1e-6;  // W1, b1, W2, b2: one collective each
+    c.max_shadowed = m_cfg.max_shadowed;
+    return c;
   }
 
   /// \brief Records the last step's counts of every layer (summed over the
@@ -77,6 +101,18 @@ class Balancer {
       m_imbalance[i] = mean > 0 ? most / mean : 1.0;
       // Rows of the busiest rank of one EP group (the counts are over all EDP groups).
       m_busiest_rows[i] = most / (L.groups() ? L.groups()->edp_size() : 1);
+      if (L.shadow_slots() > 0) {
+        // Shadowing moves rows by where their tokens are, which the counts
+        // do not say: the rows each rank's experts took, over the run.
+        double r[2] = {double(L.expert_rows()), double(L.expert_rows())};
+        MPI_Comm g  = L.groups()->gate().mpi_comm();
+        MPI_Allreduce(MPI_IN_PLACE, &r[0], 1, MPI_DOUBLE, MPI_MAX, g);
+        MPI_Allreduce(MPI_IN_PLACE, &r[1], 1, MPI_DOUBLE, MPI_SUM, g);
+        const double mean_rows = r[1] / L.groups()->gate().size();
+        m_imbalance[i]    = mean_rows > 0 ? r[0] / mean_rows : 1.0;
+        m_busiest_rows[i] = r[0];
+        m_shadowed += static_cast<long>(L.shadowed().size());
+      }
     }
   }
 
@@ -133,6 +169,8 @@ class Balancer {
     return out;
   }
 
+  /// \brief Experts shadowed in the recorded steps' last forwards, summed over layers and steps.
+  long shadowed_experts() const { return m_shadowed; }
   const LoadMonitor& monitor() const { return m_monitor; }
   LoadMonitor& monitor() { return m_monitor; }
   /// \brief Busiest / mean rank load of the last recorded step, per layer.
@@ -163,10 +201,11 @@ class Balancer {
     MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_DOUBLE, MPI_MAX, m_layers.front()->groups()->gate().mpi_comm());
     return v;
   }
-  /// Elements one slot's state moves (parameters, gradients, moments).
-  long slot_elements(layer_type& L) const {
+  /// Elements one slot's state moves (parameters, gradients, moments; with
+  /// \p state false: its parameters only).
+  long slot_elements(layer_type& L, bool state = true) const {
     long n = 0;
-    const int fields = 2 + (m_opt ? (m_opt->config().type == OptimizerType::sgd ? 1 : 2) : 0);
+    const int fields = !state ? 1 : 2 + (m_opt ? (m_opt->config().type == OptimizerType::sgd ? 1 : 2) : 0);
     for (const auto& p : L.parameters())
       if (p.tag == ParamTag::expert || p.tag == ParamTag::expert_replicated)
         n += static_cast<long>(p.param.extent(0)) / L.local_experts() * fields;
@@ -179,6 +218,7 @@ class Balancer {
   LoadMonitor m_monitor;
   double m_bandwidth = 20e9, m_row_seconds = 0;
   std::vector<double> m_imbalance, m_busiest_rows;
+  long m_shadowed = 0;
 };
 
 }  // namespace moka

@@ -37,9 +37,10 @@ struct LayoutChoice {
   int ep = 1, slices = 1, edp = 1;  ///< world = ep x slices x edp
   int slots = 0;                    ///< expert slots per EP rank (0: experts / EP; more: replicas)
   std::string exchange = "none";    ///< exchange path: none (EP 1), mpi, nccl, direct
+  int shadowing = 0;                ///< dynamic shadowing: experts shadowed at most per step (0: off)
   int world() const { return ep * slices * edp; }
   int slots_per_rank(int num_experts) const { return slots > 0 ? slots : num_experts / ep; }
-  /// \brief "EP 4 x S 1 x EDP 1, 2 slots, mpi".
+  /// \brief "EP 4 x S 1 x EDP 1, 2 slots, mpi" (", shadowing 2" when on).
   std::string describe(int num_experts) const;
 };
 
@@ -56,6 +57,8 @@ struct StepShape {
 /// \brief Predicted seconds; layer terms per layer forward + backward.
 struct StepPrediction {
   double fixed = 0, gate = 0, tokens = 0, experts = 0, exchange = 0, slicing = 0;
+  double shadowing = 0;  ///< shadowed experts' parameters broadcast and gradients reduced
+  double shadowed  = 0;  ///< experts shadowed (per layer step)
   double layer = 0;      ///< the sum of the above
   double grad_sync = 0;  ///< gradient sums of a step
   double optimizer = 0;  ///< the optimizer's update of a step
@@ -69,7 +72,11 @@ struct StepPrediction {
 /// assignments per expert of one MoE group's batch (the tokens of its
 /// ep x slices ranks, T ep slices k in all when nothing is dropped).
 /// \p experts_at: each EP rank's experts by local slot (empty: contiguous;
-/// replicas split their rows as MoELayer does). Throws moka::Error when the
+/// replicas split their rows as MoELayer does). With layout.shadowing, the
+/// experts moka::choose_shadowed picks (costs from moka::shadow_cost; each
+/// EP rank's tokens taken as an equal share of every expert's) are computed
+/// at their tokens' ranks: their rows leave the owner and the exchange, and
+/// the step pays their broadcast and reduction. Throws moka::Error when the
 /// profile lacks what the layout needs (an exchange path, the all-reduce
 /// figures for more than one rank).
 StepPrediction predict_step(const MachineProfile& profile, const StepShape& shape, const LayoutChoice& layout,

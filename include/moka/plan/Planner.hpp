@@ -36,6 +36,7 @@ struct PlanOptions {
   int max_extra_slots = 2;       ///< spare slots per rank tried (replicas)
   int optimizer_moments = 2;     ///< Adam 2, SGD 1
   std::vector<std::string> policies{"static", "smartmoe", "moka"};  ///< placement policies tried
+  int max_shadowed = 2;          ///< dynamic shadowing tried with this many shadow slots (0: not tried)
 };
 
 /// \brief One layout: its choices, where the experts go, what is predicted
