@@ -21,6 +21,13 @@ Kokkos::View<typename V::value_type*, typename V::memory_space, Kokkos::MemoryTr
   const std::size_t per = t.extent(0) ? t.size() / t.extent(0) : 0;
   return flat(t.data() + per * std::size_t(l), per);
 }
+/// dst(i) += src(i), i < n (a function of its own: nvcc takes no device
+/// lambda inside a generic one).
+template <class Exec, class Dst, class Src>
+void add_into(const Exec& space, const Dst& dst, const Src& src, long n) {
+  Kokkos::parallel_for(
+      "moka::shadow_grad_add", Kokkos::RangePolicy<Exec>(space, 0, n), KOKKOS_LAMBDA(long i) { dst(i) += src(i); });
+}
 }  // namespace impl
 
 template <class Scalar, class MemorySpace>
@@ -111,10 +118,7 @@ void MoELayer<Scalar, MemorySpace>::shadow_reduce_grads(const execution_space& s
       auto stage = m_shadow_stage;
       ep.reduce_sum(space, src.data(), stage.data(), n, data_type_of<Scalar>(), o.rank, memory_kind_of<MemorySpace>());
       if (o.rank == m_ep_rank) {
-        auto dst = impl::slot_of(g, o.local);
-        Kokkos::parallel_for(
-            "moka::shadow_grad_add", Kokkos::RangePolicy<execution_space>(space, 0, n),
-            KOKKOS_LAMBDA(long i) { dst(i) += stage(i); });
+        impl::add_into(space, impl::slot_of(g, o.local), stage, n);
       } else {
         m_shadow_bytes += n * long(sizeof(Scalar));
       }

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# On a GPU node (issue 16): why the multi-expert bf16 layer's unfenced step
+# costs several times its fenced stages. Builds from the bundle, runs the
+# device tests of the shadowing and bf16 layers, then times one layer (E32,
+# trace gate, d 1024, d_ff 4096, 16384 tokens, erf GeLU) in moka-bench
+# layer mode under variants that each remove one suspect:
+#   plain, CUDA_LAUNCH_BLOCKING=1 (no queue), MOKA_FENCE_REGIONS=1 (a fence
+#   per stage), CUBLAS_WORKSPACE_CONFIG=:4096:8 (a fixed cuBLAS workspace),
+#   and the uniform top-k gate (routing that does not change per step).
+#   scripts/gpu-step-diagnose.sh [bundle] [log-dir]
+set -uo pipefail
+source "$(dirname "$0")/gpu-env.sh"
+build_from_bundle
+if [ -z "${MOKA_GPU_SKIP_TESTS:-}" ]; then
+  stamp "device tests: shadowing, bf16 layer"
+  (cd "$b" && ctest --output-on-failure -R "test_shadowing|test_moe_bf16|test_gpu_np1") > "$logs/tests.log" 2>&1
+  grep -E "tests passed|Failed|largest" "$logs/tests.log"
+fi
+trace=$root/tests/data/gpt_moe_32e_cut.h5
+base="input_decks/bench_layer.deck moe.d_model=1024 moe.d_ff=4096 bench.iters=20"
+run() {  # label, env..., -- extra keys
+  local label=$1; shift
+  local envs=()
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do envs+=("$1"); shift; done
+  shift
+  stamp "$label"
+  (cd "$root" && env "${envs[@]}" "$b/drivers/moka-bench" $base "$@") > "$logs/$label.log" 2>&1
+  grep -E "layer zero_grad\+forward\+backward|forward only|error" "$logs/$label.log" | sed "s/^/  $label: /"
+}
+for E in 8 32; do
+  g="moe.num_experts=$E gate.type=trace gate.trace_file=$trace"
+  run "E${E}_trace_plain" X=1 -- $g
+  run "E${E}_trace_blocking" CUDA_LAUNCH_BLOCKING=1 -- $g
+  run "E${E}_trace_fenced" MOKA_FENCE_REGIONS=1 -- $g
+  run "E${E}_trace_cublasws" CUBLAS_WORKSPACE_CONFIG=:4096:8 -- $g
+  run "E${E}_topk_plain" X=1 -- moe.num_experts=$E
+done
+stamp "done"
