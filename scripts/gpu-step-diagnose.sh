@@ -6,7 +6,9 @@
 # layer mode under variants that each remove one suspect:
 #   plain, CUDA_LAUNCH_BLOCKING=1 (no queue), MOKA_FENCE_REGIONS=1 (a fence
 #   per stage), CUBLAS_WORKSPACE_CONFIG=:4096:8 (a fixed cuBLAS workspace),
-#   and the uniform top-k gate (routing that does not change per step).
+#   and the uniform top-k gate (routing that does not change per step);
+#   then moka-bench step mode with and without the optimizer between the
+#   layer steps (MOKA_DIAG_STEP_ONLY=1: that part alone).
 #   scripts/gpu-step-diagnose.sh [bundle] [log-dir]
 set -uo pipefail
 source "$(dirname "$0")/gpu-env.sh"
@@ -27,12 +29,24 @@ run() {  # label, env..., -- extra keys
   (cd "$root" && env "${envs[@]}" "$b/drivers/moka-bench" $base "$@") > "$logs/$label.log" 2>&1
   grep -E "layer zero_grad\+forward\+backward|forward only|error" "$logs/$label.log" | sed "s/^/  $label: /"
 }
+if [ -z "${MOKA_DIAG_STEP_ONLY:-}" ]; then
+  g="moe.num_experts=32 gate.type=trace gate.trace_file=$trace"
+  run "E32_trace_plain" X=1 -- $g
+  run "E32_trace_blocking" CUDA_LAUNCH_BLOCKING=1 -- $g
+  run "E32_trace_fenced" MOKA_FENCE_REGIONS=1 -- $g
+  run "E32_trace_cublasws" CUBLAS_WORKSPACE_CONFIG=:4096:8 -- $g
+  run "E32_topk_plain" X=1 -- moe.num_experts=32
+  run "E8_topk_plain" X=1 -- moe.num_experts=8
+fi
+# Step mode (the layer between optimizer updates, as in training) against
+# the same layer steps back to back.
+step="input_decks/bench_step.deck bench.precision=bf16 moe.d_model=1024 moe.d_ff=4096 bench.tokens=16384"
 for E in 8 32; do
-  g="moe.num_experts=$E gate.type=trace gate.trace_file=$trace"
-  run "E${E}_trace_plain" X=1 -- $g
-  run "E${E}_trace_blocking" CUDA_LAUNCH_BLOCKING=1 -- $g
-  run "E${E}_trace_fenced" MOKA_FENCE_REGIONS=1 -- $g
-  run "E${E}_trace_cublasws" CUBLAS_WORKSPACE_CONFIG=:4096:8 -- $g
-  run "E${E}_topk_plain" X=1 -- moe.num_experts=$E
+  g="moe.num_experts=$E"
+  [ "$E" = 32 ] && g="$g gate.type=trace gate.trace_file=$trace"
+  for opt in true false; do
+    stamp "step E$E optimizer $opt"
+    (cd "$root" && "$b/drivers/moka-bench" $step $g bench.step_optimizer=$opt) 2>&1 | grep -E "layer zero_grad|error" | sed "s/^/  E$E opt=$opt: /"
+  done
 done
 stamp "done"

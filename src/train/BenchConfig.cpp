@@ -25,6 +25,9 @@ DeckSchema bench_schema() {
       .set_choices({"fp32", "fp64", "bf16"})
       .set_doc("Layer precision; bf16 = bf16 GEMM operands, fp32 accumulation (CUDA).");
   s.add("bench.warmup", DeckType::integer).set_default("3").set_min(0).set_doc("Untimed iterations.");
+  s.add("bench.step_optimizer", DeckType::boolean).set_default("true")
+      .set_doc("step mode: run the gradient sums and the optimizer's update between the layer steps (false: the "
+               "layer steps back to back, to see what the update costs the next layer step).");
   s.add("bench.breakdown", DeckType::boolean).set_default("false")
       .set_doc("Also time each stage of the layer (fences after every stage; slower overall).");
   s.add("bench.iters", DeckType::integer).set_default("10").set_min(1).set_doc("Timed iterations (median).");
