@@ -38,6 +38,22 @@ if [ -z "${MOKA_DIAG_STEP_ONLY:-}" ]; then
   run "E32_topk_plain" X=1 -- moe.num_experts=32
   run "E8_topk_plain" X=1 -- moe.num_experts=8
 fi
+# Layer mode (a layer without process groups) against step mode without
+# the optimizer (a layer on one-rank process groups), the same iterations,
+# with the trace walking and standing still, and step mode's fenced stages.
+if [ -n "${MOKA_DIAG_GROUPS:-}" ]; then
+  S="input_decks/bench_step.deck bench.precision=bf16 moe.d_model=1024 moe.d_ff=4096 bench.tokens=16384 bench.step_optimizer=false"
+  L="input_decks/bench_layer.deck moe.d_model=1024 moe.d_ff=4096"
+  tg="moe.num_experts=32 gate.type=trace gate.trace_file=$trace"
+  for v in "S moe.num_experts=32" "S $tg bench.iters=20 bench.warmup=3" "L $tg bench.iters=11 bench.warmup=2" \
+           "S $tg gate.trace_stride=0" "L $tg gate.trace_stride=0" "S $tg bench.breakdown=true"; do
+    set -- $v; m=$1; shift; d=${!m}
+    stamp "$m $*" | sed "s|$trace|trace|"
+    (cd "$root" && "$b/drivers/moka-bench" $d "$@") 2>&1 | grep -E "layer zero_grad|moka::MoELayer|error" | head -24
+  done
+  stamp "done"
+  exit 0
+fi
 # Step mode (the layer between optimizer updates, as in training) against
 # the same layer steps back to back.
 step="input_decks/bench_step.deck bench.precision=bf16 moe.d_model=1024 moe.d_ff=4096 bench.tokens=16384"
