@@ -116,6 +116,53 @@ class MpiCommunicator final : public Communicator {
     }
   }
 
+  /// Host memory: the messages posted, completed by wait() (MPI_Testall in
+  /// progress() drives them). Staged device memory shares the staging
+  /// buffers: the exchange runs now.
+  class MpiPending final : public Pending {
+   public:
+    std::vector<MPI_Request> req;
+    void progress() override {
+      int done = 0;
+      if (!req.empty()) check_mpi(MPI_Testall(int(req.size()), req.data(), &done, MPI_STATUSES_IGNORE), "MPI_Testall");
+    }
+    void wait() override {
+      if (!req.empty()) check_mpi(MPI_Waitall(int(req.size()), req.data(), MPI_STATUSES_IGNORE), "MPI_Waitall");
+      req.clear();
+    }
+    ~MpiPending() override {
+      // A pending exchange dropped by an exception: complete it, so no
+      // message lands in freed memory (errors here cannot be thrown).
+      if (!req.empty()) MPI_Waitall(int(req.size()), req.data(), MPI_STATUSES_IGNORE);
+    }
+  };
+
+  std::unique_ptr<Pending> start_blocks(const CommStream& space, const void* send, const std::vector<Block>& sends,
+                                        void* recv, const std::vector<Block>& recvs, DataType type,
+                                        MemoryKind mem, int tag) override {
+    if (staged(mem)) return Communicator::start_blocks(space, send, sends, recv, recvs, type, mem, tag);
+    MOKA_REQUIRE(tag >= 0 && tag < 1000, "moka::Communicator::start_blocks: tag ", tag, " outside [0, 1000)");
+    const std::size_t es = size_of(type);
+    space.fence();
+    auto p = std::make_unique<MpiPending>();
+    p->req.reserve(sends.size() + recvs.size());
+    for (const auto& b : recvs) {
+      if (b.count == 0) continue;
+      p->req.emplace_back();
+      check_mpi(MPI_Irecv(static_cast<char*>(recv) + b.offset * es, to_int(b.count, "block count"), mpi_type(type),
+                          b.peer, 8000 + tag, m_comm, &p->req.back()),
+                "MPI_Irecv");
+    }
+    for (const auto& b : sends) {
+      if (b.count == 0) continue;
+      p->req.emplace_back();
+      check_mpi(MPI_Isend(static_cast<const char*>(send) + b.offset * es, to_int(b.count, "block count"),
+                          mpi_type(type), b.peer, 8000 + tag, m_comm, &p->req.back()),
+                "MPI_Isend");
+    }
+    return p;
+  }
+
   void alltoall(const CommStream& space, const void* send, void* recv, long count, DataType type,
                 MemoryKind mem) override {
     const int n          = to_int(count, "all-to-all count");

@@ -38,6 +38,13 @@ DeckSchema ParallelConfig::schema() {
                "on: one kernel stores every row straight into its place in the receiving GPU's buffer (NCCL "
                "symmetric windows), no messages per block and no reordering pass; off: NCCL send/recv messages; "
                "auto: on where possible. on where it is not possible is an error naming why.");
+  s.add("comm.schedule_degree", DeckType::integer).set_default("1").set_min(1)
+      .set_doc("Smart scheduling (FasterMoE; docs/distributed.md): the EP token exchange in this many groups of peers "
+               "(ring order: the group of distances [g P / G, (g + 1) P / G)), the experts computing the rows of "
+               "one group while the next group's move, in forward and backward, and each group's results sent "
+               "back as soon as they are computed. 1: off; more than EP counts as EP. Takes the message exchange "
+               "(not comm.exchange_direct, no coalescing) and fp32 / fp64 layers without expert slicing; elsewhere "
+               "the layer runs unscheduled and says so once.");
   s.add("parallel.ranks_per_node", DeckType::integer).set_default("0").set_min(0)
       .set_doc("Ranks per node for the topology-aware gate (gate.max_offnode_share): world ranks r and q share a "
                "node when r / N = q / N. 0: the ranks that share memory (MPI_COMM_TYPE_SHARED). A smaller N fakes "
@@ -56,6 +63,7 @@ ParallelConfig ParallelConfig::from_deck(const InputDeck& deck) {
   c.exchange_max_message_mb = deck.get<double>("comm.exchange_max_message_mb");
   c.exchange_direct      = deck.get<std::string>("comm.exchange_direct");
   c.ranks_per_node       = static_cast<int>(deck.get<long>("parallel.ranks_per_node"));
+  c.schedule_degree      = static_cast<int>(deck.get<long>("comm.schedule_degree"));
   return c;
 }
 
@@ -75,6 +83,10 @@ void ParallelConfig::validate(int world, int num_experts, int d_ff) const {
   (void)comm_backend_from_string(backend);
   MOKA_REQUIRE(exchange_direct == "auto" || exchange_direct == "on" || exchange_direct == "off",
                "comm.exchange_direct = '", exchange_direct, "' (expected auto, on or off)");
+  MOKA_REQUIRE(schedule_degree >= 1, "comm.schedule_degree = ", schedule_degree, " must be at least 1");
+  MOKA_REQUIRE(schedule_degree == 1 || exchange_direct != "on", "comm.schedule_degree = ", schedule_degree,
+               " sends the exchange as messages in peer groups; comm.exchange_direct = on asks for direct puts "
+               "(set one of them off)");
 }
 
 ProcessGroups::ProcessGroups(MPI_Comm world, const ParallelConfig& config, int num_experts, int d_ff,

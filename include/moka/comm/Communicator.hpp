@@ -153,6 +153,30 @@ class Communicator {
   /// (local expert, source rank) order) without a reordering pass.
   virtual void alltoallv_blocks(const CommStream& space, const void* send, const std::vector<Block>& sends,
                                 void* recv, const std::vector<Block>& recvs, DataType type, MemoryKind mem) = 0;
+  /// \brief An exchange of blocks that start_blocks began: progress() lets
+  /// it move (call it between pieces of other work), wait() completes it
+  /// (the received blocks are in place after wait()).
+  class Pending {
+   public:
+    virtual ~Pending() = default;
+    virtual void progress() {}
+    virtual void wait() {}
+  };
+  /// \brief alltoallv_blocks begun, to complete later (smart scheduling:
+  /// the next peer group's rows move while the arrived ones are computed).
+  /// \p send and \p recv must stay valid until wait(). The base version
+  /// runs the whole exchange now (stream-ordered backends: NCCL already
+  /// returns before the rows move); MPI on host memory posts the messages
+  /// and returns. Exchanges pending at once need different \p tag values
+  /// (0 to 999), the same on both sides of a pair.
+  virtual std::unique_ptr<Pending> start_blocks(const CommStream& space, const void* send,
+                                                const std::vector<Block>& sends, void* recv,
+                                                const std::vector<Block>& recvs, DataType type, MemoryKind mem,
+                                                int tag = 0) {
+    (void)tag;
+    alltoallv_blocks(space, send, sends, recv, recvs, type, mem);
+    return std::make_unique<Pending>();
+  }
   /// \brief Equal-count all-to-all: \p count elements to and from every peer,
   /// peer p's block at p * count (the library's own all-to-all: the
   /// reference the exchange benchmark measures against).

@@ -158,6 +158,9 @@ class MoELayer {
   /// \brief Whether the EP exchange stores rows straight into the peers'
   /// receive buffers (comm.exchange_direct; known after the first forward).
   bool exchange_direct() const { return m_tx.direct(); }
+  /// \brief Whether the last forward ran smart scheduling (comm.schedule_degree), in how many peer groups.
+  bool exchange_scheduled() const { return m_tx.scheduled(); }
+  int schedule_phases() const { return m_tx.phases(); }
   /// \brief With \p on, forward uses the bf16 copies as they are instead of
   /// converting W1 and W2 at every forward: whoever changes the weights
   /// keeps the copies equal to bf16(W) (moka::Optimizer does, fused into its
@@ -318,6 +321,13 @@ class MoELayer {
   void shadow_route(const execution_space& space, const std::vector<long>& all);
   void shadow_weights(const execution_space& space);
   void shadow_reduce_grads(const execution_space& space);
+  /// b1 and the activation (fp32 / fp64) of the expert-side rows [r0, r1).
+  void activation_rows(const execution_space& space, long r0, long r1);
+  /// The activation's backward (fp32 / fp64) of the rows [r0, r1).
+  void activation_backward_rows(const execution_space& space, long r0, long r1);
+  /// Smart scheduling: the EP exchange and the experts in peer groups.
+  void scheduled_forward(const execution_space& space);
+  matrix scheduled_backward(const execution_space& space);
   void expert_bias_add(const execution_space& space);
   static constexpr int bias_chunk = 64;  ///< rows per partial sum of the bias gradients
   enum class Stage { up, down, down_backward, up_backward };

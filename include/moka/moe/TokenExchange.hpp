@@ -76,6 +76,35 @@ class TokenExchange {
   /// holds its own work and not the wait for slower ranks.
   void align_for_timing(const execution_space& space) const;
 
+  /// \name Smart scheduling (comm.schedule_degree = G > 1; EP > 1, no
+  /// slicing, messages). Peers are grouped by ring distance: phase g holds
+  /// the peers at distances d with floor(d G' / P) = g (G' = min(G, P)),
+  /// sending to rank + d and receiving from rank - d, so both ends of every
+  /// pair are in the same phase. Each move of a phase is begun with
+  /// start_*() and completed by the returned handle's wait().
+  /// @{
+  /// Whether the owner can compute in phases (MoELayer: fp32 / fp64
+  /// layers); without it comm.schedule_degree is ignored. Before the first plan.
+  void allow_schedule(bool on) { m_sched_ok = on; }
+  /// Whether the last plan is scheduled, and its phases.
+  bool scheduled() const { return m_sched > 1; }
+  int phases() const { return m_sched; }
+  /// A result buffer grown to \p rows rows (the scheduled moves write into it piece by piece).
+  matrix prepare(Buffer b, long rows);
+  /// Phase \p g's dispatch rows to their experts' side, into \p to.
+  std::unique_ptr<Communicator::Pending> start_there(const execution_space& space, const matrix& dispatch,
+                                                     const matrix& to, int g);
+  /// Phase \p g's expert-side rows (from the phase's sources) back to them, into \p to.
+  std::unique_ptr<Communicator::Pending> start_back(const execution_space& space, const matrix& expert,
+                                                    const matrix& to, int g);
+  /// The expert-side rows that phase \p g brings: (local slot, first row, rows), by slot.
+  struct Rows {
+    int slot;
+    long first, count;
+  };
+  std::vector<Rows> phase_rows(int g) const;
+  /// @}
+
   /// \name Implementation (public for nvcc's device lambdas).
   /// @{
   bool decide_direct();
@@ -118,6 +147,15 @@ class TokenExchange {
   std::vector<long> m_ep_off;  // [L + 1]: slot offsets after the EP stage
   std::vector<long> m_e_off;   // [L + 1]: expert-side offsets (after slicing)
   long m_rows_ep = 0, m_rows_e = 0;
+  // Smart scheduling: phases of this plan (1: not scheduled), where each
+  // (source rank, local slot) block lands on the expert side, and the
+  // phase of a peer by its distance.
+  int m_sched = 1;
+  bool m_sched_ok = false;
+  bool wants_schedule() const;
+  std::vector<long> m_ep_at;
+  int phase_of(int distance) const;
+  std::vector<Communicator::Block> in_phase(const std::vector<Communicator::Block>& list, int g, bool sending) const;
 };
 
 }  // namespace moka

@@ -47,6 +47,10 @@ struct ParallelConfig {
   /// straight into the peers' receive buffers (NCCL symmetric windows)
   /// where the ranks' GPUs reach each other's memory.
   std::string exchange_direct = "auto";
+  /// comm.schedule_degree: smart scheduling (FasterMoE): the EP exchange in
+  /// this many peer groups, each group's rows computed while the next moves
+  /// (1: one exchange, then the experts).
+  int schedule_degree = 1;
   /// parallel.ranks_per_node: consecutive world ranks per node for the
   /// topology-aware gate (0: the ranks that share memory, as MPI finds them).
   int ranks_per_node = 0;

@@ -113,6 +113,17 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr
     m_tx = TokenExchange<Scalar, MemorySpace>(
         m_groups, config.d_model, m_L,
         Kokkos::subview(m_plan_dev, std::make_pair(2 * (m_L + 1), 2 * (m_L + 1) + 3 * P * m_L)));
+    // Smart scheduling computes the fp32 / fp64 experts in pieces; bf16
+    // layers (CUDA) run unscheduled.
+    m_tx.allow_schedule(!config.bf16_compute);
+    static bool told = false;
+    if (!told && m_groups && m_groups->config().schedule_degree > 1 && P > 1 &&
+        (config.bf16_compute || m_groups->slice_size() > 1)) {
+      told = true;
+      log::warn("comm.schedule_degree = ", m_groups->config().schedule_degree, " is not applied: smart scheduling ",
+                "takes fp32 / fp64 layers without expert slicing (this one: ",
+                config.bf16_compute ? "bf16" : "parallel.expert_slicing > 1", "); the layer runs unscheduled");
+    }
   }
   m_counts    = index_vector("moka::moe::counts", config.num_experts);
   m_sel_bias  = Kokkos::View<Scalar*, MemorySpace>("moka::moe::selection_bias", config.num_experts);
@@ -387,43 +398,30 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
     if (m_cfg.bf16_compute && !m_tx.active()) impl::gather_rows(space, m_rows, x, m_row_token, m_xs_b);
     else impl::gather_rows(space, m_rows, x, m_row_token, m_xs);
   }
-  m_xe = m_tx.forward(space, m_xs, TokenExchange<Scalar, MemorySpace>::Buffer::expert_in);
-
-  // Experts: hpre = xs W1 (+ b1), h = act(hpre), ys = h W2 (+ b2).
-  const int dff = m_dffl;
-  const Activation act = m_cfg.activation;
-  const bool bias = m_cfg.expert_bias, bf16 = m_cfg.bf16_compute;
-  if (bf16) {
-    ScopedRegion r("moka::MoELayer::to_bf16");
-    prepare_bf16_forward(space);
-  }
-  m_ye = m_ye_buf;
-  expert_gemm(space, Stage::up);
-  if (!m_fused) {  // fused: b1 and the activation ran in the up-projection's epilogue
-    ScopedRegion region_act("moka::MoELayer::activation");
-    auto b1 = m_params.b1;
-    if (bf16) {
-      impl::activation_bf16(space, act, bias, m_rows_e, dff, m_row_expert, m_hpre_b, b1, m_h_b);
-    } else {
-      auto hpre = m_hpre;
-      auto h    = m_h;
-      auto rexp = m_row_expert;
-      Kokkos::parallel_for(
-          "moka::expert_activation", impl::row_major_2d(space, m_rows_e, long(dff)),
-          KOKKOS_LAMBDA(long r, long c) {
-            const int e = rexp(r);
-            if (bias) {
-              hpre(r, c) += b1(e, c);
-              if (act == Activation::swiglu) hpre(r, dff + c) += b1(e, dff + c);
-            }
-            const Scalar a = impl::activate(act, hpre(r, c));
-            h(r, c) = act == Activation::swiglu ? a * hpre(r, dff + c) : a;
-          });
+  if (m_tx.scheduled()) {
+    // Smart scheduling: each peer group's rows computed as they arrive.
+    scheduled_forward(space);
+  } else {
+    m_xe = m_tx.forward(space, m_xs, TokenExchange<Scalar, MemorySpace>::Buffer::expert_in);
+    // Experts: hpre = xs W1 (+ b1), h = act(hpre), ys = h W2 (+ b2).
+    if (m_cfg.bf16_compute) {
+      ScopedRegion r("moka::MoELayer::to_bf16");
+      prepare_bf16_forward(space);
     }
+    m_ye = m_ye_buf;
+    expert_gemm(space, Stage::up);
+    if (!m_fused) {  // fused: b1 and the activation ran in the up-projection's epilogue
+      ScopedRegion region_act("moka::MoELayer::activation");
+      if (m_cfg.bf16_compute)
+        impl::activation_bf16(space, m_cfg.activation, m_cfg.expert_bias, m_rows_e, m_dffl, m_row_expert, m_hpre_b,
+                              m_params.b1, m_h_b);
+      else
+        activation_rows(space, 0, m_rows_e);
+    }
+    expert_gemm(space, Stage::down);
+    expert_bias_add(space);
+    m_ys = m_tx.reverse(space, m_ye, TokenExchange<Scalar, MemorySpace>::Buffer::dispatch_out);
   }
-  expert_gemm(space, Stage::down);
-  expert_bias_add(space);
-  m_ys = m_tx.reverse(space, m_ye, TokenExchange<Scalar, MemorySpace>::Buffer::dispatch_out);
 
   // Combine.
   ScopedRegion region_combine("moka::MoELayer::combine");
@@ -466,6 +464,19 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   if (dys_bf16) impl::grow_rows(m_dys_b, rows, d, "dys_bf16");
   impl::combine_backward(space, dy, m_ys, m_slot, m_score, m_dscore, dys, dys_bf16 ? m_dys_b : bmatrix());
   stage.reset();
+  matrix dxs;
+  if (m_tx.scheduled()) {
+    // Smart scheduling: each peer group's gradients computed as they
+    // arrive; the bias gradients over all rows after (the unscheduled sums).
+    dxs = scheduled_backward(space);
+    const long chunks = m_chunks;
+    if (m_cfg.expert_bias) {
+      impl::grow_rows(m_colsum_work, chunks, std::max(d, dff_in), "colsum_work");
+      impl::expert_column_sums(space, m_dye, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work, m_grads.b2);
+      impl::expert_column_sums(space, m_dhpre, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work,
+                               m_grads.b1);
+    }
+  } else {
   const matrix dye = m_tx.forward(space, dys, TokenExchange<Scalar, MemorySpace>::Buffer::expert_grad);
   m_dye = dye;
   stage.emplace("moka::MoELayer::combine_backward");
@@ -493,26 +504,15 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
                                    m_hpre_b, m_params.b1, m_dhpre_b, m_colsum_work);
     if (bias) impl::expert_column_sums_finish(space, m_chunk_start, m_colsum_work, m_grads.b1);
   } else {
-    auto dh    = m_dh;
-    auto hpre  = m_hpre;
-    auto dhpre = m_dhpre;
-    Kokkos::parallel_for(
-        "moka::expert_activation_backward", impl::row_major_2d(space, rows_e, long(dff)),
-        KOKKOS_LAMBDA(long r, long c) {
-          if (act == Activation::swiglu) {
-            const Scalar a = hpre(r, c), u = hpre(r, dff + c);
-            dhpre(r, c)       = dh(r, c) * u * impl::activate_grad(act, a);
-            dhpre(r, dff + c) = dh(r, c) * impl::activate(act, a);
-          } else {
-            dhpre(r, c) = dh(r, c) * impl::activate_grad(act, hpre(r, c));
-          }
-        });
+    activation_backward_rows(space, 0, rows_e);
   }
   if (m_cfg.expert_bias && !bf16)
     impl::expert_column_sums(space, m_dhpre, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work,
                              m_grads.b1);
   stage.reset();
   expert_gemm(space, Stage::up_backward);
+  dxs = m_tx.reverse(space, m_dxe, TokenExchange<Scalar, MemorySpace>::Buffer::dispatch_grad);
+  }
   if (m_wgrad_zero) {
     // Overwritten by the GEMMs above, except where an expert had no rows.
     for (int e = 0; e < m_L; ++e)
@@ -523,7 +523,6 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
     m_wgrad_zero = false;
   }
   if (!m_shadowed.empty()) shadow_reduce_grads(space);
-  const matrix dxs = m_tx.reverse(space, m_dxe, TokenExchange<Scalar, MemorySpace>::Buffer::dispatch_grad);
 
   // Gate backward (into dx), then the expert rows of each token.
   gate_backward(space, dscore, dx);
@@ -536,6 +535,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
 #include <moka/moe/impl/MoELayerExperts_impl.hpp>
 #include <moka/moe/impl/MoELayerGate_impl.hpp>
 #include <moka/moe/impl/MoELayerShadow_impl.hpp>
+#include <moka/moe/impl/MoELayerSchedule_impl.hpp>
 
 namespace moka {
 

@@ -85,6 +85,8 @@ bool TokenExchange<Scalar, MemorySpace>::decide_direct() {
   if (mode == "off") why = "off";
   else if (memory_kind_of<MemorySpace>() != MemoryKind::device) why = "the layer's rows are in host memory";
   else if (m_groups->ep().backend() != CommBackend::nccl) why = "the EP group's comm.backend is mpi";
+  else if (wants_schedule())
+    why = "smart scheduling (comm.schedule_degree > 1) sends the exchange as messages in peer groups";
   else if (!m_groups->ep().windows_usable())
     why = "the EP ranks' GPUs cannot store into each other's memory through NCCL symmetric windows (they need "
           "NCCL 2.28 or later and one node's GPUs linked by NVLink or P2P)";
@@ -219,13 +221,15 @@ void TokenExchange<Scalar, MemorySpace>::plan(const std::vector<int>& slot_offse
     double mb = m_groups->config().exchange_coalesce_mb;
     if (mb < 0) mb = m_groups->ep().backend() == CommBackend::nccl ? 8.0 : 0.0;
     const double limit = (L - 1) * mb * 1048576.0;
-    m_coalesce = L > 1 && double(most) * d * sizeof(Scalar) <= limit;
+    m_coalesce = L > 1 && double(most) * d * sizeof(Scalar) <= limit && !wants_schedule();
   } else {
     m_ep_counts = cnt;
   }
   std::vector<long> ep_at;
   impl::expert_major(m_ep_counts, P, L, m_ep_off, ep_at);
   m_rows_ep = m_ep_off[L];
+  m_sched   = wants_schedule() && m_direct != 1 ? std::min(m_groups->config().schedule_degree, P) : 1;
+  m_ep_at   = ep_at;
   m_ep_send.clear();
   m_ep_recv.clear();
   if (m_direct == 1) {
@@ -284,6 +288,73 @@ void TokenExchange<Scalar, MemorySpace>::plan(const std::vector<int>& slot_offse
     const long cap = std::max(1L, static_cast<long>(cap_mb * 1048576.0 / sizeof(Scalar)));
     for (auto* list : {&m_ep_send, &m_ep_recv, &m_sl_send, &m_sl_recv, &m_sl_back}) impl::split_blocks(*list, cap);
   }
+}
+
+template <class Scalar, class MemorySpace>
+bool TokenExchange<Scalar, MemorySpace>::wants_schedule() const {
+  return m_sched_ok && m_groups && m_groups->ep_size() > 1 && m_groups->slice_size() == 1 &&
+         m_groups->config().schedule_degree > 1;
+}
+
+template <class Scalar, class MemorySpace>
+int TokenExchange<Scalar, MemorySpace>::phase_of(int distance) const {
+  return static_cast<int>(long(distance) * m_sched / m_groups->ep_size());
+}
+
+template <class Scalar, class MemorySpace>
+std::vector<Communicator::Block> TokenExchange<Scalar, MemorySpace>::in_phase(
+    const std::vector<Communicator::Block>& list, int g, bool sending) const {
+  // Sending to p: distance p - rank; receiving from p: rank - p (mod P).
+  const int P = m_groups->ep_size(), me = m_groups->ep_rank();
+  std::vector<Communicator::Block> out;
+  for (const auto& b : list) {
+    const int dist = sending ? (b.peer - me + P) % P : (me - b.peer + P) % P;
+    if (phase_of(dist) == g) out.push_back(b);
+  }
+  return out;
+}
+
+template <class Scalar, class MemorySpace>
+typename TokenExchange<Scalar, MemorySpace>::matrix TokenExchange<Scalar, MemorySpace>::prepare(Buffer b, long rows) {
+  matrix& m = buffer(b);
+  const bool expert_side = b == Buffer::expert_in || b == Buffer::expert_grad;
+  impl::grow_rows(m, rows, m_d, expert_side ? "expert_rows" : "dispatch_rows");
+  return m;
+}
+
+template <class Scalar, class MemorySpace>
+std::unique_ptr<Communicator::Pending> TokenExchange<Scalar, MemorySpace>::start_there(const execution_space& space,
+                                                                                       const matrix& dispatch,
+                                                                                       const matrix& to, int g) {
+  ScopedRegion region("moka::MoELayer::exchange");
+  return m_groups->ep().start_blocks(space, dispatch.data(), in_phase(m_ep_send, g, true), to.data(),
+                                     in_phase(m_ep_recv, g, false), data_type_of<Scalar>(),
+                                     memory_kind_of<MemorySpace>(), g);
+}
+
+template <class Scalar, class MemorySpace>
+std::unique_ptr<Communicator::Pending> TokenExchange<Scalar, MemorySpace>::start_back(const execution_space& space,
+                                                                                      const matrix& expert,
+                                                                                      const matrix& to, int g) {
+  // The rows that came from phase g's sources go back to them; this rank's
+  // rows return from the peers it sent them to in phase g.
+  ScopedRegion region("moka::MoELayer::exchange_back");
+  return m_groups->ep().start_blocks(space, expert.data(), in_phase(m_ep_recv, g, false), to.data(),
+                                     in_phase(m_ep_send, g, true), data_type_of<Scalar>(),
+                                     memory_kind_of<MemorySpace>(), 500 + g);
+}
+
+template <class Scalar, class MemorySpace>
+std::vector<typename TokenExchange<Scalar, MemorySpace>::Rows> TokenExchange<Scalar, MemorySpace>::phase_rows(
+    int g) const {
+  const int P = m_groups->ep_size(), me = m_groups->ep_rank(), L = m_L;
+  std::vector<Rows> out;
+  for (int l = 0; l < L; ++l)
+    for (int p = 0; p < P; ++p) {
+      const long n = m_ep_counts[std::size_t(p) * L + l];
+      if (n > 0 && phase_of((me - p + P) % P) == g) out.push_back({l, m_ep_at[std::size_t(p) * L + l], n});
+    }
+  return out;
 }
 
 template <class Scalar, class MemorySpace>
