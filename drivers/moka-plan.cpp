@@ -97,6 +97,7 @@ int main(int argc, char* argv[]) {
     opt.ranks           = P;
     opt.max_extra_slots = deck.get<int>("plan.max_extra_slots");
     opt.max_shadowed    = deck.get<int>("plan.max_shadowed");
+    opt.try_schedule    = deck.get<bool>("plan.schedule");
     opt.optimizer_moments = oc.type == moka::OptimizerType::sgd ? 1 : 2;
     {
       std::istringstream is(deck.get<std::string>("plan.policies"));
@@ -125,8 +126,8 @@ int main(int argc, char* argv[]) {
                   prof.ranks_per_node);
     std::printf("  predicted step = MoE layers' forward+backward + gradient sums + optimizer; the dense layers' "
                 "work is the same in every layout and not included\n");
-    std::printf("  %4s %3s %3s %4s %5s %-8s %-9s %6s %10s %10s %9s %9s %9s %9s %10s\n", "rank", "EP", "S", "EDP",
-                "slots", "exchange", "policy", "shadow", "step ms", "layer ms", "experts", "exchange", "slicing",
+    std::printf("  %4s %3s %3s %4s %5s %-8s %-9s %6s %5s %10s %10s %9s %9s %9s %9s %10s\n", "rank", "EP", "S", "EDP",
+                "slots", "exchange", "policy", "shadow", "sched", "step ms", "layer ms", "experts", "exchange", "slicing",
                 "sync", "memory");
     const int show = deck.get<int>("plan.show");
     int n = 0, runnable = 0;
@@ -137,9 +138,10 @@ int main(int argc, char* argv[]) {
       ++n;
       const auto& p = c.predicted;
       const std::string shadow = c.layout.shadowing > 0 ? std::to_string(c.layout.shadowing) : "-";
-      std::printf("  %4d %3d %3d %4d %5d %-8s %-9s %6s %10s %10s %9s %9s %9s %9s %10s\n", n, c.layout.ep,
+      std::printf("  %4d %3d %3d %4d %5d %-8s %-9s %6s %5d %10s %10s %9s %9s %9s %9s %10s\n", n, c.layout.ep,
                   c.layout.slices, c.layout.edp, c.layout.slots_per_rank(model.moe.num_experts),
-                  c.layout.exchange.c_str(), c.policy.c_str(), shadow.c_str(), fmt_ms(p.step).c_str(), fmt_ms(p.layer).c_str(), fmt_ms(p.experts).c_str(),
+                  c.layout.exchange.c_str(), c.policy.c_str(), shadow.c_str(), c.layout.schedule,
+                  fmt_ms(p.step).c_str(), fmt_ms(p.layer).c_str(), fmt_ms(p.experts).c_str(),
                   fmt_ms(p.exchange).c_str(), fmt_ms(p.slicing).c_str(), fmt_ms(p.grad_sync).c_str(),
                   moka::format_bytes(c.memory).c_str());
     }

@@ -326,6 +326,41 @@ TEST(CostModel, ShadowingInThePrediction) {
   EXPECT_GT(moka::layout_memory(sh, lay, 2).total(true), moka::layout_memory(sh, off, 2).total(true));
 }
 
+TEST(CostModel, SmartSchedulingInThePrediction) {
+  MachineProfile p         = sample_profile();
+  const moka::StepShape sh = shape_of(100);
+  moka::LayoutChoice lay;
+  lay.ep = 2, lay.exchange = "mpi";
+  const std::vector<double> counts{150, 100, 100, 50};
+  const auto plain = moka::predict_step(p, sh, lay, counts);
+  lay.schedule = 4;  // capped at EP = 2
+  // Nothing measured to hide: only the extra latencies (one more per move).
+  auto pr = moka::predict_step(p, sh, lay, counts);
+  EXPECT_DOUBLE_EQ(pr.exchange, plain.exchange + 4 * 2e-5);
+  EXPECT_DOUBLE_EQ(pr.overlap, 0);
+  p.schedule_overlap = 0.5;
+  pr                 = moka::predict_step(p, sh, lay, counts);
+  EXPECT_DOUBLE_EQ(pr.overlap, 0.5 * 0.5 * std::min(pr.experts, pr.exchange));
+  EXPECT_DOUBLE_EQ(pr.layer, pr.fixed + pr.gate + pr.tokens + pr.experts + pr.exchange + pr.slicing + pr.shadowing -
+                                 pr.overlap);
+  // Slicing: not scheduled.
+  moka::LayoutChoice sl = lay;
+  sl.slices = 2, sl.ep = 2;
+  EXPECT_DOUBLE_EQ(moka::predict_step(p, sh, sl, counts).overlap, 0);
+  // The profile keeps it, and names a bad one.
+  const std::string t = text_of(p);
+  EXPECT_NE(t.find("schedule_overlap = 0.5"), std::string::npos) << t;
+  {
+    std::ofstream os("overlap_bad.profile");
+    std::string bad = t;
+    bad.replace(bad.find("schedule_overlap = 0.5"), 22, "schedule_overlap = 1.5");
+    os << bad;
+  }
+  EXPECT_NE(error_of([] { MachineProfile::read("overlap_bad.profile"); }).find("schedule_overlap must be in [0, 1]"),
+            std::string::npos);
+  std::remove("overlap_bad.profile");
+}
+
 TEST(CostModel, MemoryOfALayout) {
   moka::StepShape sh = shape_of(1024);
   moka::LayoutChoice one, four;
@@ -409,6 +444,15 @@ TEST(Planner, RanksByPredictedStepAndNamesRefusals) {
   }
   EXPECT_TRUE(seen_replicas);
   EXPECT_TRUE(seen_smartmoe);
+  // Smart scheduling is tried at degree EP on layouts with EP > 1 and no slicing.
+  int scheduled = 0;
+  for (const auto& c : plans)
+    if (c.layout.schedule > 1) {
+      ++scheduled;
+      EXPECT_EQ(c.layout.schedule, c.layout.ep) << c.layout.describe(8);
+      EXPECT_EQ(c.layout.slices, 1) << c.layout.describe(8);
+    }
+  EXPECT_GT(scheduled, 0);
   // Shadowing is tried on one-slot layouts with EP > 1, never with replicas, and not when asked not to.
   int shadowed = 0;
   for (const auto& c : plans)
@@ -419,12 +463,15 @@ TEST(Planner, RanksByPredictedStepAndNamesRefusals) {
       EXPECT_NE(c.policy, "moka");
     }
   EXPECT_GT(shadowed, 0);
+  int shadowed_and_scheduled = 0;
+  for (const auto& c : plans) shadowed_and_scheduled += c.layout.shadowing > 0 && c.layout.schedule > 1;
   {
     moka::PlanOptions none = opt;
     none.max_shadowed      = 0;
+    none.try_schedule      = false;
     const auto fewer       = moka::plan_layouts(p, plan_shape(), moka::zipf_workload(8, 1.0, 3), none);
-    EXPECT_EQ(fewer.size() + shadowed, plans.size());
-    for (const auto& c : fewer) EXPECT_EQ(c.layout.shadowing, 0);
+    EXPECT_EQ(fewer.size() + shadowed + scheduled, plans.size() + shadowed_and_scheduled);
+    for (const auto& c : fewer) EXPECT_EQ(c.layout.shadowing + c.layout.schedule, 1);
   }
   // A memory limit below every layout's need: all refused, each saying so.
   opt.memory_per_rank = 1024;
@@ -495,6 +542,12 @@ TEST(Planner, FragmentIsADeckMokaTrainReads) {
       const std::string f = moka::deck_fragment(c, plan_shape().moe, "");
       EXPECT_NE(f.find("balance.shadowing             = true"), std::string::npos) << f;
       EXPECT_NE(f.find("balance.max_shadowed          = 2"), std::string::npos) << f;
+      break;
+    }
+  for (const auto& c : plans)
+    if (c.refused.empty() && c.layout.schedule > 1) {
+      const std::string f = moka::deck_fragment(c, plan_shape().moe, "");
+      EXPECT_NE(f.find("comm.schedule_degree          = " + std::to_string(c.layout.ep)), std::string::npos) << f;
       break;
     }
   moka::PlanCandidate bad;

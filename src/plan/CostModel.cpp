@@ -16,6 +16,7 @@ std::string LayoutChoice::describe(int num_experts) const {
   os << "EP " << ep << " x S " << slices << " x EDP " << edp << ", " << slots_per_rank(num_experts) << " slot"
      << (slots_per_rank(num_experts) == 1 ? "" : "s") << ", " << exchange;
   if (shadowing > 0) os << ", shadowing " << shadowing;
+  if (schedule > 1) os << ", schedule " << schedule;
   return os.str();
 }
 
@@ -184,7 +185,13 @@ StepPrediction predict_step(const MachineProfile& p, const StepShape& shape, con
     MOKA_REQUIRE(link, "the machine profile has no exchange figures for expert slicing over ", S, " ranks");
     out.slicing = 4.0 * (link->latency + out.busiest_rows * row_bytes * (S - 1) / S / link->bandwidth);
   }
-  out.layer = out.fixed + out.gate + out.tokens + out.experts + out.exchange + out.slicing + out.shadowing;
+  if (layout.schedule > 1 && EP > 1 && S == 1) {
+    const MachineProfile::Link* link = p.link(layout.exchange);
+    const double G = std::min(layout.schedule, EP);
+    out.exchange += 4.0 * (G - 1) * link->latency;
+    out.overlap = p.schedule_overlap * (1.0 - 1.0 / G) * std::min(out.experts, out.exchange);
+  }
+  out.layer = out.fixed + out.gate + out.tokens + out.experts + out.exchange + out.slicing + out.shadowing - out.overlap;
 
   // Gradient sums: gate over the world, experts over EDP (and replicas), b2 over the slice group.
   const double L = layout.slots_per_rank(E);

@@ -97,6 +97,7 @@ void MachineProfile::write(const std::string& path) const {
      << "gate_elem_s      = " << gate_elem << "\n"
      << "token_elem_s     = " << token_elem << "\n"
      << "expert_shared_s  = " << expert_shared << "\n"
+     << "schedule_overlap = " << schedule_overlap << "\n"
      << "exchange_fixed_s = " << exchange_fixed << "\n"
      << "optimizer_elem_s = " << optimizer_elem << "\n"
      << "allreduce        = " << allreduce.latency << " " << allreduce.bandwidth << "\n";
@@ -182,6 +183,9 @@ MachineProfile MachineProfile::parse(const std::string& text, const std::string&
       p.token_elem = number(key, value);
     } else if (key == "expert_shared_s") {
       p.expert_shared = number(key, value);
+    } else if (key == "schedule_overlap") {
+      p.schedule_overlap = number(key, value);
+      if (p.schedule_overlap < 0 || p.schedule_overlap > 1) fail("schedule_overlap must be in [0, 1], got '" + value + "'");
     } else if (key == "exchange_fixed_s") {
       p.exchange_fixed = number(key, value);
     } else if (key == "optimizer_elem_s") {

@@ -157,14 +157,19 @@ std::vector<PlanCandidate> plan_layouts(const MachineProfile& profile, const Ste
           // Dynamic shadowing: with one slot per expert and more than one EP rank.
           std::vector<int> shadows{0};
           if (opt.max_shadowed > 0 && extra == 0 && ep > 1) shadows.push_back(opt.max_shadowed);
+          // Smart scheduling: at degree EP where the layer can run it.
+          std::vector<int> degrees{1};
+          if (opt.try_schedule && ep > 1 && S == 1 && !m.bf16_compute) degrees.push_back(ep);
           for (const std::string& policy : policies)
-          for (int shadow : shadows) {
+          for (int shadow : shadows)
+          for (int degree : degrees) {
             if (std::find(opt.policies.begin(), opt.policies.end(), policy) == opt.policies.end()) continue;
             PlanCandidate c;
             c.layout          = base;
             c.layout.slots    = extra > 0 ? L : 0;
             c.layout.exchange = path;
             c.layout.shadowing = shadow;
+            c.layout.schedule  = degree;
             c.policy          = policy;
             c.refused         = why;
             if (c.refused.empty()) {
@@ -212,6 +217,7 @@ std::string deck_fragment(const PlanCandidate& c, const MoEConfig& moe, const st
      << "balance.slots_per_rank        = " << c.layout.slots << "\n"
      << "balance.shadowing             = " << (c.layout.shadowing > 0 ? "true" : "false") << "\n";
   if (c.layout.shadowing > 0) os << "balance.max_shadowed          = " << c.layout.shadowing << "\n";
+  os << "comm.schedule_degree          = " << c.layout.schedule << "\n";
   if (c.layout.exchange == "mpi") os << "comm.backend                  = mpi\n";
   if (c.layout.exchange == "nccl") os << "comm.backend                  = nccl\ncomm.exchange_direct          = off\n";
   if (c.layout.exchange == "direct") os << "comm.backend                  = nccl\ncomm.exchange_direct          = on\n";

@@ -30,6 +30,9 @@ DeckSchema plan_schema() {
   s.add("plan.max_shadowed", DeckType::integer).set_default("2").set_min(0)
       .set_doc("Dynamic shadowing tried (balance.shadowing) with this many experts shadowed at most per step, on "
                "the layouts with one slot per expert and EP > 1; 0: not tried.");
+  s.add("plan.schedule", DeckType::boolean).set_default("true")
+      .set_doc("Smart scheduling tried (comm.schedule_degree = EP) on the layouts with EP > 1 and no slicing, for "
+               "fp32 / fp64 runs; its gain is the profile's schedule_overlap.");
   s.add("plan.out", DeckType::string).set_default("plan.deck").set_doc("Deck fragment written with the best layout.");
   s.add("plan.show", DeckType::integer).set_default("20").set_min(1).set_doc("Layouts printed.");
   return s;

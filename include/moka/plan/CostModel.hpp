@@ -38,6 +38,7 @@ struct LayoutChoice {
   int slots = 0;                    ///< expert slots per EP rank (0: experts / EP; more: replicas)
   std::string exchange = "none";    ///< exchange path: none (EP 1), mpi, nccl, direct
   int shadowing = 0;                ///< dynamic shadowing: experts shadowed at most per step (0: off)
+  int schedule = 1;                 ///< smart scheduling: peer groups of the EP exchange (1: off)
   int world() const { return ep * slices * edp; }
   int slots_per_rank(int num_experts) const { return slots > 0 ? slots : num_experts / ep; }
   /// \brief "EP 4 x S 1 x EDP 1, 2 slots, mpi" (", shadowing 2" when on).
@@ -59,6 +60,7 @@ struct StepPrediction {
   double fixed = 0, gate = 0, tokens = 0, experts = 0, exchange = 0, slicing = 0;
   double shadowing = 0;  ///< shadowed experts' parameters broadcast and gradients reduced
   double shadowed  = 0;  ///< experts shadowed (per layer step)
+  double overlap   = 0;  ///< smart scheduling: exchange hidden behind the experts (subtracted)
   double layer = 0;      ///< the sum of the above
   double grad_sync = 0;  ///< gradient sums of a step
   double optimizer = 0;  ///< the optimizer's update of a step
@@ -76,7 +78,10 @@ struct StepPrediction {
 /// experts moka::choose_shadowed picks (costs from moka::shadow_cost; each
 /// EP rank's tokens taken as an equal share of every expert's) are computed
 /// at their tokens' ranks: their rows leave the owner and the exchange, and
-/// the step pays their broadcast and reduction. Throws moka::Error when the
+/// the step pays their broadcast and reduction. With layout.schedule = G > 1
+/// (EP > 1, no slicing), G' = min(G, EP) peer groups hide
+/// profile.schedule_overlap x (1 - 1/G') x min(experts, exchange) and add
+/// G' - 1 latencies per exchange move. Throws moka::Error when the
 /// profile lacks what the layout needs (an exchange path, the all-reduce
 /// figures for more than one rank).
 StepPrediction predict_step(const MachineProfile& profile, const StepShape& shape, const LayoutChoice& layout,

@@ -68,6 +68,10 @@ struct MachineProfile {
   double gate_elem    = 0;
   double token_elem   = 0;
   double expert_shared = 0;  ///< what a layer's experts share: subtracted per expert with rows beyond the first
+  /// Smart scheduling: the share of min(experts, exchange) that peer groups
+  /// hide at EP groups (measured at the profile's ranks; optional key
+  /// schedule_overlap, 0 when absent: scheduling predicted to hide nothing).
+  double schedule_overlap = 0;
   double exchange_fixed = 0;
   double optimizer_elem = 0;
   std::vector<ExpertCurve> experts;

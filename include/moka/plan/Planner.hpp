@@ -37,6 +37,7 @@ struct PlanOptions {
   int optimizer_moments = 2;     ///< Adam 2, SGD 1
   std::vector<std::string> policies{"static", "smartmoe", "moka"};  ///< placement policies tried
   int max_shadowed = 2;          ///< dynamic shadowing tried with this many shadow slots (0: not tried)
+  bool try_schedule = true;      ///< smart scheduling tried at degree EP (EP > 1, no slicing, fp32 / fp64)
 };
 
 /// \brief One layout: its choices, where the experts go, what is predicted
