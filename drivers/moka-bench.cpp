@@ -662,8 +662,8 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
     }
     prof.exchange_fixed = std::max(0.0, moka::median_of(rest));
     // Smart scheduling: the largest of those layers again in peer groups
-    // (degree = ranks); what it gains, less the latencies it adds, over
-    // what it could hide at most. bf16 layers run unscheduled: 0.
+    // (degree = ranks); what it gains over what it could hide at most
+    // (negative: it costs). bf16 layers run unscheduled: 0.
     if (!cfg.bf16_compute) {
       moka::ParallelConfig ps = pc;
       ps.schedule_degree      = size;
@@ -675,8 +675,8 @@ int run_calibrate(const moka::InputDeck& deck, int rank, int size, int ranks_per
       pp.allreduce            = {"allreduce", 0, 1e30};  // measured below; the layer terms do not use it
       const auto pred         = moka::predict_step(pp, shape, lay, ms.back().counts);
       const double most = (1.0 - 1.0 / size) * std::min(pred.experts, pred.exchange);
-      const double gain = ms.back().total - m2.total + 4.0 * (size - 1) * prof.exchange[0].latency;
-      prof.schedule_overlap = most > 0 ? std::min(1.0, std::max(0.0, gain / most)) : 0.0;
+      const double gain = ms.back().total - m2.total;
+      prof.schedule_overlap = most > 0 ? std::min(1.0, std::max(-1.0, gain / most)) : 0.0;
       std::ostringstream so;
       so << "  smart scheduling (degree " << size << "): layer " << ms.back().total * 1e3 << " -> " << m2.total * 1e3
          << " ms; hides " << prof.schedule_overlap << " of min(experts, exchange)";

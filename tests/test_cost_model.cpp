@@ -319,6 +319,13 @@ TEST(CostModel, ShadowingInThePrediction) {
   EXPECT_NE(error_of([&] { moka::predict_step(p, sh, lay, counts, {{0, 1, 2}, {2, 3, 0}}); })
                 .find("shadowing needs one slot per expert"),
             std::string::npos);
+  // Nor with slicing.
+  {
+    moka::LayoutChoice sl = lay;
+    sl.slots = 0, sl.slices = 2;
+    EXPECT_NE(error_of([&] { moka::predict_step(p, sh, sl, counts); }).find("shadowing needs no expert slicing"),
+              std::string::npos);
+  }
   // Its memory: the shadow slots' parameters and gradients.
   lay.slots = 0;
   moka::LayoutChoice off = lay;
@@ -334,13 +341,18 @@ TEST(CostModel, SmartSchedulingInThePrediction) {
   const std::vector<double> counts{150, 100, 100, 50};
   const auto plain = moka::predict_step(p, sh, lay, counts);
   lay.schedule = 4;  // capped at EP = 2
-  // Nothing measured to hide: only the extra latencies (one more per move).
+  // Nothing measured to hide: the same step.
   auto pr = moka::predict_step(p, sh, lay, counts);
-  EXPECT_DOUBLE_EQ(pr.exchange, plain.exchange + 4 * 2e-5);
+  EXPECT_DOUBLE_EQ(pr.exchange, plain.exchange);
   EXPECT_DOUBLE_EQ(pr.overlap, 0);
+  EXPECT_DOUBLE_EQ(pr.step, plain.step);
   p.schedule_overlap = 0.5;
   pr                 = moka::predict_step(p, sh, lay, counts);
   EXPECT_DOUBLE_EQ(pr.overlap, 0.5 * 0.5 * std::min(pr.experts, pr.exchange));
+  EXPECT_LT(pr.step, plain.step);
+  p.schedule_overlap = -0.2;  // scheduling that costs
+  EXPECT_GT(moka::predict_step(p, sh, lay, counts).step, plain.step);
+  p.schedule_overlap = 0.5;
   EXPECT_DOUBLE_EQ(pr.layer, pr.fixed + pr.gate + pr.tokens + pr.experts + pr.exchange + pr.slicing + pr.shadowing -
                                  pr.overlap);
   // Slicing: not scheduled.
@@ -356,7 +368,7 @@ TEST(CostModel, SmartSchedulingInThePrediction) {
     bad.replace(bad.find("schedule_overlap = 0.5"), 22, "schedule_overlap = 1.5");
     os << bad;
   }
-  EXPECT_NE(error_of([] { MachineProfile::read("overlap_bad.profile"); }).find("schedule_overlap must be in [0, 1]"),
+  EXPECT_NE(error_of([] { MachineProfile::read("overlap_bad.profile"); }).find("schedule_overlap must be in [-1, 1]"),
             std::string::npos);
   std::remove("overlap_bad.profile");
 }
@@ -461,6 +473,7 @@ TEST(Planner, RanksByPredictedStepAndNamesRefusals) {
       EXPECT_EQ(c.layout.slots, 0) << c.layout.describe(8);
       EXPECT_GT(c.layout.ep, 1) << c.layout.describe(8);
       EXPECT_NE(c.policy, "moka");
+      EXPECT_EQ(c.layout.slices, 1) << c.layout.describe(8);
     }
   EXPECT_GT(shadowed, 0);
   int shadowed_and_scheduled = 0;

@@ -221,6 +221,18 @@ TEST(Shadowing, BadRulesAreNamed) {
   expect_error([](const auto&, const auto&) { return std::vector<int>{0, 1, 2}; }, "3 experts, the layer has 2 shadow slots");
   expect_error([](const auto&, const auto&) { return std::vector<int>{4, 4}; }, "expert 4 twice");
   expect_error([](const auto&, const auto&) { return std::vector<int>{9}; }, "expert 9 (outside");
+  // Slicing and shadowing do not mix: named at construction.
+  if (W == 4) {
+    moka::ParallelConfig ps;
+    ps.expert_parallel = 2, ps.expert_slicing = 2;
+    auto gs = std::make_shared<moka::ProcessGroups>(MPI_COMM_WORLD, ps, 8, 12, false);
+    try {
+      Layer layer(config(2), gs);
+      ADD_FAILURE() << "no error for shadowing with slicing";
+    } catch (const moka::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("parallel.expert_slicing = 1"), std::string::npos) << e.what();
+    }
+  }
   // Replicas and shadowing do not mix: named at construction.
   std::vector<int> slots;
   for (int r = 0; r < W; ++r)

@@ -37,8 +37,8 @@ DeckSchema BalanceConfig::schema() {
       .set_doc("FasterMoE's dynamic shadowing (docs/balance.md): every step, the experts whose broadcast to every "
                "EP rank shortens the step most (moka::choose_shadowed: busiest rank's rows x the row time, plus "
                "their parameters broadcast and gradients reduced at the migration bandwidth) are computed where "
-               "their tokens are. Needs one slot per expert (balance.slots_per_rank = 0); any policy that keeps "
-               "one (static, smartmoe).");
+               "their tokens are. Needs one slot per expert (balance.slots_per_rank = 0; any policy that keeps "
+               "one: static, smartmoe) and no expert slicing.");
   s.add("balance.max_shadowed", DeckType::integer).set_default("2").set_min(1)
       .set_doc("Shadowing: experts shadowed at most per step and layer (each rank keeps this many extra expert "
                "slots for them).");

@@ -135,6 +135,7 @@ StepPrediction predict_step(const MachineProfile& p, const StepShape& shape, con
   if (layout.shadowing > 0 && EP > 1) {
     MOKA_REQUIRE(int(at.front().size()) * EP == E, "shadowing needs one slot per expert (layout ", layout.describe(E),
                  ")");
+    MOKA_REQUIRE(S == 1, "shadowing needs no expert slicing (layout ", layout.describe(E), ")");
     const double total = std::accumulate(counts.begin(), counts.end(), 0.0);
     std::vector<std::vector<double>> per_source(EP, std::vector<double>(E));
     for (int r = 0; r < EP; ++r)
@@ -186,10 +187,8 @@ StepPrediction predict_step(const MachineProfile& p, const StepShape& shape, con
     out.slicing = 4.0 * (link->latency + out.busiest_rows * row_bytes * (S - 1) / S / link->bandwidth);
   }
   if (layout.schedule > 1 && EP > 1 && S == 1) {
-    const MachineProfile::Link* link = p.link(layout.exchange);
     const double G = std::min(layout.schedule, EP);
-    out.exchange += 4.0 * (G - 1) * link->latency;
-    out.overlap = p.schedule_overlap * (1.0 - 1.0 / G) * std::min(out.experts, out.exchange);
+    out.overlap    = p.schedule_overlap * (1.0 - 1.0 / G) * std::min(out.experts, out.exchange);
   }
   out.layer = out.fixed + out.gate + out.tokens + out.experts + out.exchange + out.slicing + out.shadowing - out.overlap;
 

@@ -130,11 +130,15 @@ MachineProfile MachineProfile::parse(const std::string& text, const std::string&
   auto fail = [&](const std::string& what) {
     throw Error("machine profile '" + name + "', line " + std::to_string(lineno) + ": " + what);
   };
-  auto number = [&](const std::string& key, const std::string& v) {
+  auto any_number = [&](const std::string& key, const std::string& v) {
     errno = 0;
     char* end      = nullptr;
     const double x = std::strtod(v.c_str(), &end);
     if (v.empty() || *end != '\0' || errno == ERANGE || !std::isfinite(x)) fail(key + ": '" + v + "' is not a number");
+    return x;
+  };
+  auto number = [&](const std::string& key, const std::string& v) {
+    const double x = any_number(key, v);
     if (x < 0) fail(key + " = " + v + " is negative");
     return x;
   };
@@ -184,8 +188,9 @@ MachineProfile MachineProfile::parse(const std::string& text, const std::string&
     } else if (key == "expert_shared_s") {
       p.expert_shared = number(key, value);
     } else if (key == "schedule_overlap") {
-      p.schedule_overlap = number(key, value);
-      if (p.schedule_overlap < 0 || p.schedule_overlap > 1) fail("schedule_overlap must be in [0, 1], got '" + value + "'");
+      p.schedule_overlap = any_number(key, value);
+      if (p.schedule_overlap < -1 || p.schedule_overlap > 1)
+        fail("schedule_overlap must be in [-1, 1], got '" + value + "'");
     } else if (key == "exchange_fixed_s") {
       p.exchange_fixed = number(key, value);
     } else if (key == "optimizer_elem_s") {

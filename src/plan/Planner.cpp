@@ -156,7 +156,7 @@ std::vector<PlanCandidate> plan_layouts(const MachineProfile& profile, const Ste
           else policies = {"static"};
           // Dynamic shadowing: with one slot per expert and more than one EP rank.
           std::vector<int> shadows{0};
-          if (opt.max_shadowed > 0 && extra == 0 && ep > 1) shadows.push_back(opt.max_shadowed);
+          if (opt.max_shadowed > 0 && extra == 0 && ep > 1 && S == 1) shadows.push_back(opt.max_shadowed);
           // Smart scheduling: at degree EP where the layer can run it.
           std::vector<int> degrees{1};
           if (opt.try_schedule && ep > 1 && S == 1 && !m.bf16_compute) degrees.push_back(ep);

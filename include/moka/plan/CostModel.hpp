@@ -80,8 +80,8 @@ struct StepPrediction {
 /// at their tokens' ranks: their rows leave the owner and the exchange, and
 /// the step pays their broadcast and reduction. With layout.schedule = G > 1
 /// (EP > 1, no slicing), G' = min(G, EP) peer groups hide
-/// profile.schedule_overlap x (1 - 1/G') x min(experts, exchange) and add
-/// G' - 1 latencies per exchange move. Throws moka::Error when the
+/// profile.schedule_overlap x (1 - 1/G') x min(experts, exchange) (the same
+/// messages, sent in groups). Throws moka::Error when the
 /// profile lacks what the layout needs (an exchange path, the all-reduce
 /// figures for more than one rank).
 StepPrediction predict_step(const MachineProfile& profile, const StepShape& shape, const LayoutChoice& layout,

@@ -68,9 +68,10 @@ struct MachineProfile {
   double gate_elem    = 0;
   double token_elem   = 0;
   double expert_shared = 0;  ///< what a layer's experts share: subtracted per expert with rows beyond the first
-  /// Smart scheduling: the share of min(experts, exchange) that peer groups
-  /// hide at EP groups (measured at the profile's ranks; optional key
-  /// schedule_overlap, 0 when absent: scheduling predicted to hide nothing).
+  /// Smart scheduling: the share of (1 - 1/G) min(experts, exchange) that G
+  /// peer groups hide (measured at the profile's ranks with G = ranks;
+  /// negative where scheduling costs more than it hides; optional key
+  /// schedule_overlap, 0 when absent).
   double schedule_overlap = 0;
   double exchange_fixed = 0;
   double optimizer_elem = 0;

@@ -175,6 +175,10 @@ template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::apply_placement() {
   const int E = m_cfg.num_experts, N = m_place.num_slots();
   const int NS = m_place.ep_size() * m_L;  // slots with the shadow slots
+  // Slice peers are in different EP groups, which decide on their own
+  // counts: their shadow slots could hold different experts.
+  MOKA_REQUIRE(m_M == 0 || !m_groups || m_groups->slice_size() == 1, "balance.shadowing needs "
+               "parallel.expert_slicing = 1 (it is ", m_groups ? m_groups->slice_size() : 1, ")");
   MOKA_REQUIRE(m_M == 0 || m_place.single_slot(), "balance.shadowing needs one slot per expert (the placement has ",
                m_place.slots_per_rank(), " slots per rank for ", E, " experts on ", m_place.ep_size(),
                " ranks): set balance.slots_per_rank = 0, or shadowing off");
