@@ -10,8 +10,8 @@ set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/gpu-env.sh"
 build_from_bundle
 
-stamp "ctest: cost model, topology gate"
-[ -n "${MOKA_GPU_SKIP_TESTS:-}" ] || (cd "$b" && ctest -j4 --output-on-failure --timeout 300 -R "cost_model|topology_gate") > "$logs/ctest.log" 2>&1
+stamp "ctest: cost model, topology gate, shadowing, smart scheduling"
+[ -n "${MOKA_GPU_SKIP_TESTS:-}" ] || (cd "$b" && ctest -j4 --output-on-failure --timeout 300 -R "cost_model|topology_gate|test_shadowing|test_schedule") > "$logs/ctest.log" 2>&1
 grep -E "Test +#|tests passed|tests failed" "$logs/ctest.log"
 
 stamp "calibrate and sweep (one GPU)"

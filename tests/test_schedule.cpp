@@ -26,7 +26,6 @@ namespace {
 
 using moka_test::world_rank;
 using moka_test::world_size;
-using Layer = moka::MoELayer<double, Kokkos::HostSpace>;
 
 moka::MoEConfig config(moka::Activation act = moka::Activation::gelu_erf, int shadow = 0) {
   moka::MoEConfig c;
@@ -43,18 +42,22 @@ moka::MoEConfig config(moka::Activation act = moka::Activation::gelu_erf, int sh
   return c;
 }
 
+template <class M>
 std::shared_ptr<moka::ProcessGroups> groups(int ep, int degree) {
   moka::ParallelConfig pc;
   pc.expert_parallel = ep;
-  pc.backend         = "mpi";
+  pc.backend         = "auto";
   pc.schedule_degree = degree;
-  return std::make_shared<moka::ProcessGroups>(MPI_COMM_WORLD, pc, 8, 12, false);
+  return std::make_shared<moka::ProcessGroups>(MPI_COMM_WORLD, pc, 8, 12,
+                                               !Kokkos::SpaceAccessibility<Kokkos::HostSpace, M>::accessible);
 }
 
+template <class M>
 struct LayerRun {
+  using Layer = moka::MoELayer<double, M>;
   Layer layer;
-  moka::Optimizer<double, Kokkos::HostSpace> opt;
-  moka::GradSync<double, Kokkos::HostSpace> sync;
+  moka::Optimizer<double, M> opt;
+  moka::GradSync<double, M> sync;
   LayerRun(const moka::MoEConfig& cfg, std::shared_ptr<moka::ProcessGroups> g, const moka::Placement& p)
       : layer(cfg, g, p), opt([] {
           moka::OptimizerConfig o;
@@ -75,15 +78,17 @@ struct Trace {
   bool scheduled = true;
 };
 
-Trace train(LayerRun& run, int steps) {
-  Kokkos::DefaultHostExecutionSpace space;
+template <class M>
+Trace train(LayerRun<M>& run, int steps) {
+  using Layer = typename LayerRun<M>::Layer;
+  typename Layer::execution_space space;
   const int d = 8, T = 13;
   Trace tr;
   for (int s = 0; s < steps; ++s) {
     run.layer.zero_grad(space);
     for (int mb = 0; mb < 2; ++mb) {
       std::mt19937_64 rng(1000 * s + 10 * mb + world_rank());
-      Layer::matrix X("x", T, d), Y("y", T, d), DY("dy", T, d), DX("dx", T, d);
+      typename Layer::matrix X("x", T, d), Y("y", T, d), DY("dy", T, d), DX("dx", T, d);
       moka_test::from_vec(X, moka_test::random_vec(std::size_t(T) * d, rng));
       moka_test::from_vec(DY, moka_test::random_vec(std::size_t(T) * d, rng));
       run.layer.forward(space, X, Y);
@@ -100,11 +105,12 @@ Trace train(LayerRun& run, int steps) {
   return tr;
 }
 
+template <class M>
 void compare(int ep, int degree, const moka::Placement& place, int shadow, moka::Activation act) {
   const std::string at = "EP " + std::to_string(ep) + " of " + std::to_string(world_size()) + ", degree " +
                          std::to_string(degree) + (place.empty() ? "" : ", replicas") +
                          (shadow ? ", shadowing" : "") + (act == moka::Activation::swiglu ? ", swiglu" : "");
-  LayerRun a(config(act, shadow), groups(ep, 1), place), b(config(act, shadow), groups(ep, degree), place);
+  LayerRun<M> a(config(act, shadow), groups<M>(ep, 1), place), b(config(act, shadow), groups<M>(ep, degree), place);
   if (shadow) {
     auto rule = [](const std::vector<std::vector<double>>& src, const moka::Placement&) {
       std::vector<double> tot(src[0].size(), 0.0);
@@ -145,11 +151,12 @@ void compare(int ep, int degree, const moka::Placement& place, int shadow, moka:
               << " micro-batches bitwise on rank 0); gradients, weights and moments within " << worst << "\n";
 }
 
-TEST(Schedule, EqualsTheUnscheduledLayer) {
+template <class M>
+void all_cases() {
   const int W = world_size();
   if (W == 1) {
     // One EP rank: nothing moves, nothing to schedule.
-    LayerRun b(config(), groups(1, 4), moka::Placement());
+    LayerRun<M> b(config(), groups<M>(1, 4), moka::Placement());
     const Trace t = train(b, 1);
     EXPECT_FALSE(t.scheduled);
     return;
@@ -157,8 +164,9 @@ TEST(Schedule, EqualsTheUnscheduledLayer) {
   std::vector<int> eps{W};
   if (W == 4) eps.push_back(2);
   for (int ep : eps) {
-    for (int degree = 2; degree <= ep + 1; ++degree) compare(ep, degree, moka::Placement(), 0, moka::Activation::gelu_erf);
-    compare(ep, ep, moka::Placement(), 0, moka::Activation::swiglu);
+    for (int degree = 2; degree <= ep + 1; ++degree)
+      compare<M>(ep, degree, moka::Placement(), 0, moka::Activation::gelu_erf);
+    compare<M>(ep, ep, moka::Placement(), 0, moka::Activation::swiglu);
     // One spare slot per rank holding the next rank's first expert (replicas).
     const int L = 8 / ep;
     std::vector<int> slots;
@@ -166,11 +174,17 @@ TEST(Schedule, EqualsTheUnscheduledLayer) {
       for (int l = 0; l < L; ++l) slots.push_back(r * L + l);
       slots.push_back(((r + 1) % ep) * L);
     }
-    compare(ep, ep, moka::Placement::from_slots(8, ep, slots), 0, moka::Activation::gelu_erf);
-    compare(ep, ep, moka::Placement(), 2, moka::Activation::gelu_erf);
+    compare<M>(ep, ep, moka::Placement::from_slots(8, ep, slots), 0, moka::Activation::gelu_erf);
+    compare<M>(ep, ep, moka::Placement(), 2, moka::Activation::gelu_erf);
     if (moka_test::any_rank_failed()) return;
   }
 }
+
+TEST(Schedule, HostLayerEqualsTheUnscheduledLayer) { all_cases<Kokkos::HostSpace>(); }
+
+#ifdef KOKKOS_ENABLE_CUDA
+TEST(Schedule, DeviceLayerEqualsTheUnscheduledLayer) { all_cases<moka::memory_space>(); }
+#endif
 
 TEST(Schedule, BadValuesAreNamed) {
   moka::ParallelConfig pc;
