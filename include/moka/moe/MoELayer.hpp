@@ -14,6 +14,10 @@
 ///   experts:  h = act(xs_e W1_e + b1_e), ys_e = h W2_e + b2_e    (one GEMM pair per expert)
 ///   exchange back (slicing: partial outputs summed over the slice group)
 ///   combine:  y[t] = sum_j score[t,j] ys[slot[t,j]]
+/// With comm.schedule_degree > 1 (smart scheduling) the exchange and the
+/// experts run in peer groups, each group's rows computed while the next
+/// group's move; with shadow slots (dynamic shadowing) a shadowed expert's
+/// rows stay on their rank, in a shadow slot holding the owner's weights.
 /// Rows of an expert keep token order, so results do not depend on where
 /// an expert lives, and no floating-point atomics are used: the same inputs
 /// give bitwise the same outputs on the same backend.
