@@ -11,6 +11,8 @@
 #include "MoETestUtils.hpp"
 
 #include <algorithm>
+#include <cmath>
+#include <iostream>
 #include <array>
 #include <cstdlib>
 #include <numeric>
@@ -166,6 +168,34 @@ INSTANTIATE_TEST_SUITE_P(AllGatesActivationsCapacities, MoELayerCases, ::testing
                              if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
                            return n;
                          });
+
+// The float erf and exp of the host's activations (impl::erf_fast,
+// impl::exp_fast) against the double library functions, and GeLU and its
+// derivative in float against double, over the whole range they see.
+TEST(Activations, FastFloatErfAndExpAgainstDouble) {
+  double erf_err = 0, exp_err = 0, gelu_err = 0, grad_err = 0;
+  for (double x = -12; x <= 12; x += 1.0 / 4096) {
+    const float xf = float(x);
+    erf_err = std::max(erf_err, std::abs(double(moka::impl::erf_fast(xf)) - std::erf(double(xf))));
+    const double g  = 0.5 * double(xf) * (1 + std::erf(double(xf) / std::sqrt(2.0)));
+    const double dg = 0.5 * (1 + std::erf(double(xf) / std::sqrt(2.0))) +
+                      double(xf) * std::exp(-0.5 * double(xf) * double(xf)) / std::sqrt(2 * M_PI);
+    gelu_err = std::max(gelu_err, std::abs(double(moka::impl::activate(moka::Activation::gelu_erf, xf)) - g));
+    grad_err = std::max(grad_err, std::abs(double(moka::impl::activate_grad(moka::Activation::gelu_erf, xf)) - dg));
+  }
+  for (double y = -87; y <= 88; y += 1.0 / 1024) {
+    const float yf = float(y);
+    exp_err = std::max(exp_err, std::abs(double(moka::impl::exp_fast(yf)) / std::exp(double(yf)) - 1));
+  }
+  EXPECT_LT(erf_err, 5e-7);
+  EXPECT_LT(exp_err, 3e-7);
+  EXPECT_LT(gelu_err, 3e-6);  // |x| up to 12: 0.5 |x| times erf's error, plus float rounding
+  EXPECT_LT(grad_err, 1e-6);
+  std::cout << "float erf within " << erf_err << ", exp within " << exp_err << " (relative), GeLU within " << gelu_err
+            << ", its derivative within " << grad_err << "\n";
+  // Double stays the library's.
+  EXPECT_EQ(moka::impl::act_erf(0.3), std::erf(0.3));
+}
 
 TEST(MoELayer, DeterministicAcrossRuns) {
   moka::MoEConfig cfg;

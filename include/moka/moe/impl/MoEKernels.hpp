@@ -49,15 +49,15 @@ void count_routed(const Exec& space, const Kokkos::View<int**, Kokkos::LayoutRig
 
 // ------------------------------------------------------------ activations
 template <class S>
-KOKKOS_INLINE_FUNCTION S sigmoid(S x) {
-  return S(1) / (S(1) + impl::exp(-x));
+KOKKOS_FORCEINLINE_FUNCTION S sigmoid(S x) {
+  return S(1) / (S(1) + impl::act_exp(-x));
 }
 
 /// act(x) for the elementwise activations (swiglu uses silu on its gate half).
 template <class S>
-KOKKOS_INLINE_FUNCTION S activate(Activation a, S x) {
+KOKKOS_FORCEINLINE_FUNCTION S activate(Activation a, S x) {
   switch (a) {
-    case Activation::gelu_erf: return S(0.5) * x * (S(1) + impl::erf(x * S(0.70710678118654752440)));
+    case Activation::gelu_erf: return S(0.5) * x * (S(1) + impl::act_erf(x * S(0.70710678118654752440)));
     case Activation::gelu_tanh: {
       const S c = S(0.79788456080286535588);  // sqrt(2/pi)
       return S(0.5) * x * (S(1) + impl::tanh(c * (x + S(0.044715) * x * x * x)));
@@ -71,11 +71,11 @@ KOKKOS_INLINE_FUNCTION S activate(Activation a, S x) {
 
 /// d act / dx.
 template <class S>
-KOKKOS_INLINE_FUNCTION S activate_grad(Activation a, S x) {
+KOKKOS_FORCEINLINE_FUNCTION S activate_grad(Activation a, S x) {
   switch (a) {
     case Activation::gelu_erf: {
-      const S cdf = S(0.5) * (S(1) + impl::erf(x * S(0.70710678118654752440)));
-      const S pdf = S(0.39894228040143267794) * impl::exp(S(-0.5) * x * x);
+      const S cdf = S(0.5) * (S(1) + impl::act_erf(x * S(0.70710678118654752440)));
+      const S pdf = S(0.39894228040143267794) * impl::act_exp(S(-0.5) * x * x);
       return cdf + x * pdf;
     }
     case Activation::gelu_tanh: {
@@ -92,6 +92,49 @@ KOKKOS_INLINE_FUNCTION S activate_grad(Activation a, S x) {
     }
   }
   return S(1);
+}
+
+/// Host rows: out[c] = act(x[c]) (times gate[c] for SwiGLU's product when
+/// \p gate is given) and out[c] = g[c] act'(x[c]), c < n, with the
+/// activation a template argument so that each loop is one straight body
+/// the compiler vectorizes (GCC 12 does not unswitch a switch in a loop).
+template <Activation A, class S>
+inline void activation_row(const S* x, const S* gate, S* out, long n) {
+  if (gate)
+    for (long c = 0; c < n; ++c) out[c] = activate(A, x[c]) * gate[c];
+  else
+    for (long c = 0; c < n; ++c) out[c] = activate(A, x[c]);
+}
+template <Activation A, class S>
+inline void activation_grad_row(const S* g, const S* x, const S* gate, S* out, S* out_gate, long n) {
+  if (gate) {
+    for (long c = 0; c < n; ++c) {
+      out[c]      = g[c] * gate[c] * activate_grad(A, x[c]);
+      out_gate[c] = g[c] * activate(A, x[c]);
+    }
+  } else {
+    for (long c = 0; c < n; ++c) out[c] = g[c] * activate_grad(A, x[c]);
+  }
+}
+template <class S>
+inline void activation_row(Activation a, const S* x, const S* gate, S* out, long n) {
+  switch (a) {
+    case Activation::gelu_erf: activation_row<Activation::gelu_erf>(x, gate, out, n); break;
+    case Activation::gelu_tanh: activation_row<Activation::gelu_tanh>(x, gate, out, n); break;
+    case Activation::relu: activation_row<Activation::relu>(x, gate, out, n); break;
+    case Activation::silu: activation_row<Activation::silu>(x, gate, out, n); break;
+    case Activation::swiglu: activation_row<Activation::swiglu>(x, gate, out, n); break;
+  }
+}
+template <class S>
+inline void activation_grad_row(Activation a, const S* g, const S* x, const S* gate, S* out, S* out_gate, long n) {
+  switch (a) {
+    case Activation::gelu_erf: activation_grad_row<Activation::gelu_erf>(g, x, gate, out, out_gate, n); break;
+    case Activation::gelu_tanh: activation_grad_row<Activation::gelu_tanh>(g, x, gate, out, out_gate, n); break;
+    case Activation::relu: activation_grad_row<Activation::relu>(g, x, gate, out, out_gate, n); break;
+    case Activation::silu: activation_grad_row<Activation::silu>(g, x, gate, out, out_gate, n); break;
+    case Activation::swiglu: activation_grad_row<Activation::swiglu>(g, x, gate, out, out_gate, n); break;
+  }
 }
 
 // --------------------------------------------------- capacity and slots
@@ -606,6 +649,25 @@ void expert_column_sums(const Exec& space, const SrcView& src, const Kokkos::Vie
                         const mat<S, M>& out) {
   const int L = static_cast<int>(out.extent(0));
   const long n = static_cast<long>(out.extent(1));
+  if constexpr (Kokkos::SpaceAccessibility<Kokkos::HostSpace, M>::accessible) {
+    // Host: a chunk per iteration, its rows streamed in order into the
+    // chunk's row of partial sums (the same sums in the same order as one
+    // (chunk, column) per thread, which walks a column across rows).
+    Kokkos::parallel_for(
+        "moka::column_sums_chunks", Kokkos::RangePolicy<Exec>(space, 0, chunks), KOKKOS_LAMBDA(long q) {
+          const int e    = chunk_expert(chunk_start, L, q);
+          const long b   = offsets(e) + (q - chunk_start(e)) * chunk;
+          const long end = b + chunk < offsets(e + 1) ? b + chunk : offsets(e + 1);
+          S* w           = &work(q, 0);
+          for (long c = 0; c < n; ++c) w[c] = 0;
+          for (long r = b; r < end; ++r) {
+            const auto* x = &src(r, 0);
+            for (long c = 0; c < n; ++c) w[c] += static_cast<S>(x[c]);
+          }
+        });
+    expert_column_sums_finish(space, chunk_start, work, out);
+    return;
+  }
   Kokkos::parallel_for(
       "moka::column_sums_chunks", impl::row_major_2d(space, chunks, n), KOKKOS_LAMBDA(long q, long c) {
         const int e = chunk_expert(chunk_start, L, q);

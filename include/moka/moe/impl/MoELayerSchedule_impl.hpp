@@ -23,6 +23,21 @@ void MoELayer<Scalar, MemorySpace>::activation_rows(const execution_space& space
   auto hpre = m_hpre;
   auto h    = m_h;
   auto rexp = m_row_expert;
+  if constexpr (Kokkos::SpaceAccessibility<Kokkos::HostSpace, MemorySpace>::accessible) {
+    // Host: a row per iteration, its columns in a loop the compiler
+    // vectorizes (the 2D policy's tiles do not).
+    const bool swiglu = act == Activation::swiglu;
+    Kokkos::parallel_for(
+        "moka::expert_activation", Kokkos::RangePolicy<execution_space>(space, r0, r1), KOKKOS_LAMBDA(long r) {
+          Scalar* x        = &hpre(r, 0);
+          Scalar* out      = &h(r, 0);
+          const Scalar* bb = bias ? &b1(rexp(r), 0) : nullptr;
+          if (bias)
+            for (long c = 0; c < (swiglu ? 2L * dff : long(dff)); ++c) x[c] += bb[c];
+          impl::activation_row(act, x, swiglu ? x + dff : nullptr, out, dff);
+        });
+    return;
+  }
   Kokkos::parallel_for(
       "moka::expert_activation", impl::row_major_2d(space, r1 - r0, long(dff)), KOKKOS_LAMBDA(long i, long c) {
         const long r = r0 + i;
@@ -44,6 +59,18 @@ void MoELayer<Scalar, MemorySpace>::activation_backward_rows(const execution_spa
   auto dh    = m_dh;
   auto hpre  = m_hpre;
   auto dhpre = m_dhpre;
+  if constexpr (Kokkos::SpaceAccessibility<Kokkos::HostSpace, MemorySpace>::accessible) {
+    const bool swiglu = act == Activation::swiglu;
+    Kokkos::parallel_for(
+        "moka::expert_activation_backward", Kokkos::RangePolicy<execution_space>(space, r0, r1),
+        KOKKOS_LAMBDA(long r) {
+          const Scalar* g = &dh(r, 0);
+          const Scalar* x = &hpre(r, 0);
+          Scalar* out     = &dhpre(r, 0);
+          impl::activation_grad_row(act, g, x, swiglu ? x + dff : nullptr, out, swiglu ? out + dff : nullptr, dff);
+        });
+    return;
+  }
   Kokkos::parallel_for(
       "moka::expert_activation_backward", impl::row_major_2d(space, r1 - r0, long(dff)),
       KOKKOS_LAMBDA(long i, long c) {
