@@ -99,14 +99,14 @@ KOKKOS_FORCEINLINE_FUNCTION S activate_grad(Activation a, S x) {
 /// activation a template argument so that each loop is one straight body
 /// the compiler vectorizes (GCC 12 does not unswitch a switch in a loop).
 template <Activation A, class S>
-inline void activation_row(const S* x, const S* gate, S* out, long n) {
+KOKKOS_INLINE_FUNCTION void activation_row(const S* x, const S* gate, S* out, long n) {
   if (gate)
     for (long c = 0; c < n; ++c) out[c] = activate(A, x[c]) * gate[c];
   else
     for (long c = 0; c < n; ++c) out[c] = activate(A, x[c]);
 }
 template <Activation A, class S>
-inline void activation_grad_row(const S* g, const S* x, const S* gate, S* out, S* out_gate, long n) {
+KOKKOS_INLINE_FUNCTION void activation_grad_row(const S* g, const S* x, const S* gate, S* out, S* out_gate, long n) {
   if (gate) {
     for (long c = 0; c < n; ++c) {
       out[c]      = g[c] * gate[c] * activate_grad(A, x[c]);
@@ -117,7 +117,7 @@ inline void activation_grad_row(const S* g, const S* x, const S* gate, S* out, S
   }
 }
 template <class S>
-inline void activation_row(Activation a, const S* x, const S* gate, S* out, long n) {
+KOKKOS_INLINE_FUNCTION void activation_row(Activation a, const S* x, const S* gate, S* out, long n) {
   switch (a) {
     case Activation::gelu_erf: activation_row<Activation::gelu_erf>(x, gate, out, n); break;
     case Activation::gelu_tanh: activation_row<Activation::gelu_tanh>(x, gate, out, n); break;
@@ -127,7 +127,7 @@ inline void activation_row(Activation a, const S* x, const S* gate, S* out, long
   }
 }
 template <class S>
-inline void activation_grad_row(Activation a, const S* g, const S* x, const S* gate, S* out, S* out_gate, long n) {
+KOKKOS_INLINE_FUNCTION void activation_grad_row(Activation a, const S* g, const S* x, const S* gate, S* out, S* out_gate, long n) {
   switch (a) {
     case Activation::gelu_erf: activation_grad_row<Activation::gelu_erf>(g, x, gate, out, out_gate, n); break;
     case Activation::gelu_tanh: activation_grad_row<Activation::gelu_tanh>(g, x, gate, out, out_gate, n); break;
