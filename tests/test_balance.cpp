@@ -104,6 +104,21 @@ TEST(Policy, StaticSmartmoeAndMoka) {
   EXPECT_EQ(stay.layout, cur3);
 }
 
+TEST(Policy, BandwidthEstimateIsNotOneMeasurement) {
+  // A slow first measurement (one-time costs) moves the estimate halfway
+  // in logarithm: 20 GB/s assumed, 0.2 GB/s measured -> 2 GB/s.
+  const double first = moka::update_bandwidth(20e9, 2e6, 1e-2);
+  EXPECT_NEAR(first, 2e9, 1e-6 * 2e9);
+  // Repeated measurements at 1 GB/s converge to it.
+  double bw = first;
+  for (int i = 0; i < 40; ++i) bw = moka::update_bandwidth(bw, 1e6, 1e-3);
+  EXPECT_NEAR(bw, 1e9, 1e-6 * 1e9);
+  // Nothing moved: the estimate stays; a bad estimate is refused.
+  EXPECT_EQ(moka::update_bandwidth(3e9, 0, 1e-3), 3e9);
+  EXPECT_EQ(moka::update_bandwidth(3e9, 1e6, 0), 3e9);
+  EXPECT_NE(error_of([] { moka::update_bandwidth(0, 1e6, 1e-3); }).find("must be positive"), std::string::npos);
+}
+
 TEST(Policy, PlacementKeepsSlotsOfExpertsThatStay) {
   const moka::Placement cur = moka::Placement::from_slots(4, 2, {0, 1, 2, 3});
   // Expert 1 stays on rank 0 (in its slot 1), expert 2 comes to rank 0.

@@ -3,6 +3,7 @@
 #include <moka/parallel/ReplicaSplit.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 
 namespace moka {
@@ -232,6 +233,12 @@ RankExperts smartmoe_layout(const std::vector<double>& load, const RankExperts& 
 }
 
 }  // namespace
+
+double update_bandwidth(double estimate, double bytes, double seconds) {
+  MOKA_REQUIRE(estimate > 0, "moka::update_bandwidth: estimate ", estimate, " B/s must be positive");
+  if (!(bytes > 0) || !(seconds > 0)) return estimate;
+  return std::sqrt(estimate * (bytes / seconds));
+}
 
 PlanDecision plan_placement(BalancePolicy policy, const std::vector<double>& load, const RankExperts& current,
                             int slots, const PlanCost& cost, const std::vector<std::vector<double>>& recent) {

@@ -160,10 +160,10 @@ class Balancer {
       const Placement next = placement_of(ev.decision.layout, cur, mc.num_experts);
       ev.migration         = migrate_experts(space, L, m_opt, next, m_cfg.migration_buffer_mb);
       // The measured bandwidth (the slowest rank's, the same on every rank
-      // of every EP group, which must keep deciding alike) replaces the assumed one.
+      // of every EP group, which must keep deciding alike) moves the estimate.
       const double secs = max_over_gate(ev.migration.seconds);
       ev.migration.seconds = secs;
-      if (ev.migration.max_rank_bytes > 0 && secs > 0) m_bandwidth = double(ev.migration.max_rank_bytes) / secs;
+      m_bandwidth          = update_bandwidth(m_bandwidth, double(ev.migration.max_rank_bytes), secs);
       out.push_back(ev);
     }
     return out;

@@ -48,6 +48,17 @@ struct PlanCost {
   double sticky           = 0.05;  ///< moka: keep an expert on its rank when that costs at most this x the mean rank load
 };
 
+/// \brief The migration bandwidth to plan with after a migration moved
+/// \p bytes (the busiest rank's) in \p seconds, given the \p estimate
+/// in use: the geometric mean of the two (an average of the logarithms
+/// with weight 1/2). One measurement alone is a poor estimate: the first
+/// migration of a run carries one-time costs (measured on 4 CPU ranks: its
+/// exchange took 4-5 ms against 0.7 ms for the next one of about the same
+/// size), and ranks that arrive late add their wait; an outlier so moves
+/// the estimate only halfway, while repeated measurements converge to
+/// their own level. Returns \p estimate when nothing moved.
+double update_bandwidth(double estimate, double bytes, double seconds);
+
 /// \brief A policy's decision.
 struct PlanDecision {
   RankExperts layout;          ///< where the experts go (the current one when not changed)
