@@ -6,7 +6,7 @@
 //    every replica of an expert bitwise equal to the others at every step;
 //  - a migration between two backward calls of one accumulation window
 //    loses nothing (bitwise).
-#include "MoETestUtils.hpp"
+#include "LayerTrainingUtils.hpp"
 #include "TestHelpers.hpp"
 
 #include <moka/balance/Migration.hpp>
@@ -28,26 +28,7 @@ using moka::Placement;
 using moka_test::world_rank;
 using moka_test::world_size;
 
-moka::MoEConfig config() {
-  moka::MoEConfig c;
-  c.d_model     = 8;
-  c.d_ff        = 12;
-  c.num_experts = 8;
-  c.top_k       = 2;
-  c.gate        = moka::GateType::gshard;  // capacity and drops: the split must keep them as they are
-  c.dropless    = false;
-  c.capacity_factor = 1.0;
-  c.expert_bias = true;
-  return c;
-}
-
-moka::OptimizerConfig adam() {
-  moka::OptimizerConfig o;
-  o.type  = moka::OptimizerType::adam;
-  o.lr    = 1e-2;
-  o.total_steps = 100;
-  return o;
-}
+using moka_test::small_gshard_config;
 
 /// A random placement of E experts on P ranks with L slots each; slots past
 /// E / P hold replicas (never two of one expert on a rank). Drawn from
@@ -73,34 +54,8 @@ Placement random_placement(int E, int P, int L, std::mt19937_64& rng) {
 }
 
 template <class M>
-struct Run {
-  using Layer = moka::MoELayer<double, M>;
-  std::shared_ptr<moka::ProcessGroups> groups;
-  Layer layer;
-  moka::Optimizer<double, M> opt;
-  moka::GradSync<double, M> sync;
-  Run(const moka::MoEConfig& cfg, std::shared_ptr<moka::ProcessGroups> g, const Placement& p)
-      : groups(g), layer(cfg, g, p), opt(adam()), sync(g, layer.parameters(), 1.0) {
-    layer.init_parameters(7);
-    for (auto& r : layer.parameters()) opt.add(r.param, r.grad);
-  }
-};
-
-/// Every expert's tensor by logical expert [E x n], gathered over the EP
-/// group from the first holder of each expert: exact (x + 0 = x).
-template <class Layer, class View>
-std::vector<double> by_expert(const Layer& layer, const View& v) {
-  const int L = layer.local_experts(), E = layer.config().num_experts;
-  const auto h = moka_test::to_vec(v);
-  const long n = static_cast<long>(h.size()) / L;
-  std::vector<double> out(std::size_t(E) * n, 0.0);
-  const auto& rg = *layer.replica_groups();
-  for (int l = 0; l < L; ++l)
-    if (rg.counted[l]) std::copy(h.begin() + l * n, h.begin() + (l + 1) * n, out.begin() + layer.local_expert(l) * n);
-  if (layer.groups())
-    MPI_Allreduce(MPI_IN_PLACE, out.data(), int(out.size()), MPI_DOUBLE, MPI_SUM, layer.groups()->ep().mpi_comm());
-  return out;
-}
+using Run = moka_test::AdamLayerRun<M>;
+using moka_test::by_expert;
 
 /// Whether every replica of every expert holds bitwise the same values of
 /// \p v (max and min over the holders agree).
@@ -162,13 +117,13 @@ void compare_runs(int ep, int spare, bool exact, const std::vector<std::pair<int
   moka::ParallelConfig pc;
   pc.expert_parallel = ep;
   pc.backend         = "auto";
-  const moka::MoEConfig cfg = config();
+  const moka::MoEConfig cfg = small_gshard_config();
   const bool device = !Kokkos::SpaceAccessibility<Kokkos::HostSpace, M>::accessible;
   auto groups = std::make_shared<moka::ProcessGroups>(MPI_COMM_WORLD, pc, cfg.num_experts, cfg.d_ff, device);
   const int L = cfg.num_experts / ep;
   std::mt19937_64 placements(42);
-  Run<M> a(cfg, groups, Placement());
-  Run<M> b(cfg, groups, random_placement(cfg.num_experts, ep, L + spare, placements));
+  Run<M> a(cfg, groups, Placement(), 7);
+  Run<M> b(cfg, groups, random_placement(cfg.num_experts, ep, L + spare, placements), 7);
   const int steps = 6;
   std::mt19937_64 none(1);
   const auto ya = train(a, steps, 0, {}, none);

@@ -9,7 +9,7 @@
 //    replicas in spare slots and with shadowing;
 //  - the scheduled path ran (in the number of groups asked, capped at EP);
 //  - bad values are named.
-#include "MoETestUtils.hpp"
+#include "LayerTrainingUtils.hpp"
 #include "TestHelpers.hpp"
 
 #include <moka/model/Optimizer.hpp>
@@ -28,15 +28,7 @@ using moka_test::world_rank;
 using moka_test::world_size;
 
 moka::MoEConfig config(moka::Activation act = moka::Activation::gelu_erf, int shadow = 0) {
-  moka::MoEConfig c;
-  c.d_model         = 8;
-  c.d_ff            = 12;
-  c.num_experts     = 8;
-  c.top_k           = 2;
-  c.gate            = moka::GateType::gshard;
-  c.dropless        = false;
-  c.capacity_factor = 1.0;
-  c.expert_bias     = true;
+  moka::MoEConfig c = moka_test::small_gshard_config();
   c.activation      = act;
   c.shadow_slots    = shadow;
   return c;
@@ -53,24 +45,7 @@ std::shared_ptr<moka::ProcessGroups> groups(int ep, int degree) {
 }
 
 template <class M>
-struct LayerRun {
-  using Layer = moka::MoELayer<double, M>;
-  Layer layer;
-  moka::Optimizer<double, M> opt;
-  moka::GradSync<double, M> sync;
-  LayerRun(const moka::MoEConfig& cfg, std::shared_ptr<moka::ProcessGroups> g, const moka::Placement& p)
-      : layer(cfg, g, p), opt([] {
-          moka::OptimizerConfig o;
-          o.type        = moka::OptimizerType::adam;
-          o.lr          = 1e-2;
-          o.total_steps = 100;
-          return o;
-        }()),
-        sync(g, layer.parameters(), 1.0) {
-    layer.init_parameters(11);
-    for (auto& r : layer.parameters()) opt.add(r.param, r.grad);
-  }
-};
+using LayerRun = moka_test::AdamLayerRun<M>;
 
 struct Trace {
   std::vector<std::vector<double>> y, dx, grads;
@@ -110,7 +85,7 @@ void compare(int ep, int degree, const moka::Placement& place, int shadow, moka:
   const std::string at = "EP " + std::to_string(ep) + " of " + std::to_string(world_size()) + ", degree " +
                          std::to_string(degree) + (place.empty() ? "" : ", replicas") +
                          (shadow ? ", shadowing" : "") + (act == moka::Activation::swiglu ? ", swiglu" : "");
-  LayerRun<M> a(config(act, shadow), groups<M>(ep, 1), place), b(config(act, shadow), groups<M>(ep, degree), place);
+  LayerRun<M> a(config(act, shadow), groups<M>(ep, 1), place, 11), b(config(act, shadow), groups<M>(ep, degree), place, 11);
   if (shadow) {
     auto rule = [](const std::vector<std::vector<double>>& src, const moka::Placement&) {
       std::vector<double> tot(src[0].size(), 0.0);
@@ -156,7 +131,7 @@ void all_cases() {
   const int W = world_size();
   if (W == 1) {
     // One EP rank: nothing moves, nothing to schedule.
-    LayerRun<M> b(config(), groups<M>(1, 4), moka::Placement());
+    LayerRun<M> b(config(), groups<M>(1, 4), moka::Placement(), 11);
     const Trace t = train(b, 1);
     EXPECT_FALSE(t.scheduled);
     return;

@@ -8,11 +8,8 @@
 //  - a shadowed expert's rows stay on their rank (rows the experts of each
 //    rank process equal the rows of its own tokens for shadowed experts);
 //  - a bad rule (too many experts, one twice, one outside) is named.
-#include "MoETestUtils.hpp"
+#include "LayerTrainingUtils.hpp"
 #include "TestHelpers.hpp"
-
-#include <moka/model/Optimizer.hpp>
-#include <moka/parallel/GradSync.hpp>
 
 #include <gtest/gtest.h>
 #include <mpi.h>
@@ -27,15 +24,7 @@ using moka_test::world_rank;
 using moka_test::world_size;
 
 moka::MoEConfig config(int shadow) {
-  moka::MoEConfig c;
-  c.d_model         = 8;
-  c.d_ff            = 12;
-  c.num_experts     = 8;
-  c.top_k           = 2;
-  c.gate            = moka::GateType::gshard;
-  c.dropless        = false;
-  c.capacity_factor = 1.0;
-  c.expert_bias     = true;
+  moka::MoEConfig c = moka_test::small_gshard_config();
   c.shadow_slots    = shadow;
   return c;
 }
@@ -56,36 +45,8 @@ moka::MoELayer<double, moka::memory_space>::ShadowRule hottest(int m) {
 }
 
 template <class M>
-struct Run {
-  using Layer = moka::MoELayer<double, M>;
-  Layer layer;
-  moka::Optimizer<double, M> opt;
-  moka::GradSync<double, M> sync;
-  Run(const moka::MoEConfig& cfg, std::shared_ptr<moka::ProcessGroups> g)
-      : layer(cfg, g), opt([] {
-          moka::OptimizerConfig o;
-          o.type        = moka::OptimizerType::adam;
-          o.lr          = 1e-2;
-          o.total_steps = 100;
-          return o;
-        }()),
-        sync(g, layer.parameters(), 1.0) {
-    layer.init_parameters(7);
-    for (auto& r : layer.parameters()) opt.add(r.param, r.grad);
-  }
-};
-
-/// Every expert's registered tensor by logical expert, gathered over the EP group.
-template <class Layer, class View>
-std::vector<double> by_expert(const Layer& layer, const View& v) {
-  const int L = layer.local_experts(), E = layer.config().num_experts;
-  const auto h = moka_test::to_vec(v);
-  const long n = static_cast<long>(h.size()) / L;
-  std::vector<double> out(std::size_t(E) * n, 0.0);
-  for (int l = 0; l < L; ++l) std::copy(h.begin() + l * n, h.begin() + (l + 1) * n, out.begin() + layer.local_expert(l) * n);
-  MPI_Allreduce(MPI_IN_PLACE, out.data(), int(out.size()), MPI_DOUBLE, MPI_SUM, layer.groups()->ep().mpi_comm());
-  return out;
-}
+using Run = moka_test::AdamLayerRun<M>;
+using moka_test::by_expert;
 
 struct Trace {
   std::vector<std::vector<double>> y, dx;
@@ -146,7 +107,7 @@ void compare(int ep) {
   pc.backend         = "auto";
   const bool device  = !Kokkos::SpaceAccessibility<Kokkos::HostSpace, M>::accessible;
   auto groups = std::make_shared<moka::ProcessGroups>(MPI_COMM_WORLD, pc, 8, 12, device);
-  Run<M> a(config(0), groups), b(config(2), groups);
+  Run<M> a(config(0), groups, moka::Placement(), 7), b(config(2), groups, moka::Placement(), 7);
   b.layer.set_shadow_rule(hottest(2));
   const std::string at = "EP " + std::to_string(ep) + " of " + std::to_string(world_size()) + " ranks";
   const int steps = 5;

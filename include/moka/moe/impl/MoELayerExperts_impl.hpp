@@ -8,6 +8,14 @@
 namespace moka {
 
 template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::expert_bias_grad(const execution_space& space, const matrix& src,
+                                                     const matrix& out) {
+  // One work array for both bias gradients (d and d_ff_in / S columns).
+  impl::grow_rows(m_colsum_work, m_chunks, std::max<long>(m_cfg.d_model, m_dfil), "colsum_work");
+  impl::expert_column_sums(space, src, m_e_offsets, m_chunk_start, m_chunks, bias_chunk, m_colsum_work, out);
+}
+
+template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::expert_bias_add(const execution_space& space) {
   // b2 once per row: with slicing only the first slice rank adds it to its
   // partial output (the partials are summed).

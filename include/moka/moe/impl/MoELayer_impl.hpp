@@ -473,12 +473,9 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
     // Smart scheduling: each peer group's gradients computed as they
     // arrive; the bias gradients over all rows after (the unscheduled sums).
     dxs = scheduled_backward(space);
-    const long chunks = m_chunks;
     if (m_cfg.expert_bias) {
-      impl::grow_rows(m_colsum_work, chunks, std::max(d, dff_in), "colsum_work");
-      impl::expert_column_sums(space, m_dye, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work, m_grads.b2);
-      impl::expert_column_sums(space, m_dhpre, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work,
-                               m_grads.b1);
+      expert_bias_grad(space, m_dye, m_grads.b2);
+      expert_bias_grad(space, m_dhpre, m_grads.b1);
     }
   } else {
   const matrix dye = m_tx.forward(space, dys, TokenExchange<Scalar, MemorySpace>::Buffer::expert_grad);
@@ -488,10 +485,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   // Expert backward. Bias gradients are column sums over each expert's
   // rows (in chunks, a fixed order: deterministic).
   const long chunks = m_chunks;
-  if (m_cfg.expert_bias) {
-    impl::grow_rows(m_colsum_work, chunks, std::max(d, dff_in), "colsum_work");
-    impl::expert_column_sums(space, dye, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work, m_grads.b2);
-  }
+  if (m_cfg.expert_bias) expert_bias_grad(space, dye, m_grads.b2);
   stage.reset();
   // Fused: the dh GEMM's epilogue writes the pre-activation gradient; the
   // b1 gradient is its column sums.
@@ -510,9 +504,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   } else {
     activation_backward_rows(space, 0, rows_e);
   }
-  if (m_cfg.expert_bias && !bf16)
-    impl::expert_column_sums(space, m_dhpre, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work,
-                             m_grads.b1);
+  if (m_cfg.expert_bias && !bf16) expert_bias_grad(space, m_dhpre, m_grads.b1);
   stage.reset();
   expert_gemm(space, Stage::up_backward);
   dxs = m_tx.reverse(space, m_dxe, TokenExchange<Scalar, MemorySpace>::Buffer::dispatch_grad);
