@@ -17,6 +17,7 @@
 #ifdef KOKKOS_ENABLE_OPENMP
 #include <omp.h>
 #endif
+#include <dlfcn.h>
 #include <sched.h>
 #include <unistd.h>
 
@@ -32,6 +33,24 @@
 namespace moka {
 
 namespace {
+
+/// The host BLAS when it is OpenBLAS (found by its own symbols in the
+/// process, so that no build depends on it): its configuration line and
+/// its threading (0: sequential, 1: its own pthreads, 2: OpenMP); an
+/// empty line when the process has no OpenBLAS.
+struct HostBlas {
+  std::string config;
+  int parallel = -1;
+};
+HostBlas host_blas() {
+  HostBlas b;
+  using config_fn   = char* (*)();
+  using parallel_fn = int (*)();
+  if (auto f = reinterpret_cast<config_fn>(dlsym(RTLD_DEFAULT, "openblas_get_config"))) b.config = f();
+  if (auto f = reinterpret_cast<parallel_fn>(dlsym(RTLD_DEFAULT, "openblas_get_parallel"))) b.parallel = f();
+  while (!b.config.empty() && b.config.back() == ' ') b.config.pop_back();
+  return b;
+}
 
 [[maybe_unused]] bool has_arg_prefix(int argc, char** argv, const char* prefix) {
   for (int i = 1; i < argc; ++i) {
@@ -145,6 +164,13 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) {
       log::warn(m_local_size, " rank", m_local_size > 1 ? "s" : "", " x ", m_host_threads,
                 " host threads exceed the ", node_cpus, " CPUs of the node (set OMP_NUM_THREADS to ",
                 std::max(1, node_cpus / m_local_size), " or fewer, or leave it unset)");
+    // OpenBLAS built with its own threads beside Kokkos's OpenMP threads:
+    // two pools whose idle threads spin on each other's cores (1.4x slower
+    // layer steps on 2 cores, docs/performance.md).
+    if (m_host_threads > 1 && m_rank == 0 && host_blas().parallel == 1)
+      log::warn("the host BLAS is OpenBLAS built with its own threads (", host_blas().config,
+                "); beside Kokkos's OpenMP threads the two pools take each other's cores: link OpenBLAS's "
+                "OpenMP build (Debian: libopenblas-openmp-dev; docs/building.md)");
   }
 
 }
@@ -197,6 +223,12 @@ void Runtime::print_configuration(std::ostream& os) const {
 #else
   out << "NCCL: not built\n";
 #endif
+  {
+    const HostBlas b = host_blas();
+    if (!b.config.empty())
+      out << "host BLAS: " << b.config << " ("
+          << (b.parallel == 2 ? "OpenMP threads" : b.parallel == 1 ? "its own pthreads" : "sequential") << ")\n";
+  }
 #ifdef MOKA_HAVE_HDF5
   unsigned maj = 0, min = 0, rel = 0;
   H5get_libversion(&maj, &min, &rel);
