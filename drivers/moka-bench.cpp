@@ -19,6 +19,7 @@
 #include <moka/deck/InputDeck.hpp>
 #include <moka/moe/MoELayer.hpp>
 #include <moka/parallel/ProcessGroups.hpp>
+#include <moka/core/MemoryWatch.hpp>
 #include <moka/core/Profiling.hpp>
 #include <moka/train/RunConfig.hpp>
 #include <moka/core/Runtime.hpp>
@@ -70,6 +71,9 @@ int run(const moka::InputDeck& deck, int rank) {
   const long T        = deck.get<long>("bench.tokens");
   const long warmup = deck.get<long>("bench.warmup"), iters = deck.get<long>("bench.iters");
   Exec space;
+  // Every allocation of the layer and of this program from here on: a
+  // step's peak memory (below).
+  moka::MemoryWatch watch;
   moka::MoELayer<S, M> layer(cfg);
   layer.init_parameters(static_cast<std::uint64_t>(deck.get<long>("run.seed")));
   // As in training, where the optimizer writes the bf16 weight copies fused
@@ -167,6 +171,23 @@ int run(const moka::InputDeck& deck, int rank) {
   }
   const double t_layer = median_of(times);
   const double t_dense = median_of(dense);
+  // Forward only, in evaluation mode (inference).
+  std::vector<double> fwd;
+  layer.set_training(false);
+  for (long it = 0; it < iters; ++it) fwd.push_back(time_ms([&]() { layer.forward(space, x, y); }));
+  layer.set_training(true);
+  const double t_fwd = median_of(fwd);
+  // Peak memory of one more step (the dense reference's buffers are gone):
+  // all of it, and beyond the parameters and the input x, which is what the
+  // PyTorch reference's "peak extra memory" counts (its base holds its
+  // weights and input; gradients, activations and workspaces are extra).
+  watch.reset_peak();
+  time_ms(layer_step);
+  const double mib = 1.0 / 1048576.0;
+  const double peak = double(watch.peak(M::name()));
+  double param_bytes = 0;
+  for (const auto& p : layer.parameters()) param_bytes += double(p.param.size()) * sizeof(S);
+  const double beyond = peak - param_bytes - double(x.size()) * sizeof(S);
   if (rank == 0) {
     std::printf("moka-bench: %s, T=%ld, d=%d, d_ff=%d, E=%d, top-%d, %s gate, %s, %s%s\n",
                 Kokkos::DefaultExecutionSpace::name(), T, cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k,
@@ -175,6 +196,7 @@ int run(const moka::InputDeck& deck, int rank) {
     std::printf("  expert rows (kept assignments): %ld; expert GEMM FLOPs per step: %.3e\n", rows, flops);
     std::printf("  b1 and activation: %s\n", layer.fused_epilogue() ? "in the GEMMs' cuBLASLt epilogues"
                                                                       : "separate kernels");
+    if (layer.gemm_streams() > 1) std::printf("  expert GEMMs spread over %d CUDA streams\n", layer.gemm_streams());
     std::printf("  layer zero_grad+forward+backward:  median %.3f ms  (min %.3f ms over %ld iterations)\n", t_layer,
                 *std::min_element(times.begin(), times.end()), iters);
     std::printf("  expert GEMMs in the layer: %.4g TFLOP/s (FLOPs / layer time)\n", flops / t_layer * 1e-9);
@@ -182,6 +204,10 @@ int run(const moka::InputDeck& deck, int rank) {
                 t_dense, flops / t_dense * 1e-9);
     std::printf("  layer time / dense GEMM time: %.2f (%.0f%% of dense)\n", t_layer / t_dense,
                 100.0 * t_dense / t_layer);
+    std::printf("  layer forward only (evaluation mode): median %.3f ms\n", t_fwd);
+    std::printf("  peak %s memory of a layer step: %.1f MiB; beyond the parameters and the input x: %.1f MiB "
+                "(what torch_moe_reference.py calls peak extra memory)\n",
+                M::name(), peak * mib, beyond * mib);
   }
   if (deck.get<bool>("bench.breakdown")) {
     // Per-stage device time: every region fences at its ends.

@@ -4,6 +4,8 @@
 // that the patched build is sound there (docs/gpu-validation.md).
 
 #include <moka/core/Core.hpp>
+#include <moka/core/Error.hpp>
+#include <moka/core/MemoryWatch.hpp>
 
 #include <KokkosBlas3_gemm.hpp>
 #include <Kokkos_Random.hpp>
@@ -196,3 +198,48 @@ TEST(KokkosStack, TeamScratchAndAtomics) { kokkosstack_TeamScratchAndAtomics(); 
 TEST(KokkosStack, RandomPoolIsDeterministicAndUniform) { kokkosstack_RandomPoolIsDeterministicAndUniform(); }
 TEST(KokkosStack, BinSortIsAPermutationByKey) { kokkosstack_BinSortIsAPermutationByKey(); }
 TEST(KokkosStack, KokkosBlasGemmMatchesDoubleReference) { kokkosstack_KokkosBlasGemmMatchesDoubleReference(); }
+
+// moka::MemoryWatch counts the bytes of allocations made while it watches,
+// per memory space, keeps their peak, and passes each event on to the
+// callbacks installed before it (a loaded tool's).
+namespace {
+int g_earlier_tool_events = 0;
+void earlier_tool(const Kokkos_Profiling_SpaceHandle, const char*, const void*, const uint64_t) {
+  ++g_earlier_tool_events;
+}
+}  // namespace
+
+TEST(MemoryWatch, LiveAndPeakBytesPerSpaceAndEventsPassedOn) {
+  namespace kt              = Kokkos::Tools::Experimental;
+  const kt::EventSet before = kt::get_callbacks();
+  kt::set_allocate_data_callback(&earlier_tool);
+  const std::string host = Kokkos::HostSpace::name();
+  Kokkos::View<double*, Kokkos::HostSpace> old("allocated before the watch", 100);
+  const int events0 = g_earlier_tool_events;
+  {
+    moka::MemoryWatch w;
+    EXPECT_EQ(w.live(host), 0);
+    EXPECT_THROW(moka::MemoryWatch second, moka::Error);
+    {
+      Kokkos::View<double*, Kokkos::HostSpace> a("a", 1000);
+      EXPECT_EQ(w.live(host), 8000);
+      {
+        Kokkos::View<float*, Kokkos::HostSpace> b("b", 500);
+        EXPECT_EQ(w.live(host), 10000);
+      }
+      old = Kokkos::View<double*, Kokkos::HostSpace>();  // freed, never counted
+      EXPECT_EQ(w.live(host), 8000);
+      EXPECT_EQ(w.peak(host), 10000);
+      w.reset_peak();
+      EXPECT_EQ(w.peak(host), 8000);
+    }
+    EXPECT_EQ(w.live(host), 0);
+    EXPECT_EQ(w.peak(host), 8000);
+    EXPECT_EQ(w.live("no such space"), 0);
+  }
+  EXPECT_EQ(g_earlier_tool_events - events0, 2);  // a and b
+  // The watch gave the earlier callbacks back.
+  Kokkos::View<double*, Kokkos::HostSpace> c("c", 10);
+  EXPECT_EQ(g_earlier_tool_events - events0, 3);
+  kt::set_callbacks(before);
+}

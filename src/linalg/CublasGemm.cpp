@@ -8,6 +8,7 @@
 #include <cublas_v2.h>
 
 #include <array>
+#include <cuda_runtime_api.h>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -18,31 +19,48 @@ namespace moka {
 namespace impl {
 
 namespace {
-/// One library handle per device, made on first use (cublasCreate or
-/// cublasLtCreate) and kept until Kokkos finalizes: a hook destroys them
+/// One library handle per device and stream slot (0: every stream but a
+/// StreamFan's; 1, 2, ...: the fan's streams, which run at the same time and
+/// so must not share a handle's workspace), made on first use (cublasCreate
+/// or cublasLtCreate) and kept until Kokkos finalizes: a hook destroys them
 /// while the device is still up (kept to the process's end, each handle's
 /// workspace showed as a leak in compute-sanitizer's memcheck).
 template <class Handle, class Create, class Destroy>
-Handle handle_for(int device, Create create, Destroy destroy, const char* what) {
+Handle handle_for(int device, Create create, Destroy destroy, const char* what, int slot = 0) {
   static std::mutex mutex;
-  static std::vector<Handle> handles;
+  static std::map<std::pair<int, int>, Handle> handles;
   static bool hooked = false;
   std::lock_guard<std::mutex> lock(mutex);
-  if (device >= static_cast<int>(handles.size())) handles.resize(device + 1, nullptr);
-  if (!handles[device]) {
-    if (create(&handles[device]) != CUBLAS_STATUS_SUCCESS)
+  Handle& h = handles[{device, slot}];
+  if (!h) {
+    if (create(&h) != CUBLAS_STATUS_SUCCESS)
       throw Error(std::string("moka::impl::cublas: ") + what + " failed on device " + std::to_string(device));
     if (!hooked) {
       hooked = true;
       Kokkos::push_finalize_hook([destroy]() {
         std::lock_guard<std::mutex> l(mutex);
-        for (auto& h : handles)
-          if (h) destroy(h), h = nullptr;
+        for (auto& kv : handles)
+          if (kv.second) destroy(kv.second);
+        handles.clear();
         hooked = false;
       });
     }
   }
-  return handles[device];
+  return h;
+}
+
+/// The handle slot of a stream: a StreamFan's streams are registered here.
+std::mutex g_fan_mutex;
+std::map<cudaStream_t, int> g_fan_slot;
+int slot_of(cudaStream_t s) {
+  std::lock_guard<std::mutex> lock(g_fan_mutex);
+  const auto it = g_fan_slot.find(s);
+  return it == g_fan_slot.end() ? 0 : it->second;
+}
+
+void check_cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw Error(std::string("moka::impl::StreamFan: ") + what + " failed: " + cudaGetErrorString(e));
 }
 
 void check(cublasStatus_t s, const char* what) {
@@ -56,7 +74,8 @@ void gemm(const Kokkos::Cuda& space, bool ta, bool tb, int m, int n, int k, cons
           const void* B, int ldb, const void* beta, void* C, int ldc, cudaDataType ab_type, cudaDataType c_type,
           cublasComputeType_t compute) {
   if (m == 0 || n == 0) return;
-  cublasHandle_t h = handle_for<cublasHandle_t>(space.cuda_device(), cublasCreate, cublasDestroy, "cublasCreate");
+  cublasHandle_t h = handle_for<cublasHandle_t>(space.cuda_device(), cublasCreate, cublasDestroy, "cublasCreate",
+                                                slot_of(space.cuda_stream()));
   check(cublasSetStream(h, space.cuda_stream()), "cublasSetStream");
   // Row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T.
   check(cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, alpha, B, ab_type,
@@ -211,6 +230,57 @@ void gemm_real(const Kokkos::Cuda& space, bool ta, bool tb, int m, int n, int k,
 void gemm_real(const Kokkos::Cuda& space, bool ta, bool tb, int m, int n, int k, double alpha, const double* A,
                int lda, const double* B, int ldb, double beta, double* C, int ldc) {
   gemm(space, ta, tb, m, n, k, &alpha, A, lda, B, ldb, &beta, C, ldc, CUDA_R_64F, CUDA_R_64F, CUBLAS_COMPUTE_64F);
+}
+
+StreamFan::StreamFan(int streams) {
+  MOKA_REQUIRE(streams >= 1, "moka::impl::StreamFan: ", streams, " streams");
+  check_cuda(cudaEventCreateWithFlags(reinterpret_cast<cudaEvent_t*>(&m_fork_event), cudaEventDisableTiming),
+             "cudaEventCreate");
+  for (int i = 0; i < streams; ++i) {
+    cudaStream_t st = nullptr;
+    cudaEvent_t ev  = nullptr;
+    check_cuda(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "cudaStreamCreate");
+    check_cuda(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreate");
+    m_streams.push_back(st);
+    m_events.push_back(ev);
+    {
+      std::lock_guard<std::mutex> lock(g_fan_mutex);
+      // Stream i of every fan uses handle slot i + 1: fans fork from and
+      // join into the stream they are given, so two fans' stream i never
+      // run at once unless their callers' streams do.
+      g_fan_slot[st] = i + 1;
+    }
+    m_instances.emplace_back(st);
+  }
+}
+
+StreamFan::~StreamFan() {
+  m_instances.clear();  // the instances before their streams
+  for (std::size_t i = 0; i < m_streams.size(); ++i) {
+    auto st = static_cast<cudaStream_t>(m_streams[i]);
+    cudaStreamSynchronize(st);
+    {
+      std::lock_guard<std::mutex> lock(g_fan_mutex);
+      g_fan_slot.erase(st);
+    }
+    cudaEventDestroy(static_cast<cudaEvent_t>(m_events[i]));
+    cudaStreamDestroy(st);
+  }
+  if (m_fork_event) cudaEventDestroy(static_cast<cudaEvent_t>(m_fork_event));
+}
+
+void StreamFan::fork(const Kokkos::Cuda& space) {
+  auto ev = static_cast<cudaEvent_t>(m_fork_event);
+  check_cuda(cudaEventRecord(ev, space.cuda_stream()), "cudaEventRecord");
+  for (void* st : m_streams) check_cuda(cudaStreamWaitEvent(static_cast<cudaStream_t>(st), ev, 0), "cudaStreamWaitEvent");
+}
+
+void StreamFan::join(const Kokkos::Cuda& space) {
+  for (std::size_t i = 0; i < m_streams.size(); ++i) {
+    auto ev = static_cast<cudaEvent_t>(m_events[i]);
+    check_cuda(cudaEventRecord(ev, static_cast<cudaStream_t>(m_streams[i])), "cudaEventRecord");
+    check_cuda(cudaStreamWaitEvent(space.cuda_stream(), ev, 0), "cudaStreamWaitEvent");
+  }
 }
 
 }  // namespace impl

@@ -63,6 +63,8 @@ void MoEConfig::validate() const {
   MOKA_REQUIRE(num_experts > 0, "moe.num_experts = ", num_experts, " must be positive");
   MOKA_REQUIRE(top_k > 0, "moe.top_k = ", top_k, " must be positive");
   MOKA_REQUIRE(top_k <= num_experts, "moe.top_k = ", top_k, " exceeds moe.num_experts = ", num_experts);
+  MOKA_REQUIRE(gemm_streams >= 1 && gemm_streams <= 16, "expert.gemm_streams = ", gemm_streams,
+               " must be in 1..16");
   MOKA_REQUIRE(shadow_slots >= 0 && shadow_slots <= num_experts, "balance.max_shadowed = ", shadow_slots,
                " is outside [0, moe.num_experts = ", num_experts, "]");
   // A factor of E / k already lets an expert take every assignment; far
@@ -117,6 +119,14 @@ DeckSchema MoEConfig::schema() {
       .set_doc("bf16 on CUDA with gelu_tanh and expert biases: b1 and the activation run in the up-projection "
                "GEMM's cuBLASLt epilogue, the activation's gradient in the epilogue of the GEMM that forms dh; "
                "false: separate kernels. Other activations and precisions always use the kernels.");
+  s.add("expert.gemm_streams", DeckType::integer)
+      .set_default("1")
+      .set_min(1)
+      .set_max(16)
+      .set_doc("bf16 on CUDA: the expert GEMMs of each stage are spread over this many CUDA streams (expert e on "
+               "stream e mod n), so that many small experts run side by side; 1: one after another on the layer's "
+               "stream. Not with the cuBLASLt epilogues (expert.gemm_epilogue with gelu_tanh). Host builds: "
+               "no effect.");
   s.add("gate.type", DeckType::string)
       .set_default("topk")
       .set_choices({"topk", "softmax", "noisy", "gshard", "switch", "zero", "trace"})
@@ -185,6 +195,7 @@ MoEConfig MoEConfig::from_deck(const InputDeck& deck) {
   c.activation      = activation_from_string(deck.get<std::string>("expert.activation"));
   c.expert_bias     = deck.get<bool>("expert.bias");
   c.gemm_epilogue   = deck.get<bool>("expert.gemm_epilogue");
+  c.gemm_streams    = deck.get<int>("expert.gemm_streams");
   c.gate            = gate_type_from_string(deck.get<std::string>("gate.type"));
   c.renormalize     = deck.get<bool>("gate.renormalize");
   c.capacity_factor = deck.get<double>("gate.capacity_factor");

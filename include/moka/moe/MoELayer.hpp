@@ -222,6 +222,15 @@ class MoELayer {
   long shadow_bytes() const { return m_shadow_bytes; }
   /// @}
 
+  /// \brief The CUDA streams the bf16 expert GEMMs run on (expert.gemm_streams,
+  /// at most the local experts; 1 where the GEMMs stay on the layer's stream).
+  int gemm_streams() const {
+#ifdef KOKKOS_ENABLE_CUDA
+    return m_fan ? m_fan->size() : 1;
+#else
+    return 1;
+#endif
+  }
   /// \brief Tokens of the whole batch over all ranks, and this rank's first (last forward).
   long tokens_global() const { return m_T_global; }
   long token_offset() const { return m_tok0; }
@@ -410,6 +419,11 @@ class MoELayer {
   bool m_fused = false;
   bmatrix m_b1_b;
   Kokkos::View<char*, MemorySpace> m_lt_work;
+#ifdef KOKKOS_ENABLE_CUDA
+  // expert.gemm_streams > 1 (bf16, no fused epilogues): the streams the
+  // expert GEMMs of a stage are spread over.
+  std::shared_ptr<impl::StreamFan> m_fan;
+#endif
   Kokkos::View<Scalar*, MemorySpace> m_rr, m_sel_bias, m_bal_grad, m_imp_grad, m_load_grad;
   index_vector m_trace_cum;
   // Topology-aware gate: experts with a slot on this rank's node, the

@@ -12,6 +12,7 @@
 #include <Kokkos_Core.hpp>
 
 #include <cstddef>
+#include <vector>
 
 #ifdef KOKKOS_ENABLE_CUDA
 namespace moka {
@@ -57,6 +58,32 @@ struct GemmEpilogue {
 void gemm_bf16_epilogue(const Kokkos::Cuda& space, const GemmEpilogue& ep, bool trans_a, bool trans_b, int m, int n,
                         int k, const bf16* A, int lda, const bf16* B, int ldb, bf16* C, int ldc, void* workspace,
                         std::size_t workspace_bytes);
+
+/// \brief Independent GEMMs side by side: \p streams CUDA streams (each
+/// with its own cuBLAS handle, made on first use) that fork from an
+/// instance's stream and join back into it. Many small expert GEMMs (64
+/// experts of 1536 rows fill about half of an H100's SMs one at a time)
+/// then overlap. Made once and kept (stream and instance creation is not
+/// cheap); destroy it before Kokkos finalizes.
+class StreamFan {
+ public:
+  explicit StreamFan(int streams);
+  ~StreamFan();
+  StreamFan(const StreamFan&) = delete;
+  StreamFan& operator=(const StreamFan&) = delete;
+  int size() const { return static_cast<int>(m_instances.size()); }
+  /// \brief Every stream of the fan waits for the work queued on \p space so far.
+  void fork(const Kokkos::Cuda& space);
+  /// \brief The execution-space instance of stream \p i (0 <= i < size()).
+  const Kokkos::Cuda& instance(int i) const { return m_instances[static_cast<std::size_t>(i)]; }
+  /// \brief Work queued on \p space from now on waits for the fan's work so far.
+  void join(const Kokkos::Cuda& space);
+
+ private:
+  std::vector<void*> m_streams, m_events;  // cudaStream_t, cudaEvent_t
+  void* m_fork_event = nullptr;
+  std::vector<Kokkos::Cuda> m_instances;
+};
 
 }  // namespace impl
 }  // namespace moka

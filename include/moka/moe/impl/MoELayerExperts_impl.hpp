@@ -87,19 +87,26 @@ impl::GemmEpilogue MoELayer<Scalar, MemorySpace>::epilogue(bool forward, int e, 
 #endif
 
 template <class Scalar, class MemorySpace>
-void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& space, Stage stage) {
+void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& this_space, Stage stage) {
 #ifdef KOKKOS_ENABLE_CUDA
   if constexpr (std::is_same<Scalar, float>::value && std::is_same<MemorySpace, Kokkos::CudaSpace>::value) {
     const int d = m_cfg.d_model, dff = m_dffl, dfi = m_dfil;
     const float beta_w = m_wgrad_zero ? 0.f : 1.f;  // after zero_grad: overwrite
     if (stage == Stage::down_backward && m_tx.active()) {  // else written by the combine backward
       impl::grow_rows(m_dys_b, m_rows_e, d, "dys_bf16");
-      impl::convert_to_bf16(space, "moka::dys_to_bf16", m_dye.data(), m_dys_b.data(), std::size_t(m_rows_e) * d);
+      impl::convert_to_bf16(this_space, "moka::dys_to_bf16", m_dye.data(), m_dys_b.data(),
+                            std::size_t(m_rows_e) * d);
     }
+    // expert.gemm_streams: expert e's GEMMs on stream e mod n of the fan,
+    // after everything queued on space so far; space waits for all of them.
+    // (Each expert writes its own rows and its own weight gradients.)
+    const int fan = m_fan ? m_fan->size() : 0;
+    if (fan > 1) m_fan->fork(this_space);
     for (int e = 0; e < m_L; ++e) {
       const long b = m_e_off[e];
       const int n  = static_cast<int>(m_e_off[e + 1] - b);
       if (n == 0) continue;
+      const Kokkos::Cuda& space = fan > 1 ? m_fan->instance(e % fan) : this_space;
       const bf16* w1 = m_w1_b.data() + std::size_t(e) * d * dfi;
       const bf16* w2 = m_w2_b.data() + std::size_t(e) * dff * d;
       switch (stage) {
@@ -136,10 +143,11 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& spac
           break;
       }
     }
+    if (fan > 1) m_fan->join(this_space);
     return;
   }
 #endif
-  (void)space;
+  (void)this_space;
   (void)stage;
   impl::fail(MOKA_FUNCTION, "bf16 expert GEMMs need a CUDA build and a float layer in CudaSpace");
 }

@@ -154,6 +154,12 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr
       m_b1_b    = bmatrix("moka::moe::b1_bf16", m_L, m_dfil);
       m_lt_work = Kokkos::View<char*, MemorySpace>("moka::moe::cublaslt_workspace", std::size_t(32) << 20);
     }
+#ifdef KOKKOS_ENABLE_CUDA
+    // cuBLASLt's one workspace is not split between streams: the fused
+    // epilogues keep the GEMMs on the layer's stream.
+    if (config.gemm_streams > 1 && !m_fused && m_L > 1)
+      m_fan = std::make_shared<impl::StreamFan>(std::min(config.gemm_streams, m_L));
+#endif
   }
   if (config.gate == GateType::trace) {
     m_trace_rows = read_trace_gate_rows(config);

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Issue 16's comparison on one GPU node, MoKA and PyTorch in the same job:
+# for each shape, moka-bench (bf16, erf GeLU unless named; layer step,
+# dense GEMMs of the same FLOPs, forward only, peak memory) and then
+# scripts/torch_moe_reference.py (PyTorch's loop over experts and its
+# torch._grouped_mm layer, with their peak extra memory) on the same card.
+# Shapes: A d2048 f8192 E8 top-2 T16384; C d2048 f1408 E64 top-6 T16384
+# (fine-grained); D d1024 f4096 E16 top-2 T32768; C with SwiGLU; C top-1.
+#
+#   scripts/gpu-vs-torch.sh [bundle] [log-dir]
+# MOKA_VS_SHAPES="A C" limits the shapes; MOKA_VS_STREAMS (default "1 4")
+# the expert.gemm_streams values MoKA runs with; MOKA_VS_ARGS adds moka-bench
+# overrides (e.g. "expert.gemm_epilogue=false") to every MoKA run.
+set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/gpu-env.sh"
+nvidia-smi --query-gpu=index,name,clocks.max.sm --format=csv,noheader | tee "$logs/gpus.txt"
+stamp "build moka-bench (CUDA, sm_90)"
+cmake -S "$root" -B "$root/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_CXX_COMPILER="$kokkos/bin/nvcc_wrapper" -DKokkos_ROOT="$kokkos" -DKokkosKernels_ROOT="$kokkos" \
+  -DMOKA_ENABLE_NCCL=ON -DMOKA_ENABLE_TESTS=OFF ${MOKA_CMAKE_ARGS:-} > "$logs/vs-build.log" 2>&1 &&
+  cmake --build "$root/build-gpu" -j "$jobs" --target moka-bench >> "$logs/vs-build.log" 2>&1 \
+  || { tail -40 "$logs/vs-build.log"; echo "BUILD FAILED"; exit 1; }
+b="$root/build-gpu"
+declare -A shape=(
+  [A]="16384 2048 8192 8 2 gelu"
+  [C]="16384 2048 1408 64 6 gelu"
+  [D]="32768 1024 4096 16 2 gelu"
+  [C-swiglu]="16384 2048 1408 64 6 swiglu"
+  [C-top1]="16384 2048 1408 64 1 gelu")
+for name in ${MOKA_VS_SHAPES:-A C D C-swiglu C-top1}; do
+  [ -n "${shape[$name]:-}" ] || { echo "unknown shape $name"; exit 2; }
+  read -r T d f E k act <<< "${shape[$name]}"
+  stamp "shape $name: T=$T d=$d d_ff=$f E=$E top-$k $act"
+  for streams in ${MOKA_VS_STREAMS:-1 4}; do
+    echo "MoKA, expert.gemm_streams=$streams"
+    "$b/drivers/moka-bench" "$root/input_decks/bench_layer.deck" bench.tokens=$T moe.d_model=$d moe.d_ff=$f \
+      moe.num_experts=$E moe.top_k=$k expert.activation=$act expert.gemm_streams=$streams ${MOKA_VS_ARGS:-} \
+      > "$logs/moka-$name-s$streams.txt" 2>&1
+    grep -E "layer|dense|peak|forward only|streams|error" "$logs/moka-$name-s$streams.txt"
+  done
+  torch_act=""; [ "$act" = swiglu ] && torch_act=swiglu
+  python3 "$here/torch_moe_reference.py" $T $d $f $E $k $torch_act > "$logs/torch-$name.txt" 2>&1
+  grep -vE "^\s*$|Warning" "$logs/torch-$name.txt" | tail -6
+done
+stamp "done"
