@@ -4,7 +4,7 @@
 # dense GEMMs of the same FLOPs, forward only, peak memory) and then
 # scripts/torch_moe_reference.py (PyTorch's loop over experts and its
 # torch._grouped_mm layer, with their peak extra memory) on the same card.
-# Shapes: A d2048 f8192 E8 top-2 T16384; C d2048 f1408 E64 top-6 T16384
+# First the bf16 layer tests (test_moe_bf16). Shapes: A d2048 f8192 E8 top-2 T16384; C d2048 f1408 E64 top-6 T16384
 # (fine-grained); D d1024 f4096 E16 top-2 T32768; C with SwiGLU; C top-1.
 #
 #   scripts/gpu-vs-torch.sh [bundle] [log-dir]
@@ -17,10 +17,15 @@ nvidia-smi --query-gpu=index,name,clocks.max.sm --format=csv,noheader | tee "$lo
 stamp "build moka-bench (CUDA, sm_90)"
 cmake -S "$root" -B "$root/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CXX_COMPILER="$kokkos/bin/nvcc_wrapper" -DKokkos_ROOT="$kokkos" -DKokkosKernels_ROOT="$kokkos" \
-  -DMOKA_ENABLE_NCCL=ON -DMOKA_ENABLE_TESTS=OFF ${MOKA_CMAKE_ARGS:-} > "$logs/vs-build.log" 2>&1 &&
-  cmake --build "$root/build-gpu" -j "$jobs" --target moka-bench >> "$logs/vs-build.log" 2>&1 \
+  -DMOKA_ENABLE_NCCL=ON ${MOKA_CMAKE_ARGS:-} > "$logs/vs-build.log" 2>&1 &&
+  cmake --build "$root/build-gpu" -j "$jobs" --target moka-bench test_moe_bf16 >> "$logs/vs-build.log" 2>&1 \
   || { tail -40 "$logs/vs-build.log"; echo "BUILD FAILED"; exit 1; }
 b="$root/build-gpu"
+# The code the figures time, checked first: the bf16 layer against the
+# double reference, the epilogues, the GEMM streams against one stream.
+stamp "test_moe_bf16"
+"$b/tests/test_moe_bf16" > "$logs/test_moe_bf16.txt" 2>&1 && echo "  passed" \
+  || { echo "  FAILED"; grep -E "FAILED|Failure|Expected|Which is" "$logs/test_moe_bf16.txt" | head -30; }
 declare -A shape=(
   [A]="16384 2048 8192 8 2 gelu"
   [C]="16384 2048 1408 64 6 gelu"
