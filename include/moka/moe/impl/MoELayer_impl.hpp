@@ -484,36 +484,36 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
       expert_bias_grad(space, m_dhpre, m_grads.b1);
     }
   } else {
-  const matrix dye = m_tx.forward(space, dys, TokenExchange<Scalar, MemorySpace>::Buffer::expert_grad);
-  m_dye = dye;
-  stage.emplace("moka::MoELayer::combine_backward");
+    const matrix dye = m_tx.forward(space, dys, TokenExchange<Scalar, MemorySpace>::Buffer::expert_grad);
+    m_dye = dye;
+    stage.emplace("moka::MoELayer::combine_backward");
 
-  // Expert backward. Bias gradients are column sums over each expert's
-  // rows (in chunks, a fixed order: deterministic).
-  const long chunks = m_chunks;
-  if (m_cfg.expert_bias) expert_bias_grad(space, dye, m_grads.b2);
-  stage.reset();
-  // Fused: the dh GEMM's epilogue writes the pre-activation gradient; the
-  // b1 gradient is its column sums.
-  expert_gemm(space, Stage::down_backward);
-  stage.emplace("moka::MoELayer::activation_backward");
-  if (m_fused) {
-    impl::expert_column_sums_bf16(space, m_dhpre_b, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work,
-                                  m_grads.b1);
-  } else if (bf16) {
-    // Fused with the first pass of the b1 gradient (the same chunks and
-    // order as expert_column_sums).
-    const bool bias = m_cfg.expert_bias;
-    impl::activation_backward_bf16(space, act, bias, chunks, bias_chunk, dff, m_chunk_start, m_e_offsets, m_dh_b,
-                                   m_hpre_b, m_params.b1, m_dhpre_b, m_colsum_work);
-    if (bias) impl::expert_column_sums_finish(space, m_chunk_start, m_colsum_work, m_grads.b1);
-  } else {
-    activation_backward_rows(space, 0, rows_e);
-  }
-  if (m_cfg.expert_bias && !bf16) expert_bias_grad(space, m_dhpre, m_grads.b1);
-  stage.reset();
-  expert_gemm(space, Stage::up_backward);
-  dxs = m_tx.reverse(space, m_dxe, TokenExchange<Scalar, MemorySpace>::Buffer::dispatch_grad);
+    // Expert backward. Bias gradients are column sums over each expert's
+    // rows (in chunks, a fixed order: deterministic).
+    const long chunks = m_chunks;
+    if (m_cfg.expert_bias) expert_bias_grad(space, dye, m_grads.b2);
+    stage.reset();
+    // Fused: the dh GEMM's epilogue writes the pre-activation gradient; the
+    // b1 gradient is its column sums.
+    expert_gemm(space, Stage::down_backward);
+    stage.emplace("moka::MoELayer::activation_backward");
+    if (m_fused) {
+      impl::expert_column_sums_bf16(space, m_dhpre_b, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work,
+                                    m_grads.b1);
+    } else if (bf16) {
+      // Fused with the first pass of the b1 gradient (the same chunks and
+      // order as expert_column_sums).
+      const bool bias = m_cfg.expert_bias;
+      impl::activation_backward_bf16(space, act, bias, chunks, bias_chunk, dff, m_chunk_start, m_e_offsets, m_dh_b,
+                                     m_hpre_b, m_params.b1, m_dhpre_b, m_colsum_work);
+      if (bias) impl::expert_column_sums_finish(space, m_chunk_start, m_colsum_work, m_grads.b1);
+    } else {
+      activation_backward_rows(space, 0, rows_e);
+    }
+    if (m_cfg.expert_bias && !bf16) expert_bias_grad(space, m_dhpre, m_grads.b1);
+    stage.reset();
+    expert_gemm(space, Stage::up_backward);
+    dxs = m_tx.reverse(space, m_dxe, TokenExchange<Scalar, MemorySpace>::Buffer::dispatch_grad);
   }
   if (m_wgrad_zero) {
     // Overwritten by the GEMMs above, except where an expert had no rows.
