@@ -208,6 +208,12 @@ int run(const moka::InputDeck& deck, int rank) {
     std::printf("  peak %s memory of a layer step: %.1f MiB; beyond the parameters and the input x: %.1f MiB "
                 "(what torch_moe_reference.py calls peak extra memory)\n",
                 M::name(), peak * mib, beyond * mib);
+    // Where the peak comes from: the largest allocations live at that moment.
+    const auto held = watch.peak_by_label(M::name());
+    std::printf("  held at the peak (largest):");
+    for (std::size_t i = 0; i < held.size() && i < 12; ++i)
+      std::printf("%s %s %.1f MiB", i ? "," : "", held[i].first.c_str(), held[i].second * mib);
+    std::printf("\n");
   }
   if (deck.get<bool>("bench.breakdown")) {
     // Per-stage device time: every region fences at its ends.

@@ -12,9 +12,11 @@
 #include <cmath>
 #include <cstdio>
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <mpi.h>
 #include <string>
+#include <unistd.h>
 #include <vector>
 
 namespace {
@@ -539,13 +541,18 @@ TEST(Planner, FragmentIsADeckMokaTrainReads) {
                                           return o;
                                         }());
   const std::string frag = moka::deck_fragment(plans.front(), plan_shape().moe, "# test\n");
+  // Written to a directory of its own, not to wherever the test is run from.
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("moka_fragment_" + std::to_string(static_cast<long>(::getpid())));
+  std::filesystem::create_directories(dir);
   {
-    std::ofstream os("fragment.deck");
+    std::ofstream os(dir / "fragment.deck");
     os << "moe.num_experts = 8\nmoe.d_model = 64\nmoe.d_ff = 256\ninclude \"fragment_keys.deck\"\n";
-    std::ofstream ks("fragment_keys.deck");
+    std::ofstream ks(dir / "fragment_keys.deck");
     ks << frag;
   }
-  moka::InputDeck deck = moka::InputDeck::load(MPI_COMM_WORLD, "fragment.deck", {});
+  moka::InputDeck deck = moka::InputDeck::load(MPI_COMM_WORLD, (dir / "fragment.deck").string(), {});
+  std::filesystem::remove_all(dir);
   EXPECT_NO_THROW(deck.validate(moka::train_schema()));
   EXPECT_EQ(deck.get<long>("parallel.expert_parallel"), plans.front().layout.ep);
   EXPECT_EQ(deck.get<std::string>("balance.policy"), plans.front().policy);

@@ -230,8 +230,12 @@ TEST(MemoryWatch, LiveAndPeakBytesPerSpaceAndEventsPassedOn) {
       old = Kokkos::View<double*, Kokkos::HostSpace>();  // freed, never counted
       EXPECT_EQ(w.live(host), 8000);
       EXPECT_EQ(w.peak(host), 10000);
+      using labelled = std::vector<std::pair<std::string, long>>;
+      EXPECT_EQ(w.peak_by_label(host), (labelled{{"a", 8000}, {"b", 2000}}));
       w.reset_peak();
       EXPECT_EQ(w.peak(host), 8000);
+      EXPECT_EQ(w.peak_by_label(host), (labelled{{"a", 8000}}));
+      EXPECT_TRUE(w.peak_by_label("no such space").empty());
     }
     EXPECT_EQ(w.live(host), 0);
     EXPECT_EQ(w.peak(host), 8000);

@@ -15,7 +15,7 @@ namespace {
 namespace kt = Kokkos::Tools::Experimental;
 
 struct Held {
-  std::string space;
+  std::string space, label;
   long bytes = 0;
 };
 
@@ -25,6 +25,8 @@ struct State {
   kt::EventSet previous;
   std::unordered_map<const void*, Held> held;
   std::map<std::string, long> live, peak;
+  // Per space: the live bytes of each label now, and as they were at the peak.
+  std::map<std::string, std::map<std::string, long>> by_label, at_peak;
 };
 
 State& state() {
@@ -37,11 +39,16 @@ void on_allocate(const Kokkos_Profiling_SpaceHandle handle, const char* label, c
   {
     std::lock_guard<std::mutex> lock(s.mutex);
     const std::string space(handle.name);
-    s.held[ptr] = Held{space, static_cast<long>(size)};
+    const std::string name(label ? label : "");
+    s.held[ptr] = Held{space, name, static_cast<long>(size)};
+    s.by_label[space][name] += static_cast<long>(size);
     long& l = s.live[space];
     l += static_cast<long>(size);
     long& p = s.peak[space];
-    p = std::max(p, l);
+    if (l > p) {
+      p              = l;
+      s.at_peak[space] = s.by_label[space];
+    }
   }
   if (s.previous.allocate_data) s.previous.allocate_data(handle, label, ptr, size);
 }
@@ -54,6 +61,8 @@ void on_deallocate(const Kokkos_Profiling_SpaceHandle handle, const char* label,
     const auto it = s.held.find(ptr);
     if (it != s.held.end()) {
       s.live[it->second.space] -= it->second.bytes;
+      auto& labels = s.by_label[it->second.space];
+      if ((labels[it->second.label] -= it->second.bytes) == 0) labels.erase(it->second.label);
       s.held.erase(it);
     }
   }
@@ -72,6 +81,8 @@ MemoryWatch::MemoryWatch() {
   s.held.clear();
   s.live.clear();
   s.peak.clear();
+  s.by_label.clear();
+  s.at_peak.clear();
   kt::set_allocate_data_callback(&on_allocate);
   kt::set_deallocate_data_callback(&on_deallocate);
 }
@@ -103,7 +114,22 @@ long MemoryWatch::peak(const std::string& space) const {
 void MemoryWatch::reset_peak() {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mutex);
-  for (auto& [space, p] : s.peak) p = s.live[space];
+  for (auto& [space, p] : s.peak) {
+    p            = s.live[space];
+    s.at_peak[space] = s.by_label[space];
+  }
+}
+
+std::vector<std::pair<std::string, long>> MemoryWatch::peak_by_label(const std::string& space) const {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  std::vector<std::pair<std::string, long>> out;
+  const auto it = s.at_peak.find(space);
+  if (it != s.at_peak.end())
+    for (const auto& [label, bytes] : it->second)
+      if (bytes > 0) out.emplace_back(label, bytes);
+  std::stable_sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.second > b.second; });
+  return out;
 }
 
 }  // namespace moka

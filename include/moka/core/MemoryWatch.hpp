@@ -13,6 +13,8 @@
 /// `moka-bench` prints a layer step's peak device memory with it.
 
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace moka {
 
@@ -29,6 +31,10 @@ class MemoryWatch {
   long peak(const std::string& space) const;
   /// \brief Every space's peak becomes its live bytes.
   void reset_peak();
+  /// \brief What \p space held at its peak, as (allocation label, bytes)
+  /// summed over the allocations of each label, largest first: where the
+  /// peak comes from.
+  std::vector<std::pair<std::string, long>> peak_by_label(const std::string& space) const;
 };
 
 }  // namespace moka

@@ -23,15 +23,20 @@
 namespace moka {
 namespace impl {
 
-/// Grows \p m to at least \p rows x \p cols (contents not kept); spare rows
-/// avoid a reallocation for every small change of the row count.
+/// Grows \p m to at least \p rows x \p cols (contents not kept). The first
+/// allocation is exact (one rank without drops: the row count never
+/// changes, and spare rows would be 1/8 more memory for nothing); a regrowth
+/// keeps 1/8 spare rows, which avoids a reallocation for every small change
+/// of the row count (rows that move between ranks).
 template <class V>
 void grow_rows(V& m, long rows, long cols, const char* label) {
-  if (m.data() != nullptr && static_cast<long>(m.extent(0)) >= rows && static_cast<long>(m.extent(1)) == cols) return;
+  const bool had = m.data() != nullptr && static_cast<long>(m.extent(1)) == cols;
+  if (had && static_cast<long>(m.extent(0)) >= rows) return;
   // Zero-filled once per growth: rows past the current forward's are never
   // read, but compute-sanitizer's initcheck (which does not see every
   // cuBLAS store) then has nothing to report, at the cost of one fill.
-  m = V(std::string("moka::moe::") + label, rows + rows / 8 + 1, cols);
+  m = V();  // the old rows are free before the new ones are taken
+  m = V(std::string("moka::moe::") + label, had ? rows + rows / 8 + 1 : std::max(rows, 1L), cols);
 }
 
 /// counts(e) = how many (token, choice) of \p route go to e, for e < counts.extent(0).
@@ -457,7 +462,7 @@ void combine_backward_packs(const Exec& space, const mat<S, M>& dy, const mat<S,
                   o.v[q]  = w * g.v[q];
                   ob.v[q] = bf16(float(o.v[q]));
                 }
-                store_pack<W>(O + r * lo + cw * W, o);
+                if (O) store_pack<W>(O + r * lo + cw * W, o);
                 if (OB) store_pack<W>(OB + r * lb + cw * W, ob);
               },
               acc);
@@ -469,7 +474,8 @@ void combine_backward_packs(const Exec& space, const mat<S, M>& dy, const mat<S,
 /// Combine backward in one pass, one team per (token, choice) reading dy(t,:)
 /// and ys(r,:) coalesced: dscore(t,j) = dy(t,:) . ys(r,:) and the gradient
 /// of the expert row, dys(r,:) = score(t,j) dy(t,:) (and its bf16 copy
-/// when \p dys_b is allocated). Every kept row r belongs to exactly one
+/// when \p dys_b is allocated; only that copy when \p dys is not: one rank
+/// in bf16, where nothing reads the fp32 rows). Every kept row r belongs to exactly one
 /// (t, j); dropped assignments get dscore 0.
 template <class Exec, class S, class M>
 void combine_backward(const Exec& space, const mat<S, M>& dy, const mat<S, M>& ys,
@@ -477,7 +483,8 @@ void combine_backward(const Exec& space, const mat<S, M>& dy, const mat<S, M>& y
                       const mat<S, M>& dscore, const mat<S, M>& dys, const mat<bf16, M>& dys_b) {
   const long d = static_cast<long>(dy.extent(1));
   constexpr int W = pack_of<S>;
-  if (packs_fit(dy, d, W) && packs_fit(ys, d, W) && packs_fit(dys, d, W) && (!dys_b.data() || packs_fit(dys_b, d, W)))
+  if (packs_fit(dy, d, W) && packs_fit(ys, d, W) && (!dys.data() || packs_fit(dys, d, W)) &&
+      (!dys_b.data() || packs_fit(dys_b, d, W)))
     combine_backward_packs<W>(space, dy, ys, slot, score, dscore, dys, dys_b);
   else combine_backward_packs<1>(space, dy, ys, slot, score, dscore, dys, dys_b);
 }

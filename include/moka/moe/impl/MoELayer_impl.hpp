@@ -340,8 +340,10 @@ void MoELayer<Scalar, MemorySpace>::ensure_workspace(int T) {
   m_idx    = index_matrix("moka::moe::expert_index", T, k);
   m_route  = index_matrix("moka::moe::routed_index", T, k);
   m_slot   = index_matrix("moka::moe::slot", T, k);
-  m_xs   = alloc("xs", N, d);
-  m_T    = T;
+  // The dispatch-ordered rows in fp32: not with bf16 on one rank, whose
+  // rows are gathered into the GEMMs' bf16 operand directly.
+  m_xs = m_cfg.bf16_compute && !m_tx.active() ? matrix() : alloc("xs", N, d);
+  m_T  = T;
 }
 
 template <class Scalar, class MemorySpace>
@@ -455,7 +457,10 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   auto dscore = m_dscore;
   // Row buffers live across steps (grow-only): allocating them per call
   // would cost a device allocation and a synchronising free every step.
-  impl::grow_rows(m_dys, long(T) * k, d, "dys");
+  // bf16 on one rank: the combine backward writes the expert rows'
+  // gradient straight into the GEMMs' bf16 operand (no fp32 copy).
+  const bool dys_bf16 = bf16 && !m_tx.active();
+  if (!dys_bf16) impl::grow_rows(m_dys, long(T) * k, d, "dys");
   impl::grow_rows(m_dxe, rows_e, d, "dxe");
   if (bf16) {
     if (!m_fused) impl::grow_rows(m_dh_b, rows_e, dff, "dh_bf16");
@@ -464,13 +469,12 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
     impl::grow_rows(m_dh, rows_e, dff, "dh");
     impl::grow_rows(m_dhpre, rows_e, dff_in, "dhpre");
   }
-  auto dys = m_dys;
+  auto dys = dys_bf16 ? matrix() : m_dys;
 
   // Combine backward: dscore and the gradient reaching each expert row in
   // one pass (and its bf16 copy for the GEMMs when the rows do not move).
   std::optional<ScopedRegion> stage;
   stage.emplace("moka::MoELayer::combine_backward");
-  const bool dys_bf16 = bf16 && !m_tx.active();
   if (dys_bf16) impl::grow_rows(m_dys_b, rows, d, "dys_bf16");
   impl::combine_backward(space, dy, m_ys, m_slot, m_score, m_dscore, dys, dys_bf16 ? m_dys_b : bmatrix());
   stage.reset();
@@ -491,7 +495,15 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
     // Expert backward. Bias gradients are column sums over each expert's
     // rows (in chunks, a fixed order: deterministic).
     const long chunks = m_chunks;
-    if (m_cfg.expert_bias) expert_bias_grad(space, dye, m_grads.b2);
+    if (m_cfg.expert_bias) {
+      if (dys_bf16) {  // the column sums of the rows the GEMMs read
+        impl::grow_rows(m_colsum_work, m_chunks, std::max<long>(m_cfg.d_model, m_dfil), "colsum_work");
+        impl::expert_column_sums_bf16(space, m_dys_b, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work,
+                                      m_grads.b2);
+      } else {
+        expert_bias_grad(space, dye, m_grads.b2);
+      }
+    }
     stage.reset();
     // Fused: the dh GEMM's epilogue writes the pre-activation gradient; the
     // b1 gradient is its column sums.
