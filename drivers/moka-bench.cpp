@@ -197,6 +197,10 @@ int run(const moka::InputDeck& deck, int rank) {
     std::printf("  b1 and activation: %s\n", layer.fused_epilogue() ? "in the GEMMs' cuBLASLt epilogues"
                                                                       : "separate kernels");
     if (layer.gemm_streams() > 1) std::printf("  expert GEMMs spread over %d CUDA streams\n", layer.gemm_streams());
+    if (layer.gemm_grouped())
+      std::printf("  expert GEMMs as cuBLAS grouped GEMMs%s%s\n",
+                  layer.gemm_grouped_refused().empty() ? "" : "; refused by cuBLAS, so one GEMM per expert: ",
+                  layer.gemm_grouped_refused().c_str());
     std::printf("  layer zero_grad+forward+backward:  median %.3f ms  (min %.3f ms over %ld iterations)\n", t_layer,
                 *std::min_element(times.begin(), times.end()), iters);
     std::printf("  expert GEMMs in the layer: %.4g TFLOP/s (FLOPs / layer time)\n", flops / t_layer * 1e-9);

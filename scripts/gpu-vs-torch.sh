@@ -8,9 +8,10 @@
 # (fine-grained); D d1024 f4096 E16 top-2 T32768; C with SwiGLU; C top-1.
 #
 #   scripts/gpu-vs-torch.sh [bundle] [log-dir]
-# MOKA_VS_SHAPES="A C" limits the shapes; MOKA_VS_STREAMS (default "1 4")
-# the expert.gemm_streams values MoKA runs with; MOKA_VS_ARGS adds moka-bench
-# overrides (e.g. "expert.gemm_epilogue=false") to every MoKA run.
+# MOKA_VS_SHAPES="A C" limits the shapes; MOKA_VS_VARIANTS the MoKA runs of
+# each shape, ';'-separated sets of moka-bench overrides (default: one GEMM
+# per expert on one stream, on 4 streams, and grouped GEMMs); MOKA_VS_ARGS
+# adds overrides (e.g. "expert.gemm_epilogue=false") to every MoKA run.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/gpu-env.sh"
 nvidia-smi --query-gpu=index,name,clocks.max.sm --format=csv,noheader | tee "$logs/gpus.txt"
@@ -36,12 +37,15 @@ for name in ${MOKA_VS_SHAPES:-A C D C-swiglu C-top1}; do
   [ -n "${shape[$name]:-}" ] || { echo "unknown shape $name"; exit 2; }
   read -r T d f E k act <<< "${shape[$name]}"
   stamp "shape $name: T=$T d=$d d_ff=$f E=$E top-$k $act"
-  for streams in ${MOKA_VS_STREAMS:-1 4}; do
-    echo "MoKA, expert.gemm_streams=$streams"
+  IFS=';' read -r -a variants <<< "${MOKA_VS_VARIANTS:-expert.gemm_streams=1;expert.gemm_streams=4;expert.gemm_grouped=true}"
+  v=0
+  for variant in "${variants[@]}"; do
+    v=$((v + 1))
+    echo "MoKA, $variant"
     "$b/drivers/moka-bench" "$root/input_decks/bench_layer.deck" bench.tokens=$T moe.d_model=$d moe.d_ff=$f \
-      moe.num_experts=$E moe.top_k=$k expert.activation=$act expert.gemm_streams=$streams ${MOKA_VS_ARGS:-} \
-      > "$logs/moka-$name-s$streams.txt" 2>&1
-    grep -E "layer|dense|peak|forward only|streams|error" "$logs/moka-$name-s$streams.txt"
+      moe.num_experts=$E moe.top_k=$k expert.activation=$act $variant ${MOKA_VS_ARGS:-} \
+      > "$logs/moka-$name-v$v.txt" 2>&1
+    grep -E "layer|dense|peak|forward only|streams|grouped|error" "$logs/moka-$name-v$v.txt"
   done
   torch_act=""; [ "$act" = swiglu ] && torch_act=swiglu
   python3 "$here/torch_moe_reference.py" $T $d $f $E $k $torch_act > "$logs/torch-$name.txt" 2>&1

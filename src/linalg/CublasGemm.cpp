@@ -222,6 +222,29 @@ void gemm_bf16_bf16(const Kokkos::Cuda& space, bool ta, bool tb, int m, int n, i
   gemm(space, ta, tb, m, n, k, &alpha, A, lda, B, ldb, &beta, C, ldc, CUDA_R_16BF, CUDA_R_16BF, CUBLAS_COMPUTE_32F);
 }
 
+bool gemm_bf16_grouped(const Kokkos::Cuda& space, bool ta, bool tb, int count, const int* m, const int* n,
+                       const int* k, float alpha, const void* const* ptrs, int lda, int ldb, float beta, bool c_f32,
+                       int ldc) {
+  if (count == 0) return true;
+  cublasHandle_t h = handle_for<cublasHandle_t>(space.cuda_device(), cublasCreate, cublasDestroy, "cublasCreate",
+                                                slot_of(space.cuda_stream()));
+  check(cublasSetStream(h, space.cuda_stream()), "cublasSetStream");
+  check(cublasSetPointerMode(h, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+  // Row-major C_i = op(A_i) op(B_i)  <=>  column-major C_i^T = op(B_i)^T op(A_i)^T:
+  // cuBLAS's A array is ours B (ptrs + count), its B array ours A (ptrs).
+  const std::vector<cublasOperation_t> opa(count, tb ? CUBLAS_OP_T : CUBLAS_OP_N),
+      opb(count, ta ? CUBLAS_OP_T : CUBLAS_OP_N);
+  const std::vector<float> alphas(count, alpha), betas(count, beta);
+  const std::vector<int> ldas(count, ldb), ldbs(count, lda), ldcs(count, ldc), ones(count, 1);
+  const cublasStatus_t st = cublasGemmGroupedBatchedEx(
+      h, opa.data(), opb.data(), n, m, k, alphas.data(), ptrs + count, CUDA_R_16BF, ldas.data(), ptrs, CUDA_R_16BF,
+      ldbs.data(), betas.data(), const_cast<void* const*>(ptrs + 2 * count), c_f32 ? CUDA_R_32F : CUDA_R_16BF,
+      ldcs.data(), count, ones.data(), CUBLAS_COMPUTE_32F);
+  if (st == CUBLAS_STATUS_NOT_SUPPORTED) return false;
+  check(st, c_f32 ? "cublasGemmGroupedBatchedEx (bf16 x bf16 -> fp32)" : "cublasGemmGroupedBatchedEx (bf16 -> bf16)");
+  return true;
+}
+
 void gemm_real(const Kokkos::Cuda& space, bool ta, bool tb, int m, int n, int k, float alpha, const float* A, int lda,
                const float* B, int ldb, float beta, float* C, int ldc) {
   gemm(space, ta, tb, m, n, k, &alpha, A, lda, B, ldb, &beta, C, ldc, CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F);

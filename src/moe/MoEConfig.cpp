@@ -119,6 +119,12 @@ DeckSchema MoEConfig::schema() {
       .set_doc("bf16 on CUDA with gelu_tanh and expert biases: b1 and the activation run in the up-projection "
                "GEMM's cuBLASLt epilogue, the activation's gradient in the epilogue of the GEMM that forms dh; "
                "false: separate kernels. Other activations and precisions always use the kernels.");
+  s.add("expert.gemm_grouped", DeckType::boolean)
+      .set_default("false")
+      .set_doc("bf16 on CUDA: each kind of expert GEMM (up, down, and the three of the backward pairs) runs as one "
+               "cuBLAS grouped GEMM over the local experts (cublasGemmGroupedBatchedEx) instead of one GEMM per "
+               "expert, so that many small experts fill the GPU; a kind this cuBLAS does not offer loops over the "
+               "experts (moka-bench names it). Not for the GEMMs with cuBLASLt epilogues. Host builds: no effect.");
   s.add("expert.gemm_streams", DeckType::integer)
       .set_default("1")
       .set_min(1)
@@ -196,6 +202,7 @@ MoEConfig MoEConfig::from_deck(const InputDeck& deck) {
   c.expert_bias     = deck.get<bool>("expert.bias");
   c.gemm_epilogue   = deck.get<bool>("expert.gemm_epilogue");
   c.gemm_streams    = deck.get<int>("expert.gemm_streams");
+  c.gemm_grouped    = deck.get<bool>("expert.gemm_grouped");
   c.gate            = gate_type_from_string(deck.get<std::string>("gate.type"));
   c.renormalize     = deck.get<bool>("gate.renormalize");
   c.capacity_factor = deck.get<double>("gate.capacity_factor");

@@ -68,6 +68,7 @@ struct MoEConfig {
   double bias_update_rate = 1e-3; ///< gate.bias_update_rate
   bool bf16_compute = false;      ///< expert GEMMs in bf16 with fp32 accumulation (CUDA, float layers; train.precision = bf16)
   bool gemm_epilogue = true;      ///< expert.gemm_epilogue: bf16 gelu_tanh fused into cuBLASLt epilogues
+  bool gemm_grouped  = false;      ///< expert.gemm_grouped: bf16 expert GEMMs as cuBLAS grouped GEMMs
   int gemm_streams   = 1;         ///< expert.gemm_streams: CUDA streams the bf16 expert GEMMs are spread over
   std::string trace_file;         ///< gate.trace_file: HDF5 trace (trace gate)
   int trace_layer     = 0;        ///< gate.trace_layer: index on the trace's layer axis

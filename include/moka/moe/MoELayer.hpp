@@ -151,6 +151,18 @@ class MoELayer {
   /// \brief bf16 copies of W1 and W2 used by the bf16 GEMMs (bf16_compute).
   const btensor3& bf16_w1() const { return m_w1_b; }
   const btensor3& bf16_w2() const { return m_w2_b; }
+  /// \brief Whether the bf16 expert GEMMs run as grouped GEMMs
+  /// (expert.gemm_grouped; not the fused epilogues' GEMMs), and which of the
+  /// six kinds (up, down, dW2, dh, dW1, dx) cuBLAS refused so far and so
+  /// loop over the experts: "" when none.
+  bool gemm_grouped() const { return m_grouped; }
+  std::string gemm_grouped_refused() const {
+    static const char* names[] = {"up", "down", "dW2", "dh", "dW1", "dx"};
+    std::string r;
+    for (int i = 0; i < 6; ++i)
+      if ((m_grouped_refused >> i) & 1) r += (r.empty() ? "" : " ") + std::string(names[i]);
+    return r;
+  }
   /// \brief Whether b1 and the activation (and the activation's gradient)
   /// run in cuBLASLt GEMM epilogues (bf16 on CUDA, gelu_tanh, expert
   /// biases, d_ff per rank divisible by 8, expert.gemm_epilogue).
@@ -424,6 +436,11 @@ class MoELayer {
   // expert GEMMs of a stage are spread over.
   std::shared_ptr<impl::StreamFan> m_fan;
 #endif
+  // expert.gemm_grouped (bf16): one grouped GEMM per kind of expert GEMM;
+  // the kinds cuBLAS refused (bit per kind) loop over the experts instead.
+  bool m_grouped = false;
+  unsigned m_grouped_refused = 0;
+  Kokkos::View<std::uintptr_t*, MemorySpace> m_gptr;  // operand addresses
   Kokkos::View<Scalar*, MemorySpace> m_rr, m_sel_bias, m_bal_grad, m_imp_grad, m_load_grad;
   index_vector m_trace_cum;
   // Topology-aware gate: experts with a slot on this rank's node, the

@@ -28,6 +28,20 @@ void gemm_bf16_f32(const Kokkos::Cuda& space, bool trans_a, bool trans_b, int m,
 void gemm_bf16_bf16(const Kokkos::Cuda& space, bool trans_a, bool trans_b, int m, int n, int k, float alpha,
                     const bf16* A, int lda, const bf16* B, int ldb, float beta, bf16* C, int ldc);
 
+/// \brief Row-major C_i[m_i, n_i] = alpha op(A_i) op(B_i) + beta C_i for
+/// i < count, in one cublasGemmGroupedBatchedEx (each problem a group of
+/// one): A_i, B_i bf16, C_i fp32 (\p c_f32) or bf16, fp32 accumulation; the
+/// same transposes and row strides for all. \p m, \p n, \p k are host
+/// arrays of \p count; \p ptrs a device array of 3 count pointers (A_0 ..,
+/// B_0 .., C_0 ..) written before on \p space's stream. Problems with a zero
+/// dimension are allowed (C_i = beta C_i when k_i = 0). Returns false, having
+/// queued nothing, when cuBLAS does not offer the type combination (the
+/// caller loops over the problems instead); throws moka::Error on any
+/// other failure.
+bool gemm_bf16_grouped(const Kokkos::Cuda& space, bool trans_a, bool trans_b, int count, const int* m, const int* n,
+                       const int* k, float alpha, const void* const* ptrs, int lda, int ldb, float beta, bool c_f32,
+                       int ldc);
+
 /// \brief Row-major fp32 or fp64 C[m,n] = alpha op(A) op(B) + beta C at full
 /// precision (CUBLAS_COMPUTE_32F / 64F: no TF32), on the instance's stream.
 void gemm_real(const Kokkos::Cuda& space, bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* A,

@@ -17,6 +17,7 @@
 #include <moka/core/impl/Math.hpp>
 
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -37,6 +38,35 @@ void grow_rows(V& m, long rows, long cols, const char* label) {
   // cuBLAS store) then has nothing to report, at the cost of one fill.
   m = V();  // the old rows are free before the new ones are taken
   m = V(std::string("moka::moe::") + label, had ? rows + rows / 8 + 1 : std::max(rows, 1L), cols);
+}
+
+/// One operand of a grouped expert GEMM: expert e's matrix starts at
+/// base + (row offsets(e) + expert e) elements.
+struct ExpertOperand {
+  const void* base = nullptr;
+  long row         = 0;  ///< elements per row of the row buffers (0: a per-expert operand)
+  long expert      = 0;  ///< elements per expert of the weights (0: a row-buffer operand)
+};
+
+/// out = (A_0 .. A_{L-1}, B_0 .., C_0 ..): the addresses (as integers) of each expert's
+/// operands (A and B bf16, C of \p c_bytes per element) from the expert
+/// offsets on the device (no host copy on the stream).
+template <class Exec, class M>
+void expert_operand_pointers(const Exec& space, const Kokkos::View<int*, M>& offsets, int L, const ExpertOperand& a,
+                             const ExpertOperand& b, const ExpertOperand& c, std::size_t c_bytes,
+                             const Kokkos::View<std::uintptr_t*, M>& out) {
+  const auto pa = reinterpret_cast<std::uintptr_t>(a.base), pb = reinterpret_cast<std::uintptr_t>(b.base),
+             pc = reinterpret_cast<std::uintptr_t>(c.base);
+  const std::uintptr_t h = 2, cb = c_bytes;  // bf16: 2 bytes
+  const std::uintptr_t ar = a.row * h, ae = a.expert * h, br = b.row * h, be = b.expert * h, cr = c.row * cb,
+             ce = c.expert * cb;
+  Kokkos::parallel_for(
+      "moka::grouped_gemm_pointers", Kokkos::RangePolicy<Exec>(space, 0, L), KOKKOS_LAMBDA(int e) {
+        const std::uintptr_t o = offsets(e);
+        out(e)         = pa + ar * o + ae * e;
+        out(L + e)     = pb + br * o + be * e;
+        out(2 * L + e) = pc + cr * o + ce * e;
+      });
 }
 
 /// counts(e) = how many (token, choice) of \p route go to e, for e < counts.extent(0).

@@ -90,60 +90,128 @@ template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& this_space, Stage stage) {
 #ifdef KOKKOS_ENABLE_CUDA
   if constexpr (std::is_same<Scalar, float>::value && std::is_same<MemorySpace, Kokkos::CudaSpace>::value) {
-    const int d = m_cfg.d_model, dff = m_dffl, dfi = m_dfil;
+    const int d = m_cfg.d_model, dff = m_dffl, dfi = m_dfil, L = m_L;
     const float beta_w = m_wgrad_zero ? 0.f : 1.f;  // after zero_grad: overwrite
     if (stage == Stage::down_backward && m_tx.active()) {  // else written by the combine backward
       impl::grow_rows(m_dys_b, m_rows_e, d, "dys_bf16");
       impl::convert_to_bf16(this_space, "moka::dys_to_bf16", m_dye.data(), m_dys_b.data(),
                             std::size_t(m_rows_e) * d);
     }
-    // expert.gemm_streams: expert e's GEMMs on stream e mod n of the fan,
-    // after everything queued on space so far; space waits for all of them.
-    // (Each expert writes its own rows and its own weight gradients.)
-    const int fan = m_fan ? m_fan->size() : 0;
-    if (fan > 1) m_fan->fork(this_space);
-    for (int e = 0; e < m_L; ++e) {
-      const long b = m_e_off[e];
-      const int n  = static_cast<int>(m_e_off[e + 1] - b);
-      if (n == 0) continue;
-      const Kokkos::Cuda& space = fan > 1 ? m_fan->instance(e % fan) : this_space;
-      const bf16* w1 = m_w1_b.data() + std::size_t(e) * d * dfi;
-      const bf16* w2 = m_w2_b.data() + std::size_t(e) * dff * d;
-      switch (stage) {
-        case Stage::up:
-          if (m_fused) {
-            impl::gemm_bf16_epilogue(space, epilogue(true, e, b), false, false, n, dff, d, m_xs_b.data() + b * d, d,
-                                     w1, dfi, m_h_b.data() + b * dff, dff, m_lt_work.data(), m_lt_work.size());
-          } else {
-            impl::gemm_bf16_bf16(space, false, false, n, dfi, d, 1.f, m_xs_b.data() + b * d, d, w1, dfi, 0.f,
-                                 m_hpre_b.data() + b * dfi, dfi);
-          }
+    // The GEMMs of a stage, each over every local expert: expert e's rows
+    // are [m_e_off[e], m_e_off[e + 1]) of the row buffers.
+    enum Kind { up_h, down_y, grad_w2, down_dh, grad_w1, up_dx };
+    std::vector<Kind> kinds;
+    switch (stage) {
+      case Stage::up: kinds = {up_h}; break;
+      case Stage::down: kinds = {down_y}; break;
+      case Stage::down_backward: kinds = {grad_w2, down_dh}; break;
+      case Stage::up_backward: kinds = {grad_w1, up_dx}; break;
+    }
+    const bf16* w1b = m_w1_b.data();
+    const bf16* w2b = m_w2_b.data();
+    // expert.gemm_grouped: one cublasGemmGroupedBatchedEx per GEMM kind (the
+    // fused epilogues excepted), the operands' addresses of every expert
+    // formed on the device from the expert offsets.
+    auto grouped = [&](Kind kind) -> bool {
+      if (!m_grouped || (m_fused && (kind == up_h || kind == down_dh)) || (m_grouped_refused >> kind) & 1)
+        return false;
+      std::vector<int> rows(L), M, N, K;
+      for (int e = 0; e < L; ++e) rows[e] = static_cast<int>(m_e_off[e + 1] - m_e_off[e]);
+      auto fill = [L](int v) { return std::vector<int>(L, v); };
+      impl::ExpertOperand a, b, c;
+      bool ta = false, tb = false, f32 = true;
+      int lda = 0, ldb = 0, ldc = 0;
+      float beta = 0.f;
+      switch (kind) {
+        case up_h:  // hpre = xs W1_e
+          M = rows, N = fill(dfi), K = fill(d), a = {m_xs_b.data(), d, 0}, lda = d, b = {w1b, 0, long(d) * dfi},
+          ldb = dfi, c = {m_hpre_b.data(), dfi, 0}, ldc = dfi, f32 = false;
           break;
-        case Stage::down:
-          impl::gemm_bf16_f32(space, false, false, n, d, dff, 1.f, m_h_b.data() + b * dff, dff, w2, d, 0.f,
-                              m_ye.data() + b * d, d);
+        case down_y:  // ye = h W2_e
+          M = rows, N = fill(d), K = fill(dff), a = {m_h_b.data(), dff, 0}, lda = dff, b = {w2b, 0, long(dff) * d},
+          ldb = d, c = {m_ye.data(), d, 0}, ldc = d;
           break;
-        case Stage::down_backward:
-          impl::gemm_bf16_f32(space, true, false, dff, d, n, 1.f, m_h_b.data() + b * dff, dff, m_dys_b.data() + b * d,
-                              d, beta_w, m_grads.w2.data() + std::size_t(e) * dff * d, d);
-          if (m_fused) {
-            impl::gemm_bf16_epilogue(space, epilogue(false, e, b), false, true, n, dff, d, m_dys_b.data() + b * d, d,
-                                     w2, d, m_dhpre_b.data() + b * dff, dff, m_lt_work.data(), m_lt_work.size());
-          } else {
-            impl::gemm_bf16_bf16(space, false, true, n, dff, d, 1.f, m_dys_b.data() + b * d, d, w2, d, 0.f,
-                                 m_dh_b.data() + b * dff, dff);
-          }
+        case grad_w2:  // dW2_e (+)= h^T dys
+          ta = true, M = fill(dff), N = fill(d), K = rows, a = {m_h_b.data(), dff, 0}, lda = dff,
+          b = {m_dys_b.data(), d, 0}, ldb = d, c = {m_grads.w2.data(), 0, long(dff) * d}, ldc = d, beta = beta_w;
           break;
-        case Stage::up_backward:
-          impl::gemm_bf16_f32(space, true, false, d, dfi, n, 1.f, m_xs_b.data() + b * d, d,
-                              m_dhpre_b.data() + b * dfi, dfi, beta_w, m_grads.w1.data() + std::size_t(e) * d * dfi,
-                              dfi);
-          impl::gemm_bf16_f32(space, false, true, n, d, dfi, 1.f, m_dhpre_b.data() + b * dfi, dfi, w1, dfi, 0.f,
-                              m_dxe.data() + b * d, d);
+        case down_dh:  // dh = dys W2_e^T
+          tb = true, M = rows, N = fill(dff), K = fill(d), a = {m_dys_b.data(), d, 0}, lda = d,
+          b = {w2b, 0, long(dff) * d}, ldb = d, c = {m_dh_b.data(), dff, 0}, ldc = dff, f32 = false;
+          break;
+        case grad_w1:  // dW1_e (+)= xs^T dhpre
+          ta = true, M = fill(d), N = fill(dfi), K = rows, a = {m_xs_b.data(), d, 0}, lda = d,
+          b = {m_dhpre_b.data(), dfi, 0}, ldb = dfi, c = {m_grads.w1.data(), 0, long(d) * dfi}, ldc = dfi,
+          beta = beta_w;
+          break;
+        case up_dx:  // dxe = dhpre W1_e^T
+          tb = true, M = rows, N = fill(d), K = fill(dfi), a = {m_dhpre_b.data(), dfi, 0}, lda = dfi,
+          b = {w1b, 0, long(d) * dfi}, ldb = dfi, c = {m_dxe.data(), d, 0}, ldc = d;
           break;
       }
-    }
-    if (fan > 1) m_fan->join(this_space);
+      if (m_gptr.extent(0) < std::size_t(3 * L))
+        m_gptr = Kokkos::View<std::uintptr_t*, MemorySpace>("moka::moe::grouped_gemm_pointers", 3 * L);
+      impl::expert_operand_pointers(this_space, m_e_offsets, L, a, b, c, f32 ? sizeof(float) : sizeof(bf16), m_gptr);
+      if (impl::gemm_bf16_grouped(this_space, ta, tb, L, M.data(), N.data(), K.data(), 1.f, reinterpret_cast<const void* const*>(m_gptr.data()), lda, ldb,
+                                  beta, f32, ldc))
+        return true;
+      m_grouped_refused |= 1u << kind;  // not offered by this cuBLAS: the loop from now on
+      return false;
+    };
+    // The loop over experts. expert.gemm_streams: expert e's GEMMs on
+    // stream e mod n of the fan, after everything queued on space so far;
+    // space waits for all of them. (Each expert writes its own rows and its
+    // own weight gradients.)
+    auto loop = [&](Kind kind) {
+      const int fan = m_fan ? m_fan->size() : 0;
+      if (fan > 1) m_fan->fork(this_space);
+      for (int e = 0; e < L; ++e) {
+        const long b = m_e_off[e];
+        const int n  = static_cast<int>(m_e_off[e + 1] - b);
+        if (n == 0) continue;
+        const Kokkos::Cuda& space = fan > 1 ? m_fan->instance(e % fan) : this_space;
+        const bf16* w1 = w1b + std::size_t(e) * d * dfi;
+        const bf16* w2 = w2b + std::size_t(e) * dff * d;
+        switch (kind) {
+          case up_h:
+            if (m_fused)
+              impl::gemm_bf16_epilogue(space, epilogue(true, e, b), false, false, n, dff, d, m_xs_b.data() + b * d,
+                                       d, w1, dfi, m_h_b.data() + b * dff, dff, m_lt_work.data(), m_lt_work.size());
+            else
+              impl::gemm_bf16_bf16(space, false, false, n, dfi, d, 1.f, m_xs_b.data() + b * d, d, w1, dfi, 0.f,
+                                   m_hpre_b.data() + b * dfi, dfi);
+            break;
+          case down_y:
+            impl::gemm_bf16_f32(space, false, false, n, d, dff, 1.f, m_h_b.data() + b * dff, dff, w2, d, 0.f,
+                                m_ye.data() + b * d, d);
+            break;
+          case grad_w2:
+            impl::gemm_bf16_f32(space, true, false, dff, d, n, 1.f, m_h_b.data() + b * dff, dff,
+                                m_dys_b.data() + b * d, d, beta_w, m_grads.w2.data() + std::size_t(e) * dff * d, d);
+            break;
+          case down_dh:
+            if (m_fused)
+              impl::gemm_bf16_epilogue(space, epilogue(false, e, b), false, true, n, dff, d, m_dys_b.data() + b * d,
+                                       d, w2, d, m_dhpre_b.data() + b * dff, dff, m_lt_work.data(), m_lt_work.size());
+            else
+              impl::gemm_bf16_bf16(space, false, true, n, dff, d, 1.f, m_dys_b.data() + b * d, d, w2, d, 0.f,
+                                   m_dh_b.data() + b * dff, dff);
+            break;
+          case grad_w1:
+            impl::gemm_bf16_f32(space, true, false, d, dfi, n, 1.f, m_xs_b.data() + b * d, d,
+                                m_dhpre_b.data() + b * dfi, dfi, beta_w,
+                                m_grads.w1.data() + std::size_t(e) * d * dfi, dfi);
+            break;
+          case up_dx:
+            impl::gemm_bf16_f32(space, false, true, n, d, dfi, 1.f, m_dhpre_b.data() + b * dfi, dfi, w1, dfi, 0.f,
+                                m_dxe.data() + b * d, d);
+            break;
+        }
+      }
+      if (fan > 1) m_fan->join(this_space);
+    };
+    for (const Kind kind : kinds)
+      if (!grouped(kind)) loop(kind);
     return;
   }
 #endif

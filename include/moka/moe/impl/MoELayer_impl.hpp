@@ -159,6 +159,7 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr
     // epilogues keep the GEMMs on the layer's stream.
     if (config.gemm_streams > 1 && !m_fused && m_L > 1)
       m_fan = std::make_shared<impl::StreamFan>(std::min(config.gemm_streams, m_L));
+    m_grouped = config.gemm_grouped;
 #endif
   }
   if (config.gate == GateType::trace) {
