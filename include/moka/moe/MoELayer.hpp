@@ -366,6 +366,9 @@ class MoELayer {
   impl::GemmEpilogue epilogue(bool forward, int e, long row0) const;
 #endif
   void prepare_bf16_forward(const execution_space& space);
+  /// bf16 on one rank: the rows never leave the rank, so every row buffer
+  /// between the dispatch and the combine is bf16 (no fp32 copies).
+  bool rows_bf16() const { return m_cfg.bf16_compute && !m_tx.active(); }
   void gate_forward(const execution_space& space, const matrix& x);
   void gate_backward(const execution_space& space, const matrix& dscore, const matrix& dx);
   /// @}
@@ -424,6 +427,9 @@ class MoELayer {
   // write the pre-activation (without b1) and dh in bf16, so the
   // elementwise kernels around them move half the bytes of fp32.
   bmatrix m_xs_b, m_hpre_b, m_h_b, m_dys_b, m_dh_b, m_dhpre_b;
+  // bf16 on one rank (rows_bf16()): the expert outputs (without b2, which
+  // the combine adds) and the gradient of the expert rows' inputs, in bf16.
+  bmatrix m_ye_b, m_dxe_b;
   btensor3 m_w1_b, m_w2_b;                     // bf16 copies of the expert weights
   // Fused epilogues (bf16, gelu_tanh, expert biases, expert.gemm_epilogue): b1 in bf16
   // and cuBLASLt's workspace; the GELU input (b1 included) is kept in

@@ -405,19 +405,21 @@ void gather_rows(const Exec& space, long rows, const mat<S, M>& x, const Kokkos:
   else gather_rows_packs<1>(space, rows, x, row_token, xs);
 }
 
-/// out(t,:) = [out(t,:) if accumulate] + sum_j [slot >= 0] w(t,j) src(slot(t,j),:),
-/// j in order (deterministic); w empty means weights of 1. Combine and
-/// undispatch are this kernel.
-template <int W, class Exec, class S, class M>
-void sum_slot_rows_packs(const Exec& space, const char* label, const mat<S, M>& src,
+/// out(t,:) = [out(t,:) if accumulate] + sum_j [slot >= 0] w(t,j) (src(slot(t,j),:)
+/// [+ bias(row_group(slot(t,j)),:)]), j in order (deterministic); w empty
+/// means weights of 1, bias empty no bias. src may be bf16 (S arithmetic).
+/// Combine and undispatch are this kernel.
+template <int W, class Exec, class TS, class S, class M>
+void sum_slot_rows_packs(const Exec& space, const char* label, const mat<TS, M>& src,
                          const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& w, bool accumulate,
-                         const mat<S, M>& out) {
+                         const mat<S, M>& out, const mat<S, M>& bias, const Kokkos::View<int*, M>& row_group) {
   const long T = static_cast<long>(out.extent(0)), d = static_cast<long>(out.extent(1));
   const int k  = static_cast<int>(slot.extent(1));
-  const long ls = src.stride(0), lo = out.stride(0);
+  const long ls = src.stride(0), lo = out.stride(0), lb = bias.data() ? long(bias.stride(0)) : 0;
   const bool weighted = w.data() != nullptr;
-  const S* SRC = src.data();
-  S* O         = out.data();
+  const TS* SRC = src.data();
+  const S* B    = bias.data();
+  S* O          = out.data();
   Kokkos::parallel_for(
       label, impl::row_major_2d(space, T, d / W), KOKKOS_LAMBDA(long t, long cw) {
         Pack<S, W> acc;
@@ -429,49 +431,60 @@ void sum_slot_rows_packs(const Exec& space, const char* label, const mat<S, M>& 
           if (r < 0) continue;
           const S wt   = weighted ? w(t, j) : S(1);
           const auto v = load_pack<W>(SRC + r * ls + cw * W);
-          for (int i = 0; i < W; ++i) acc.v[i] += wt * v.v[i];
+          if (B) {
+            const auto bv = load_pack<W>(B + row_group(r) * lb + cw * W);
+            for (int i = 0; i < W; ++i) acc.v[i] += wt * (static_cast<S>(v.v[i]) + bv.v[i]);
+          } else {
+            for (int i = 0; i < W; ++i) acc.v[i] += wt * static_cast<S>(v.v[i]);
+          }
         }
         store_pack<W>(O + t * lo + cw * W, acc);
       });
 }
 
-template <class Exec, class S, class M>
-void sum_slot_rows(const Exec& space, const char* label, const mat<S, M>& src,
+template <class Exec, class TS, class S, class M>
+void sum_slot_rows(const Exec& space, const char* label, const mat<TS, M>& src,
                    const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& w, bool accumulate,
-                   const mat<S, M>& out) {
+                   const mat<S, M>& out, const mat<S, M>& bias = {}, const Kokkos::View<int*, M>& row_group = {}) {
   const long d = static_cast<long>(out.extent(1));
   constexpr int W = pack_of<S>;
-  if (packs_fit(src, d, W) && packs_fit(out, d, W)) sum_slot_rows_packs<W>(space, label, src, slot, w, accumulate, out);
-  else sum_slot_rows_packs<1>(space, label, src, slot, w, accumulate, out);
+  if (packs_fit(src, d, W) && packs_fit(out, d, W) && (!bias.data() || packs_fit(bias, d, W)))
+    sum_slot_rows_packs<W>(space, label, src, slot, w, accumulate, out, bias, row_group);
+  else sum_slot_rows_packs<1>(space, label, src, slot, w, accumulate, out, bias, row_group);
 }
 
-/// y(t,:) = sum_j [slot >= 0] w(t,j) ys(slot(t,j),:), j in order (deterministic).
-template <class Exec, class S, class M>
-void combine_rows(const Exec& space, const mat<S, M>& ys, const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot,
-                  const mat<S, M>& w, const mat<S, M>& y) {
-  sum_slot_rows(space, "moka::combine", ys, slot, w, false, y);
+/// y(t,:) = sum_j [slot >= 0] w(t,j) (ys(slot(t,j),:) [+ bias(row_group(slot(t,j)),:)]),
+/// j in order (deterministic); ys fp32 / fp64 or bf16 (the expert outputs of
+/// one bf16 rank, b2 added here).
+template <class Exec, class TS, class S, class M>
+void combine_rows(const Exec& space, const mat<TS, M>& ys, const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot,
+                  const mat<S, M>& w, const mat<S, M>& y, const mat<S, M>& bias = {},
+                  const Kokkos::View<int*, M>& row_group = {}) {
+  sum_slot_rows(space, "moka::combine", ys, slot, w, false, y, bias, row_group);
 }
 
-/// dx(t,:) += sum_j [slot >= 0] dxs(slot(t,j),:).
-template <class Exec, class S, class M>
-void scatter_add_rows(const Exec& space, const mat<S, M>& dxs, const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot,
-                      const mat<S, M>& dx) {
+/// dx(t,:) += sum_j [slot >= 0] dxs(slot(t,j),:) (dxs of the layer's type or bf16).
+template <class Exec, class TS, class S, class M>
+void scatter_add_rows(const Exec& space, const mat<TS, M>& dxs,
+                      const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& dx) {
   sum_slot_rows(space, "moka::undispatch", dxs, slot, mat<S, M>(), true, dx);
 }
 
-template <int W, class Exec, class S, class M>
-void combine_backward_packs(const Exec& space, const mat<S, M>& dy, const mat<S, M>& ys,
+template <int W, class Exec, class TY, class S, class M>
+void combine_backward_packs(const Exec& space, const mat<S, M>& dy, const mat<TY, M>& ys,
                             const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& score,
-                            const mat<S, M>& dscore, const mat<S, M>& dys, const mat<bf16, M>& dys_b) {
+                            const mat<S, M>& dscore, const mat<S, M>& dys, const mat<bf16, M>& dys_b,
+                            const mat<S, M>& bias, const Kokkos::View<int*, M>& row_group) {
   using team_policy = Kokkos::TeamPolicy<Exec>;
   const int T = static_cast<int>(dy.extent(0)), k = static_cast<int>(slot.extent(1));
   const long d = static_cast<long>(dy.extent(1));
   const long lg = dy.stride(0), ly = ys.stride(0), lo = dys.stride(0);
-  const long lb = dys_b.data() ? long(dys_b.stride(0)) : 0;
-  const S* G  = dy.data();
-  const S* YS = ys.data();
-  S* O        = dys.data();
-  bf16* OB    = dys_b.data();
+  const long lb = dys_b.data() ? long(dys_b.stride(0)) : 0, lbi = bias.data() ? long(bias.stride(0)) : 0;
+  const S* G   = dy.data();
+  const TY* YS = ys.data();
+  const S* BI  = bias.data();
+  S* O         = dys.data();
+  bf16* OB     = dys_b.data();
   Kokkos::parallel_for(
       "moka::combine_backward", team_policy(space, T * k, Kokkos::AUTO),
       KOKKOS_LAMBDA(const typename team_policy::member_type& team) {
@@ -479,16 +492,18 @@ void combine_backward_packs(const Exec& space, const mat<S, M>& dy, const mat<S,
         const int t = i / k, j = i % k, r = slot(t, j);
         S acc = 0;
         if (r >= 0) {
-          const S w = score(t, j);
+          const S w    = score(t, j);
+          const long e = BI ? long(row_group(r)) : 0;
           Kokkos::parallel_reduce(
               Kokkos::TeamThreadRange(team, d / W),
               [&](long cw, S& a) {
                 const auto g = load_pack<W>(G + t * lg + cw * W);
                 const auto y = load_pack<W>(YS + r * ly + cw * W);
-                Pack<S, W> o;
+                Pack<S, W> o, bv;
+                if (BI) bv = load_pack<W>(BI + e * lbi + cw * W);
                 Pack<bf16, W> ob;
                 for (int q = 0; q < W; ++q) {
-                  a += g.v[q] * y.v[q];
+                  a += g.v[q] * (BI ? static_cast<S>(y.v[q]) + bv.v[q] : static_cast<S>(y.v[q]));
                   o.v[q]  = w * g.v[q];
                   ob.v[q] = bf16(float(o.v[q]));
                 }
@@ -502,21 +517,23 @@ void combine_backward_packs(const Exec& space, const mat<S, M>& dy, const mat<S,
 }
 
 /// Combine backward in one pass, one team per (token, choice) reading dy(t,:)
-/// and ys(r,:) coalesced: dscore(t,j) = dy(t,:) . ys(r,:) and the gradient
+/// and ys(r,:) coalesced: dscore(t,j) = dy(t,:) . (ys(r,:) [+ bias(row_group(r),:)])
+/// (ys fp32 / fp64 or bf16, as in combine_rows) and the gradient
 /// of the expert row, dys(r,:) = score(t,j) dy(t,:) (and its bf16 copy
 /// when \p dys_b is allocated; only that copy when \p dys is not: one rank
 /// in bf16, where nothing reads the fp32 rows). Every kept row r belongs to exactly one
 /// (t, j); dropped assignments get dscore 0.
-template <class Exec, class S, class M>
-void combine_backward(const Exec& space, const mat<S, M>& dy, const mat<S, M>& ys,
+template <class Exec, class TY, class S, class M>
+void combine_backward(const Exec& space, const mat<S, M>& dy, const mat<TY, M>& ys,
                       const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& score,
-                      const mat<S, M>& dscore, const mat<S, M>& dys, const mat<bf16, M>& dys_b) {
+                      const mat<S, M>& dscore, const mat<S, M>& dys, const mat<bf16, M>& dys_b,
+                      const mat<S, M>& bias = {}, const Kokkos::View<int*, M>& row_group = {}) {
   const long d = static_cast<long>(dy.extent(1));
   constexpr int W = pack_of<S>;
   if (packs_fit(dy, d, W) && packs_fit(ys, d, W) && (!dys.data() || packs_fit(dys, d, W)) &&
-      (!dys_b.data() || packs_fit(dys_b, d, W)))
-    combine_backward_packs<W>(space, dy, ys, slot, score, dscore, dys, dys_b);
-  else combine_backward_packs<1>(space, dy, ys, slot, score, dscore, dys, dys_b);
+      (!dys_b.data() || packs_fit(dys_b, d, W)) && (!bias.data() || packs_fit(bias, d, W)))
+    combine_backward_packs<W>(space, dy, ys, slot, score, dscore, dys, dys_b, bias, row_group);
+  else combine_backward_packs<1>(space, dy, ys, slot, score, dscore, dys, dys_b, bias, row_group);
 }
 
 template <int W, class Exec, class S, class M>

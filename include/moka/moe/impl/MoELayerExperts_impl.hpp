@@ -129,7 +129,9 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& this
           break;
         case down_y:  // ye = h W2_e
           M = rows, N = fill(d), K = fill(dff), a = {m_h_b.data(), dff, 0}, lda = dff, b = {w2b, 0, long(dff) * d},
-          ldb = d, c = {m_ye.data(), d, 0}, ldc = d;
+          ldb = d, ldc = d;
+          if (rows_bf16()) c = {m_ye_b.data(), d, 0}, f32 = false;
+          else c = {m_ye.data(), d, 0};
           break;
         case grad_w2:  // dW2_e (+)= h^T dys
           ta = true, M = fill(dff), N = fill(d), K = rows, a = {m_h_b.data(), dff, 0}, lda = dff,
@@ -146,7 +148,9 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& this
           break;
         case up_dx:  // dxe = dhpre W1_e^T
           tb = true, M = rows, N = fill(d), K = fill(dfi), a = {m_dhpre_b.data(), dfi, 0}, lda = dfi,
-          b = {w1b, 0, long(d) * dfi}, ldb = dfi, c = {m_dxe.data(), d, 0}, ldc = d;
+          b = {w1b, 0, long(d) * dfi}, ldb = dfi, ldc = d;
+          if (rows_bf16()) c = {m_dxe_b.data(), d, 0}, f32 = false;
+          else c = {m_dxe.data(), d, 0};
           break;
       }
       if (m_gptr.extent(0) < std::size_t(3 * L))
@@ -182,8 +186,12 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& this
                                    m_hpre_b.data() + b * dfi, dfi);
             break;
           case down_y:
-            impl::gemm_bf16_f32(space, false, false, n, d, dff, 1.f, m_h_b.data() + b * dff, dff, w2, d, 0.f,
-                                m_ye.data() + b * d, d);
+            if (rows_bf16())
+              impl::gemm_bf16_bf16(space, false, false, n, d, dff, 1.f, m_h_b.data() + b * dff, dff, w2, d, 0.f,
+                                   m_ye_b.data() + b * d, d);
+            else
+              impl::gemm_bf16_f32(space, false, false, n, d, dff, 1.f, m_h_b.data() + b * dff, dff, w2, d, 0.f,
+                                  m_ye.data() + b * d, d);
             break;
           case grad_w2:
             impl::gemm_bf16_f32(space, true, false, dff, d, n, 1.f, m_h_b.data() + b * dff, dff,
@@ -203,8 +211,12 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& this
                                 m_grads.w1.data() + std::size_t(e) * d * dfi, dfi);
             break;
           case up_dx:
-            impl::gemm_bf16_f32(space, false, true, n, d, dfi, 1.f, m_dhpre_b.data() + b * dfi, dfi, w1, dfi, 0.f,
-                                m_dxe.data() + b * d, d);
+            if (rows_bf16())
+              impl::gemm_bf16_bf16(space, false, true, n, d, dfi, 1.f, m_dhpre_b.data() + b * dfi, dfi, w1, dfi, 0.f,
+                                   m_dxe_b.data() + b * d, d);
+            else
+              impl::gemm_bf16_f32(space, false, true, n, d, dfi, 1.f, m_dhpre_b.data() + b * dfi, dfi, w1, dfi, 0.f,
+                                  m_dxe.data() + b * d, d);
             break;
         }
       }

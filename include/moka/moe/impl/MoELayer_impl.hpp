@@ -358,7 +358,8 @@ void MoELayer<Scalar, MemorySpace>::ensure_expert_workspace(long rows) {
     impl::grow_rows(m_hpre, rows, m_dfil, "hpre");
     impl::grow_rows(m_h, rows, m_dffl, "h");
   }
-  impl::grow_rows(m_ye_buf, rows, d, "ye");
+  if (rows_bf16()) impl::grow_rows(m_ye_b, rows, d, "ye_bf16");
+  else impl::grow_rows(m_ye_buf, rows, d, "ye");
   if (m_row_expert.extent(0) < static_cast<std::size_t>(rows))
     m_row_expert = index_vector(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::moe::row_expert"), rows + rows / 8 + 1);
 }
@@ -421,7 +422,7 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
       ScopedRegion r("moka::MoELayer::to_bf16");
       prepare_bf16_forward(space);
     }
-    m_ye = m_ye_buf;
+    m_ye = rows_bf16() ? matrix() : m_ye_buf;  // bf16 on one rank: m_ye_b
     expert_gemm(space, Stage::up);
     if (!m_fused) {  // fused: b1 and the activation ran in the up-projection's epilogue
       ScopedRegion region_act("moka::MoELayer::activation");
@@ -432,13 +433,16 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
         activation_rows(space, 0, m_rows_e);
     }
     expert_gemm(space, Stage::down);
-    expert_bias_add(space);
+    if (!rows_bf16()) expert_bias_add(space);  // bf16 on one rank: b2 in the combine
     m_ys = m_tx.reverse(space, m_ye, TokenExchange<Scalar, MemorySpace>::Buffer::dispatch_out);
   }
 
   // Combine.
   ScopedRegion region_combine("moka::MoELayer::combine");
-  impl::combine_rows(space, m_ys, m_slot, m_score, y);
+  if (rows_bf16())
+    impl::combine_rows(space, m_ye_b, m_slot, m_score, y, m_cfg.expert_bias ? m_params.b2 : matrix(), m_row_expert);
+  else
+    impl::combine_rows(space, m_ys, m_slot, m_score, y);
 }
 
 template <class Scalar, class MemorySpace>
@@ -462,7 +466,8 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   // gradient straight into the GEMMs' bf16 operand (no fp32 copy).
   const bool dys_bf16 = bf16 && !m_tx.active();
   if (!dys_bf16) impl::grow_rows(m_dys, long(T) * k, d, "dys");
-  impl::grow_rows(m_dxe, rows_e, d, "dxe");
+  if (dys_bf16) impl::grow_rows(m_dxe_b, rows_e, d, "dxe_bf16");
+  else impl::grow_rows(m_dxe, rows_e, d, "dxe");
   if (bf16) {
     if (!m_fused) impl::grow_rows(m_dh_b, rows_e, dff, "dh_bf16");
     impl::grow_rows(m_dhpre_b, rows_e, dff_in, "dhpre_b");
@@ -477,7 +482,11 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   std::optional<ScopedRegion> stage;
   stage.emplace("moka::MoELayer::combine_backward");
   if (dys_bf16) impl::grow_rows(m_dys_b, rows, d, "dys_bf16");
-  impl::combine_backward(space, dy, m_ys, m_slot, m_score, m_dscore, dys, dys_bf16 ? m_dys_b : bmatrix());
+  if (dys_bf16)  // the bf16 expert outputs, b2 added here as in the combine
+    impl::combine_backward(space, dy, m_ye_b, m_slot, m_score, m_dscore, matrix(), m_dys_b,
+                           m_cfg.expert_bias ? m_params.b2 : matrix(), m_row_expert);
+  else
+    impl::combine_backward(space, dy, m_ys, m_slot, m_score, m_dscore, dys, bmatrix());
   stage.reset();
   matrix dxs;
   if (m_tx.scheduled()) {
@@ -542,7 +551,8 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   // Gate backward (into dx), then the expert rows of each token.
   gate_backward(space, dscore, dx);
   stage.emplace("moka::MoELayer::undispatch");
-  impl::scatter_add_rows(space, dxs, m_slot, dx);
+  if (dys_bf16) impl::scatter_add_rows(space, m_dxe_b, m_slot, dx);
+  else impl::scatter_add_rows(space, dxs, m_slot, dx);
 }
 
 }  // namespace moka
