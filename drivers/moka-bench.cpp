@@ -185,9 +185,16 @@ int run(const moka::InputDeck& deck, int rank) {
   time_ms(layer_step);
   const double mib = 1.0 / 1048576.0;
   const double peak = double(watch.peak(M::name()));
-  double param_bytes = 0;
-  for (const auto& p : layer.parameters()) param_bytes += double(p.param.size()) * sizeof(S);
+  double param_bytes = 0, grad_bytes = 0, copy_bytes = 0;
+  for (const auto& p : layer.parameters()) {
+    param_bytes += double(p.param.size()) * sizeof(S);
+    grad_bytes += double(p.grad.size()) * sizeof(S);
+    if (p.bf16_copy) copy_bytes += double(p.param.size()) * sizeof(moka::bf16);
+  }
   const double beyond = peak - param_bytes - double(x.size()) * sizeof(S);
+  // What is left beyond the training state (the gradients, and the bf16
+  // weight copies of mixed precision): activations and workspaces.
+  const double work = beyond - grad_bytes - copy_bytes;
   if (rank == 0) {
     std::printf("moka-bench: %s, T=%ld, d=%d, d_ff=%d, E=%d, top-%d, %s gate, %s, %s%s\n",
                 Kokkos::DefaultExecutionSpace::name(), T, cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k,
@@ -212,6 +219,8 @@ int run(const moka::InputDeck& deck, int rank) {
     std::printf("  peak %s memory of a layer step: %.1f MiB; beyond the parameters and the input x: %.1f MiB "
                 "(what torch_moe_reference.py calls peak extra memory)\n",
                 M::name(), peak * mib, beyond * mib);
+    std::printf("  of which gradients %.1f MiB, bf16 weight copies %.1f MiB; activations and workspaces %.1f MiB\n",
+                grad_bytes * mib, copy_bytes * mib, work * mib);
     // Where the peak comes from: the largest allocations live at that moment.
     const auto held = watch.peak_by_label(M::name());
     std::printf("  held at the peak (largest):");
