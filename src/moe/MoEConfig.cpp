@@ -124,7 +124,9 @@ DeckSchema MoEConfig::schema() {
       .set_doc("bf16 on CUDA: each kind of expert GEMM (up, down, and the three of the backward pairs) runs as one "
                "cuBLAS grouped GEMM over the local experts (cublasGemmGroupedBatchedEx) instead of one GEMM per "
                "expert, so that many small experts fill the GPU; a kind this cuBLAS does not offer loops over the "
-               "experts (moka-bench names it). Not for the GEMMs with cuBLASLt epilogues. Host builds: no effect.");
+               "experts (moka-bench names it; CUDA 13.0's cuBLAS refuses the fp32-output weight gradients). On an H200 "
+               "it won 27% with 256 rows per expert and lost 1.4-1.7x with 1536 or more (docs/performance.md). Not "
+               "for the GEMMs with cuBLASLt epilogues. Host builds: no effect.");
   s.add("expert.gemm_streams", DeckType::integer)
       .set_default("1")
       .set_min(1)
