@@ -920,6 +920,60 @@ void check_row_kernels(int d) {
       EXPECT_NEAR(double(dscore(t, j)), dot, (sizeof(S) == 8 ? 1e-13 : 1e-5) * d) << "dscore t " << t << " j " << j;
     }
   }
+
+  // The one-rank bf16 layer's forms: bf16 expert outputs with b2 added in
+  // the combine and in its backward (which then writes the bf16 gradient
+  // only), and bf16 rows in the undispatch.
+  using bmat = Kokkos::View<moka::bf16**, Kokkos::LayoutRight, Kokkos::HostSpace>;
+  bmat ys_b("ys_b", rows, d);
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < d; ++c) ys_b(r, c) = moka::bf16(float(ys(r, c)));
+  mat y2("y2", T, d), dx2("dx2", T, d), dscore2("dscore2", T, k);
+  Kokkos::deep_copy(dx2, dx0);
+  bmat dys_b2("dys_b2", rows, d);
+  moka::impl::combine_rows(HostExec(), ys_b, slot, w, y2, bias, group);
+  moka::impl::scatter_add_rows(HostExec(), ys_b, slot, dx2);
+  moka::impl::combine_backward(HostExec(), dy, ys_b, slot, w, dscore2, mat(), dys_b2, bias, group);
+  HostExec().fence();
+  for (int t = 0; t < T; ++t) {
+    for (int c = 0; c < d; ++c) {
+      S acc = 0, add = dx0(t, c);
+      for (int j = 0; j < k; ++j) {
+        const int r = slot(t, j);
+        if (r < 0) continue;
+        acc += w(t, j) * (S(float(ys_b(r, c))) + bias(group(r), c));
+        add += S(float(ys_b(r, c)));
+      }
+      ASSERT_EQ(y2(t, c), acc) << "bf16 combine t " << t << " c " << c;
+      ASSERT_EQ(dx2(t, c), add) << "bf16 undispatch t " << t << " c " << c;
+    }
+    for (int j = 0; j < k; ++j) {
+      const int r = slot(t, j);
+      double dot  = 0;
+      for (int c = 0; c < d && r >= 0; ++c) {
+        dot += double(dy(t, c)) * (double(float(ys_b(r, c))) + double(bias(group(r), c)));
+        ASSERT_EQ(float(dys_b2(r, c)), float(moka::bf16(float(w(t, j) * dy(t, c)))));
+      }
+      EXPECT_NEAR(double(dscore2(t, j)), dot, (sizeof(S) == 8 ? 1e-13 : 1e-5) * d) << "bf16 dscore t " << t;
+    }
+  }
+}
+
+// Row buffers: exact the first time, 1/8 spare rows when they grow again,
+// kept when smaller row counts come.
+TEST(MoEKernels, GrowRowsExactFirstThenSpare) {
+  Kokkos::View<float**, Kokkos::LayoutRight, Kokkos::HostSpace> m;
+  moka::impl::grow_rows(m, 800, 4, "test_rows");
+  EXPECT_EQ(m.extent(0), 800u);
+  EXPECT_EQ(m.label(), "moka::moe::test_rows");
+  const float* p = m.data();
+  moka::impl::grow_rows(m, 700, 4, "test_rows");
+  EXPECT_EQ(m.data(), p);
+  moka::impl::grow_rows(m, 801, 4, "test_rows");
+  EXPECT_EQ(m.extent(0), 801u + 801u / 8 + 1);
+  moka::impl::grow_rows(m, 10, 6, "test_rows");  // other columns: a new first allocation
+  EXPECT_EQ(m.extent(0), 10u);
+  EXPECT_EQ(m.extent(1), 6u);
 }
 
 TEST(MoEKernels, PackedRowKernelsMatchLoops) {
