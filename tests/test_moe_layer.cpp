@@ -959,6 +959,45 @@ void check_row_kernels(int d) {
   }
 }
 
+// The bf16 activation backward of a one-input activation runs in place in
+// the layer (dh is dhpre's buffer): each element of dh is read before its
+// dhpre is written, so in place gives bitwise what a separate output gives.
+TEST(MoEKernels, Bf16ActivationBackwardInPlace) {
+  using bmat = Kokkos::View<moka::bf16**, Kokkos::LayoutRight, Kokkos::HostSpace>;
+  using fmat = Kokkos::View<float**, Kokkos::LayoutRight, Kokkos::HostSpace>;
+  const int rows = 20, dff = 16, chunk = 8;
+  ivec offsets("offsets", 3), chunk_start("chunk_start", 3);
+  offsets(0) = 0, offsets(1) = 12, offsets(2) = rows;
+  chunk_start(0) = 0, chunk_start(1) = 2, chunk_start(2) = 3;  // chunks: rows 0-7, 8-11 | 12-19
+  std::mt19937_64 rng(5);
+  std::uniform_real_distribution<float> u(-2, 2);
+  bmat dh("dh", rows, dff), hpre("hpre", rows, dff), out("out", rows, dff), inplace("inplace", rows, dff);
+  fmat b1("b1", 2, dff), work_a("work_a", 3, dff), work_b("work_b", 3, dff);
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < dff; ++c) dh(r, c) = moka::bf16(u(rng)), hpre(r, c) = moka::bf16(u(rng));
+  for (int e = 0; e < 2; ++e)
+    for (int c = 0; c < dff; ++c) b1(e, c) = u(rng);
+  Kokkos::deep_copy(inplace, dh);
+  for (const auto act : {moka::Activation::gelu_erf, moka::Activation::relu}) {
+    moka::impl::activation_backward_bf16(HostExec(), act, true, 3, chunk, dff, chunk_start, offsets, dh, hpre, b1, out,
+                                         work_a);
+    Kokkos::deep_copy(inplace, dh);
+    moka::impl::activation_backward_bf16(HostExec(), act, true, 3, chunk, dff, chunk_start, offsets, inplace, hpre, b1,
+                                         inplace, work_b);
+    HostExec().fence();
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < dff; ++c) {
+        const int e = r < 12 ? 0 : 1;
+        const float want =
+            float(moka::bf16(float(dh(r, c)) * moka::impl::activate_grad(act, float(hpre(r, c)) + b1(e, c))));
+        ASSERT_EQ(float(out(r, c)), want) << r << " " << c;
+        ASSERT_EQ(float(inplace(r, c)), want) << r << " " << c;
+      }
+    for (int q = 0; q < 3; ++q)
+      for (int c = 0; c < dff; ++c) ASSERT_EQ(work_a(q, c), work_b(q, c));
+  }
+}
+
 // Row buffers: exact the first time, 1/8 spare rows when they grow again,
 // kept when smaller row counts come.
 TEST(MoEKernels, GrowRowsExactFirstThenSpare) {

@@ -469,8 +469,14 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   if (dys_bf16) impl::grow_rows(m_dxe_b, rows_e, d, "dxe_bf16");
   else impl::grow_rows(m_dxe, rows_e, d, "dxe");
   if (bf16) {
-    if (!m_fused) impl::grow_rows(m_dh_b, rows_e, dff, "dh_bf16");
     impl::grow_rows(m_dhpre_b, rows_e, dff_in, "dhpre_b");
+    // One-input activations: the activation backward runs in place (each
+    // element of dh is read before its dhpre is written), so dh is written
+    // into dhpre's buffer (one row buffer of d_ff columns less at the peak).
+    if (!m_fused) {
+      if (dff == dff_in) m_dh_b = m_dhpre_b;
+      else impl::grow_rows(m_dh_b, rows_e, dff, "dh_bf16");
+    }
   } else {
     impl::grow_rows(m_dh, rows_e, dff, "dh");
     impl::grow_rows(m_dhpre, rows_e, dff_in, "dhpre");
