@@ -157,18 +157,24 @@ TEST(Bf16, EpilogueMatchesKernels) {
   }
 }
 
+// The small bf16 layer of the GEMM-variant tests (d 64, d_ff 96, top-2).
+moka::MoEConfig small_bf16_config(moka::Activation act, int experts) {
+  moka::MoEConfig cfg;
+  cfg.d_model      = 64;
+  cfg.d_ff         = 96;
+  cfg.num_experts  = experts;
+  cfg.top_k        = 2;
+  cfg.activation   = act;
+  cfg.bf16_compute = true;
+  return cfg;
+}
+
 // expert.gemm_streams: the expert GEMMs spread over 4 streams give bitwise
 // what one stream gives (each expert's GEMMs are the same calls; only
 // their order between experts changes).
 TEST(Bf16, GemmStreamsMatchOneStream) {
   for (const auto act : {moka::Activation::gelu_erf, moka::Activation::swiglu}) {
-    moka::MoEConfig cfg;
-    cfg.d_model      = 64;
-    cfg.d_ff         = 96;
-    cfg.num_experts  = 8;
-    cfg.top_k        = 2;
-    cfg.activation   = act;
-    cfg.bf16_compute = true;
+    const moka::MoEConfig cfg = small_bf16_config(act, 8);
     moka::MoEConfig cfg_s = cfg;
     cfg_s.gemm_streams    = 4;
     moka::MoELayer<float, Kokkos::CudaSpace> L1(cfg), Ls(cfg_s);
@@ -196,13 +202,7 @@ TEST(Bf16, GemmStreamsMatchOneStream) {
 // few bf16 roundings of the largest value. Empty experts included.
 TEST(Bf16, GroupedGemmsMatchTheLoop) {
   for (const auto act : {moka::Activation::gelu_erf, moka::Activation::swiglu}) {
-    moka::MoEConfig cfg;
-    cfg.d_model      = 64;
-    cfg.d_ff         = 96;
-    cfg.num_experts  = 16;
-    cfg.top_k        = 2;
-    cfg.activation   = act;
-    cfg.bf16_compute = true;
+    const moka::MoEConfig cfg = small_bf16_config(act, 16);
     moka::MoEConfig cfg_g = cfg;
     cfg_g.gemm_grouped    = true;
     moka::MoELayer<float, Kokkos::CudaSpace> L1(cfg), Lg(cfg_g);

@@ -355,8 +355,9 @@ class MoELayer {
   matrix scheduled_backward(const execution_space& space);
   void expert_bias_add(const execution_space& space);
   /// \p out (b1's or b2's gradient) += the column sums of \p src (fp32 /
-  /// fp64) over each expert's rows, in chunks of bias_chunk rows.
+  /// fp64, or bf16) over each expert's rows, in chunks of bias_chunk rows.
   void expert_bias_grad(const execution_space& space, const matrix& src, const matrix& out);
+  void expert_bias_grad(const execution_space& space, const bmatrix& src, const matrix& out);
   static constexpr int bias_chunk = 64;  ///< rows per partial sum of the bias gradients
   enum class Stage { up, down, down_backward, up_backward };
   void expert_gemm(const execution_space& space, Stage stage);

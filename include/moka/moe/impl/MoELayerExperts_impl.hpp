@@ -16,6 +16,13 @@ void MoELayer<Scalar, MemorySpace>::expert_bias_grad(const execution_space& spac
 }
 
 template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::expert_bias_grad(const execution_space& space, const bmatrix& src,
+                                                     const matrix& out) {
+  impl::grow_rows(m_colsum_work, m_chunks, std::max<long>(m_cfg.d_model, m_dfil), "colsum_work");
+  impl::expert_column_sums_bf16(space, src, m_e_offsets, m_chunk_start, m_chunks, bias_chunk, m_colsum_work, out);
+}
+
+template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::expert_bias_add(const execution_space& space) {
   // b2 once per row: with slicing only the first slice rank adds it to its
   // partial output (the partials are summed).

@@ -343,7 +343,7 @@ void MoELayer<Scalar, MemorySpace>::ensure_workspace(int T) {
   m_slot   = index_matrix("moka::moe::slot", T, k);
   // The dispatch-ordered rows in fp32: not with bf16 on one rank, whose
   // rows are gathered into the GEMMs' bf16 operand directly.
-  m_xs = m_cfg.bf16_compute && !m_tx.active() ? matrix() : alloc("xs", N, d);
+  m_xs = rows_bf16() ? matrix() : alloc("xs", N, d);
   m_T  = T;
 }
 
@@ -464,7 +464,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   // would cost a device allocation and a synchronising free every step.
   // bf16 on one rank: the combine backward writes the expert rows'
   // gradient straight into the GEMMs' bf16 operand (no fp32 copy).
-  const bool dys_bf16 = bf16 && !m_tx.active();
+  const bool dys_bf16 = rows_bf16();
   if (!dys_bf16) impl::grow_rows(m_dys, long(T) * k, d, "dys");
   if (dys_bf16) impl::grow_rows(m_dxe_b, rows_e, d, "dxe_bf16");
   else impl::grow_rows(m_dxe, rows_e, d, "dxe");
@@ -512,13 +512,8 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
     // rows (in chunks, a fixed order: deterministic).
     const long chunks = m_chunks;
     if (m_cfg.expert_bias) {
-      if (dys_bf16) {  // the column sums of the rows the GEMMs read
-        impl::grow_rows(m_colsum_work, m_chunks, std::max<long>(m_cfg.d_model, m_dfil), "colsum_work");
-        impl::expert_column_sums_bf16(space, m_dys_b, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work,
-                                      m_grads.b2);
-      } else {
-        expert_bias_grad(space, dye, m_grads.b2);
-      }
+      if (dys_bf16) expert_bias_grad(space, m_dys_b, m_grads.b2);  // the bf16 rows the GEMMs read
+      else expert_bias_grad(space, dye, m_grads.b2);
     }
     stage.reset();
     // Fused: the dh GEMM's epilogue writes the pre-activation gradient; the
@@ -526,8 +521,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
     expert_gemm(space, Stage::down_backward);
     stage.emplace("moka::MoELayer::activation_backward");
     if (m_fused) {
-      impl::expert_column_sums_bf16(space, m_dhpre_b, m_e_offsets, m_chunk_start, chunks, bias_chunk, m_colsum_work,
-                                    m_grads.b1);
+      expert_bias_grad(space, m_dhpre_b, m_grads.b1);
     } else if (bf16) {
       // Fused with the first pass of the b1 gradient (the same chunks and
       // order as expert_column_sums).
