@@ -236,6 +236,48 @@ TEST(Bf16, GroupedGemmsMatchTheLoop) {
   }
 }
 
+// The bf16 backward writes its gradients into the forward's buffers (dh
+// into h's, the pre-activation gradient into the pre-activation's or, with
+// the fused epilogues, h's, and on one rank the expert rows' gradients into
+// the expert outputs'). A layer that ran a smaller step first (its row
+// buffers then grow) gives bitwise what a fresh layer gives, for each
+// activation path; a second backward without a forward is refused.
+TEST(Bf16, BackwardWritesIntoForwardBuffers) {
+  for (const auto act : {moka::Activation::gelu_erf, moka::Activation::swiglu, moka::Activation::gelu_tanh}) {
+    const moka::MoEConfig cfg = small_bf16_config(act, 8);
+    moka::MoELayer<float, Kokkos::CudaSpace> La(cfg), Lb(cfg);
+    // gelu_tanh with biases: b1, the activation and its derivative in the epilogues.
+    ASSERT_EQ(La.fused_epilogue(), act == moka::Activation::gelu_tanh);
+    La.init_parameters(13);
+    Lb.init_parameters(13);
+    std::mt19937_64 rng(8);
+    RefParams p = params_of(La);
+    p.b1 = random_vec(p.b1.size(), rng, 0.5);
+    p.b2 = random_vec(p.b2.size(), rng, 0.5);
+    set_params(La, p);
+    set_params(Lb, p);
+    const int T0 = 40, T = 300;
+    const auto x0 = random_vec(T0 * cfg.d_model, rng), G0 = random_vec(T0 * cfg.d_model, rng);
+    const auto x = random_vec(T * cfg.d_model, rng), G = random_vec(T * cfg.d_model, rng);
+    (void)run_layer(La, T0, x0, G0);
+    const auto ra = run_layer(La, T, x, G);
+    const auto rb = run_layer(Lb, T, x, G);
+    EXPECT_EQ(ra.y, rb.y);
+    EXPECT_EQ(ra.dx, rb.dx);
+    EXPECT_EQ(ra.dw1, rb.dw1);
+    EXPECT_EQ(ra.db1, rb.db1);
+    EXPECT_EQ(ra.dw2, rb.dw2);
+    EXPECT_EQ(ra.db2, rb.db2);
+    EXPECT_EQ(ra.dwg, rb.dwg);
+    // The gradients differ from zero where they should (the test can fail).
+    double s = 0;
+    for (double v : ra.dw1) s += std::abs(v);
+    EXPECT_GT(s, 0.0);
+    moka::MoELayer<float, Kokkos::CudaSpace>::matrix DY("dy", T, cfg.d_model), DX("dx", T, cfg.d_model);
+    EXPECT_THROW(La.backward(Kokkos::Cuda(), DY, DX), moka::Error);
+  }
+}
+
 TEST(Bf16, TrainingConverges) {
   auto deck = moka::InputDeck::parse_string(
       "run.name = bf16\nio.metrics_file = none\ntask.train_size = 4096\ntask.test_size = 1024\n"

@@ -263,7 +263,11 @@ class MoELayer {
   /// \brief y = MoE(x). x and y are [T, d]; keeps what backward needs.
   void forward(const execution_space& space, const matrix& x, const matrix& y);
   /// \brief dx = dMoE/dx^T dy, and parameter gradients += their part.
-  /// Needs the forward of the same x just before.
+  /// Needs the forward of the same x just before. With bf16_compute the
+  /// backward writes its gradients into the buffers of the forward's
+  /// activations (no row buffer of its own), so a second backward needs a
+  /// new forward first (an error otherwise), as in frameworks that free
+  /// the graph in backward.
   void backward(const execution_space& space, const matrix& dy, const matrix& dx);
 
   /// \brief The state of the gate's random streams and trace walk: (seed,
@@ -431,6 +435,10 @@ class MoELayer {
   // bf16 on one rank (rows_bf16()): the expert outputs (without b2, which
   // the combine adds) and the gradient of the expert rows' inputs, in bf16.
   bmatrix m_ye_b, m_dxe_b;
+  // bf16: the backward's gradients alias the forward's buffers (dh -> h,
+  // dhpre -> hpre or h, dys and dxe -> ye on one rank) during backward
+  // only; m_saved says the forward's values are still there.
+  bool m_saved = false;
   btensor3 m_w1_b, m_w2_b;                     // bf16 copies of the expert weights
   // Fused epilogues (bf16, gelu_tanh, expert biases, expert.gemm_epilogue): b1 in bf16
   // and cuBLASLt's workspace; the GELU input (b1 included) is kept in

@@ -443,6 +443,7 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
     impl::combine_rows(space, m_ye_b, m_slot, m_score, y, m_cfg.expert_bias ? m_params.b2 : matrix(), m_row_expert);
   else
     impl::combine_rows(space, m_ys, m_slot, m_score, y);
+  m_saved = true;
 }
 
 template <class Scalar, class MemorySpace>
@@ -456,7 +457,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   require_extent(where, dx, 1, m_cfg.d_model, "columns");
   const int T = m_T, k = m_cfg.top_k, d = m_cfg.d_model;
   const int dff = m_dffl, dff_in = m_dfil;
-  const long rows = m_rows, rows_e = m_rows_e;
+  const long rows_e = m_rows_e;
   const Activation act = m_cfg.activation;
   const bool bf16 = m_cfg.bf16_compute;
   auto dscore = m_dscore;
@@ -465,21 +466,41 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   // bf16 on one rank: the combine backward writes the expert rows'
   // gradient straight into the GEMMs' bf16 operand (no fp32 copy).
   const bool dys_bf16 = rows_bf16();
-  if (!dys_bf16) impl::grow_rows(m_dys, long(T) * k, d, "dys");
-  if (dys_bf16) impl::grow_rows(m_dxe_b, rows_e, d, "dxe_bf16");
-  else impl::grow_rows(m_dxe, rows_e, d, "dxe");
+  if (!dys_bf16) {
+    impl::grow_rows(m_dys, long(T) * k, d, "dys");
+    impl::grow_rows(m_dxe, rows_e, d, "dxe");
+  }
+  MOKA_REQUIRE(!bf16 || m_saved,
+               "MoELayer::backward: the bf16 backward writes its gradients into the buffers of the forward's "
+               "activations, so each backward needs its own forward (call forward again before another backward)");
   if (bf16) {
-    impl::grow_rows(m_dhpre_b, rows_e, dff_in, "dhpre_b");
-    // One-input activations: the activation backward runs in place (each
-    // element of dh is read before its dhpre is written), so dh is written
-    // into dhpre's buffer (one row buffer of d_ff columns less at the peak).
-    if (!m_fused) {
-      if (dff == dff_in) m_dh_b = m_dhpre_b;
-      else impl::grow_rows(m_dh_b, rows_e, dff, "dh_bf16");
+    // Each bf16 gradient goes into the buffer of a forward value that is
+    // dead by the time it is written, so the backward allocates no row
+    // buffer: dh into h's (the dW2 GEMMs, the last readers of h, finish
+    // before the dh GEMMs start), the pre-activation gradient into the
+    // pre-activation's (the activation backward runs in place: each
+    // element is read before it is written, by the same thread), and with
+    // the fused epilogues (which read the pre-activation as their aux
+    // input while writing dhpre) into h's.
+    if (m_fused) {
+      m_dhpre_b = m_h_b;
+    } else {
+      m_dh_b    = m_h_b;
+      m_dhpre_b = m_hpre_b;
     }
+    m_saved = false;
   } else {
     impl::grow_rows(m_dh, rows_e, dff, "dh");
     impl::grow_rows(m_dhpre, rows_e, dff_in, "dhpre");
+  }
+  if (dys_bf16) {
+    // And on one rank the expert rows' gradient into the expert outputs'
+    // buffer (the combine backward reads each output element before it
+    // writes that element's gradient, in the same thread), then the
+    // gradient of the rows' inputs into the same buffer (the expert rows'
+    // gradient is dead once the down-projection's backward is done).
+    m_dys_b = m_ye_b;
+    m_dxe_b = m_ye_b;
   }
   auto dys = dys_bf16 ? matrix() : m_dys;
 
@@ -487,7 +508,6 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   // one pass (and its bf16 copy for the GEMMs when the rows do not move).
   std::optional<ScopedRegion> stage;
   stage.emplace("moka::MoELayer::combine_backward");
-  if (dys_bf16) impl::grow_rows(m_dys_b, rows, d, "dys_bf16");
   if (dys_bf16)  // the bf16 expert outputs, b2 added here as in the combine
     impl::combine_backward(space, dy, m_ye_b, m_slot, m_score, m_dscore, matrix(), m_dys_b,
                            m_cfg.expert_bias ? m_params.b2 : matrix(), m_row_expert);
@@ -553,6 +573,12 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   stage.emplace("moka::MoELayer::undispatch");
   if (dys_bf16) impl::scatter_add_rows(space, m_dxe_b, m_slot, dx);
   else impl::scatter_add_rows(space, dxs, m_slot, dx);
+  if (bf16) {
+    // Drop the aliases: a later forward that grows the row buffers must
+    // not find the old allocations still held through them.
+    m_dh_b = m_dhpre_b = bmatrix();
+    if (dys_bf16) m_dys_b = m_dxe_b = bmatrix();
+  }
 }
 
 }  // namespace moka
