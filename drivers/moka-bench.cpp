@@ -216,10 +216,15 @@ int run(const moka::InputDeck& deck, int rank) {
     std::printf("  layer time / dense GEMM time: %.2f (%.0f%% of dense)\n", t_layer / t_dense,
                 100.0 * t_dense / t_layer);
     std::printf("  layer forward only (evaluation mode): median %.3f ms\n", t_fwd);
+    // torch_moe_reference.py's "peak extra memory" is the peak less what
+    // was allocated before the timed runs: for its loop layer (run first)
+    // parameters and input, for its grouped layer also the gradients the
+    // loop left allocated. The two MoKA figures to set beside them:
     std::printf("  peak %s memory of a layer step: %.1f MiB; beyond the parameters and the input x: %.1f MiB "
-                "(what torch_moe_reference.py calls peak extra memory)\n",
+                "(as torch_moe_reference.py counts its loop layer)\n",
                 M::name(), peak * mib, beyond * mib);
-    std::printf("  of which gradients %.1f MiB, bf16 weight copies %.1f MiB; activations and workspaces %.1f MiB\n",
+    std::printf("  of which gradients %.1f MiB, bf16 weight copies %.1f MiB; activations and workspaces %.1f MiB "
+                "(as it counts its grouped layer, whose gradients are allocated before)\n",
                 grad_bytes * mib, copy_bytes * mib, work * mib);
     // Where the peak comes from: the largest allocations live at that moment.
     const auto held = watch.peak_by_label(M::name());

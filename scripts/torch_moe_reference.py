@@ -4,10 +4,12 @@ Usage (on a GPU node with PyTorch): python3 torch_moe_reference.py T d d_ff E k 
 Run it in the same job as moka-bench on the same shapes, so both see the same card and clocks.
 
 MoKA's copy of the project's reference (GPU nodes do not see the shared
-folder; scripts/gpu-vs-torch.sh runs it beside moka-bench). One addition:
+folder; scripts/gpu-vs-torch.sh runs it beside moka-bench). Two additions:
 a sixth argument `swiglu` makes the experts SwiGLU (W1 of d x 2 d_ff, the
 first half through SiLU times the second half: the shapes of MoKA's
-expert.activation = swiglu), with the FLOPs counted to match.
+expert.activation = swiglu), with the FLOPs counted to match; and each
+layer's line says how many MiB of gradients were already allocated when its
+peak was measured (they are not in its "peak extra memory").
 
 Layer: top-k softmax gate, E experts, FFN d -> d_ff -> d with GeLU, bf16, fwd+bwd.
 Variants: (a) loop over experts (FastMoE-like), (b) torch._grouped_mm, (c) dense GEMM
@@ -82,7 +84,11 @@ print(f'config T={T} d={d} dff={dff} E={E} k={k} {"swiglu" if swiglu else "gelu"
 print(f'dense GEMM ({T*k}x{d}x{dff}) rate: {dense_tf:.0f} TFLOP/s')
 for name, fn in [('torch loop over experts', loop_layer), ('torch._grouped_mm', grouped_layer)]:
     torch.cuda.synchronize(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
+    # What "peak extra memory" leaves out: the gradients already allocated
+    # (by the run before; the loop runs first, so the grouped layer's figure
+    # holds no gradient). MoKA's addition, printed; the measurement is the reference's.
+    held = sum(p.grad.numel() * p.grad.element_size() for p in (Wg, W1, W2) if p.grad is not None) / 2**20
     ms = bench(fn)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    print(f'{name:26s} fwd+bwd {ms:8.3f} ms   {flops/ms/1e9:6.0f} TFLOP/s (expert GEMMs)   {flops/ms/1e9/dense_tf*100:5.1f}% of dense   peak extra memory {peak:8.0f} MiB')
+    print(f'{name:26s} fwd+bwd {ms:8.3f} ms   {flops/ms/1e9:6.0f} TFLOP/s (expert GEMMs)   {flops/ms/1e9/dense_tf*100:5.1f}% of dense   peak extra memory {peak:8.0f} MiB   (gradients held before: {held:.0f} MiB)')
 print(f'ideal at dense rate: {flops/dense_tf/1e9:.3f} ms')

@@ -87,6 +87,23 @@ void bfloat16_DeviceMatchesHost() {
     u = u * 1664525u + 1013904223u;
     h_in(i) = float_of((u & 0x3fffffffu) | 0x30000000u) * ((i & 1) ? -1.0f : 1.0f);
   }
+  // Ties (to even, both ways), just past a tie, subnormals, signed zero,
+  // infinities and the overflow to infinity: on sm_80+ the device converts
+  // with the hardware instruction, the host in software.
+  const float specials[] = {1.0f + std::ldexp(1.0f, -8),
+                            1.0f + 3 * std::ldexp(1.0f, -8),
+                            -(1.0f + 3 * std::ldexp(1.0f, -8)),
+                            1.0f + std::ldexp(1.0f, -8) + std::ldexp(1.0f, -20),
+                            1e-40f,
+                            -3e-39f,
+                            float_of(0x00008000u),
+                            float_of(0x00018000u),
+                            -0.0f,
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::max(),
+                            -std::numeric_limits<float>::max()};
+  for (std::size_t i = 0; i < sizeof(specials) / sizeof(specials[0]); ++i) h_in(int(i)) = specials[i];
   Kokkos::deep_copy(in, h_in);
   Kokkos::parallel_for(
       "bf16_convert", Kokkos::RangePolicy<moka::execution_space>(0, n),
