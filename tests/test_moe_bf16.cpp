@@ -278,6 +278,47 @@ TEST(Bf16, BackwardWritesIntoForwardBuffers) {
   }
 }
 
+// The float activations as the device computes them (GeLU through the
+// branch-free normal CDF, SiLU through the SFU's exp) against double, over
+// the range the layers see; and GeLU's negative tail, where 1 + erf(x)
+// cancels, to relative accuracy. A free function: nvcc compiles no device
+// lambda in a TEST body.
+void device_activations_against_double() {
+  const long n = 24 * 4096 + 1;  // x from -12 to 12 in steps of 1/4096
+  Kokkos::View<float* [5], Kokkos::CudaSpace> out("activations", n);
+  Kokkos::parallel_for(
+      "activations", Kokkos::RangePolicy<Kokkos::Cuda>(0, n), KOKKOS_LAMBDA(long i) {
+        const float x = -12.f + float(i) / 4096.f;
+        out(i, 0)     = moka::impl::activate(moka::Activation::gelu_erf, x);
+        out(i, 1)     = moka::impl::activate_grad(moka::Activation::gelu_erf, x);
+        out(i, 2)     = moka::impl::activate(moka::Activation::silu, x);
+        out(i, 3)     = moka::impl::activate_grad(moka::Activation::silu, x);
+        out(i, 4)     = moka::impl::act_cdf(x);
+      });
+  auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), out);
+  double e_gelu = 0, e_grad = 0, e_silu = 0, e_sgrad = 0, e_tail = 0;
+  for (long i = 0; i < n; ++i) {
+    const double x   = -12.0 + double(i) / 4096.0;
+    const double cdf = 0.5 * std::erfc(-x / std::sqrt(2.0));
+    const double pdf = std::exp(-0.5 * x * x) / std::sqrt(2 * M_PI);
+    const double sg  = 1 / (1 + std::exp(-x));
+    e_gelu  = std::max(e_gelu, std::abs(h(i, 0) - x * cdf));
+    e_grad  = std::max(e_grad, std::abs(h(i, 1) - (cdf + x * pdf)));
+    e_silu  = std::max(e_silu, std::abs(h(i, 2) - x * sg) / std::max(1.0, std::abs(x * sg)));
+    e_sgrad = std::max(e_sgrad, std::abs(h(i, 3) - sg * (1 + x * (1 - sg))));
+    if (x >= -9 && x <= -2) e_tail = std::max(e_tail, std::abs(h(i, 4) - cdf) / cdf);
+  }
+  std::cout << "device float activations against double: GeLU " << e_gelu << ", its derivative " << e_grad
+            << ", SiLU " << e_silu << " (relative above 1), its derivative " << e_sgrad
+            << "; Phi relative in [-9, -2]: " << e_tail << "\n";
+  EXPECT_LT(e_gelu, 3e-6);  // |x| up to 12: about |x| times Phi's 2e-7
+  EXPECT_LT(e_grad, 1e-6);
+  EXPECT_LT(e_silu, 1e-6);
+  EXPECT_LT(e_sgrad, 1e-6);
+  EXPECT_LT(e_tail, 1e-4);  // (1 + erff(x / sqrt 2)) / 2 is off by up to 100% at -9
+}
+TEST(Bf16, DeviceActivationsAgainstDouble) { device_activations_against_double(); }
+
 TEST(Bf16, TrainingConverges) {
   auto deck = moka::InputDeck::parse_string(
       "run.name = bf16\nio.metrics_file = none\ntask.train_size = 4096\ntask.test_size = 1024\n"

@@ -85,14 +85,14 @@ void count_routed(const Exec& space, const Kokkos::View<int**, Kokkos::LayoutRig
 // ------------------------------------------------------------ activations
 template <class S>
 KOKKOS_FORCEINLINE_FUNCTION S sigmoid(S x) {
-  return S(1) / (S(1) + impl::act_exp(-x));
+  return impl::act_recip(S(1) + impl::act_exp(-x));
 }
 
 /// act(x) for the elementwise activations (swiglu uses silu on its gate half).
 template <class S>
 KOKKOS_FORCEINLINE_FUNCTION S activate(Activation a, S x) {
   switch (a) {
-    case Activation::gelu_erf: return S(0.5) * x * (S(1) + impl::act_erf(x * S(0.70710678118654752440)));
+    case Activation::gelu_erf: return x * impl::act_cdf(x);
     case Activation::gelu_tanh: {
       const S c = S(0.79788456080286535588);  // sqrt(2/pi)
       return S(0.5) * x * (S(1) + impl::tanh(c * (x + S(0.044715) * x * x * x)));
@@ -109,7 +109,7 @@ template <class S>
 KOKKOS_FORCEINLINE_FUNCTION S activate_grad(Activation a, S x) {
   switch (a) {
     case Activation::gelu_erf: {
-      const S cdf = S(0.5) * (S(1) + impl::act_erf(x * S(0.70710678118654752440)));
+      const S cdf = impl::act_cdf(x);
       const S pdf = S(0.39894228040143267794) * impl::act_exp(S(-0.5) * x * x);
       return cdf + x * pdf;
     }
