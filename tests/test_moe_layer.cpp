@@ -877,7 +877,8 @@ void check_row_kernels(int d) {
   EXPECT_EQ(moka::impl::packs_fit(x, d, W), d % W == 0) << "d = " << d;
 
   mat xs("xs", rows, d);
-  moka::impl::gather_rows(HostExec(), rows, x, row_token, xs);
+  fill(xs);  // every row is written (each kept row has one (t, j))
+  moka::impl::gather_rows(HostExec(), x, slot, xs);
   mat y("y", T, d);
   moka::impl::combine_rows(HostExec(), ys, slot, w, y);
   mat dx("dx", T, d);

@@ -7,7 +7,7 @@
 /// Data flow of forward (T tokens of width d, E experts, top-k):
 ///   logits[T,E] = x Wg;  gate -> idx[T,k], score[T,k]
 ///   capacity / drop -> slot[T,k] (row in the expert-ordered buffer, or -1)
-///   dispatch: xs[rows,d] = x[row_token]            (rows ordered by destination expert)
+///   dispatch: xs[slot[t,j]] = x[t]                 (rows ordered by destination expert)
 ///   exchange: counts, then rows, to the experts' EP ranks; received rows
 ///             ordered by (local expert, source rank, source position);
 ///             with slicing, gathered over the slice group (one rank: nothing moves)

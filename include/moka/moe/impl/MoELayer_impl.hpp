@@ -409,8 +409,8 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
     ensure_expert_workspace(m_rows_e);
     impl::row_experts(space, m_e_offsets, m_row_expert, m_rows_e);
     // bf16 on one rank: the rows go straight to the GEMMs' bf16 operand.
-    if (m_cfg.bf16_compute && !m_tx.active()) impl::gather_rows(space, m_rows, x, m_row_token, m_xs_b);
-    else impl::gather_rows(space, m_rows, x, m_row_token, m_xs);
+    if (m_cfg.bf16_compute && !m_tx.active()) impl::gather_rows(space, x, m_slot, m_xs_b);
+    else impl::gather_rows(space, x, m_slot, m_xs);
   }
   if (m_tx.scheduled()) {
     // Smart scheduling: each peer group's rows computed as they arrive.
