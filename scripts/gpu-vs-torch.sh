@@ -9,9 +9,11 @@
 #
 #   scripts/gpu-vs-torch.sh [bundle] [log-dir]
 # MOKA_VS_SHAPES="A C" limits the shapes; MOKA_VS_VARIANTS the MoKA runs of
-# each shape, ';'-separated sets of moka-bench overrides (default: one GEMM
-# per expert on one stream, on 4 streams, and grouped GEMMs); MOKA_VS_ARGS
-# adds overrides (e.g. "expert.gemm_epilogue=false") to every MoKA run.
+# each shape, ';'-separated sets of moka-bench overrides (default: experts
+# without biases, the reference's layer, and with them, MoKA's default;
+# e.g. "expert.gemm_streams=4;expert.gemm_grouped=true" for the GEMM
+# variants); MOKA_VS_ARGS adds overrides (e.g. "expert.gemm_epilogue=false")
+# to every MoKA run.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/gpu-env.sh"
 nvidia-smi --query-gpu=index,name,clocks.max.sm --format=csv,noheader | tee "$logs/gpus.txt"
@@ -37,7 +39,7 @@ for name in ${MOKA_VS_SHAPES:-A C D C-swiglu C-top1}; do
   [ -n "${shape[$name]:-}" ] || { echo "unknown shape $name"; exit 2; }
   read -r T d f E k act <<< "${shape[$name]}"
   stamp "shape $name: T=$T d=$d d_ff=$f E=$E top-$k $act"
-  IFS=';' read -r -a variants <<< "${MOKA_VS_VARIANTS:-expert.gemm_streams=1;expert.gemm_streams=4;expert.gemm_grouped=true}"
+  IFS=';' read -r -a variants <<< "${MOKA_VS_VARIANTS:-expert.bias=false;expert.bias=true}"
   v=0
   for variant in "${variants[@]}"; do
     v=$((v + 1))
