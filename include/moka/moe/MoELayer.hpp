@@ -402,7 +402,6 @@ class MoELayer {
   Kokkos::View<long*, MemorySpace> m_rep_base;
   typename Kokkos::View<long*, MemorySpace>::HostMirror m_rep_base_host;
   impl::SlotWork<MemorySpace> m_slot_work2;
-  index_vector m_row_token_e, m_row_choice_e;
   // Dynamic shadowing: the rule, this step's shadowed experts, each
   // expert's slot for this step (owner's, or the local shadow slot), the
   // gradient staging of one slot, and the bytes moved.
@@ -472,7 +471,7 @@ class MoELayer {
   bool m_bf16_managed = false;
   std::uint64_t m_seed = 0, m_counter = 0;
   double m_balance_loss = 0, m_z_loss = 0;
-  index_vector m_counts, m_offsets, m_row_token, m_row_choice;  // m_offsets: per slot
+  index_vector m_counts, m_offsets;  // m_offsets: per slot
   impl::SlotWork<MemorySpace> m_slot_work;  // workspace of the slot assignment
   std::vector<int> m_h_offsets;  // host copy of the dispatch-side slot offsets [E + 1]
   long m_rows = 0, m_capacity = 0;

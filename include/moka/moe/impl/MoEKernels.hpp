@@ -256,7 +256,8 @@ void rank_within_expert(const Exec& space, const Kokkos::View<int**, Kokkos::Lay
 /// slot(t,j) = row of assignment (t,j) in the expert-ordered buffer, or -1
 /// if dropped (over capacity, or not routed: idx = -1). Rows of an expert
 /// keep token order (t, then j). counts[E] and offsets[E+1] describe the
-/// buffer (\p h_offsets gets a host copy); row_token / row_choice invert it.
+/// buffer (\p h_offsets gets a host copy). Every kept row belongs to
+/// exactly one (t, j).
 /// \p base (empty, or one per expert) counts assignments to each expert that
 /// come before this rank's in global token order (a global capacity): an
 /// assignment is kept when base + its rank < capacity.
@@ -266,7 +267,7 @@ long assign_slots(const Exec& space, DropPolicy policy, long capacity, const Kok
                   const Kokkos::View<int**, Kokkos::LayoutRight, M>& idx, const mat<S, M>& score,
                   const Kokkos::View<int*, M>& counts, const Kokkos::View<int*, M>& offsets,
                   const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, SlotWork<M>& work,
-                  Kokkos::View<int*, M>& row_token, Kokkos::View<int*, M>& row_choice, std::vector<int>& h_offsets) {
+                  std::vector<int>& h_offsets) {
   const int T = static_cast<int>(idx.extent(0));
   const int k = static_cast<int>(idx.extent(1));
   const int N = T * k;
@@ -322,7 +323,7 @@ long assign_slots(const Exec& space, DropPolicy policy, long capacity, const Kok
         });
     rank_within_expert(space, idx, true, keep, work, rank, counts);
   }
-  // 3. offsets of the kept rows, slots and their inverse.
+  // 3. offsets of the kept rows, and the slots.
   Kokkos::parallel_scan(
       "moka::offsets", Kokkos::RangePolicy<Exec>(space, 0, E), KOKKOS_LAMBDA(int e, int& partial, bool final) {
         if (final) offsets(e) = partial;
@@ -334,24 +335,11 @@ long assign_slots(const Exec& space, DropPolicy policy, long capacity, const Kok
   space.fence();
   h_offsets.assign(h.data(), h.data() + E + 1);
   const int kept = h_offsets[E];
-  if (static_cast<long>(row_token.extent(0)) < kept) {
-    row_token  = Kokkos::View<int*, M>(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::row_token"), kept);
-    row_choice = Kokkos::View<int*, M>(Kokkos::view_alloc(Kokkos::WithoutInitializing, "moka::row_choice"), kept);
-  }
-  auto rt = row_token;
-  auto rc = row_choice;
   Kokkos::parallel_for(
       "moka::slots", Kokkos::RangePolicy<Exec>(space, 0, N), KOKKOS_LAMBDA(int i) {
         const int t = i / k, j = i % k;
         const int r = idx(t, j) < 0 ? -1 : rank(i);
-        if (r < 0) {
-          slot(t, j) = -1;
-        } else {
-          const int row = offsets(idx(t, j)) + r;
-          slot(t, j)    = row;
-          rt(row)       = t;
-          rc(row)       = j;
-        }
+        slot(t, j) = r < 0 ? -1 : offsets(idx(t, j)) + r;
       });
   return kept;
 }

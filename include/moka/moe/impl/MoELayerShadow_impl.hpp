@@ -67,7 +67,7 @@ void MoELayer<Scalar, MemorySpace>::shadow_route(const execution_space& space, c
   // Kept rows, placed by slot (dropless: capacity was applied per expert).
   m_rows = impl::assign_slots(space, DropPolicy::position, std::numeric_limits<long>::max() / 2,
                               Kokkos::View<long*, MemorySpace>(), m_slot_route, m_score, m_slot_counts, m_offsets,
-                              m_slot, m_slot_work2, m_row_token, m_row_choice, m_h_offsets);
+                              m_slot, m_slot_work2, m_h_offsets);
   m_shadow_bytes = 0;
   if (!m_shadowed.empty()) shadow_weights(space);
 }

@@ -630,8 +630,8 @@ void MoELayer<Scalar, MemorySpace>::route_to_slots(const execution_space& space)
   }
   if (!m_replicated && !shadowing) {
     m_rows = impl::assign_slots(space, m_cfg.drop_policy, m_capacity, base, route, m_score,
-                                m_identity ? m_counts : m_slot_counts, m_offsets, m_slot, m_slot_work, m_row_token,
-                                m_row_choice, m_h_offsets);
+                                m_identity ? m_counts : m_slot_counts, m_offsets, m_slot, m_slot_work,
+                                m_h_offsets);
     if (!m_identity) {
       auto counts = m_counts, sc = m_slot_counts, es = m_expert_slot;
       Kokkos::parallel_for(
@@ -643,7 +643,7 @@ void MoELayer<Scalar, MemorySpace>::route_to_slots(const execution_space& space)
   if (m_expert_row.extent(0) != m_route.extent(0) || m_expert_row.extent(1) != m_route.extent(1))
     m_expert_row = index_matrix("moka::moe::expert_row", m_route.extent(0), m_route.extent(1));
   impl::assign_slots(space, m_cfg.drop_policy, m_capacity, base, m_route, m_score, m_counts, m_expert_offsets,
-                     m_expert_row, m_slot_work, m_row_token_e, m_row_choice_e, m_h_expert_offsets);
+                     m_expert_row, m_slot_work, m_h_expert_offsets);
   // Where this rank's kept rows of each expert start in the EP group's
   // order, and how many rows each replica takes (moka::split_replica_rows
   // over the group's counts: the ranks' loads as even as the replicas
@@ -710,7 +710,7 @@ void MoELayer<Scalar, MemorySpace>::route_to_slots(const execution_space& space)
   space.fence();  // hb's host copy
   m_rows = impl::assign_slots(space, DropPolicy::position, std::numeric_limits<long>::max() / 2,
                               Kokkos::View<long*, MemorySpace>(), m_slot_route, m_score, m_slot_counts, m_offsets,
-                              m_slot, m_slot_work2, m_row_token, m_row_choice, m_h_offsets);
+                              m_slot, m_slot_work2, m_h_offsets);
 }
 
 template <class Scalar, class MemorySpace>
