@@ -203,11 +203,17 @@ int run(const moka::InputDeck& deck, int rank) {
     std::printf("  expert rows (kept assignments): %ld; expert GEMM FLOPs per step: %.3e\n", rows, flops);
     std::printf("  b1 and activation: %s\n", layer.fused_epilogue() ? "in the GEMMs' cuBLASLt epilogues"
                                                                       : "separate kernels");
-    if (layer.gemm_streams() > 1) std::printf("  expert GEMMs spread over %d CUDA streams\n", layer.gemm_streams());
-    if (layer.gemm_grouped())
-      std::printf("  expert GEMMs as cuBLAS grouped GEMMs%s%s\n",
-                  layer.gemm_grouped_refused().empty() ? "" : "; refused by cuBLAS, so one GEMM per expert: ",
-                  layer.gemm_grouped_refused().c_str());
+    if (cfg.bf16_compute) {
+      // How the last expert stage ran (expert.gemm_streams, expert.gemm_grouped; auto: by rows per expert).
+      const auto g    = layer.last_expert_gemms();
+      std::string how = g.grouped ? "cuBLAS grouped GEMMs" : "one GEMM per expert";
+      if (g.streams > 1) how += " on " + std::to_string(g.streams) + " CUDA streams";
+      if (!layer.gemm_grouped_refused().empty())
+        how += "; refused by cuBLAS, so one GEMM per expert: " + layer.gemm_grouped_refused();
+      std::printf("  expert GEMMs (expert.gemm_streams %s, expert.gemm_grouped %s): %s\n",
+                  layer.gemm_streams_auto() ? "auto" : std::to_string(layer.gemm_streams()).c_str(),
+                  moka::to_string(layer.gemm_grouped()), how.c_str());
+    }
     std::printf("  layer zero_grad+forward+backward:  median %.3f ms  (min %.3f ms over %ld iterations)\n", t_layer,
                 *std::min_element(times.begin(), times.end()), iters);
     std::printf("  expert GEMMs in the layer: %.4g TFLOP/s (FLOPs / layer time)\n", flops / t_layer * 1e-9);

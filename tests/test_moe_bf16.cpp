@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <sstream>
+#include <tuple>
 
 using namespace moka_test;
 
@@ -33,6 +34,26 @@ void expect_same_run(const R& a, const R& b) {
   EXPECT_EQ(a.dw1, b.dw1);
   EXPECT_EQ(a.db1, b.db1);
   EXPECT_EQ(a.dw2, b.dw2);
+}
+
+// Two runs of the layer that differ only in the order of the GEMMs' sums:
+// within a few bf16 roundings of the largest value.
+template <class R>
+void expect_close_run(const R& a, const R& b) {
+  auto close = [](const std::vector<double>& u, const std::vector<double>& v, const char* what) {
+    ASSERT_EQ(u.size(), v.size()) << what;
+    double scale = 0, worst = 0;
+    for (std::size_t i = 0; i < u.size(); ++i) {
+      scale = std::max(scale, std::abs(u[i]));
+      worst = std::max(worst, std::abs(u[i] - v[i]));
+    }
+    EXPECT_LE(worst, 4 * std::ldexp(1.0, -8) * scale) << what << ": worst difference " << worst << " of " << scale;
+  };
+  close(a.y, b.y, "y");
+  close(a.dx, b.dx, "dx");
+  close(a.dw1, b.dw1, "dW1");
+  close(a.dw2, b.dw2, "dW2");
+  close(a.db1, b.db1, "db1");
 }
 
 }  // namespace
@@ -181,7 +202,8 @@ moka::MoEConfig small_bf16_config(moka::Activation act, int experts) {
 // their order between experts changes).
 TEST(Bf16, GemmStreamsMatchOneStream) {
   for (const auto act : {moka::Activation::gelu_erf, moka::Activation::swiglu}) {
-    const moka::MoEConfig cfg = small_bf16_config(act, 8);
+    moka::MoEConfig cfg = small_bf16_config(act, 8);
+    cfg.gemm_streams      = 1;
     moka::MoEConfig cfg_s = cfg;
     cfg_s.gemm_streams    = 4;
     moka::MoELayer<float, Kokkos::CudaSpace> L1(cfg), Ls(cfg_s);
@@ -205,12 +227,12 @@ TEST(Bf16, GemmStreamsMatchOneStream) {
 // few bf16 roundings of the largest value. Empty experts included.
 TEST(Bf16, GroupedGemmsMatchTheLoop) {
   for (const auto act : {moka::Activation::gelu_erf, moka::Activation::swiglu}) {
-    const moka::MoEConfig cfg = small_bf16_config(act, 16);
+    moka::MoEConfig cfg = small_bf16_config(act, 16);
+    cfg.gemm_grouped      = moka::GemmChoice::off;
+    cfg.gemm_streams      = 1;
     moka::MoEConfig cfg_g = cfg;
-    cfg_g.gemm_grouped    = true;
+    cfg_g.gemm_grouped    = moka::GemmChoice::on;
     moka::MoELayer<float, Kokkos::CudaSpace> L1(cfg), Lg(cfg_g);
-    ASSERT_FALSE(L1.gemm_grouped());
-    ASSERT_TRUE(Lg.gemm_grouped());
     L1.init_parameters(9);
     Lg.init_parameters(9);
     std::mt19937_64 rng(4);
@@ -220,23 +242,64 @@ TEST(Bf16, GroupedGemmsMatchTheLoop) {
       const auto r1 = run_layer(L1, T, x, G);
       const auto rg = run_layer(Lg, T, x, G);
       ASSERT_EQ(r1.routing.idx, rg.routing.idx);
-      auto close = [](const std::vector<double>& a, const std::vector<double>& b, const char* what) {
-        ASSERT_EQ(a.size(), b.size()) << what;
-        double scale = 0, worst = 0;
-        for (std::size_t i = 0; i < a.size(); ++i) {
-          scale = std::max(scale, std::abs(a[i]));
-          worst = std::max(worst, std::abs(a[i] - b[i]));
-        }
-        EXPECT_LE(worst, 4 * std::ldexp(1.0, -8) * scale) << what << ": worst difference " << worst << " of " << scale;
-      };
-      close(r1.y, rg.y, "y");
-      close(r1.dx, rg.dx, "dx");
-      close(r1.dw1, rg.dw1, "dW1");
-      close(r1.dw2, rg.dw2, "dW2");
-      close(r1.db1, rg.db1, "db1");
+      EXPECT_FALSE(L1.last_expert_gemms().grouped);
+      EXPECT_TRUE(Lg.last_expert_gemms().grouped);
+      expect_close_run(r1, rg);
     }
     std::cout << "grouped GEMM kinds refused by cuBLAS: '" << Lg.gemm_grouped_refused() << "'\n";
   }
+}
+
+// The automatic GEMM choices (the defaults, expert.gemm_streams = 0 and
+// expert.gemm_grouped = auto): with 16 local experts a stage of at least
+// 1024 rows per expert runs on 4 streams (bitwise what one stream gives),
+// one of fewer rows as grouped GEMMs (close to the loop); with 8 experts
+// neither.
+TEST(Bf16, AutomaticGemmChoices) {
+  const auto act        = moka::Activation::gelu_erf;
+  moka::MoEConfig cfg_a = small_bf16_config(act, 16);
+  ASSERT_EQ(cfg_a.gemm_streams, 0);
+  ASSERT_EQ(cfg_a.gemm_grouped, moka::GemmChoice::automatic);
+  moka::MoEConfig cfg_1 = cfg_a;
+  cfg_1.gemm_streams    = 1;
+  cfg_1.gemm_grouped    = moka::GemmChoice::off;
+  moka::MoELayer<float, Kokkos::CudaSpace> La(cfg_a), L1(cfg_1);
+  EXPECT_TRUE(La.gemm_streams_auto());
+  EXPECT_EQ(La.gemm_streams(), 4);
+  La.init_parameters(9);
+  L1.init_parameters(9);
+  std::mt19937_64 rng(4);
+  // Both layers on T tokens: how the automatic one ran, and both results.
+  auto both = [&](int T) {
+    const auto x  = random_vec(T * cfg_a.d_model, rng);
+    const auto G  = random_vec(T * cfg_a.d_model, rng);
+    auto ra       = run_layer(La, T, x, G);
+    const auto ga = La.last_expert_gemms();
+    auto r1       = run_layer(L1, T, x, G);
+    EXPECT_EQ(L1.last_expert_gemms().streams, 1);
+    EXPECT_FALSE(L1.last_expert_gemms().grouped);
+    EXPECT_EQ(ra.routing.idx, r1.routing.idx);
+    return std::make_tuple(ga, ra, r1);
+  };
+  {
+    const auto [g, ra, r1] = both(8192);  // top-2: 16384 rows, 1024 per expert on average
+    EXPECT_EQ(g.streams, 4);
+    EXPECT_FALSE(g.grouped);
+    expect_same_run(ra, r1);
+  }
+  {
+    const auto [g, ra, r1] = both(300);
+    EXPECT_EQ(g.streams, 1);
+    EXPECT_TRUE(g.grouped);
+    expect_close_run(ra, r1);
+  }
+  moka::MoELayer<float, Kokkos::CudaSpace> L8(small_bf16_config(act, 8));
+  EXPECT_EQ(L8.gemm_streams(), 1);
+  L8.init_parameters(9);
+  const int T  = 300;
+  const auto x = random_vec(T * 64, rng);
+  run_layer(L8, T, x, random_vec(T * 64, rng));
+  EXPECT_FALSE(L8.last_expert_gemms().grouped);
 }
 
 // The bf16 backward writes its gradients into the forward's buffers (dh

@@ -349,6 +349,20 @@ TEST(MoEConfig, FromDeck) {
   EXPECT_EQ(c.d_ff_in(), 2 * c.d_ff);
   EXPECT_EQ(c.capacity(100), 10);  // ceil(1.5 * 100 * 1 / 16)
   EXPECT_EQ(c.drop_policy, moka::DropPolicy::score);
+  // The expert GEMMs' automatic choices are the defaults; the deck can fix them.
+  EXPECT_EQ(c.gemm_streams, 0);
+  EXPECT_EQ(c.gemm_grouped, moka::GemmChoice::automatic);
+  auto fixed = moka::InputDeck::parse_string("expert.gemm_streams = 1\nexpert.gemm_grouped = true\n", "g.deck");
+  fixed.validate(moka::MoEConfig::schema());
+  EXPECT_EQ(moka::MoEConfig::from_deck(fixed).gemm_streams, 1);
+  EXPECT_EQ(moka::MoEConfig::from_deck(fixed).gemm_grouped, moka::GemmChoice::on);
+  auto typo = moka::InputDeck::parse_string("expert.gemm_grouped = yes\n", "typo.deck");
+  try {
+    typo.validate(moka::MoEConfig::schema());
+    FAIL() << "expert.gemm_grouped = yes accepted";
+  } catch (const moka::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("expert.gemm_grouped"), std::string::npos) << e.what();
+  }
   auto bad = moka::InputDeck::parse_string("moe.num_experts = 2\nmoe.top_k = 3\n", "bad.deck");
   bad.validate(moka::MoEConfig::schema());
   EXPECT_THROW(moka::MoEConfig::from_deck(bad), moka::Error);

@@ -38,10 +38,13 @@ const std::pair<const char*, DropPolicy> drop_names[] = {{"position", DropPolicy
                                                          {"score", DropPolicy::score}};
 const std::pair<const char*, CapacityScope> scope_names[] = {
     {"auto", CapacityScope::automatic}, {"local", CapacityScope::local}, {"global", CapacityScope::global}};
+const std::pair<const char*, GemmChoice> choice_names[] = {
+    {"auto", GemmChoice::automatic}, {"true", GemmChoice::on}, {"false", GemmChoice::off}};
 }  // namespace
 
 CapacityScope capacity_scope_from_string(const std::string& s) { return parse_enum(s, "capacity scope", scope_names); }
 const char* to_string(CapacityScope c) { return enum_name(c, scope_names); }
+const char* to_string(GemmChoice c) { return enum_name(c, choice_names); }
 GateType gate_type_from_string(const std::string& s) { return parse_enum(s, "gate type", gate_names); }
 Activation activation_from_string(const std::string& s) { return parse_enum(s, "activation", activation_names); }
 DropPolicy drop_policy_from_string(const std::string& s) { return parse_enum(s, "drop policy", drop_names); }
@@ -63,8 +66,8 @@ void MoEConfig::validate() const {
   MOKA_REQUIRE(num_experts > 0, "moe.num_experts = ", num_experts, " must be positive");
   MOKA_REQUIRE(top_k > 0, "moe.top_k = ", top_k, " must be positive");
   MOKA_REQUIRE(top_k <= num_experts, "moe.top_k = ", top_k, " exceeds moe.num_experts = ", num_experts);
-  MOKA_REQUIRE(gemm_streams >= 1 && gemm_streams <= 16, "expert.gemm_streams = ", gemm_streams,
-               " must be in 1..16");
+  MOKA_REQUIRE(gemm_streams >= 0 && gemm_streams <= 16, "expert.gemm_streams = ", gemm_streams,
+               " must be in 0..16 (0: chosen by the layer)");
   MOKA_REQUIRE(shadow_slots >= 0 && shadow_slots <= num_experts, "balance.max_shadowed = ", shadow_slots,
                " is outside [0, moe.num_experts = ", num_experts, "]");
   // A factor of E / k already lets an expert take every assignment; far
@@ -119,23 +122,28 @@ DeckSchema MoEConfig::schema() {
       .set_doc("bf16 on CUDA with gelu_tanh and expert biases: b1 and the activation run in the up-projection "
                "GEMM's cuBLASLt epilogue, the activation's gradient in the epilogue of the GEMM that forms dh; "
                "false: separate kernels. Other activations and precisions always use the kernels.");
-  s.add("expert.gemm_grouped", DeckType::boolean)
-      .set_default("false")
-      .set_doc("bf16 on CUDA: each kind of expert GEMM (up, down, and the three of the backward pairs) runs as one "
-               "cuBLAS grouped GEMM over the local experts (cublasGemmGroupedBatchedEx) instead of one GEMM per "
+  s.add("expert.gemm_grouped", DeckType::string)
+      .set_default("auto")
+      .set_choices({"auto", "true", "false"})
+      .set_doc("bf16 on CUDA: true: each kind of expert GEMM (up, down, and the three of the backward pairs) runs as "
+               "one cuBLAS grouped GEMM over the local experts (cublasGemmGroupedBatchedEx) instead of one GEMM per "
                "expert, so that many small experts fill the GPU; a kind this cuBLAS does not offer loops over the "
-               "experts (moka-bench names it; CUDA 13.0's cuBLAS refuses the fp32-output weight gradients). On an H200 "
-               "it won 27% with 256 rows per expert and lost 1.4-1.7x with 1536 or more (docs/performance.md). Not "
-               "for the GEMMs with cuBLASLt epilogues. Host builds: no effect.");
+               "experts (moka-bench names it; CUDA 13.0's cuBLAS refuses the fp32-output weight gradients). auto: "
+               "grouped for a stage whose layer holds 16 or more local experts with fewer than 1024 rows per expert "
+               "on average (the complement of expert.gemm_streams' auto rule), else one GEMM per expert. On an H200 "
+               "grouped won 27% with 256 rows per expert and lost 1.4-1.7x with 1536 or more (docs/performance.md). "
+               "Not for the GEMMs with cuBLASLt epilogues. Host builds: no effect.");
   s.add("expert.gemm_streams", DeckType::integer)
-      .set_default("1")
-      .set_min(1)
+      .set_default("0")
+      .set_min(0)
       .set_max(16)
       .set_doc("bf16 on CUDA: the expert GEMMs of each stage are spread over this many CUDA streams (expert e on "
                "stream e mod n), so that many small experts run side by side; 1: one after another on the layer's "
-               "stream. On an H200 4 streams made the step 7% faster with 64 experts of 1536 rows and 4% with 16 of "
-               "4096, gained nothing with 8 experts and lost 29% with 64 of 256 rows (docs/performance.md). Not "
-               "with the cuBLASLt epilogues (expert.gemm_epilogue with gelu_tanh). Host builds: no effect.");
+               "stream; 0 (auto): 4 streams for a stage whose layer holds 16 or more local experts with at least "
+               "1024 rows per expert on average, else one. On an H200 4 streams made the step 7% faster with 64 "
+               "experts of 1536 rows and 4% with 16 of 4096, gained nothing with 8 experts and lost 29% with 64 of "
+               "256 rows (docs/performance.md), which is the rule auto follows. Not with the cuBLASLt epilogues "
+               "(expert.gemm_epilogue with gelu_tanh). Host builds: no effect.");
   s.add("gate.type", DeckType::string)
       .set_default("topk")
       .set_choices({"topk", "softmax", "noisy", "gshard", "switch", "zero", "trace"})
@@ -205,7 +213,7 @@ MoEConfig MoEConfig::from_deck(const InputDeck& deck) {
   c.expert_bias     = deck.get<bool>("expert.bias");
   c.gemm_epilogue   = deck.get<bool>("expert.gemm_epilogue");
   c.gemm_streams    = deck.get<int>("expert.gemm_streams");
-  c.gemm_grouped    = deck.get<bool>("expert.gemm_grouped");
+  c.gemm_grouped    = parse_enum(deck.get<std::string>("expert.gemm_grouped"), "expert.gemm_grouped", choice_names);
   c.gate            = gate_type_from_string(deck.get<std::string>("gate.type"));
   c.renormalize     = deck.get<bool>("gate.renormalize");
   c.capacity_factor = deck.get<double>("gate.capacity_factor");

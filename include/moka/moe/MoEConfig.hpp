@@ -26,6 +26,13 @@ enum class GateType {
   trace     ///< replays recorded per-expert counts from an HDF5 trace
 };
 
+/// \brief A choice the layer can make itself (expert.gemm_grouped).
+enum class GemmChoice {
+  off,       ///< never
+  on,        ///< always (where the backend offers it)
+  automatic  ///< by the layer's rule for the stage's shape (documented with the key)
+};
+
 /// \brief Expert activation.
 enum class Activation {
   gelu_erf,   ///< 0.5 x (1 + erf(x / sqrt 2))
@@ -68,8 +75,8 @@ struct MoEConfig {
   double bias_update_rate = 1e-3; ///< gate.bias_update_rate
   bool bf16_compute = false;      ///< expert GEMMs in bf16 with fp32 accumulation (CUDA, float layers; train.precision = bf16)
   bool gemm_epilogue = true;      ///< expert.gemm_epilogue: bf16 gelu_tanh fused into cuBLASLt epilogues
-  bool gemm_grouped  = false;      ///< expert.gemm_grouped: bf16 expert GEMMs as cuBLAS grouped GEMMs
-  int gemm_streams   = 1;         ///< expert.gemm_streams: CUDA streams the bf16 expert GEMMs are spread over
+  GemmChoice gemm_grouped = GemmChoice::automatic;  ///< expert.gemm_grouped: bf16 expert GEMMs as cuBLAS grouped GEMMs
+  int gemm_streams   = 0;         ///< expert.gemm_streams: CUDA streams the bf16 expert GEMMs are spread over (0: auto)
   std::string trace_file;         ///< gate.trace_file: HDF5 trace (trace gate)
   int trace_layer     = 0;        ///< gate.trace_layer: index on the trace's layer axis
   int trace_iteration = -1;       ///< gate.trace_iteration: first row of the trace (-1: the last)
@@ -128,5 +135,6 @@ const char* to_string(GateType g);
 const char* to_string(Activation a);
 const char* to_string(DropPolicy p);
 const char* to_string(CapacityScope c);
+const char* to_string(GemmChoice c);
 
 }  // namespace moka

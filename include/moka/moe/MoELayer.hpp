@@ -155,7 +155,23 @@ class MoELayer {
   /// (expert.gemm_grouped; not the fused epilogues' GEMMs), and which of the
   /// six kinds (up, down, dW2, dh, dW1, dx) cuBLAS refused so far and so
   /// loop over the experts: "" when none.
-  bool gemm_grouped() const { return m_grouped; }
+  GemmChoice gemm_grouped() const { return m_grouped; }
+  /// \brief expert.gemm_streams = 0: the layer chooses (see gemm_streams()).
+  bool gemm_streams_auto() const { return m_streams_auto; }
+  /// The automatic choices (expert.gemm_streams = 0, expert.gemm_grouped =
+  /// auto) apply with at least this many local experts: 4 streams for
+  /// stages of at least auto_gemm_rows rows per local expert on average,
+  /// grouped GEMMs below (on an H200: docs/performance.md).
+  static constexpr int auto_gemm_experts = 16;
+  static constexpr long auto_gemm_rows   = 1024;
+  /// \brief How the last bf16 expert stage ran its GEMMs: the streams its
+  /// loop over experts used (1: the layer's stream) and whether it ran
+  /// grouped GEMMs (kinds cuBLAS refused still loop).
+  struct ExpertGemms {
+    int streams  = 1;
+    bool grouped = false;
+  };
+  ExpertGemms last_expert_gemms() const { return m_last_gemms; }
   std::string gemm_grouped_refused() const {
     static const char* names[] = {"up", "down", "dW2", "dh", "dW1", "dx"};
     std::string r;
@@ -236,6 +252,8 @@ class MoELayer {
 
   /// \brief The CUDA streams the bf16 expert GEMMs run on (expert.gemm_streams,
   /// at most the local experts; 1 where the GEMMs stay on the layer's stream).
+  /// With expert.gemm_streams = 0 (gemm_streams_auto()) the most they run on
+  /// (see auto_gemm_rows).
   int gemm_streams() const {
 #ifdef KOKKOS_ENABLE_CUDA
     return m_fan ? m_fan->size() : 1;
@@ -446,14 +464,17 @@ class MoELayer {
   bmatrix m_b1_b;
   Kokkos::View<char*, MemorySpace> m_lt_work;
 #ifdef KOKKOS_ENABLE_CUDA
-  // expert.gemm_streams > 1 (bf16, no fused epilogues): the streams the
-  // expert GEMMs of a stage are spread over.
+  // expert.gemm_streams > 1, or 0 with 16 or more local experts (bf16, no
+  // fused epilogues): the streams the expert GEMMs of a stage are spread
+  // over; with 0 (m_streams_auto) only for stages of enough rows per expert.
   std::shared_ptr<impl::StreamFan> m_fan;
 #endif
+  bool m_streams_auto = false;
   // expert.gemm_grouped (bf16): one grouped GEMM per kind of expert GEMM;
   // the kinds cuBLAS refused (bit per kind) loop over the experts instead.
-  bool m_grouped = false;
+  GemmChoice m_grouped = GemmChoice::off;
   unsigned m_grouped_refused = 0;
+  ExpertGemms m_last_gemms;
   Kokkos::View<std::uintptr_t*, MemorySpace> m_gptr;  // operand addresses
   Kokkos::View<Scalar*, MemorySpace> m_rr, m_sel_bias, m_bal_grad, m_imp_grad, m_load_grad;
   index_vector m_trace_cum;

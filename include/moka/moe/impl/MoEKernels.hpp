@@ -560,33 +560,57 @@ void add_row_bias(const Exec& space, long rows, const mat<S, M>& y, const mat<S,
 
 // ----------------------------------------------- bf16 expert activation
 // fp32 math on bf16 data, W columns (16 bytes) per load and store; the
-// pre-activation is stored without b1 and both directions add it.
+// pre-activation is stored without b1 and both directions add it. The
+// activation and whether there are biases are template arguments: each
+// kernel is one straight body over its W elements (no switch per element,
+// which kept the elements' math from interleaving: ncu found the runtime
+// forms bound by instruction issue, not memory, on an H200).
+
+/// Calls f with the activation as a std::integral_constant (the kernels'
+/// template argument) and the bias flag as a std::bool_constant.
+template <class F>
+void with_activation(Activation act, bool bias, F&& f) {
+  auto b = [&](auto a) {
+    if (bias) f(a, std::true_type{});
+    else f(a, std::false_type{});
+  };
+  switch (act) {
+    case Activation::gelu_erf: b(std::integral_constant<Activation, Activation::gelu_erf>{}); break;
+    case Activation::gelu_tanh: b(std::integral_constant<Activation, Activation::gelu_tanh>{}); break;
+    case Activation::relu: b(std::integral_constant<Activation, Activation::relu>{}); break;
+    case Activation::silu: b(std::integral_constant<Activation, Activation::silu>{}); break;
+    case Activation::swiglu: b(std::integral_constant<Activation, Activation::swiglu>{}); break;
+  }
+}
 
 /// h(r,c) = act(hpre(r,c) + b1(e,c)), times hpre(r,dff+c) + b1(e,dff+c) for
 /// swiglu, e = row_expert(r). One thread per (row, W columns).
-template <int W, class Exec, class S, class M>
-void activation_bf16_packs(const Exec& space, Activation act, bool bias, long rows, int dff,
-                           const Kokkos::View<int*, M>& row_expert, const mat<bf16, M>& hpre, const mat<S, M>& b1,
-                           const mat<bf16, M>& h) {
-  const long lp  = hpre.stride(0), lh = h.stride(0);
-  const bf16* P  = hpre.data();
-  bf16* H        = h.data();
-  const bool glu = act == Activation::swiglu;
+template <Activation A, bool Bias, int W, class Exec, class S, class M>
+void activation_bf16_packs(const Exec& space, long rows, int dff, const Kokkos::View<int*, M>& row_expert,
+                           const mat<bf16, M>& hpre, const mat<S, M>& b1, const mat<bf16, M>& h) {
+  const long lp = hpre.stride(0), lh = h.stride(0);
+  const bf16* P = hpre.data();
+  bf16* H       = h.data();
   Kokkos::parallel_for(
       "moka::expert_activation_bf16", impl::row_major_2d(space, rows, long(dff / W)), KOKKOS_LAMBDA(long r, long cw) {
-        const int e  = row_expert(r);
         const long c = cw * W;
         const auto a = load_pack<W>(P + r * lp + c);
-        Pack<bf16, W> o;
-        if (glu) {
+        float x[W], g[W];
+        for (int i = 0; i < W; ++i) x[i] = float(a.v[i]);
+        if (A == Activation::swiglu) {
           const auto u = load_pack<W>(P + r * lp + dff + c);
-          for (int i = 0; i < W; ++i) {
-            const float ba = bias ? float(b1(e, c + i)) : 0.f, bu = bias ? float(b1(e, dff + c + i)) : 0.f;
-            o.v[i] = bf16(activate(act, float(a.v[i]) + ba) * (float(u.v[i]) + bu));
-          }
-        } else {
-          for (int i = 0; i < W; ++i) o.v[i] = bf16(activate(act, float(a.v[i]) + (bias ? float(b1(e, c + i)) : 0.f)));
+          for (int i = 0; i < W; ++i) g[i] = float(u.v[i]);
         }
+        if (Bias) {
+          const int e = row_expert(r);
+          for (int i = 0; i < W; ++i) {
+            x[i] += float(b1(e, c + i));
+            if (A == Activation::swiglu) g[i] += float(b1(e, dff + c + i));
+          }
+        }
+        Pack<bf16, W> o;
+        for (int i = 0; i < W; ++i)
+          o.v[i] = bf16(A == Activation::swiglu ? activate(A, x[i]) * g[i] : activate(A, x[i]));
         store_pack<W>(H + r * lh + c, o);
       });
 }
@@ -595,28 +619,32 @@ template <class Exec, class S, class M>
 void activation_bf16(const Exec& space, Activation act, bool bias, long rows, int dff,
                      const Kokkos::View<int*, M>& row_expert, const mat<bf16, M>& hpre, const mat<S, M>& b1,
                      const mat<bf16, M>& h) {
-  if (packs_fit(hpre, hpre.extent(1), 8) && packs_fit(h, dff, 8))
-    activation_bf16_packs<8>(space, act, bias, rows, dff, row_expert, hpre, b1, h);
-  else activation_bf16_packs<1>(space, act, bias, rows, dff, row_expert, hpre, b1, h);
+  const bool packs = packs_fit(hpre, hpre.extent(1), 8) && packs_fit(h, dff, 8);
+  with_activation(act, bias, [&](auto a, auto b) {
+    constexpr Activation Act = decltype(a)::value;
+    constexpr bool Bias      = decltype(b)::value;
+    if (packs) activation_bf16_packs<Act, Bias, 8>(space, rows, dff, row_expert, hpre, b1, h);
+    else activation_bf16_packs<Act, Bias, 1>(space, rows, dff, row_expert, hpre, b1, h);
+  });
 }
 
 /// dhpre(r,c) = dh(r,c) act'(a) [u], dhpre(r,dff+c) = dh(r,c) act(a) for
 /// swiglu (a, u: the two halves of the pre-activation plus b1), in bf16,
 /// and work(q,:) = the column sums of chunk q of what was written (the
-/// first pass of the b1 gradient; \p bias false skips it). One thread per
+/// first pass of the b1 gradient; without biases none). One thread per
 /// (chunk of an expert's rows, W columns) walks the chunk's rows; the
 /// threads of a block read a row's columns coalesced.
-template <int W, class Exec, class S, class M>
-void activation_backward_bf16_packs(const Exec& space, Activation act, bool bias, long chunks, int chunk, int dff,
+template <Activation A, bool Bias, int W, class Exec, class S, class M>
+void activation_backward_bf16_packs(const Exec& space, long chunks, int chunk, int dff,
                                     const Kokkos::View<int*, M>& chunk_start, const Kokkos::View<int*, M>& offsets,
                                     const mat<bf16, M>& dh, const mat<bf16, M>& hpre, const mat<S, M>& b1,
                                     const mat<bf16, M>& dhpre, const mat<S, M>& work) {
-  const int L    = static_cast<int>(chunk_start.extent(0)) - 1;
+  constexpr bool glu = A == Activation::swiglu;
+  const int L        = static_cast<int>(chunk_start.extent(0)) - 1;
   const long lg = dh.stride(0), lp = hpre.stride(0), ld = dhpre.stride(0);
-  const bf16* G  = dh.data();
-  const bf16* P  = hpre.data();
-  bf16* D        = dhpre.data();
-  const bool glu = act == Activation::swiglu;
+  const bf16* G      = dh.data();
+  const bf16* P      = hpre.data();
+  bf16* D            = dhpre.data();
   Kokkos::parallel_for(
       "moka::expert_activation_backward_bf16", impl::row_major_2d(space, chunks, long(dff / W)),
       KOKKOS_LAMBDA(long q, long cw) {
@@ -626,8 +654,8 @@ void activation_backward_bf16_packs(const Exec& space, Activation act, bool bias
         const long c   = cw * W;
         float ba[W], bu[W], s0[W], s1[W];
         for (int i = 0; i < W; ++i) {
-          ba[i] = bias ? float(b1(e, c + i)) : 0.f;
-          bu[i] = bias && glu ? float(b1(e, dff + c + i)) : 0.f;
+          ba[i] = Bias ? float(b1(e, c + i)) : 0.f;
+          bu[i] = Bias && glu ? float(b1(e, dff + c + i)) : 0.f;
           s0[i] = s1[i] = 0.f;
         }
         for (long r = b; r < end; ++r) {
@@ -639,21 +667,20 @@ void activation_backward_bf16_packs(const Exec& space, Activation act, bool bias
             Pack<bf16, W> o1;
             for (int i = 0; i < W; ++i) {
               const float x = float(a.v[i]) + ba[i], gi = float(g.v[i]);
-              o0.v[i] = bf16(gi * (float(u.v[i]) + bu[i]) * activate_grad(act, x));
-              o1.v[i] = bf16(gi * activate(act, x));
-              s0[i] += float(o0.v[i]);
-              s1[i] += float(o1.v[i]);
+              o0.v[i] = bf16(gi * (float(u.v[i]) + bu[i]) * activate_grad(A, x));
+              o1.v[i] = bf16(gi * activate(A, x));
+              if (Bias) s0[i] += float(o0.v[i]), s1[i] += float(o1.v[i]);
             }
             store_pack<W>(D + r * ld + dff + c, o1);
           } else {
             for (int i = 0; i < W; ++i) {
-              o0.v[i] = bf16(float(g.v[i]) * activate_grad(act, float(a.v[i]) + ba[i]));
-              s0[i] += float(o0.v[i]);
+              o0.v[i] = bf16(float(g.v[i]) * activate_grad(A, float(a.v[i]) + ba[i]));
+              if (Bias) s0[i] += float(o0.v[i]);
             }
           }
           store_pack<W>(D + r * ld + c, o0);
         }
-        if (bias)
+        if (Bias)
           for (int i = 0; i < W; ++i) {
             work(q, c + i) = s0[i];
             if (glu) work(q, dff + c + i) = s1[i];
@@ -666,12 +693,17 @@ void activation_backward_bf16(const Exec& space, Activation act, bool bias, long
                               const Kokkos::View<int*, M>& chunk_start, const Kokkos::View<int*, M>& offsets,
                               const mat<bf16, M>& dh, const mat<bf16, M>& hpre, const mat<S, M>& b1,
                               const mat<bf16, M>& dhpre, const mat<S, M>& work) {
-  if (packs_fit(dh, dff, 8) && packs_fit(hpre, hpre.extent(1), 8) && packs_fit(dhpre, dhpre.extent(1), 8))
-    activation_backward_bf16_packs<8>(space, act, bias, chunks, chunk, dff, chunk_start, offsets, dh, hpre, b1, dhpre,
-                                      work);
-  else
-    activation_backward_bf16_packs<1>(space, act, bias, chunks, chunk, dff, chunk_start, offsets, dh, hpre, b1, dhpre,
-                                      work);
+  const bool packs = packs_fit(dh, dff, 8) && packs_fit(hpre, hpre.extent(1), 8) && packs_fit(dhpre, dhpre.extent(1), 8);
+  with_activation(act, bias, [&](auto a, auto b) {
+    constexpr Activation Act = decltype(a)::value;
+    constexpr bool Bias      = decltype(b)::value;
+    if (packs)
+      activation_backward_bf16_packs<Act, Bias, 8>(space, chunks, chunk, dff, chunk_start, offsets, dh, hpre, b1, dhpre,
+                                                   work);
+    else
+      activation_backward_bf16_packs<Act, Bias, 1>(space, chunks, chunk, dff, chunk_start, offsets, dh, hpre, b1, dhpre,
+                                                   work);
+  });
 }
 
 // ---------------------------------------------------------- column sums

@@ -119,8 +119,15 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& this
     // expert.gemm_grouped: one cublasGemmGroupedBatchedEx per GEMM kind (the
     // fused epilogues excepted), the operands' addresses of every expert
     // formed on the device from the expert offsets.
+    // The automatic choices (expert.gemm_streams = 0, expert.gemm_grouped =
+    // auto) by the stage's rows per local expert.
+    const long stage_rows = m_e_off[L] - m_e_off[0];
+    const bool many       = L >= auto_gemm_experts, few_rows = stage_rows < auto_gemm_rows * L;
+    const bool try_grouped = m_grouped == GemmChoice::on || (m_grouped == GemmChoice::automatic && many && few_rows);
+    const int fan          = m_fan && (!m_streams_auto || !few_rows) ? m_fan->size() : 0;
+    m_last_gemms           = ExpertGemms{};
     auto grouped = [&](Kind kind) -> bool {
-      if (!m_grouped || (m_fused && (kind == up_h || kind == down_dh)) || (m_grouped_refused >> kind) & 1)
+      if (!try_grouped || (m_fused && (kind == up_h || kind == down_dh)) || (m_grouped_refused >> kind) & 1)
         return false;
       std::vector<int> rows(L), M, N, K;
       for (int e = 0; e < L; ++e) rows[e] = static_cast<int>(m_e_off[e + 1] - m_e_off[e]);
@@ -163,9 +170,11 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& this
       if (m_gptr.extent(0) < std::size_t(3 * L))
         m_gptr = Kokkos::View<std::uintptr_t*, MemorySpace>("moka::moe::grouped_gemm_pointers", 3 * L);
       impl::expert_operand_pointers(this_space, m_e_offsets, L, a, b, c, f32 ? sizeof(float) : sizeof(bf16), m_gptr);
-      if (impl::gemm_bf16_grouped(this_space, ta, tb, L, M.data(), N.data(), K.data(), 1.f, reinterpret_cast<const void* const*>(m_gptr.data()), lda, ldb,
-                                  beta, f32, ldc))
+      if (impl::gemm_bf16_grouped(this_space, ta, tb, L, M.data(), N.data(), K.data(), 1.f,
+                                  reinterpret_cast<const void* const*>(m_gptr.data()), lda, ldb, beta, f32, ldc)) {
+        m_last_gemms.grouped = true;
         return true;
+      }
       m_grouped_refused |= 1u << kind;  // not offered by this cuBLAS: the loop from now on
       return false;
     };
@@ -174,8 +183,10 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& this
     // space waits for all of them. (Each expert writes its own rows and its
     // own weight gradients.)
     auto loop = [&](Kind kind) {
-      const int fan = m_fan ? m_fan->size() : 0;
-      if (fan > 1) m_fan->fork(this_space);
+      if (fan > 1) {
+        m_fan->fork(this_space);
+        m_last_gemms.streams = fan;
+      }
       for (int e = 0; e < L; ++e) {
         const long b = m_e_off[e];
         const int n  = static_cast<int>(m_e_off[e + 1] - b);

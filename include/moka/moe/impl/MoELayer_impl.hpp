@@ -157,8 +157,9 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr
 #ifdef KOKKOS_ENABLE_CUDA
     // cuBLASLt's one workspace is not split between streams: the fused
     // epilogues keep the GEMMs on the layer's stream.
-    if (config.gemm_streams > 1 && !m_fused && m_L > 1)
-      m_fan = std::make_shared<impl::StreamFan>(std::min(config.gemm_streams, m_L));
+    m_streams_auto = config.gemm_streams == 0;
+    const int streams = m_streams_auto ? (m_L >= auto_gemm_experts ? 4 : 1) : config.gemm_streams;
+    if (streams > 1 && !m_fused && m_L > 1) m_fan = std::make_shared<impl::StreamFan>(std::min(streams, m_L));
     m_grouped = config.gemm_grouped;
 #endif
   }
