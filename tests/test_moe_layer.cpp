@@ -572,6 +572,19 @@ TEST(MoELayer, TraceGateReplaysRecordedCounts) {
   EXPECT_EQ(std::vector<long>(r0.counts.begin(), r0.counts.end()),
             moka::scale_counts(trace.expert_counts(0, 1), long(T) * 2));
   EXPECT_NE(r0.counts, r.counts);
+  // gate.trace_balanced: the same assignments spread evenly (the baseline
+  // of perfectly balanced routing at the same token count).
+  cfg.trace_iteration = -1;
+  cfg.trace_balanced  = true;
+  HostLayer<double> even(cfg);
+  even.init_parameters(1);
+  const auto rb = run_layer(even, T, random_vec(T * 8, rng), random_vec(T * 8, rng));
+  EXPECT_EQ(std::accumulate(rb.counts.begin(), rb.counts.end(), 0L), 2000L);
+  const auto [lo, hi] = std::minmax_element(rb.counts.begin(), rb.counts.end());
+  EXPECT_LE(*hi - *lo, 1) << "busiest " << *hi << ", least " << *lo;
+  auto deck = moka::InputDeck::parse_string("gate.trace_balanced = true\n", "b.deck");
+  deck.validate(moka::MoEConfig::schema());
+  EXPECT_TRUE(moka::MoEConfig::from_deck(deck).trace_balanced);
 }
 
 TEST(MoELayer, TraceGateWalksTheTrace) {

@@ -189,6 +189,10 @@ DeckSchema MoEConfig::schema() {
       .set_doc("Trace gate: rows advanced per training forward, wrapping at the end (FastMoE's FileGate walks the "
                "trace); 0 replays gate.trace_iteration at every forward. Block b of a model uses trace layer "
                "gate.trace_layer + b.");
+  s.add("gate.trace_balanced", DeckType::boolean)
+      .set_default("false")
+      .set_doc("Trace gate: spread each trace row's assignments evenly over the experts (the same token count, "
+               "routing perfectly balanced): the baseline against which placement policies are measured.");
   s.add("gate.dropless", DeckType::boolean).set_default("true").set_doc("No capacity limit.");
   s.add("gate.drop_policy", DeckType::string)
       .set_default("position")
@@ -231,6 +235,7 @@ MoEConfig MoEConfig::from_deck(const InputDeck& deck) {
   c.trace_layer      = deck.get<int>("gate.trace_layer");
   c.trace_iteration  = deck.get<int>("gate.trace_iteration");
   c.trace_stride     = deck.get<int>("gate.trace_stride");
+  c.trace_balanced   = deck.get<bool>("gate.trace_balanced");
   c.max_offnode_share = deck.get<double>("gate.max_offnode_share");
   c.validate();
   return c;
@@ -252,9 +257,13 @@ std::vector<std::vector<long>> read_trace_gate_rows(const MoEConfig& cfg) {
   std::vector<std::vector<long>> rows;
   for (long r = 0; r < trace.n_iter; ++r) {
     rows.push_back(trace.expert_counts(r, cfg.trace_layer));
-    MOKA_REQUIRE(std::accumulate(rows.back().begin(), rows.back().end(), 0L) > 0, "gate.trace_file '",
-                 cfg.trace_file, "': layer ", cfg.trace_layer, ", iteration row ", r,
+    const long total = std::accumulate(rows.back().begin(), rows.back().end(), 0L);
+    MOKA_REQUIRE(total > 0, "gate.trace_file '", cfg.trace_file, "': layer ", cfg.trace_layer, ", iteration row ", r,
                  " of /counts holds no assignments (every count is zero)");
+    if (cfg.trace_balanced) {
+      const long E = static_cast<long>(rows.back().size());
+      for (long e = 0; e < E; ++e) rows.back()[e] = total / E + (e < total % E ? 1 : 0);
+    }
   }
   return rows;
 }

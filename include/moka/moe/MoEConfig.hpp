@@ -81,6 +81,7 @@ struct MoEConfig {
   int trace_layer     = 0;        ///< gate.trace_layer: index on the trace's layer axis
   int trace_iteration = -1;       ///< gate.trace_iteration: first row of the trace (-1: the last)
   int trace_stride    = 1;        ///< gate.trace_stride: rows advanced per training forward (0: stay)
+  bool trace_balanced = false;    ///< gate.trace_balanced: each row's assignments spread evenly over the experts
   bool dropless = true;           ///< gate.dropless: no capacity limit
   /// gate.max_offnode_share: share of a rank's assignments (T k) that may
   /// go to experts on other nodes (FasterMoE's topology-aware gate); the
@@ -119,7 +120,11 @@ struct MoEConfig {
 /// gate.trace_file, in order: what the trace gate replays (forward i of
 /// training uses row (first + i x gate.trace_stride) mod rows). Checked:
 /// the file's expert count, the layer and first row in range, no row
-/// without assignments; moka::Error names the file and what is wrong.
+/// without assignments; moka::Error names the file and what is wrong. With
+/// gate.trace_balanced each row's total is spread evenly instead (the
+/// first total mod E experts one more): the same token count, perfectly
+/// balanced routing, the baseline that adaptive placement is measured
+/// against.
 std::vector<std::vector<long>> read_trace_gate_rows(const MoEConfig& cfg);
 
 /// \brief Parses a gate name (topk, softmax, noisy, gshard, switch, zero, trace); throws moka::Error otherwise.
