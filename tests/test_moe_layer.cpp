@@ -988,6 +988,54 @@ void check_row_kernels(int d) {
   }
 }
 
+// convert_to_bf16 on the default execution space (the device in CUDA
+// builds): eight elements per thread where aligned, one each for the tail
+// and for misaligned arrays; every element rounded as bf16(float) rounds.
+TEST(MoEKernels, ConvertToBf16PacksAndTail) {
+  const std::size_t n = 8 * 1000 + 16;
+  Kokkos::View<float*> src("src", n);
+  Kokkos::View<moka::bf16*> dst("dst", n);
+  auto h_src = Kokkos::create_mirror_view(src);
+  std::mt19937_64 rng(3);
+  std::uniform_real_distribution<float> u(-3, 3);
+  for (std::size_t i = 0; i < n; ++i) h_src(i) = u(rng) * std::ldexp(1.f, int(i % 40) - 20);
+  Kokkos::deep_copy(src, h_src);
+  // (offset into src, offset into dst, count): aligned with a tail of 5; aligned
+  // and whole packs; src misaligned; dst misaligned.
+  for (const auto& c : {std::array<std::size_t, 3>{0, 0, 8 * 1000 + 5}, std::array<std::size_t, 3>{8, 8, 8 * 999},
+                        std::array<std::size_t, 3>{1, 0, 8 * 999}, std::array<std::size_t, 3>{0, 3, 8 * 999}}) {
+    Kokkos::deep_copy(dst, moka::bf16(0.f));
+    moka::impl::convert_to_bf16(Kokkos::DefaultExecutionSpace(), "test_convert", src.data() + c[0], dst.data() + c[1],
+                                c[2]);
+    auto h_dst = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), dst);
+    for (std::size_t i = 0; i < n; ++i) {
+      const bool inside = i >= c[1] && i < c[1] + c[2];
+      const std::uint16_t want = inside ? moka::bf16(h_src(i - c[1] + c[0])).bits : std::uint16_t(0);
+      ASSERT_EQ(h_dst(i).bits, want) << "case " << c[0] << "/" << c[1] << "/" << c[2] << ", element " << i;
+    }
+  }
+}
+
+// grow_rows' zero fill: 16-byte stores and a byte tail (3 x 5 bf16: one
+// word and 14 bytes; 1000 x 24: words only), every element zero.
+TEST(MoEKernels, GrowRowsZeroFills) {
+  using bmat = Kokkos::View<moka::bf16**, Kokkos::LayoutRight>;
+  for (const auto& shape : {std::array<long, 2>{3, 5}, std::array<long, 2>{1000, 24}}) {
+    bmat m("m", shape[0], shape[1]);
+    Kokkos::deep_copy(m, moka::bf16(1.5f));
+    moka::impl::fill_zero(m);
+    auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), m);
+    for (long r = 0; r < shape[0]; ++r)
+      for (long c = 0; c < shape[1]; ++c) ASSERT_EQ(h(r, c).bits, 0) << r << " " << c;
+    bmat g;
+    moka::impl::grow_rows(g, shape[0], shape[1], "test_grow");
+    ASSERT_EQ(long(g.extent(0)), shape[0]);
+    auto hg = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), g);
+    for (long r = 0; r < shape[0]; ++r)
+      for (long c = 0; c < shape[1]; ++c) ASSERT_EQ(hg(r, c).bits, 0) << r << " " << c;
+  }
+}
+
 // The bf16 activation backward of a one-input activation runs in place in
 // the layer (dh is dhpre's buffer): each element of dh is read before its
 // dhpre is written, so in place gives bitwise what a separate output gives.
