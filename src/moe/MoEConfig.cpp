@@ -131,7 +131,8 @@ DeckSchema MoEConfig::schema() {
                "experts (moka-bench names it; CUDA 13.0's cuBLAS refuses the fp32-output weight gradients). auto: "
                "grouped for a stage whose layer holds 16 or more local experts with fewer than 1024 rows per expert "
                "on average (the complement of expert.gemm_streams' auto rule), else one GEMM per expert. On an H200 "
-               "grouped won 27% with 256 rows per expert and lost 1.4-1.7x with 1536 or more (docs/performance.md). "
+               "grouped made the step 17-27% faster with 256 rows per expert and lost 1.4-1.7x with 1536 or more "
+               "(docs/performance.md). "
                "Not for the GEMMs with cuBLASLt epilogues. Host builds: no effect.");
   s.add("expert.gemm_streams", DeckType::integer)
       .set_default("0")
@@ -140,7 +141,7 @@ DeckSchema MoEConfig::schema() {
       .set_doc("bf16 on CUDA: the expert GEMMs of each stage are spread over this many CUDA streams (expert e on "
                "stream e mod n), so that many small experts run side by side; 1: one after another on the layer's "
                "stream; 0 (auto): 4 streams for a stage whose layer holds 16 or more local experts with at least "
-               "1024 rows per expert on average, else one. On an H200 4 streams made the step 7% faster with 64 "
+               "1024 rows per expert on average, else one. On an H200 4 streams made the step 9% faster with 64 "
                "experts of 1536 rows and 4% with 16 of 4096, gained nothing with 8 experts and lost 29% with 64 of "
                "256 rows (docs/performance.md), which is the rule auto follows. Not with the cuBLASLt epilogues "
                "(expert.gemm_epilogue with gelu_tanh). Host builds: no effect.");
