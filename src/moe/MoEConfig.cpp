@@ -132,8 +132,7 @@ DeckSchema MoEConfig::schema() {
                "grouped for a stage whose layer holds 16 or more local experts with fewer than 1024 rows per expert "
                "on average (the complement of expert.gemm_streams' auto rule), else one GEMM per expert. On an H200 "
                "grouped made the step 17-27% faster with 256 rows per expert and lost 1.4-1.7x with 1536 or more "
-               "(docs/performance.md). "
-               "Not for the GEMMs with cuBLASLt epilogues. Host builds: no effect.");
+               "(docs/performance.md). Not for the GEMMs with cuBLASLt epilogues. Host builds: no effect.");
   s.add("expert.gemm_streams", DeckType::integer)
       .set_default("0")
       .set_min(0)

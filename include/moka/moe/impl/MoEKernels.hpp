@@ -24,11 +24,6 @@
 namespace moka {
 namespace impl {
 
-/// Grows \p m to at least \p rows x \p cols (contents not kept). The first
-/// allocation is exact (one rank without drops: the row count never
-/// changes, and spare rows would be 1/8 more memory for nothing); a regrowth
-/// keeps 1/8 spare rows, which avoids a reallocation for every small change
-/// of the row count (rows that move between ranks).
 /// Sets every byte of \p m's span to zero: 16-byte stores where aligned
 /// (Kokkos 3.4 value-initialises a View of a class type such as bf16 one
 /// element per thread: 2.5 ms for a 512 MiB row buffer on an H200, at 4% of
@@ -52,6 +47,11 @@ void fill_zero(const V& m) {
   Exec().fence();
 }
 
+/// Grows \p m to at least \p rows x \p cols (contents not kept). The first
+/// allocation is exact (one rank without drops: the row count never
+/// changes, and spare rows would be 1/8 more memory for nothing); a regrowth
+/// keeps 1/8 spare rows, which avoids a reallocation for every small change
+/// of the row count (rows that move between ranks).
 template <class V>
 void grow_rows(V& m, long rows, long cols, const char* label) {
   const bool had = m.data() != nullptr && static_cast<long>(m.extent(1)) == cols;

@@ -116,9 +116,6 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& this
     }
     const bf16* w1b = m_w1_b.data();
     const bf16* w2b = m_w2_b.data();
-    // expert.gemm_grouped: one cublasGemmGroupedBatchedEx per GEMM kind (the
-    // fused epilogues excepted), the operands' addresses of every expert
-    // formed on the device from the expert offsets.
     // The automatic choices (expert.gemm_streams = 0, expert.gemm_grouped =
     // auto) by the stage's rows per local expert.
     const long stage_rows = m_e_off[L] - m_e_off[0];
@@ -126,6 +123,9 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& this
     const bool try_grouped = m_grouped == GemmChoice::on || (m_grouped == GemmChoice::automatic && many && few_rows);
     const int fan          = m_fan && (!m_streams_auto || !few_rows) ? m_fan->size() : 0;
     m_last_gemms           = ExpertGemms{};
+    // expert.gemm_grouped: one cublasGemmGroupedBatchedEx per GEMM kind (the
+    // fused epilogues excepted), the operands' addresses of every expert
+    // formed on the device from the expert offsets.
     auto grouped = [&](Kind kind) -> bool {
       if (!try_grouped || (m_fused && (kind == up_h || kind == down_dh)) || (m_grouped_refused >> kind) & 1)
         return false;
