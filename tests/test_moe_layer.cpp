@@ -1098,3 +1098,77 @@ TEST(MoEKernels, PackedRowKernelsMatchLoops) {
     check_row_kernels<double>(d);
   }
 }
+
+// The small gates' kernels (up to impl::gate_small_experts experts): the
+// logits in one pass over the tokens, the gate's part of dx summed in the
+// undispatch pass, and the weights' gradient, against double sums; token counts that do not fill
+// the last team, expert counts below and at both register widths, and one
+// gate too large for them (the GEMM's, reported by returning false).
+template <class S>
+void check_small_gate(int T, int d, int E) {
+  using M   = moka::memory_space;
+  using dm  = Kokkos::View<S**, Kokkos::LayoutRight, M>;
+  using im  = Kokkos::View<int**, Kokkos::LayoutRight, M>;
+  moka::execution_space space;
+  const int k = 2, rows = T * k - 3;  // the last three assignments dropped
+  dm x("x", T, d), w("w", d, E), wt("wt", E, d), logits("logits", T, E), gd("gd", T, E), src("src", rows, d),
+      dx("dx", T, d);
+  im slot("slot", T, k);
+  auto hx = Kokkos::create_mirror_view(x), hw = Kokkos::create_mirror_view(w), hg = Kokkos::create_mirror_view(gd),
+       hs = Kokkos::create_mirror_view(src);
+  auto hslot = Kokkos::create_mirror_view(slot);
+  std::mt19937_64 rng(11);
+  std::uniform_real_distribution<double> u(-1, 1);
+  for (int t = 0; t < T; ++t)
+    for (int c = 0; c < d; ++c) hx(t, c) = S(u(rng));
+  for (int c = 0; c < d; ++c)
+    for (int e = 0; e < E; ++e) hw(c, e) = S(u(rng));
+  for (int t = 0; t < T; ++t)
+    for (int e = 0; e < E; ++e) hg(t, e) = S(u(rng));
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < d; ++c) hs(r, c) = S(u(rng));
+  for (int i = 0; i < T * k; ++i) hslot(i / k, i % k) = i < rows ? (i * 7) % rows : -1;  // rows permuted
+  Kokkos::deep_copy(x, hx), Kokkos::deep_copy(w, hw), Kokkos::deep_copy(gd, hg), Kokkos::deep_copy(src, hs);
+  Kokkos::deep_copy(slot, hslot);
+  moka::impl::transpose_gate_weights(space, w, wt);
+  const bool small = moka::impl::gate_logits(space, x, wt, logits);
+  ASSERT_EQ(small, E <= moka::impl::gate_small_experts) << "E " << E;
+  if (!small) return;
+  moka::impl::scatter_add_rows(space, src, slot, dx, gd, wt);
+  dm grad("grad", d, E), work;
+  Kokkos::deep_copy(grad, S(0.5));  // accumulated into, as the layer's gradients
+  ASSERT_TRUE(moka::impl::gate_weight_grad(space, x, gd, work, grad));
+  space.fence();
+  auto hl = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), logits);
+  auto hdx = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), dx);
+  auto hgr = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), grad);
+  const double tol = std::is_same<S, float>::value ? 2e-6 : 1e-14;
+  for (int c = 0; c < d; ++c)
+    for (int e = 0; e < E; ++e) {
+      double ref = 0.5, mag = 0.5;
+      for (int t = 0; t < T; ++t) ref += double(hx(t, c)) * double(hg(t, e)), mag += std::abs(double(hx(t, c)) * hg(t, e));
+      ASSERT_NEAR(double(hgr(c, e)), ref, 4 * tol * mag) << "weight gradient c " << c << " e " << e << " E " << E;
+    }
+  for (int t = 0; t < T; ++t) {
+    for (int e = 0; e < E; ++e) {
+      double ref = 0, mag = 0;
+      for (int c = 0; c < d; ++c) ref += double(hx(t, c)) * double(hw(c, e)), mag += std::abs(double(hx(t, c)) * hw(c, e));
+      ASSERT_NEAR(double(hl(t, e)), ref, tol * mag) << "logit t " << t << " e " << e << " E " << E;
+    }
+    for (int c = 0; c < d; ++c) {
+      double ref = 0, mag = 0;
+      for (int e = 0; e < E; ++e) ref += double(hg(t, e)) * double(hw(c, e)), mag += std::abs(double(hg(t, e)) * hw(c, e));
+      for (int j = 0; j < k; ++j)
+        if (hslot(t, j) >= 0) ref += double(hs(hslot(t, j), c)), mag += std::abs(double(hs(hslot(t, j), c)));
+      ASSERT_NEAR(double(hdx(t, c)), ref, tol * mag) << "dx t " << t << " c " << c << " E " << E;
+    }
+  }
+}
+
+TEST(MoEKernels, SmallGateLogitsAndUndispatchGatePart) {
+  for (int E : {1, 3, 8, 13, 16, 17}) {
+    check_small_gate<float>(37, 40, E);  // d a multiple of the packs
+    check_small_gate<double>(37, 13, E);  // and not
+  }
+  check_small_gate<float>(1000, 256, 8);  // several chunks of the weight gradient
+}

@@ -30,6 +30,14 @@ DeckSchema bench_schema() {
                "layer steps back to back, to see what the update costs the next layer step).");
   s.add("bench.breakdown", DeckType::boolean).set_default("false")
       .set_doc("Also time each stage of the layer (fences after every stage; slower overall).");
+  s.add("bench.alternate", DeckType::boolean).set_default("false")
+      .set_doc("Layer mode: false: the layer steps back to back, then the dense GEMMs, each in its own steady "
+               "state (as a training loop runs, and as the PyTorch reference times its layers); true: one layer "
+               "step and one dense step alternately, each starting at the clocks the other left (on an H200 under "
+               "its power cap: layer 4-9% slower, dense 2-8% faster; docs/performance.md).");
+  s.add("bench.print_steps", DeckType::boolean).set_default("false")
+      .set_doc("Layer mode: also print every timed iteration's layer and dense time in order (the spread behind "
+               "the medians).");
   s.add("bench.iters", DeckType::integer).set_default("10").set_min(1).set_doc("Timed iterations (median).");
   s.add("bench.mode", DeckType::string).set_default("layer").set_choices({"layer", "exchange", "calibrate", "step"})
       .set_doc("layer: forward+backward of one layer on each rank (one rank's layer, no exchange); exchange: the "

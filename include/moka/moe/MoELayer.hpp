@@ -393,7 +393,11 @@ class MoELayer {
   /// between the dispatch and the combine is bf16 (no fp32 copies).
   bool rows_bf16() const { return m_cfg.bf16_compute && !m_tx.active(); }
   void gate_forward(const execution_space& space, const matrix& x);
-  void gate_backward(const execution_space& space, const matrix& dscore, const matrix& dx);
+  /// The gate's backward: weight gradients, and its part of dx, written
+  /// into \p dx (true) or, for small gates (impl::gate_small_experts;
+  /// neither noisy nor jittered), left to the undispatch pass, which sums
+  /// m_dlogits m_gate_wt into dx with the expert rows (false).
+  bool gate_backward(const execution_space& space, const matrix& dscore, const matrix& dx);
   /// @}
 
  private:
@@ -514,6 +518,9 @@ class MoELayer {
   // Gate workspace kept across steps: jittered input, backward buffers,
   // per-expert statistics.
   matrix m_gate_in, m_dprob, m_dlogits, m_dclean, m_draw;
+  matrix m_gate_wt;             // [E, d]: the gate weights transposed (small gates: impl::gate_logits)
+  matrix m_gate_work;           // partial sums of the small gates' weight gradient (impl::gate_weight_grad)
+  bool m_gate_jittered = false;  // the last forward's gate input was x times the Switch jitter
   Kokkos::View<double*, MemorySpace> m_stat_a, m_stat_b;
   Kokkos::View<long*, MemorySpace> m_sel_count;
 };

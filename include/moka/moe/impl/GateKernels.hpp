@@ -9,6 +9,7 @@
 #include <moka/core/impl/Math.hpp>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace moka {
@@ -273,6 +274,155 @@ inline double cv_squared(const std::vector<double>& v, std::vector<double>* grad
       (*grad)[e] = 2 * (v[e] - mean) / (n - 1) / den - var * 2 * mean / (den * den) / n;
   }
   return var / den;
+}
+
+// ------------------------------------------------ logits of small gates
+/// Most experts of the gate kernels below (gate_logits, and the gate's part
+/// of dx summed in the undispatch pass): with more, each token's E dot
+/// products cost more than cuBLAS's GEMM, which then runs instead.
+constexpr int gate_small_experts = 16;
+
+/// N running sums, the value of the team reductions of gate_logits
+/// (TPT tokens x EM experts).
+template <class S, int N>
+struct GateSums {
+  S v[N];
+  KOKKOS_INLINE_FUNCTION GateSums() {
+    for (int i = 0; i < N; ++i) v[i] = S(0);
+  }
+  KOKKOS_INLINE_FUNCTION GateSums& operator+=(const GateSums& o) {
+    for (int i = 0; i < N; ++i) v[i] += o.v[i];
+    return *this;
+  }
+  KOKKOS_INLINE_FUNCTION void operator+=(const volatile GateSums& o) volatile {
+    for (int i = 0; i < N; ++i) v[i] += o.v[i];
+  }
+};
+
+}  // namespace impl
+}  // namespace moka
+
+namespace Kokkos {
+template <class S, int N>
+struct reduction_identity<moka::impl::GateSums<S, N>> {
+  KOKKOS_FORCEINLINE_FUNCTION static moka::impl::GateSums<S, N> sum() { return moka::impl::GateSums<S, N>(); }
+};
+}  // namespace Kokkos
+
+namespace moka {
+namespace impl {
+
+/// wt(e, c) = w(c, e): the gate weights [d, E] transposed, so that the
+/// kernels below read E rows of consecutive columns (coalesced) instead of
+/// E-element rows at a stride.
+template <class Exec, class S, class M>
+void transpose_gate_weights(const Exec& space, const gmat<S, M>& w, const gmat<S, M>& wt) {
+  Kokkos::parallel_for(
+      "moka::gate_weights_transposed", row_major_2d(space, long(wt.extent(0)), long(wt.extent(1))),
+      KOKKOS_LAMBDA(long e, long c) { wt(e, c) = w(c, e); });
+}
+
+/// out(t, e) = x(t, :) . wt(e, :), E <= EM, TPT tokens per thread: on
+/// CUDA a thread is a warp (vector length 32) whose lanes take the columns
+/// (x read once, coalesced; wt from cache, reused by the TPT tokens), and
+/// one warp reduction (shuffles) sums its TPT x EM dot products; four
+/// warps a team. Host backends: a thread per TPT tokens.
+template <int TPT, int EM, class Exec, class S, class M>
+void gate_logits_teams(const Exec& space, const gmat<S, M>& x, const gmat<S, M>& wt, const gmat<S, M>& out) {
+  using team_policy = Kokkos::TeamPolicy<Exec>;
+  using sums        = GateSums<S, TPT * EM>;
+  const int T = static_cast<int>(x.extent(0)), d = static_cast<int>(x.extent(1));
+  const int E = static_cast<int>(wt.extent(0));
+  int team = 1, lanes = 1;
+#ifdef KOKKOS_ENABLE_CUDA
+  if (std::is_same<Exec, Kokkos::Cuda>::value) team = 4, lanes = 32;
+#endif
+  const int per_team = TPT * team;
+  Kokkos::parallel_for(
+      "moka::gate_logits", team_policy(space, (T + per_team - 1) / per_team, team, lanes),
+      KOKKOS_LAMBDA(const typename team_policy::member_type& m) {
+        const int t0 = (m.league_rank() * m.team_size() + m.team_rank()) * TPT;
+        if (t0 >= T) return;  // a whole thread (all its lanes)
+        const int nt = T - t0 < TPT ? T - t0 : TPT;
+        sums acc;
+        Kokkos::parallel_reduce(
+            Kokkos::ThreadVectorRange(m, d),
+            [&](int c, sums& a) {
+              S w[EM];
+              for (int e = 0; e < EM; ++e) w[e] = wt(e < E ? e : E - 1, c);
+              for (int i = 0; i < TPT; ++i) {
+                const S xv = x(i < nt ? t0 + i : t0, c);
+                for (int e = 0; e < EM; ++e) a.v[i * EM + e] += xv * w[e];
+              }
+            },
+            acc);
+        Kokkos::parallel_for(Kokkos::ThreadVectorRange(m, nt * E),
+                             [&](int q) { out(t0 + q / E, q % E) = acc.v[(q / E) * EM + q % E]; });
+      });
+}
+
+/// out = x w for gates of at most gate_small_experts experts, given wt =
+/// w^T (transpose_gate_weights), in one pass over x; false (nothing done)
+/// for more experts. On an H200 cuBLAS's SGEMM took 122 us for 16384 x
+/// 2048 x 8, a third of it at the memory bandwidth x needs.
+template <class Exec, class S, class M>
+bool gate_logits(const Exec& space, const gmat<S, M>& x, const gmat<S, M>& wt, const gmat<S, M>& out) {
+  const int E = static_cast<int>(wt.extent(0));
+  if (E <= 8) gate_logits_teams<4, 8>(space, x, wt, out);
+  else if (E <= gate_small_experts) gate_logits_teams<2, gate_small_experts>(space, x, wt, out);
+  else return false;
+  return true;
+}
+
+/// Tokens per chunk of gate_weight_grad's partial sums.
+constexpr int gate_grad_chunk = 128;
+
+/// grad(c, e) += sum_t x(t, c) dl(t, e) for E <= EM: partial sums over
+/// chunks of gate_grad_chunk tokens, one thread per (chunk, column) reading
+/// x(t, c) coalesced and the chunk's dl rows from cache, into
+/// work[chunk][e][c], then summed over the chunks in chunk order
+/// (deterministic).
+template <int EM, class Exec, class S, class M>
+void gate_weight_grad_chunks(const Exec& space, const gmat<S, M>& x, const gmat<S, M>& dl, const gmat<S, M>& work,
+                             const gmat<S, M>& grad) {
+  const int T = static_cast<int>(x.extent(0)), d = static_cast<int>(x.extent(1));
+  const int E = static_cast<int>(dl.extent(1));
+  const int chunks = (T + gate_grad_chunk - 1) / gate_grad_chunk;
+  Kokkos::parallel_for(
+      "moka::gate_weight_grad", row_major_2d(space, chunks, d), KOKKOS_LAMBDA(int q, int c) {
+        S acc[EM];
+        for (int e = 0; e < EM; ++e) acc[e] = S(0);
+        const int end = (q + 1) * gate_grad_chunk < T ? (q + 1) * gate_grad_chunk : T;
+        for (int t = q * gate_grad_chunk; t < end; ++t) {
+          const S xv = x(t, c);
+          for (int e = 0; e < EM; ++e) acc[e] += xv * dl(t, e < E ? e : E - 1);
+        }
+        for (int e = 0; e < E; ++e) work(q * E + e, c) = acc[e];
+      });
+  Kokkos::parallel_for(
+      "moka::gate_weight_grad_sum", row_major_2d(space, E, d), KOKKOS_LAMBDA(int e, int c) {
+        S sum = 0;
+        for (int q = 0; q < chunks; ++q) sum += work(q * E + e, c);
+        grad(c, e) += sum;
+      });
+}
+
+/// grad += x^T dl (the gate weights' gradient) for gates of at most
+/// gate_small_experts experts in one pass over x, \p work grown as needed;
+/// false (nothing done) for more experts. On an H200 cuBLAS's SGEMM (and
+/// its split-K pass) took 75 us for 2048 x 8 from 16384 tokens.
+template <class Exec, class S, class M>
+bool gate_weight_grad(const Exec& space, const gmat<S, M>& x, const gmat<S, M>& dl, gmat<S, M>& work,
+                      const gmat<S, M>& grad) {
+  const int T = static_cast<int>(x.extent(0)), d = static_cast<int>(x.extent(1));
+  const int E = static_cast<int>(dl.extent(1));
+  if (E > gate_small_experts) return false;
+  const long rows = long((T + gate_grad_chunk - 1) / gate_grad_chunk) * E;
+  if (static_cast<long>(work.extent(0)) < rows || static_cast<int>(work.extent(1)) != d)
+    work = gmat<S, M>(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("moka::moe::gate_grad_work")), rows, d);
+  if (E <= 8) gate_weight_grad_chunks<8>(space, x, dl, work, grad);
+  else gate_weight_grad_chunks<gate_small_experts>(space, x, dl, work, grad);
+  return true;
 }
 
 }  // namespace impl

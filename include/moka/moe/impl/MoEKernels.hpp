@@ -11,6 +11,7 @@
 
 #include <moka/core/Core.hpp>
 #include <moka/moe/MoEConfig.hpp>
+#include <moka/moe/impl/GateKernels.hpp>
 #include <moka/linalg/ColumnSums.hpp>
 #include <moka/linalg/Gemm.hpp>
 #include <moka/linalg/impl/CublasGemm.hpp>
@@ -446,19 +447,24 @@ void gather_rows(const Exec& space, const mat<S, M>& x, const Kokkos::View<int**
 }
 
 /// out(t,:) = [out(t,:) if accumulate] + sum_j [slot >= 0] w(t,j) (src(slot(t,j),:)
-/// [+ bias(row_group(slot(t,j)),:)]), j in order (deterministic); w empty
-/// means weights of 1, bias empty no bias. src may be bf16 (S arithmetic).
+/// [+ bias(row_group(slot(t,j)),:)]) [+ gd(t,:) gwt], j in order (deterministic); w empty
+/// means weights of 1, bias empty no bias, gd empty no gate term (gwt: the
+/// gate weights transposed, E x d). src may be bf16 (S arithmetic).
 /// Combine and undispatch are this kernel.
-template <int W, class Exec, class TS, class S, class M>
+template <int W, int GE, class Exec, class TS, class S, class M>
 void sum_slot_rows_packs(const Exec& space, const char* label, const mat<TS, M>& src,
                          const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& w, bool accumulate,
-                         const mat<S, M>& out, const mat<S, M>& bias, const Kokkos::View<int*, M>& row_group) {
+                         const mat<S, M>& out, const mat<S, M>& bias, const Kokkos::View<int*, M>& row_group,
+                         const mat<S, M>& gd, const mat<S, M>& gwt) {
   const long T = static_cast<long>(out.extent(0)), d = static_cast<long>(out.extent(1));
   const int k  = static_cast<int>(slot.extent(1));
   const long ls = src.stride(0), lo = out.stride(0), lb = bias.data() ? long(bias.stride(0)) : 0;
+  const long lgw = gwt.data() ? long(gwt.stride(0)) : 0;
+  const int E    = gd.data() ? static_cast<int>(gd.extent(1)) : 0;
   const bool weighted = w.data() != nullptr;
   const TS* SRC = src.data();
   const S* B    = bias.data();
+  const S* GW   = gwt.data();
   S* O          = out.data();
   Kokkos::parallel_for(
       label, impl::row_major_2d(space, T, d / W), KOKKOS_LAMBDA(long t, long cw) {
@@ -466,6 +472,12 @@ void sum_slot_rows_packs(const Exec& space, const char* label, const mat<TS, M>&
         if (accumulate) acc = load_pack<W>(O + t * lo + cw * W);
         else
           for (int i = 0; i < W; ++i) acc.v[i] = 0;
+        for (int e = 0; e < GE; ++e) {  // the gate's part: dlogits(t,:) W_gate^T (E <= GE)
+          const int ee = e < E ? e : E - 1;  // loads in bounds and unconditional, weight 0 past E
+          const S g    = e < E ? gd(t, ee) : S(0);
+          const auto v = load_pack<W>(GW + ee * lgw + cw * W);
+          for (int i = 0; i < W; ++i) acc.v[i] += g * v.v[i];
+        }
         for (int j = 0; j < k; ++j) {
           const int r = slot(t, j);
           if (r < 0) continue;
@@ -485,12 +497,24 @@ void sum_slot_rows_packs(const Exec& space, const char* label, const mat<TS, M>&
 template <class Exec, class TS, class S, class M>
 void sum_slot_rows(const Exec& space, const char* label, const mat<TS, M>& src,
                    const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& w, bool accumulate,
-                   const mat<S, M>& out, const mat<S, M>& bias = {}, const Kokkos::View<int*, M>& row_group = {}) {
+                   const mat<S, M>& out, const mat<S, M>& bias = {}, const Kokkos::View<int*, M>& row_group = {},
+                   const mat<S, M>& gd = {}, const mat<S, M>& gwt = {}) {
   const long d = static_cast<long>(out.extent(1));
   constexpr int W = pack_of<S>;
-  if (packs_fit(src, d, W) && packs_fit(out, d, W) && (!bias.data() || packs_fit(bias, d, W)))
-    sum_slot_rows_packs<W>(space, label, src, slot, w, accumulate, out, bias, row_group);
-  else sum_slot_rows_packs<1>(space, label, src, slot, w, accumulate, out, bias, row_group);
+  const int E     = gd.data() ? static_cast<int>(gd.extent(1)) : 0;
+  MOKA_REQUIRE(E <= gate_small_experts, "moka::impl::sum_slot_rows: a gate part of ", E, " experts (at most ",
+               gate_small_experts, ")");
+  // The gate's loop of fixed length (its loads issued together): none, 8 or 16.
+  auto run = [&](auto ge) {
+    constexpr int GE = decltype(ge)::value;
+    if (packs_fit(src, d, W) && packs_fit(out, d, W) && (!bias.data() || packs_fit(bias, d, W)) &&
+        (!gwt.data() || packs_fit(gwt, d, W)))
+      sum_slot_rows_packs<W, GE>(space, label, src, slot, w, accumulate, out, bias, row_group, gd, gwt);
+    else sum_slot_rows_packs<1, GE>(space, label, src, slot, w, accumulate, out, bias, row_group, gd, gwt);
+  };
+  if (E == 0) run(std::integral_constant<int, 0>{});
+  else if (E <= 8) run(std::integral_constant<int, 8>{});
+  else run(std::integral_constant<int, gate_small_experts>{});
 }
 
 /// y(t,:) = sum_j [slot >= 0] w(t,j) (ys(slot(t,j),:) [+ bias(row_group(slot(t,j)),:)]),
@@ -503,11 +527,16 @@ void combine_rows(const Exec& space, const mat<TS, M>& ys, const Kokkos::View<in
   sum_slot_rows(space, "moka::combine", ys, slot, w, false, y, bias, row_group);
 }
 
-/// dx(t,:) += sum_j [slot >= 0] dxs(slot(t,j),:) (dxs of the layer's type or bf16).
+/// dx(t,:) += sum_j [slot >= 0] dxs(slot(t,j),:) (dxs of the layer's type or bf16);
+/// with \p gd: dx(t,:) = gd(t,:) gwt + that sum, the gate's part of dx
+/// (gd: the gradient of the logits, gwt: the gate weights transposed)
+/// summed in the same pass instead of a GEMM writing dx first (the gate
+/// kernels' small gates: impl::gate_small_experts).
 template <class Exec, class TS, class S, class M>
 void scatter_add_rows(const Exec& space, const mat<TS, M>& dxs,
-                      const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& dx) {
-  sum_slot_rows(space, "moka::undispatch", dxs, slot, mat<S, M>(), true, dx);
+                      const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& dx,
+                      const mat<S, M>& gd = {}, const mat<S, M>& gwt = {}) {
+  sum_slot_rows(space, "moka::undispatch", dxs, slot, mat<S, M>(), gd.data() == nullptr, dx, mat<S, M>(), {}, gd, gwt);
 }
 
 template <int W, class Exec, class TY, class S, class M>

@@ -24,8 +24,9 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
   const Communicator* gate_group = m_groups && m_groups->gate().size() > 1 ? &m_groups->gate() : nullptr;
 
   // Gate input: x, or x times the Switch jitter U(1-eps, 1+eps) in training.
-  m_gin = x;
-  if (type == GateType::switch_top1 && training && m_cfg.jitter_eps > 0) {
+  m_gin           = x;
+  m_gate_jittered = type == GateType::switch_top1 && training && m_cfg.jitter_eps > 0;
+  if (m_gate_jittered) {
     auto jit = m_jitter;
     matrix gin = m_gate_in;
     const Scalar eps = Scalar(m_cfg.jitter_eps);
@@ -42,7 +43,13 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
   }
 
   // Logits (noisy gate: clean + N(0,1) * (softplus(x Wn) + 0.01) in training).
-  impl::gemm(space, "N", "N", Scalar(1), m_gin, m_params.gate_w, Scalar(0), m_clean);
+  // Small gates: one pass over the tokens (impl::gate_logits), else the GEMM.
+  bool logits_done = false;
+  if (m_gate_wt.data()) {
+    impl::transpose_gate_weights(space, m_params.gate_w, m_gate_wt);
+    logits_done = impl::gate_logits(space, m_gin, m_gate_wt, m_clean);
+  }
+  if (!logits_done) impl::gemm(space, "N", "N", Scalar(1), m_gin, m_params.gate_w, Scalar(0), m_clean);
   if (type == GateType::noisy) impl::gemm(space, "N", "N", Scalar(1), m_gin, m_params.noise_w, Scalar(0), m_raw);
   if (type == GateType::noisy) {
     auto clean = m_clean;
@@ -224,7 +231,7 @@ void MoELayer<Scalar, MemorySpace>::gate_forward(const execution_space& space, c
 }
 
 template <class Scalar, class MemorySpace>
-void MoELayer<Scalar, MemorySpace>::gate_backward(const execution_space& space, const matrix& dscore,
+bool MoELayer<Scalar, MemorySpace>::gate_backward(const execution_space& space, const matrix& dscore,
                                                   const matrix& dx) {
   ScopedRegion region("moka::MoELayer::gate_backward");
   const int T = m_T, E = m_cfg.num_experts, k = m_cfg.top_k, d = m_cfg.d_model;
@@ -295,7 +302,15 @@ void MoELayer<Scalar, MemorySpace>::gate_backward(const execution_space& space, 
           }
         });
   }
-  impl::gemm(space, "T", "N", Scalar(1), m_gin, dclean, Scalar(1), m_grads.gate_w);
+  if (!impl::gate_weight_grad(space, m_gin, dclean, m_gate_work, m_grads.gate_w))
+    impl::gemm(space, "T", "N", Scalar(1), m_gin, dclean, Scalar(1), m_grads.gate_w);
+  if (m_gate_wt.data() && type != GateType::noisy && !m_gate_jittered) {
+    // dx's gate part, dlogits W_gate^T, is summed by the undispatch pass
+    // (with the weights transposed again: the forward's copy may be stale
+    // if the weights were set in between).
+    impl::transpose_gate_weights(space, m_params.gate_w, m_gate_wt);
+    return false;
+  }
   impl::gemm(space, "N", "T", Scalar(1), dclean, m_params.gate_w, Scalar(0), dx);
   if (type == GateType::noisy) {
     impl::gemm(space, "T", "N", Scalar(1), m_gin, draw, Scalar(1), m_grads.noise_w);
@@ -307,6 +322,7 @@ void MoELayer<Scalar, MemorySpace>::gate_backward(const execution_space& space, 
         "moka::jitter_backward", impl::row_major_2d(space, T, d),
         KOKKOS_LAMBDA(int t, int c) { dx(t, c) *= jit(t, c); });
   }
+  return true;
 }
 
 }  // namespace moka

@@ -335,6 +335,7 @@ void MoELayer<Scalar, MemorySpace>::ensure_workspace(int T) {
   m_dlogits = alloc("dlogits", T, E);
   m_dclean  = noisy ? alloc("dclean", T, E) : matrix();
   m_draw    = noisy ? alloc("draw", T, E) : matrix();
+  m_gate_wt = E <= impl::gate_small_experts ? alloc("gate_weights_transposed", E, d) : matrix();
   m_probs  = alloc("probs", T, E);
   m_rr     = Kokkos::View<Scalar*, MemorySpace>("moka::moe::routing_uniforms", T);
   m_score  = alloc("score", T, k);
@@ -570,10 +571,13 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   if (!m_shadowed.empty()) shadow_reduce_grads(space);
 
   // Gate backward (into dx), then the expert rows of each token.
-  gate_backward(space, dscore, dx);
+  // Gate backward (into dx, or its part of dx left to the undispatch), then
+  // the expert rows of each token.
+  const bool gate_dx = gate_backward(space, dscore, dx);
   stage.emplace("moka::MoELayer::undispatch");
-  if (dys_bf16) impl::scatter_add_rows(space, m_dxe_b, m_slot, dx);
-  else impl::scatter_add_rows(space, dxs, m_slot, dx);
+  const matrix gd = gate_dx ? matrix() : m_dlogits, gwt = gate_dx ? matrix() : m_gate_wt;
+  if (dys_bf16) impl::scatter_add_rows(space, m_dxe_b, m_slot, dx, gd, gwt);
+  else impl::scatter_add_rows(space, dxs, m_slot, dx, gd, gwt);
   if (bf16) {
     // Drop the aliases: a later forward that grows the row buffers must
     // not find the old allocations still held through them.
