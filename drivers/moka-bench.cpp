@@ -110,8 +110,18 @@ int run(const moka::InputDeck& deck, int rank) {
   const double flops = 3.0 * 2.0 * rows * d * (dfi + dff);
 
   // Dense reference: the same six GEMM shapes as single products over all
-  // rows, timed alternately with the layer (the same clocks and heat for
-  // both: the card's dense rate moved by 10% between runs otherwise).
+  // rows. Each is timed in its steady state: warmed up for
+  // bench.warmup_seconds as well as bench.warmup iterations, since an H200
+  // reaches its power cap (and lower clocks) only after a few tenths of a
+  // second of load; or alternately with the layer (bench.alternate).
+  const double warm_s = deck.get<double>("bench.warmup_seconds");
+  // Runs \p step at least \p n times and for at least warm_s seconds.
+  auto warm_up = [&](long n, auto&& step) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (long it = 0; it < n || std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < warm_s;
+         ++it)
+      step();
+  };
   std::vector<double> times, dense;
   {
 #ifdef KOKKOS_ENABLE_CUDA
@@ -123,14 +133,18 @@ int run(const moka::InputDeck& deck, int rank) {
     const bool alternate = deck.get<bool>("bench.alternate");
     auto interleave = [&](auto&& dense_step) {
       if (alternate) {
-        for (long it = 0; it < warmup; ++it) time_ms(dense_step);
+        warm_up(warmup, [&] {
+          time_ms(layer_step);
+          time_ms(dense_step);
+        });
         for (long it = 0; it < iters; ++it) {
           times.push_back(time_ms(layer_step));
           dense.push_back(time_ms(dense_step));
         }
       } else {  // each in its own steady state: the layer steps, then the dense GEMMs
+        warm_up(0, [&] { time_ms(layer_step); });
         for (long it = 0; it < iters; ++it) times.push_back(time_ms(layer_step));
-        for (long it = 0; it < warmup; ++it) time_ms(dense_step);
+        warm_up(warmup, [&] { time_ms(dense_step); });
         for (long it = 0; it < iters; ++it) dense.push_back(time_ms(dense_step));
       }
     };
