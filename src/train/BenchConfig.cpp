@@ -34,7 +34,7 @@ DeckSchema bench_schema() {
       .set_doc("Layer mode: false: the layer steps back to back, then the dense GEMMs, each in its own steady "
                "state (as a training loop runs, and as the PyTorch reference times its layers); true: one layer "
                "step and one dense step alternately, each starting at the clocks the other left (on an H200 under "
-               "its power cap: layer 4-9% slower, dense 2-8% faster; docs/performance.md).");
+               "its power cap the layer steps ran 3-9% slower so; docs/performance.md).");
   s.add("bench.warmup_seconds", DeckType::real).set_default("1").set_min(0)
       .set_doc("Layer mode: untimed steps for at least this long before the layer's and the dense GEMMs' timed "
                "iterations, besides bench.warmup (an H200 reaches its power cap, and lower clocks, after a few "

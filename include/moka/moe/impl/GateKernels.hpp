@@ -277,13 +277,14 @@ inline double cv_squared(const std::vector<double>& v, std::vector<double>* grad
 }
 
 // ------------------------------------------------ logits of small gates
-/// Most experts of the gate kernels below (gate_logits, and the gate's part
-/// of dx summed in the undispatch pass): with more, each token's E dot
-/// products cost more than cuBLAS's GEMM, which then runs instead.
+/// Most experts of the gate kernels below (gate_logits, gate_weight_grad,
+/// and the gate's part of dx summed in the undispatch pass): with more,
+/// each token's E dot products cost more than cuBLAS's GEMMs, which then
+/// run instead.
 constexpr int gate_small_experts = 16;
 
-/// N running sums, the value of the team reductions of gate_logits
-/// (TPT tokens x EM experts).
+/// N running sums, the value of gate_logits' vector reductions (TPT
+/// tokens x EM experts).
 template <class S, int N>
 struct GateSums {
   S v[N];
