@@ -1100,8 +1100,8 @@ TEST(MoEKernels, PackedRowKernelsMatchLoops) {
 }
 
 // The small gates' kernels (up to impl::gate_small_experts experts): the
-// logits in one pass over the tokens, the gate's part of dx summed in the
-// undispatch pass, and the weights' gradient, against double sums; token counts that do not fill
+// logits in one pass over the tokens, and the gate's part of dx summed in
+// the undispatch pass, against double sums; token counts that do not fill
 // the last team, expert counts below and at both register widths, and one
 // gate too large for them (the GEMM's, reported by returning false).
 template <class S>
@@ -1135,20 +1135,10 @@ void check_small_gate(int T, int d, int E) {
   ASSERT_EQ(small, E <= moka::impl::gate_small_experts) << "E " << E;
   if (!small) return;
   moka::impl::scatter_add_rows(space, src, slot, dx, gd, wt);
-  dm grad("grad", d, E), work;
-  Kokkos::deep_copy(grad, S(0.5));  // accumulated into, as the layer's gradients
-  ASSERT_TRUE(moka::impl::gate_weight_grad(space, x, gd, work, grad));
   space.fence();
   auto hl = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), logits);
   auto hdx = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), dx);
-  auto hgr = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), grad);
   const double tol = std::is_same<S, float>::value ? 2e-6 : 1e-14;
-  for (int c = 0; c < d; ++c)
-    for (int e = 0; e < E; ++e) {
-      double ref = 0.5, mag = 0.5;
-      for (int t = 0; t < T; ++t) ref += double(hx(t, c)) * double(hg(t, e)), mag += std::abs(double(hx(t, c)) * hg(t, e));
-      ASSERT_NEAR(double(hgr(c, e)), ref, 4 * tol * mag) << "weight gradient c " << c << " e " << e << " E " << E;
-    }
   for (int t = 0; t < T; ++t) {
     for (int e = 0; e < E; ++e) {
       double ref = 0, mag = 0;
@@ -1170,5 +1160,5 @@ TEST(MoEKernels, SmallGateLogitsAndUndispatchGatePart) {
     check_small_gate<float>(37, 40, E);  // d a multiple of the packs
     check_small_gate<double>(37, 13, E);  // and not
   }
-  check_small_gate<float>(1000, 256, 8);  // several chunks of the weight gradient
+  check_small_gate<float>(1000, 256, 8);
 }

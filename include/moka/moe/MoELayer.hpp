@@ -519,7 +519,6 @@ class MoELayer {
   // per-expert statistics.
   matrix m_gate_in, m_dprob, m_dlogits, m_dclean, m_draw;
   matrix m_gate_wt;             // [E, d]: the gate weights transposed (small gates: impl::gate_logits)
-  matrix m_gate_work;           // partial sums of the small gates' weight gradient (impl::gate_weight_grad)
   bool m_gate_jittered = false;  // the last forward's gate input was x times the Switch jitter
   Kokkos::View<double*, MemorySpace> m_stat_a, m_stat_b;
   Kokkos::View<long*, MemorySpace> m_sel_count;

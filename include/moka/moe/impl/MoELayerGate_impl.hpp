@@ -302,8 +302,9 @@ bool MoELayer<Scalar, MemorySpace>::gate_backward(const execution_space& space, 
           }
         });
   }
-  if (!impl::gate_weight_grad(space, m_gin, dclean, m_gate_work, m_grads.gate_w))
-    impl::gemm(space, "T", "N", Scalar(1), m_gin, dclean, Scalar(1), m_grads.gate_w);
+  // The weights' gradient stays cuBLAS's: a chunked kernel of partial sums
+  // (one thread per 128 tokens and column) took 134 us against 75 (A, H200).
+  impl::gemm(space, "T", "N", Scalar(1), m_gin, dclean, Scalar(1), m_grads.gate_w);
   if (m_gate_wt.data() && type != GateType::noisy && !m_gate_jittered) {
     // dx's gate part, dlogits W_gate^T, is summed by the undispatch pass
     // (with the weights transposed again: the forward's copy may be stale
