@@ -504,10 +504,10 @@ void sum_slot_rows(const Exec& space, const char* label, const mat<TS, M>& src,
   const int E     = gd.data() ? static_cast<int>(gd.extent(1)) : 0;
   MOKA_REQUIRE(E <= gate_small_experts, "moka::impl::sum_slot_rows: a gate part of ", E, " experts (at most ",
                gate_small_experts, ")");
-  // The gate's loop only in the kernels that have one: in every instance,
-  // it slowed the combine on an H200 from 89 to 103 us (A). With it, a run
-  // time loop over E: unrolled to a fixed 8 or 16, clamped in bounds, the
-  // undispatch took 160 us against 129.
+  // The gate's loop only in the kernel instance that has one: compiled into
+  // every instance it slowed the combine on an H200 from 89 to 103 us (A).
+  // It runs over E at run time: unrolled to a fixed 8 or 16 with its loads
+  // clamped in bounds, the undispatch took 160 us against 129.
   auto run = [&](auto gate) {
     constexpr bool Gate = decltype(gate)::value;
     if (packs_fit(src, d, W) && packs_fit(out, d, W) && (!bias.data() || packs_fit(bias, d, W)) &&

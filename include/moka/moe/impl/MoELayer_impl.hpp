@@ -570,7 +570,6 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   }
   if (!m_shadowed.empty()) shadow_reduce_grads(space);
 
-  // Gate backward (into dx), then the expert rows of each token.
   // Gate backward (into dx, or its part of dx left to the undispatch), then
   // the expert rows of each token.
   const bool gate_dx = gate_backward(space, dscore, dx);
