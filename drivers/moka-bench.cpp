@@ -114,7 +114,8 @@ int run(const moka::InputDeck& deck, int rank) {
   // bench.warmup_seconds as well as bench.warmup iterations, since an H200
   // reaches its power cap (and lower clocks) only after a few tenths of a
   // second of load; or alternately with the layer (bench.alternate).
-  const double warm_s = deck.get<double>("bench.warmup_seconds");
+  const double warm_s  = deck.get<double>("bench.warmup_seconds");
+  const bool alternate = deck.get<bool>("bench.alternate");
   // Runs \p step at least \p n times and for at least warm_s seconds.
   auto warm_up = [&](long n, auto&& step) {
     const auto t0 = std::chrono::steady_clock::now();
@@ -130,7 +131,6 @@ int run(const moka::InputDeck& deck, int rank) {
     const bool use_cublas = false;
 #endif
     const int n = static_cast<int>(rows), di = int(d), fi = int(dfi), f = int(dff);
-    const bool alternate = deck.get<bool>("bench.alternate");
     auto interleave = [&](auto&& dense_step) {
       if (alternate) {
         warm_up(warmup, [&] {
@@ -238,15 +238,14 @@ int run(const moka::InputDeck& deck, int rank) {
     std::printf("  layer zero_grad+forward+backward:  median %.3f ms  (min %.3f ms over %ld iterations)\n", t_layer,
                 *std::min_element(times.begin(), times.end()), iters);
     if (deck.get<bool>("bench.print_steps")) {
-      std::printf("  iterations in order (ms, layer / dense%s):", deck.get<bool>("bench.alternate") ? ", alternating"
-                                                                                                       : ", each back to back");
+      std::printf("  iterations in order (ms, layer / dense%s):", alternate ? ", alternating" : ", each back to back");
       for (long it = 0; it < iters; ++it) std::printf(" %.3f/%.3f", times[it], dense[it]);
       std::printf("\n");
     }
     std::printf("  expert GEMMs in the layer: %.4g TFLOP/s (FLOPs / layer time)\n", flops / t_layer * 1e-9);
     std::printf("  dense GEMMs, same shapes:  %.3f ms = %.4g TFLOP/s  (median; timed %s)\n", t_dense,
                 flops / t_dense * 1e-9,
-                deck.get<bool>("bench.alternate") ? "alternately with the layer" : "after the layer steps");
+                alternate ? "alternately with the layer" : "after the layer steps");
     std::printf("  layer time / dense GEMM time: %.2f (%.0f%% of dense)\n", t_layer / t_dense,
                 100.0 * t_dense / t_layer);
     std::printf("  layer forward only (evaluation mode): median %.3f ms\n", t_fwd);
