@@ -123,7 +123,8 @@ int run(const moka::InputDeck& deck, int rank) {
          ++it)
       step();
   };
-  std::vector<double> times, dense;
+  std::vector<double> times, dense, batched;
+  long m_pad = 0;  // bench.batched: rows per expert, padded to the largest count
   {
 #ifdef KOKKOS_ENABLE_CUDA
     const bool use_cublas = cfg.bf16_compute;
@@ -174,6 +175,41 @@ int run(const moka::InputDeck& deck, int rank) {
         moka::impl::gemm_bf16_f32(space, true, false, di, fi, n, 1.f, X.data(), di, DH.data(), fi, 0.f, G1.data(), fi);
         moka::impl::gemm_bf16_f32(space, false, true, n, di, fi, 1.f, DH.data(), fi, W1.data(), fi, 0.f, DX.data(), di);
       });
+      if (deck.get<bool>("bench.batched")) {
+        // The same six kinds as strided-batched GEMMs over the experts, each
+        // padded to the largest count (the FLOPs of the real rows count).
+        const int L = static_cast<int>(hc.extent(0));
+        for (int e = 0; e < L; ++e) m_pad = std::max<long>(m_pad, hc(e));
+        const int p = static_cast<int>(m_pad);
+        const std::size_t R = std::size_t(L) * p;
+        bm BX("BX", R * di), BW1("BW1", std::size_t(L) * di * fi), BH("BH", R * f), BW2("BW2", std::size_t(L) * f * di),
+            BDY("BDY", R * di), BDH("BDH", R * fi), BHP("BHP", R * fi), BDHf("BDHf", R * f);
+        fm BY("BY", R * di), BG1("BG1", std::size_t(L) * di * fi), BG2("BG2", std::size_t(L) * f * di), BDX("BDX", R * di);
+        for (auto* v : {&BX, &BW1, &BH, &BW2, &BDY, &BDH}) {
+          fm tmp("tmp", v->extent(0));
+          Kokkos::fill_random(tmp, pool, -1.f, 1.f);
+          moka::impl::convert_to_bf16(space, "bench_fill", tmp.data(), v->data(), v->extent(0));
+        }
+        const long long sx = (long long)p * di, sf = (long long)p * f, sfi = (long long)p * fi,
+                        sw1 = (long long)di * fi, sw2 = (long long)f * di;
+        auto batched_step = [&]() {
+          using moka::impl::gemm_bf16_batched;
+          gemm_bf16_batched(space, false, false, p, fi, di, 1.f, BX.data(), di, sx, BW1.data(), fi, sw1, 0.f,
+                            BHP.data(), false, fi, sfi, L);
+          gemm_bf16_batched(space, false, false, p, di, f, 1.f, BH.data(), f, sf, BW2.data(), di, sw2, 0.f, BY.data(),
+                            true, di, sx, L);
+          gemm_bf16_batched(space, true, false, f, di, p, 1.f, BH.data(), f, sf, BDY.data(), di, sx, 0.f, BG2.data(),
+                            true, di, sw2, L);
+          gemm_bf16_batched(space, false, true, p, f, di, 1.f, BDY.data(), di, sx, BW2.data(), di, sw2, 0.f,
+                            BDHf.data(), false, f, sf, L);
+          gemm_bf16_batched(space, true, false, di, fi, p, 1.f, BX.data(), di, sx, BDH.data(), fi, sfi, 0.f,
+                            BG1.data(), true, fi, sw1, L);
+          gemm_bf16_batched(space, false, true, p, di, fi, 1.f, BDH.data(), fi, sfi, BW1.data(), fi, sw1, 0.f,
+                            BDX.data(), true, di, sx, L);
+        };
+        warm_up(warmup, [&] { time_ms(batched_step); });
+        for (long it = 0; it < iters; ++it) batched.push_back(time_ms(batched_step));
+      }
 #endif
     } else {
       matrix X("X", n, di), W1("W1", di, fi), HP("HP", n, fi), H("H", n, f), W2("W2", f, di), Y("Y", n, di);
@@ -248,6 +284,12 @@ int run(const moka::InputDeck& deck, int rank) {
                 alternate ? "alternately with the layer" : "after the layer steps");
     std::printf("  layer time / dense GEMM time: %.2f (%.0f%% of dense)\n", t_layer / t_dense,
                 100.0 * t_dense / t_layer);
+    if (!batched.empty()) {
+      const double t_b = median_of(batched);
+      std::printf("  strided-batched GEMMs, %d experts padded to %ld rows: %.3f ms = %.4g TFLOP/s of the real rows "
+                  "(%.2f of dense)\n",
+                  static_cast<int>(hc.extent(0)), m_pad, t_b, flops / t_b * 1e-9, t_b / t_dense);
+    }
     std::printf("  layer forward only (evaluation mode): median %.3f ms\n", t_fwd);
     // torch_moe_reference.py's "peak extra memory" is the peak less what
     // was allocated before the timed runs: for its loop layer (run first)

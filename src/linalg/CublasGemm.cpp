@@ -222,6 +222,22 @@ void gemm_bf16_bf16(const Kokkos::Cuda& space, bool ta, bool tb, int m, int n, i
   gemm(space, ta, tb, m, n, k, &alpha, A, lda, B, ldb, &beta, C, ldc, CUDA_R_16BF, CUDA_R_16BF, CUBLAS_COMPUTE_32F);
 }
 
+void gemm_bf16_batched(const Kokkos::Cuda& space, bool ta, bool tb, int m, int n, int k, float alpha, const bf16* A,
+                       int lda, long long stride_a, const bf16* B, int ldb, long long stride_b, float beta, void* C,
+                       bool c_f32, int ldc, long long stride_c, int count) {
+  if (m == 0 || n == 0 || count == 0) return;
+  cublasHandle_t h = handle_for<cublasHandle_t>(space.cuda_device(), cublasCreate, cublasDestroy, "cublasCreate",
+                                                slot_of(space.cuda_stream()));
+  check(cublasSetStream(h, space.cuda_stream()), "cublasSetStream");
+  check(cublasSetPointerMode(h, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+  // Row-major C_i = op(A_i) op(B_i)  <=>  column-major C_i^T = op(B_i)^T op(A_i)^T.
+  check(cublasGemmStridedBatchedEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha,
+                                   B, CUDA_R_16BF, ldb, stride_b, A, CUDA_R_16BF, lda, stride_a, &beta, C,
+                                   c_f32 ? CUDA_R_32F : CUDA_R_16BF, ldc, stride_c, count, CUBLAS_COMPUTE_32F,
+                                   CUBLAS_GEMM_DEFAULT),
+        "cublasGemmStridedBatchedEx");
+}
+
 bool gemm_bf16_grouped(const Kokkos::Cuda& space, bool ta, bool tb, int count, const int* m, const int* n,
                        const int* k, float alpha, const void* const* ptrs, int lda, int ldb, float beta, bool c_f32,
                        int ldc) {

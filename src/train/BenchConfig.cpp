@@ -42,6 +42,10 @@ DeckSchema bench_schema() {
   s.add("bench.print_steps", DeckType::boolean).set_default("false")
       .set_doc("Layer mode: also print every timed iteration's layer and dense time in order (the spread behind "
                "the medians).");
+  s.add("bench.batched", DeckType::boolean).set_default("false")
+      .set_doc("Layer mode, bf16 on CUDA: also time the six GEMM kinds as one cuBLAS strided-batched GEMM each over "
+               "the experts, every expert padded to the step's largest row count (what a padded row layout would "
+               "cost), after the dense GEMMs and timed as they are.");
   s.add("bench.iters", DeckType::integer).set_default("10").set_min(1).set_doc("Timed iterations (median).");
   s.add("bench.mode", DeckType::string).set_default("layer").set_choices({"layer", "exchange", "calibrate", "step"})
       .set_doc("layer: forward+backward of one layer on each rank (one rank's layer, no exchange); exchange: the "

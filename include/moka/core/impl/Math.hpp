@@ -47,17 +47,35 @@ KOKKOS_FORCEINLINE_FUNCTION float erf_fast(float x) {
 #endif
 }
 
+#if defined(__CUDA_ARCH__)
+/// 2^y and 1/y with the SFU's approximate instructions, denormal results
+/// flushed to zero (`ex2.approx.ftz.f32`, `rcp.approx.ftz.f32`: 2 ulp). One
+/// instruction each, where `__expf` and `__fdividef` without -ftz add a
+/// range check and two multiplies around theirs (the project does not build
+/// with fast math); the activations' kernels are bound by instruction issue.
+KOKKOS_FORCEINLINE_FUNCTION float exp2_sfu(float y) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
+  return r;
+}
+KOKKOS_FORCEINLINE_FUNCTION float recip_sfu(float y) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
+  return r;
+}
+#endif
+
 /// exp of a float for the host's elementwise kernels: 2^k e^r with k the
 /// nearest integer to y log2(e) (rounded by adding 1.5 x 2^23), r reduced
 /// with ln 2 in two parts, e^r by its Taylor polynomial of degree 6, 2^k
 /// put into the exponent bits; y clamped to [-87, 88] (no denormals, no
-/// infinity). Within 2.4e-7 relative. Device code uses CUDA's __expf
-/// (the SFU's exp2 and one multiply; within 2 + 1.2 |y| ulp): the
-/// activations' kernels are bound by instruction issue, not memory, on an
-/// H200 (ncu: 80-85% of the SMs' issue rate, 39-47% of DRAM bandwidth).
+/// infinity). Within 2.4e-7 relative. Device code uses the SFU's exp2 of
+/// y log2(e) (within 2 + 1.2 |y| ulp; results below 2^-126 flushed to 0):
+/// the activations' kernels are bound by instruction issue, not memory, on
+/// an H200 (ncu: 80-85% of the SMs' issue rate, 39-47% of DRAM bandwidth).
 KOKKOS_FORCEINLINE_FUNCTION float exp_fast(float y) {
 #if defined(__CUDA_ARCH__)
-  return __expf(y);
+  return exp2_sfu(y * 1.44269504088896340736f);
 #else
   y             = std::min(std::max(y, -87.f), 88.f);
   const float t = y * 1.44269504f + 12582912.f;
@@ -79,35 +97,64 @@ KOKKOS_FORCEINLINE_FUNCTION float exp_fast(float y) {
 #endif
 }
 
+#if defined(__CUDA_ARCH__)
+/// The device's normal CDF and density in float, sharing one exp2: with
+/// z = |x| / sqrt 2, t = 1 / (1 + 0.3 z) and E = e^{-z^2} = e^{-x^2/2},
+/// erfc(z) / 2 = t Q(t) E with Q of degree 8, a fit made for MoKA of
+/// erfcx(z) / (2 t) (relative least squares on Chebyshev points of t over
+/// z in [0, 9.5], weights iterated towards the minimax: within 2e-8
+/// relative of double there, so float rounding dominates), and the
+/// density E / sqrt(2 pi). Branch-free (the sign picks h or 1 - h), two
+/// SFU instructions (the reciprocal and exp2), relative accuracy kept in
+/// the negative tail, where 1 + erf(x / sqrt 2) cancels; E flushes to 0
+/// beyond |x| = 13.2 (Phi(-13.2) = 5e-40). In float against double over
+/// [-12, 12] (simulated, rounding every operation): x Phi within 3.8e-7,
+/// Phi + x phi within 1.8e-7, Phi relative within 1.9e-6 on [-9, -2].
+struct NormalTail {
+  float h;  ///< Phi(-|x|) = erfc(|x| / sqrt 2) / 2
+  float e;  ///< e^{-x^2/2}
+};
+KOKKOS_FORCEINLINE_FUNCTION NormalTail normal_tail_sfu(float x) {
+  const float t = recip_sfu(fmaf(fabsf(x), 0.21213203435596425732f, 1.f));  // 0.3 / sqrt 2
+  const float e = exp2_sfu(x * x * -0.72134752044448170368f);                // -log2(e) / 2
+  float q       = -0.06473211199045181f;
+  q             = fmaf(q, t, 0.24262718856334686f);
+  q             = fmaf(q, t, -0.25578996539115906f);
+  q             = fmaf(q, t, 0.2734178602695465f);
+  q             = fmaf(q, t, -0.04698255658149719f);
+  q             = fmaf(q, t, 0.10729668289422989f);
+  q             = fmaf(q, t, 0.07421884685754776f);
+  q             = fmaf(q, t, 0.08534948527812958f);
+  q             = fmaf(q, t, 0.08459457010030746f);
+  return {t * q * e, e};
+}
+#endif
+
 /// The standard normal CDF Phi(x) = (1 + erf(x / sqrt 2)) / 2 in float, as
-/// the erf GeLU uses it. Host: from erf_fast. Device: 0.5 erfc(|x| / sqrt 2)
-/// (or 1 less it for x > 0) with erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 +
-/// z / 2), P of degree 9: the Chebyshev fit of Press et al., Numerical
-/// Recipes (2nd ed., section 6.2, "erfcc"; fractional error below 1.2e-7
-/// for every z >= 0), with the SFU's reciprocal and exp2. About 20
-/// instructions without a branch, against about 45 for CUDA's erff with its
-/// two paths taken by mixed warps, and relative accuracy kept in the
-/// negative tail, where 1 + erf(x) cancels (within 1e-5 relative there,
-/// 2.2e-7 absolute everywhere, in float on the host; the GPU test checks
-/// the device's).
+/// the erf GeLU uses it. Host: from erf_fast (within 2.2e-7 absolute; the
+/// host's kernels vectorize it). Device: from normal_tail_sfu, about 16
+/// instructions without a branch against about 45 for CUDA's erff with its
+/// two paths taken by mixed warps, and with relative accuracy in the
+/// negative tail (the GPU test checks the device's).
 KOKKOS_FORCEINLINE_FUNCTION float normal_cdf_fast(float x) {
 #if defined(__CUDA_ARCH__)
-  const float z = fabsf(x) * 0.70710678118654752440f;
-  const float t = __fdividef(1.f, 1.f + 0.5f * z);
-  float p       = 0.17087277f;
-  p             = p * t - 0.82215223f;
-  p             = p * t + 1.48851587f;
-  p             = p * t - 1.13520398f;
-  p             = p * t + 0.27886807f;
-  p             = p * t - 0.18628806f;
-  p             = p * t + 0.09678418f;
-  p             = p * t + 0.37409196f;
-  p             = p * t + 1.00002368f;
-  p             = p * t - 1.26551223f;
-  const float h = 0.5f * t * __expf(p - z * z);  // erfc(z) / 2
+  const float h = normal_tail_sfu(x).h;
   return x < 0.f ? h : 1.f - h;
 #else
   return 0.5f * (1.f + erf_fast(x * 0.70710678118654752440f));
+#endif
+}
+
+/// Phi(x) and the density phi(x) = e^{-x^2/2} / sqrt(2 pi) together (the
+/// erf GeLU's derivative Phi + x phi): one exp2 for both on the device.
+KOKKOS_FORCEINLINE_FUNCTION void normal_cdf_pdf_fast(float x, float& cdf, float& pdf) {
+#if defined(__CUDA_ARCH__)
+  const NormalTail n = normal_tail_sfu(x);
+  cdf                = x < 0.f ? n.h : 1.f - n.h;
+  pdf                = 0.39894228040143267794f * n.e;
+#else
+  cdf = normal_cdf_fast(x);
+  pdf = 0.39894228040143267794f * exp_fast(-0.5f * x * x);
 #endif
 }
 
@@ -115,14 +162,19 @@ KOKKOS_FORCEINLINE_FUNCTION float normal_cdf_fast(float x) {
 /// library's for double (the reference precision).
 KOKKOS_FORCEINLINE_FUNCTION float act_cdf(float x) { return normal_cdf_fast(x); }
 KOKKOS_FORCEINLINE_FUNCTION double act_cdf(double x) { return 0.5 * (1 + erf(x * 0.70710678118654752440)); }
+KOKKOS_FORCEINLINE_FUNCTION void act_cdf_pdf(float x, float& cdf, float& pdf) { normal_cdf_pdf_fast(x, cdf, pdf); }
+KOKKOS_FORCEINLINE_FUNCTION void act_cdf_pdf(double x, double& cdf, double& pdf) {
+  cdf = act_cdf(x);
+  pdf = 0.39894228040143267794 * exp(-0.5 * x * x);
+}
 KOKKOS_FORCEINLINE_FUNCTION float act_exp(float x) { return exp_fast(x); }
 KOKKOS_FORCEINLINE_FUNCTION double act_exp(double x) { return exp(x); }
 /// 1 / y for y >= 1 (the sigmoid's denominator): on the device the SFU's
-/// reciprocal (__fdividef: 2 ulp; 0 for y beyond 2^126, where the sigmoid
-/// is 0 to float precision anyway) instead of IEEE division's sequence.
+/// reciprocal (2 ulp; 0 for y beyond 2^126, where the sigmoid is 0 to
+/// float precision anyway) instead of IEEE division's sequence.
 KOKKOS_FORCEINLINE_FUNCTION float act_recip(float y) {
 #if defined(__CUDA_ARCH__)
-  return __fdividef(1.f, y);
+  return recip_sfu(y);
 #else
   return 1.f / y;
 #endif

@@ -28,6 +28,14 @@ void gemm_bf16_f32(const Kokkos::Cuda& space, bool trans_a, bool trans_b, int m,
 void gemm_bf16_bf16(const Kokkos::Cuda& space, bool trans_a, bool trans_b, int m, int n, int k, float alpha,
                     const bf16* A, int lda, const bf16* B, int ldb, float beta, bf16* C, int ldc);
 
+/// \brief Row-major C_i[m, n] = alpha op(A_i) op(B_i) + beta C_i for i <
+/// count, all of one shape, A_i = A + i stride_a (elements; likewise B, C),
+/// in one cublasGemmStridedBatchedEx: A_i, B_i bf16, C_i fp32 (\p c_f32) or
+/// bf16, fp32 accumulation. lda/ldb/ldc are row strides (elements).
+void gemm_bf16_batched(const Kokkos::Cuda& space, bool trans_a, bool trans_b, int m, int n, int k, float alpha,
+                       const bf16* A, int lda, long long stride_a, const bf16* B, int ldb, long long stride_b,
+                       float beta, void* C, bool c_f32, int ldc, long long stride_c, int count);
+
 /// \brief Row-major C_i[m_i, n_i] = alpha op(A_i) op(B_i) + beta C_i for
 /// i < count, in one cublasGemmGroupedBatchedEx (each problem a group of
 /// one): A_i, B_i bf16, C_i fp32 (\p c_f32) or bf16, fp32 accumulation; the

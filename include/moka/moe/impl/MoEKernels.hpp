@@ -135,8 +135,8 @@ template <class S>
 KOKKOS_FORCEINLINE_FUNCTION S activate_grad(Activation a, S x) {
   switch (a) {
     case Activation::gelu_erf: {
-      const S cdf = impl::act_cdf(x);
-      const S pdf = S(0.39894228040143267794) * impl::act_exp(S(-0.5) * x * x);
+      S cdf, pdf;
+      impl::act_cdf_pdf(x, cdf, pdf);
       return cdf + x * pdf;
     }
     case Activation::gelu_tanh: {
@@ -177,27 +177,6 @@ KOKKOS_INLINE_FUNCTION void activation_grad_row(const S* g, const S* x, const S*
     for (long c = 0; c < n; ++c) out[c] = g[c] * activate_grad(A, x[c]);
   }
 }
-template <class S>
-KOKKOS_INLINE_FUNCTION void activation_row(Activation a, const S* x, const S* gate, S* out, long n) {
-  switch (a) {
-    case Activation::gelu_erf: activation_row<Activation::gelu_erf>(x, gate, out, n); break;
-    case Activation::gelu_tanh: activation_row<Activation::gelu_tanh>(x, gate, out, n); break;
-    case Activation::relu: activation_row<Activation::relu>(x, gate, out, n); break;
-    case Activation::silu: activation_row<Activation::silu>(x, gate, out, n); break;
-    case Activation::swiglu: activation_row<Activation::swiglu>(x, gate, out, n); break;
-  }
-}
-template <class S>
-KOKKOS_INLINE_FUNCTION void activation_grad_row(Activation a, const S* g, const S* x, const S* gate, S* out, S* out_gate, long n) {
-  switch (a) {
-    case Activation::gelu_erf: activation_grad_row<Activation::gelu_erf>(g, x, gate, out, out_gate, n); break;
-    case Activation::gelu_tanh: activation_grad_row<Activation::gelu_tanh>(g, x, gate, out, out_gate, n); break;
-    case Activation::relu: activation_grad_row<Activation::relu>(g, x, gate, out, out_gate, n); break;
-    case Activation::silu: activation_grad_row<Activation::silu>(g, x, gate, out, out_gate, n); break;
-    case Activation::swiglu: activation_grad_row<Activation::swiglu>(g, x, gate, out, out_gate, n); break;
-  }
-}
-
 // --------------------------------------------------- capacity and slots
 /// Workspace of assign_slots, kept by the layer across steps (grow-only):
 /// allocating it per forward costs device allocations and synchronising
@@ -657,35 +636,118 @@ void with_activation(Activation act, bool bias, F&& f) {
   }
 }
 
+/// Host backends' activation over rows [r0, r1) of fp32 / fp64 data, in
+/// place of the pre-activation's bias: hpre(r,:) += b1(row_expert(r),:) when
+/// \p Bias, then h(r,c) = act(hpre(r,c)) [times hpre(r,dff+c) for swiglu].
+/// A row per iteration, its columns in a loop the compiler vectorizes (the
+/// 2D policy's tiles do not).
+template <Activation A, bool Bias, class Exec, class S, class M>
+void activation_rows_host(const Exec& space, long r0, long r1, int dff, const Kokkos::View<int*, M>& row_expert,
+                          const mat<S, M>& hpre, const mat<S, M>& b1, const mat<S, M>& h) {
+  constexpr bool glu = A == Activation::swiglu;
+  Kokkos::parallel_for(
+      "moka::expert_activation", Kokkos::RangePolicy<Exec>(space, r0, r1), KOKKOS_LAMBDA(long r) {
+        S* x   = &hpre(r, 0);
+        S* out = &h(r, 0);
+        if (Bias) {
+          const S* bb = &b1(row_expert(r), 0);
+          for (long c = 0; c < (glu ? 2L * dff : long(dff)); ++c) x[c] += bb[c];
+        }
+        activation_row<A>(x, glu ? x + dff : nullptr, out, dff);
+      });
+}
+
+/// Host backends' activation backward over rows [r0, r1): dhpre(r,c) =
+/// dh(r,c) act'(hpre(r,c)) [times hpre(r,dff+c), and dhpre(r,dff+c) =
+/// dh(r,c) act(hpre(r,c)), for swiglu]; hpre holds the biases already.
+template <Activation A, class Exec, class S, class M>
+void activation_backward_rows_host(const Exec& space, long r0, long r1, int dff, const mat<S, M>& dh,
+                                   const mat<S, M>& hpre, const mat<S, M>& dhpre) {
+  constexpr bool glu = A == Activation::swiglu;
+  Kokkos::parallel_for(
+      "moka::expert_activation_backward", Kokkos::RangePolicy<Exec>(space, r0, r1), KOKKOS_LAMBDA(long r) {
+        const S* x = &hpre(r, 0);
+        S* out     = &dhpre(r, 0);
+        activation_grad_row<A>(&dh(r, 0), x, glu ? x + dff : nullptr, out, glu ? out + dff : nullptr, dff);
+      });
+}
+
+/// The same two on device backends: one thread per element of the rows
+/// [r0, r1) (fp32 / fp64 data; the bf16 path has its own kernels below).
+template <Activation A, bool Bias, class Exec, class S, class M>
+void activation_rows_2d(const Exec& space, long r0, long r1, int dff, const Kokkos::View<int*, M>& row_expert,
+                        const mat<S, M>& hpre, const mat<S, M>& b1, const mat<S, M>& h) {
+  Kokkos::parallel_for(
+      "moka::expert_activation", impl::row_major_2d(space, r1 - r0, long(dff)), KOKKOS_LAMBDA(long i, long c) {
+        const long r = r0 + i;
+        if (Bias) {
+          const int e = row_expert(r);
+          hpre(r, c) += b1(e, c);
+          if (A == Activation::swiglu) hpre(r, dff + c) += b1(e, dff + c);
+        }
+        const S a = activate(A, hpre(r, c));
+        h(r, c)   = A == Activation::swiglu ? a * hpre(r, dff + c) : a;
+      });
+}
+template <Activation A, class Exec, class S, class M>
+void activation_backward_rows_2d(const Exec& space, long r0, long r1, int dff, const mat<S, M>& dh,
+                                 const mat<S, M>& hpre, const mat<S, M>& dhpre) {
+  Kokkos::parallel_for(
+      "moka::expert_activation_backward", impl::row_major_2d(space, r1 - r0, long(dff)),
+      KOKKOS_LAMBDA(long i, long c) {
+        const long r = r0 + i;
+        if (A == Activation::swiglu) {
+          const S a = hpre(r, c), u = hpre(r, dff + c);
+          dhpre(r, c)       = dh(r, c) * u * activate_grad(A, a);
+          dhpre(r, dff + c) = dh(r, c) * activate(A, a);
+        } else {
+          dhpre(r, c) = dh(r, c) * activate_grad(A, hpre(r, c));
+        }
+      });
+}
+
 /// h(r,c) = act(hpre(r,c) + b1(e,c)), times hpre(r,dff+c) + b1(e,dff+c) for
-/// swiglu, e = row_expert(r). One thread per (row, W columns).
+/// swiglu, e = row_expert(r). One thread per (R consecutive rows, W
+/// columns): its R loads are issued before the math (more bytes in flight
+/// per thread), and the 2D policy's index arithmetic is spent once per R
+/// rows (ncu found one row per thread bound by instruction issue).
 template <Activation A, bool Bias, int W, class Exec, class S, class M>
 void activation_bf16_packs(const Exec& space, long rows, int dff, const Kokkos::View<int*, M>& row_expert,
                            const mat<bf16, M>& hpre, const mat<S, M>& b1, const mat<bf16, M>& h) {
+  constexpr int R = W > 1 ? 4 : 1;
   const long lp = hpre.stride(0), lh = h.stride(0);
   const bf16* P = hpre.data();
   bf16* H       = h.data();
   Kokkos::parallel_for(
-      "moka::expert_activation_bf16", impl::row_major_2d(space, rows, long(dff / W)), KOKKOS_LAMBDA(long r, long cw) {
-        const long c = cw * W;
-        const auto a = load_pack<W>(P + r * lp + c);
-        float x[W], g[W];
-        for (int i = 0; i < W; ++i) x[i] = float(a.v[i]);
-        if (A == Activation::swiglu) {
-          const auto u = load_pack<W>(P + r * lp + dff + c);
-          for (int i = 0; i < W; ++i) g[i] = float(u.v[i]);
-        }
-        if (Bias) {
-          const int e = row_expert(r);
-          for (int i = 0; i < W; ++i) {
-            x[i] += float(b1(e, c + i));
-            if (A == Activation::swiglu) g[i] += float(b1(e, dff + c + i));
+      "moka::expert_activation_bf16", impl::row_major_2d(space, (rows + R - 1) / R, long(dff / W)),
+      KOKKOS_LAMBDA(long rb, long cw) {
+        const long c  = cw * W;
+        const long r0 = rb * R;
+        const int n   = rows - r0 < R ? int(rows - r0) : R;
+        Pack<bf16, W> a[R], u[R];
+        for (int j = 0; j < R; ++j)
+          if (j < n) {
+            a[j] = load_pack<W>(P + (r0 + j) * lp + c);
+            if (A == Activation::swiglu) u[j] = load_pack<W>(P + (r0 + j) * lp + dff + c);
           }
+        for (int j = 0; j < R; ++j) {
+          if (j >= n) break;
+          float x[W], g[W];
+          for (int i = 0; i < W; ++i) x[i] = float(a[j].v[i]);
+          if (A == Activation::swiglu)
+            for (int i = 0; i < W; ++i) g[i] = float(u[j].v[i]);
+          if (Bias) {
+            const int e = row_expert(r0 + j);
+            for (int i = 0; i < W; ++i) {
+              x[i] += float(b1(e, c + i));
+              if (A == Activation::swiglu) g[i] += float(b1(e, dff + c + i));
+            }
+          }
+          Pack<bf16, W> o;
+          for (int i = 0; i < W; ++i)
+            o.v[i] = bf16(A == Activation::swiglu ? activate(A, x[i]) * g[i] : activate(A, x[i]));
+          store_pack<W>(H + (r0 + j) * lh + c, o);
         }
-        Pack<bf16, W> o;
-        for (int i = 0; i < W; ++i)
-          o.v[i] = bf16(A == Activation::swiglu ? activate(A, x[i]) * g[i] : activate(A, x[i]));
-        store_pack<W>(H + r * lh + c, o);
       });
 }
 

@@ -16,73 +16,24 @@ namespace moka {
 template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::activation_rows(const execution_space& space, long r0, long r1) {
   if (r1 <= r0) return;
-  const int dff = m_dffl;
-  const Activation act = m_cfg.activation;
-  const bool bias = m_cfg.expert_bias;
-  auto b1   = m_params.b1;
-  auto hpre = m_hpre;
-  auto h    = m_h;
-  auto rexp = m_row_expert;
-  if constexpr (Kokkos::SpaceAccessibility<Kokkos::HostSpace, MemorySpace>::accessible) {
-    // Host: a row per iteration, its columns in a loop the compiler
-    // vectorizes (the 2D policy's tiles do not).
-    const bool swiglu = act == Activation::swiglu;
-    Kokkos::parallel_for(
-        "moka::expert_activation", Kokkos::RangePolicy<execution_space>(space, r0, r1), KOKKOS_LAMBDA(long r) {
-          Scalar* x        = &hpre(r, 0);
-          Scalar* out      = &h(r, 0);
-          const Scalar* bb = bias ? &b1(rexp(r), 0) : nullptr;
-          if (bias)
-            for (long c = 0; c < (swiglu ? 2L * dff : long(dff)); ++c) x[c] += bb[c];
-          impl::activation_row(act, x, swiglu ? x + dff : nullptr, out, dff);
-        });
-    return;
-  }
-  Kokkos::parallel_for(
-      "moka::expert_activation", impl::row_major_2d(space, r1 - r0, long(dff)), KOKKOS_LAMBDA(long i, long c) {
-        const long r = r0 + i;
-        const int e  = rexp(r);
-        if (bias) {
-          hpre(r, c) += b1(e, c);
-          if (act == Activation::swiglu) hpre(r, dff + c) += b1(e, dff + c);
-        }
-        const Scalar a = impl::activate(act, hpre(r, c));
-        h(r, c)        = act == Activation::swiglu ? a * hpre(r, dff + c) : a;
-      });
+  impl::with_activation(m_cfg.activation, m_cfg.expert_bias, [&](auto a, auto b) {
+    constexpr Activation A = decltype(a)::value;
+    constexpr bool Bias    = decltype(b)::value;
+    if constexpr (Kokkos::SpaceAccessibility<Kokkos::HostSpace, MemorySpace>::accessible)
+      impl::activation_rows_host<A, Bias>(space, r0, r1, m_dffl, m_row_expert, m_hpre, m_params.b1, m_h);
+    else impl::activation_rows_2d<A, Bias>(space, r0, r1, m_dffl, m_row_expert, m_hpre, m_params.b1, m_h);
+  });
 }
 
 template <class Scalar, class MemorySpace>
 void MoELayer<Scalar, MemorySpace>::activation_backward_rows(const execution_space& space, long r0, long r1) {
   if (r1 <= r0) return;
-  const int dff = m_dffl;
-  const Activation act = m_cfg.activation;
-  auto dh    = m_dh;
-  auto hpre  = m_hpre;
-  auto dhpre = m_dhpre;
-  if constexpr (Kokkos::SpaceAccessibility<Kokkos::HostSpace, MemorySpace>::accessible) {
-    const bool swiglu = act == Activation::swiglu;
-    Kokkos::parallel_for(
-        "moka::expert_activation_backward", Kokkos::RangePolicy<execution_space>(space, r0, r1),
-        KOKKOS_LAMBDA(long r) {
-          const Scalar* g = &dh(r, 0);
-          const Scalar* x = &hpre(r, 0);
-          Scalar* out     = &dhpre(r, 0);
-          impl::activation_grad_row(act, g, x, swiglu ? x + dff : nullptr, out, swiglu ? out + dff : nullptr, dff);
-        });
-    return;
-  }
-  Kokkos::parallel_for(
-      "moka::expert_activation_backward", impl::row_major_2d(space, r1 - r0, long(dff)),
-      KOKKOS_LAMBDA(long i, long c) {
-        const long r = r0 + i;
-        if (act == Activation::swiglu) {
-          const Scalar a = hpre(r, c), u = hpre(r, dff + c);
-          dhpre(r, c)       = dh(r, c) * u * impl::activate_grad(act, a);
-          dhpre(r, dff + c) = dh(r, c) * impl::activate(act, a);
-        } else {
-          dhpre(r, c) = dh(r, c) * impl::activate_grad(act, hpre(r, c));
-        }
-      });
+  impl::with_activation(m_cfg.activation, false, [&](auto a, auto) {
+    constexpr Activation A = decltype(a)::value;
+    if constexpr (Kokkos::SpaceAccessibility<Kokkos::HostSpace, MemorySpace>::accessible)
+      impl::activation_backward_rows_host<A>(space, r0, r1, m_dffl, m_dh, m_hpre, m_dhpre);
+    else impl::activation_backward_rows_2d<A>(space, r0, r1, m_dffl, m_dh, m_hpre, m_dhpre);
+  });
 }
 
 template <class Scalar, class MemorySpace>
