@@ -263,13 +263,16 @@ int run(const moka::InputDeck& deck, int rank) {
     if (cfg.bf16_compute) {
       // How the last expert stage ran (expert.gemm_streams, expert.gemm_grouped; auto: by rows per expert).
       const auto g    = layer.last_expert_gemms();
-      std::string how = g.grouped ? "cuBLAS grouped GEMMs" : "one GEMM per expert";
+      std::string how = g.batched   ? "one strided-batched GEMM per kind over the experts' rows padded to " +
+                                          std::to_string(layer.padded_rows())
+                        : g.grouped ? "cuBLAS grouped GEMMs"
+                                    : "one GEMM per expert";
       if (g.streams > 1) how += " on " + std::to_string(g.streams) + " CUDA streams";
       if (!layer.gemm_grouped_refused().empty())
         how += "; refused by cuBLAS, so one GEMM per expert: " + layer.gemm_grouped_refused();
-      std::printf("  expert GEMMs (expert.gemm_streams %s, expert.gemm_grouped %s): %s\n",
+      std::printf("  expert GEMMs (expert.gemm_streams %s, expert.gemm_grouped %s, expert.gemm_batched %s): %s\n",
                   layer.gemm_streams_auto() ? "auto" : std::to_string(layer.gemm_streams()).c_str(),
-                  moka::to_string(layer.gemm_grouped()), how.c_str());
+                  moka::to_string(layer.gemm_grouped()), moka::to_string(layer.gemm_batched()), how.c_str());
     }
     std::printf("  layer zero_grad+forward+backward:  median %.3f ms  (min %.3f ms over %ld iterations)\n", t_layer,
                 *std::min_element(times.begin(), times.end()), iters);

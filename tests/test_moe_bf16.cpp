@@ -194,6 +194,7 @@ moka::MoEConfig small_bf16_config(moka::Activation act, int experts) {
   cfg.top_k        = 2;
   cfg.activation   = act;
   cfg.bf16_compute = true;
+  cfg.gemm_batched = moka::GemmChoice::off;  // the tests of the padded rows set it
   return cfg;
 }
 
@@ -259,7 +260,7 @@ TEST(Bf16, AutomaticGemmChoices) {
   const auto act        = moka::Activation::gelu_erf;
   moka::MoEConfig cfg_a = small_bf16_config(act, 16);
   ASSERT_EQ(cfg_a.gemm_streams, 0);
-  ASSERT_EQ(cfg_a.gemm_grouped, moka::GemmChoice::automatic);
+  ASSERT_EQ(cfg_a.gemm_grouped, moka::GemmChoice::automatic);  // (expert.gemm_batched off: its own test)
   moka::MoEConfig cfg_1 = cfg_a;
   cfg_1.gemm_streams    = 1;
   cfg_1.gemm_grouped    = moka::GemmChoice::off;
@@ -300,6 +301,69 @@ TEST(Bf16, AutomaticGemmChoices) {
   const auto x = random_vec(T * 64, rng);
   run_layer(L8, T, x, random_vec(T * 64, rng));
   EXPECT_FALSE(L8.last_expert_gemms().grouped);
+}
+
+// expert.gemm_batched = true: the rows padded to the largest count and each
+// kind of expert GEMM one strided-batched GEMM give what the loop over the
+// packed rows gives, within bf16 round-off (the sums' order differs), with
+// and without biases, and with most experts empty (T = 5). auto: batched
+// with 16 experts when the padding adds at most 1/8, never with 8.
+TEST(Bf16, BatchedGemmsMatchTheLoop) {
+  for (const auto act : {moka::Activation::gelu_erf, moka::Activation::swiglu})
+    for (const bool bias : {false, true}) {
+      moka::MoEConfig cfg = small_bf16_config(act, 16);
+      cfg.expert_bias     = bias;
+      cfg.gemm_streams    = 1;
+      cfg.gemm_grouped    = moka::GemmChoice::off;
+      moka::MoEConfig cfg_b = cfg;
+      cfg_b.gemm_batched    = moka::GemmChoice::on;
+      moka::MoELayer<float, Kokkos::CudaSpace> L1(cfg), Lb(cfg_b);
+      L1.init_parameters(9);
+      Lb.init_parameters(9);
+      if (bias) {  // non-zero biases: the padding rows' forward values are not zero then
+        std::mt19937_64 prng(3);
+        RefParams p = params_of(L1);
+        p.b1 = random_vec(p.b1.size(), prng, 0.3);
+        p.b2 = random_vec(p.b2.size(), prng, 0.3);
+        set_params(L1, p);
+        set_params(Lb, p);
+      }
+      std::mt19937_64 rng(4);
+      for (const int T : {300, 5, 200}) {  // uneven rows; most experts empty; fewer rows than the first step
+        const auto x  = random_vec(T * cfg.d_model, rng);
+        const auto G  = random_vec(T * cfg.d_model, rng);
+        const auto r1 = run_layer(L1, T, x, G);
+        const auto rb = run_layer(Lb, T, x, G);
+        ASSERT_EQ(r1.routing.idx, rb.routing.idx);
+        EXPECT_FALSE(L1.last_expert_gemms().batched);
+        EXPECT_TRUE(Lb.last_expert_gemms().batched);
+        long most = 0;
+        for (int n : rb.counts) most = std::max<long>(most, n);
+        EXPECT_EQ(Lb.padded_rows(), (most + 7) / 8 * 8);
+        expect_close_run(r1, rb);
+      }
+    }
+  moka::MoEConfig cfg = small_bf16_config(moka::Activation::gelu_erf, 16);
+  cfg.gemm_batched    = moka::GemmChoice::automatic;
+  moka::MoEConfig cfg8 = cfg;
+  cfg8.num_experts     = 8;
+  moka::MoELayer<float, Kokkos::CudaSpace> La(cfg), L8(cfg8);
+  La.init_parameters(9);
+  L8.init_parameters(9);
+  std::mt19937_64 rng(5);
+  for (const int T : {8192, 300}) {
+    const auto x = random_vec(T * cfg.d_model, rng), G = random_vec(T * cfg.d_model, rng);
+    const auto ra = run_layer(La, T, x, G);
+    long most = 0, rows = 0;
+    for (int n : ra.counts) most = std::max<long>(most, n), rows += n;
+    const bool want = (most + 7) / 8 * 8 * 16 * 8 <= rows * 9;
+    std::cout << "T = " << T << ": " << rows << " rows, the largest expert " << most << ", batched " << want << "\n";
+    EXPECT_EQ(La.last_expert_gemms().batched, want) << "T = " << T;
+    EXPECT_EQ(La.padded_rows() > 0, want);
+    if (T == 8192) EXPECT_TRUE(want) << "16 x 1024 rows of random tokens pad by less than 1/8";
+    run_layer(L8, T, x, G);
+    EXPECT_FALSE(L8.last_expert_gemms().batched);
+  }
 }
 
 // The bf16 backward writes its gradients into the forward's buffers (dh

@@ -133,6 +133,16 @@ DeckSchema MoEConfig::schema() {
                "on average (the complement of expert.gemm_streams' auto rule), else one GEMM per expert. On an H200 "
                "grouped made the step 17-27% faster with 256 rows per expert and lost 1.4-1.7x with 1536 or more "
                "(docs/performance.md). Not for the GEMMs with cuBLASLt epilogues. Host builds: no effect.");
+  s.add("expert.gemm_batched", DeckType::string)
+      .set_default("auto")
+      .set_choices({"auto", "true", "false"})
+      .set_doc("One rank (no expert parallelism, no replicas or shadows, no fused epilogues): true: every local "
+               "expert's rows are padded to the step's largest row count (rounded up to 8; the padding rows' gradient "
+               "is zeroed, so they add nothing to any gradient) and, bf16 on CUDA, each kind of expert GEMM runs as one cuBLAS "
+               "strided-batched GEMM over the experts (cublasGemmStridedBatchedEx) instead of one GEMM per expert; "
+               "other builds run their per-expert GEMMs over the padded rows (for testing). auto: bf16 on CUDA with "
+               "16 or more local experts, when the padding adds at most 1/8 to the rows. The figures behind the "
+               "rule: docs/performance.md.");
   s.add("expert.gemm_streams", DeckType::integer)
       .set_default("0")
       .set_min(0)
@@ -218,6 +228,7 @@ MoEConfig MoEConfig::from_deck(const InputDeck& deck) {
   c.gemm_epilogue   = deck.get<bool>("expert.gemm_epilogue");
   c.gemm_streams    = deck.get<int>("expert.gemm_streams");
   c.gemm_grouped    = parse_enum(deck.get<std::string>("expert.gemm_grouped"), "expert.gemm_grouped", choice_names);
+  c.gemm_batched    = parse_enum(deck.get<std::string>("expert.gemm_batched"), "expert.gemm_batched", choice_names);
   c.gate            = gate_type_from_string(deck.get<std::string>("gate.type"));
   c.renormalize     = deck.get<bool>("gate.renormalize");
   c.capacity_factor = deck.get<double>("gate.capacity_factor");

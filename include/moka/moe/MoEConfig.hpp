@@ -76,6 +76,7 @@ struct MoEConfig {
   bool bf16_compute = false;      ///< expert GEMMs in bf16 with fp32 accumulation (CUDA, float layers; train.precision = bf16)
   bool gemm_epilogue = true;      ///< expert.gemm_epilogue: bf16 gelu_tanh fused into cuBLASLt epilogues
   GemmChoice gemm_grouped = GemmChoice::automatic;  ///< expert.gemm_grouped: bf16 expert GEMMs as cuBLAS grouped GEMMs
+  GemmChoice gemm_batched = GemmChoice::automatic;  ///< expert.gemm_batched: padded rows, strided-batched expert GEMMs
   int gemm_streams   = 0;         ///< expert.gemm_streams: CUDA streams the bf16 expert GEMMs are spread over (0: auto)
   std::string trace_file;         ///< gate.trace_file: HDF5 trace (trace gate)
   int trace_layer     = 0;        ///< gate.trace_layer: index on the trace's layer axis

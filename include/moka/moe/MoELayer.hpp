@@ -156,6 +156,12 @@ class MoELayer {
   /// six kinds (up, down, dW2, dh, dW1, dx) cuBLAS refused so far and so
   /// loop over the experts: "" when none.
   GemmChoice gemm_grouped() const { return m_grouped; }
+  /// \brief expert.gemm_batched, and the rows per local expert of the last
+  /// forward's padded layout (0: not padded; then expert e's rows are its
+  /// own count). Padded, expert_rows() is local experts x padded_rows() and
+  /// slots() points into that layout.
+  GemmChoice gemm_batched() const { return m_batched; }
+  long padded_rows() const { return m_pad; }
   /// \brief expert.gemm_streams = 0: the layer chooses (see gemm_streams()).
   bool gemm_streams_auto() const { return m_streams_auto; }
   /// The automatic choices (expert.gemm_streams = 0, expert.gemm_grouped =
@@ -170,6 +176,7 @@ class MoELayer {
   struct ExpertGemms {
     int streams  = 1;
     bool grouped = false;
+    bool batched = false;  ///< one strided-batched GEMM per kind over the padded rows
   };
   ExpertGemms last_expert_gemms() const { return m_last_gemms; }
   std::string gemm_grouped_refused() const {
@@ -365,6 +372,12 @@ class MoELayer {
   void global_batch(int T);
   void plan_exchange(const execution_space& space);
   void route_to_slots(const execution_space& space);
+  /// expert.gemm_batched: pads every local expert's rows to the largest
+  /// count (m_pad), moving the slots and the slot offsets; no-op if not chosen.
+  void pad_expert_rows(const execution_space& space);
+  /// Zeroes the padding rows of \p rows (rows in the padded layout).
+  template <class T>
+  void zero_padding_rows(const execution_space& space, const Kokkos::View<T**, Kokkos::LayoutRight, MemorySpace>& rows);
   void shadow_route(const execution_space& space, const std::vector<long>& all);
   void shadow_weights(const execution_space& space);
   void shadow_reduce_grads(const execution_space& space);
@@ -478,6 +491,10 @@ class MoELayer {
   // the kinds cuBLAS refused (bit per kind) loop over the experts instead.
   GemmChoice m_grouped = GemmChoice::off;
   unsigned m_grouped_refused = 0;
+  // expert.gemm_batched: the padded layout of the last forward, m_pad rows
+  // per local expert (0: none); the real counts' range, for the zeroing.
+  GemmChoice m_batched = GemmChoice::off;
+  long m_pad = 0, m_pad_min_count = 0;
   ExpertGemms m_last_gemms;
   Kokkos::View<std::uintptr_t*, MemorySpace> m_gptr;  // operand addresses
   Kokkos::View<Scalar*, MemorySpace> m_rr, m_sel_bias, m_bal_grad, m_imp_grad, m_load_grad;

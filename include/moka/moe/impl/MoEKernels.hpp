@@ -425,6 +425,57 @@ void gather_rows(const Exec& space, const mat<S, M>& x, const Kokkos::View<int**
   else gather_rows_packs<1>(space, x, slot, xs);
 }
 
+// ------------------------------------------------------ padded row layout
+/// Moves every kept slot entry into the padded layout: row r of slot s
+/// (offsets(s) <= r < offsets(s + 1)) becomes s pad + (r - offsets(s)).
+/// The slot of a row is found by bisection over the \p slots + 1 offsets
+/// (empty slots included).
+template <class Exec, class M>
+void pad_slot_rows(const Exec& space, const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot,
+                   const Kokkos::View<int*, M>& offsets, int slots, long pad) {
+  Kokkos::parallel_for(
+      "moka::pad_slot_rows", impl::row_major_2d(space, long(slot.extent(0)), long(slot.extent(1))),
+      KOKKOS_LAMBDA(long t, long j) {
+        const int r = slot(t, j);
+        if (r < 0) return;
+        int lo = 0, hi = slots;  // the last s with offsets(s) <= r
+        while (hi - lo > 1) {
+          const int mid = (lo + hi) / 2;
+          if (offsets(mid) <= r) lo = mid;
+          else hi = mid;
+        }
+        slot(t, j) = static_cast<int>(lo * pad + (r - offsets(lo)));
+      });
+}
+
+template <int W, class Exec, class T, class M>
+void zero_padding_rows_packs(const Exec& space, const mat<T, M>& rows, const Kokkos::View<int*, M>& offsets,
+                             int slots, long pad, long from) {
+  const long span = pad - from, ld = rows.stride(0), d = static_cast<long>(rows.extent(1));
+  T* R = rows.data();
+  Kokkos::parallel_for(
+      "moka::zero_padding_rows", impl::row_major_2d(space, slots * span, d / W), KOKKOS_LAMBDA(long i, long cw) {
+        const long s = i / span, q = from + i % span;
+        if (q < offsets(s + 1) - offsets(s)) return;
+        Pack<T, W> z;
+        for (int c = 0; c < W; ++c) z.v[c] = T(0.f);
+        store_pack<W>(R + (s * pad + q) * ld + cw * W, z);
+      });
+}
+
+/// Zeroes the padding rows of the padded layout: rows s pad + q with
+/// count(s) <= q < pad, count(s) = offsets(s + 1) - offsets(s) (the
+/// unpadded offsets); only rows q >= \p from (the smallest count) are visited.
+template <class Exec, class T, class M>
+void zero_padding_rows(const Exec& space, const mat<T, M>& rows, const Kokkos::View<int*, M>& offsets, int slots,
+                       long pad, long from) {
+  if (pad <= from) return;
+  const long d = static_cast<long>(rows.extent(1));
+  constexpr int W = pack_of<T>;
+  if (packs_fit(rows, d, W)) zero_padding_rows_packs<W>(space, rows, offsets, slots, pad, from);
+  else zero_padding_rows_packs<1>(space, rows, offsets, slots, pad, from);
+}
+
 /// out(t,:) = [out(t,:) if accumulate] + sum_j [slot >= 0] w(t,j) (src(slot(t,j),:)
 /// [+ bias(row_group(slot(t,j)),:)]) [+ gd(t,:) gwt], j in order (deterministic); w empty
 /// means weights of 1, bias empty no bias, gd empty no gate term (gwt: the

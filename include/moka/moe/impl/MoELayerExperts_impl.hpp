@@ -240,6 +240,48 @@ void MoELayer<Scalar, MemorySpace>::expert_gemm_bf16(const execution_space& this
       }
       if (fan > 1) m_fan->join(this_space);
     };
+    // expert.gemm_batched: every expert padded to m_pad rows, so each kind
+    // is one strided-batched GEMM over the experts (the padding rows are
+    // zero where they enter a weight gradient: pad_expert_rows).
+    auto batched = [&](Kind kind) {
+      using impl::gemm_bf16_batched;
+      const int p = static_cast<int>(m_pad);
+      const long long P = p, sd = P * d, sff = P * dff, sfi = P * dfi, sw1 = (long long)d * dfi,
+                      sw2 = (long long)dff * d;
+      switch (kind) {
+        case up_h:
+          gemm_bf16_batched(this_space, false, false, p, dfi, d, 1.f, m_xs_b.data(), d, sd, w1b, dfi, sw1, 0.f,
+                            m_hpre_b.data(), false, dfi, sfi, L);
+          break;
+        case down_y:
+          gemm_bf16_batched(this_space, false, false, p, d, dff, 1.f, m_h_b.data(), dff, sff, w2b, d, sw2, 0.f,
+                            rows_bf16() ? static_cast<void*>(m_ye_b.data()) : static_cast<void*>(m_ye.data()),
+                            !rows_bf16(), d, sd, L);
+          break;
+        case grad_w2:
+          gemm_bf16_batched(this_space, true, false, dff, d, p, 1.f, m_h_b.data(), dff, sff, m_dys_b.data(), d, sd,
+                            beta_w, m_grads.w2.data(), true, d, sw2, L);
+          break;
+        case down_dh:
+          gemm_bf16_batched(this_space, false, true, p, dff, d, 1.f, m_dys_b.data(), d, sd, w2b, d, sw2, 0.f,
+                            m_dh_b.data(), false, dff, sff, L);
+          break;
+        case grad_w1:
+          gemm_bf16_batched(this_space, true, false, d, dfi, p, 1.f, m_xs_b.data(), d, sd, m_dhpre_b.data(), dfi,
+                            sfi, beta_w, m_grads.w1.data(), true, dfi, sw1, L);
+          break;
+        case up_dx:
+          gemm_bf16_batched(this_space, false, true, p, d, dfi, 1.f, m_dhpre_b.data(), dfi, sfi, w1b, dfi, sw1, 0.f,
+                            rows_bf16() ? static_cast<void*>(m_dxe_b.data()) : static_cast<void*>(m_dxe.data()),
+                            !rows_bf16(), d, sd, L);
+          break;
+      }
+    };
+    if (m_pad > 0) {
+      m_last_gemms.batched = true;
+      for (const Kind kind : kinds) batched(kind);
+      return;
+    }
     for (const Kind kind : kinds)
       if (!grouped(kind)) loop(kind);
     return;

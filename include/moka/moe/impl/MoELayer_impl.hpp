@@ -163,6 +163,7 @@ MoELayer<Scalar, MemorySpace>::MoELayer(const MoEConfig& config, std::shared_ptr
     m_grouped = config.gemm_grouped;
 #endif
   }
+  m_batched = config.gemm_batched;
   if (config.gate == GateType::trace) {
     m_trace_rows = read_trace_gate_rows(config);
     const long n = static_cast<long>(m_trace_rows.size());
@@ -401,6 +402,7 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
   {
     ScopedRegion r("moka::MoELayer::dispatch");
     route_to_slots(space);
+    pad_expert_rows(space);
     {
       if (m_tx.active()) m_tx.align_for_timing(space);
       ScopedRegion plan("moka::MoELayer::exchange_plan");
@@ -411,6 +413,9 @@ void MoELayer<Scalar, MemorySpace>::forward(const execution_space& space, const 
     ensure_expert_workspace(m_rows_e);
     impl::row_experts(space, m_e_offsets, m_row_expert, m_rows_e);
     // bf16 on one rank: the rows go straight to the GEMMs' bf16 operand.
+    if (m_pad > 0 && !rows_bf16()) impl::grow_rows(m_xs, m_rows_e, m_cfg.d_model, "xs");
+    // (Padded layout: the padding rows keep what they held, finite values
+    // whose products never reach a gradient: see the backward.)
     if (m_cfg.bf16_compute && !m_tx.active()) impl::gather_rows(space, x, m_slot, m_xs_b);
     else impl::gather_rows(space, x, m_slot, m_xs);
   }
@@ -469,7 +474,7 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
   // gradient straight into the GEMMs' bf16 operand (no fp32 copy).
   const bool dys_bf16 = rows_bf16();
   if (!dys_bf16) {
-    impl::grow_rows(m_dys, long(T) * k, d, "dys");
+    impl::grow_rows(m_dys, std::max(long(T) * k, m_pad > 0 ? rows_e : 0L), d, "dys");
     impl::grow_rows(m_dxe, rows_e, d, "dxe");
   }
   MOKA_REQUIRE(!bf16 || m_saved,
@@ -515,6 +520,12 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
                            m_cfg.expert_bias ? m_params.b2 : matrix(), m_row_expert);
   else
     impl::combine_backward(space, dy, m_ys, m_slot, m_score, m_dscore, dys, bmatrix());
+  // Padded layout: the padding rows' gradient is zeroed (their inputs and
+  // outputs hold stale or bias-only values, finite, since every row buffer
+  // is zero-filled when it grows), so dh, the pre-activation gradient and
+  // every weight and bias gradient get exact zeros from them.
+  if (dys_bf16) zero_padding_rows(space, m_dys_b);
+  else zero_padding_rows(space, dys);
   stage.reset();
   matrix dxs;
   if (m_tx.scheduled()) {
@@ -715,6 +726,48 @@ void MoELayer<Scalar, MemorySpace>::route_to_slots(const execution_space& space)
   m_rows = impl::assign_slots(space, DropPolicy::position, std::numeric_limits<long>::max() / 2,
                               Kokkos::View<long*, MemorySpace>(), m_slot_route, m_score, m_slot_counts, m_offsets,
                               m_slot, m_slot_work2, m_h_offsets);
+}
+
+template <class Scalar, class MemorySpace>
+void MoELayer<Scalar, MemorySpace>::pad_expert_rows(const execution_space& space) {
+  m_pad = 0;
+  // One rank's own rows only: the exchange, replicas and shadows lay rows
+  // out by source rank, and the fused epilogues' GEMMs are per expert.
+  const int L = m_L;
+  if (m_batched == GemmChoice::off || m_tx.active() || m_replicated || m_M > 0 || m_fused ||
+      static_cast<int>(m_h_offsets.size()) != L + 1)
+    return;
+  long most = 0, least = std::numeric_limits<long>::max();
+  for (int s = 0; s < L; ++s) {
+    const long c = m_h_offsets[s + 1] - m_h_offsets[s];
+    most         = std::max(most, c);
+    least        = std::min(least, c);
+  }
+  const long rows = m_h_offsets[L];
+  if (rows == 0) return;
+  const long pad = (most + 7) / 8 * 8;
+  if (m_batched == GemmChoice::automatic) {
+    bool use = false;
+#ifdef KOKKOS_ENABLE_CUDA
+    // Where strided-batched GEMMs beat one GEMM per expert on an H200
+    // (docs/performance.md), and the padding costs little.
+    use = m_cfg.bf16_compute && L >= auto_gemm_experts && pad * L * 8 <= rows * 9;
+#endif
+    if (!use) return;
+  }
+  MOKA_REQUIRE(pad * L <= std::numeric_limits<int>::max(), "moka::MoELayer: ", L, " experts padded to ", pad,
+               " rows overflow the int row indices; set expert.gemm_batched = false");
+  impl::pad_slot_rows(space, m_slot, m_offsets, L, pad);
+  for (int s = 0; s <= L; ++s) m_h_offsets[s] = static_cast<int>(s * pad);
+  m_pad           = pad;
+  m_pad_min_count = least;
+}
+
+template <class Scalar, class MemorySpace>
+template <class T>
+void MoELayer<Scalar, MemorySpace>::zero_padding_rows(const execution_space& space,
+                                                      const Kokkos::View<T**, Kokkos::LayoutRight, MemorySpace>& rows) {
+  if (m_pad > 0) impl::zero_padding_rows(space, rows, m_offsets, m_L, m_pad, m_pad_min_count);
 }
 
 template <class Scalar, class MemorySpace>
