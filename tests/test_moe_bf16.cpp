@@ -343,6 +343,11 @@ TEST(Bf16, BatchedGemmsMatchTheLoop) {
         expect_close_run(r1, rb);
       }
     }
+  // auto: a gate that spreads the tokens evenly (token t to experts t and
+  // t + 1 mod 16 through a diagonal gate weight) pads 16 experts by less
+  // than 1/8 and runs batched; one that sends every token to experts 0-2
+  // pads by far more than 1/2 and does not; random tokens as the rule says;
+  // 8 experts never run batched.
   moka::MoEConfig cfg = small_bf16_config(moka::Activation::gelu_erf, 16);
   cfg.gemm_batched    = moka::GemmChoice::automatic;
   moka::MoEConfig cfg8 = cfg;
@@ -350,19 +355,37 @@ TEST(Bf16, BatchedGemmsMatchTheLoop) {
   moka::MoELayer<float, Kokkos::CudaSpace> La(cfg), L8(cfg8);
   La.init_parameters(9);
   L8.init_parameters(9);
+  {
+    RefParams p = params_of(La);
+    std::fill(p.wg.begin(), p.wg.end(), 0.0);
+    for (int e = 0; e < 16; ++e) p.wg[std::size_t(e) * 16 + e] = 1.0;  // [d, E]
+    set_params(La, p);
+  }
+  const int d = cfg.d_model;
+  auto tokens = [&](int T, int spread) {
+    std::vector<double> x(std::size_t(T) * d, 0.0);
+    for (int t = 0; t < T; ++t)
+      x[std::size_t(t) * d + t % spread] = 2, x[std::size_t(t) * d + (t + 1) % spread] = 1;
+    return x;
+  };
   std::mt19937_64 rng(5);
   for (const int T : {8192, 300}) {
-    const auto x = random_vec(T * cfg.d_model, rng), G = random_vec(T * cfg.d_model, rng);
-    const auto ra = run_layer(La, T, x, G);
-    long most = 0, rows = 0;
-    for (int n : ra.counts) most = std::max<long>(most, n), rows += n;
-    const bool want = (most + 7) / 8 * 8 * 16 * 8 <= rows * 9;
-    std::cout << "T = " << T << ": " << rows << " rows, the largest expert " << most << ", batched " << want << "\n";
-    EXPECT_EQ(La.last_expert_gemms().batched, want) << "T = " << T;
-    EXPECT_EQ(La.padded_rows() > 0, want);
-    if (T == 8192) EXPECT_TRUE(want) << "16 x 1024 rows of random tokens pad by less than 1/8";
-    run_layer(L8, T, x, G);
-    EXPECT_FALSE(L8.last_expert_gemms().batched);
+    for (const int spread : {16, 3, 0}) {  // 0: random tokens
+      const bool balanced = spread == 16;
+      const auto x = spread ? tokens(T, spread) : random_vec(T * d, rng), G = random_vec(T * d, rng);
+      const auto ra = run_layer(La, T, x, G);
+      long most = 0, rows = 0;
+      for (int n : ra.counts) most = std::max<long>(most, n), rows += n;
+      const bool want = (most + 7) / 8 * 8 * 16 * 8 <= rows * (rows < 1024 * 16 ? 12 : 9);
+      std::cout << "T = " << T << ", tokens spread over " << (spread ? spread : 16) << (spread ? "" : " at random")
+                << " experts: " << rows << " rows, the largest expert " << most << ", batched " << want << "\n";
+      EXPECT_EQ(La.last_expert_gemms().batched, want) << "T = " << T;
+      EXPECT_EQ(La.padded_rows() > 0, want);
+      if (balanced) EXPECT_TRUE(want) << "evenly routed rows pad by less than 1/8";
+      if (spread == 3) EXPECT_FALSE(want) << "rows on 3 of 16 experts pad by more than 1/2";
+      run_layer(L8, T, x, G);
+      EXPECT_FALSE(L8.last_expert_gemms().batched);
+    }
   }
 }
 
