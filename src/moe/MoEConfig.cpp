@@ -143,7 +143,7 @@ DeckSchema MoEConfig::schema() {
                "other builds run their per-expert GEMMs over the padded rows (for testing). auto: bf16 on CUDA with "
                "16 or more local experts, when the padding adds at most 1/8 to the rows (1/2 when the experts "
                "average fewer than 1024 rows). Takes precedence over expert.gemm_streams and expert.gemm_grouped. "
-               "On an H200 it made the step 5% faster with 64 experts of 1536 rows, 1-3% with 16 of 4096 and 1.5x "
+               "On an H200 it made the step 5% faster with 64 experts of 1536 rows, 1% with 16 of 4096 and 1.5x "
                "with 64 of 256, and 2.5% slower with 8 of 4096 (docs/performance.md).");
   s.add("expert.gemm_streams", DeckType::integer)
       .set_default("0")
