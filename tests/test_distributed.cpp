@@ -209,12 +209,13 @@ void compare(const std::vector<double>& got, const std::vector<double>& want, bo
 
 template <class M>
 void check_layer(const Layout& lay, const std::shared_ptr<moka::ProcessGroups>& groups, const GateCase& gc,
-                 int T_global, int iters, Placed how) {
+                 int T_global, int iters, Placed how, bool batched = false) {
   using Layer = moka::MoELayer<double, M>;
   using matrix = typename Layer::matrix;
   typename Layer::execution_space space;
   moka::MoEConfig cfg = base_config();
   gc.set(cfg);
+  if (batched) cfg.gemm_batched = moka::GemmChoice::on;  // the padded rows (both layers)
   const int W = world_size(), rank = world_rank();
   if (cfg.num_experts % lay.ep != 0 || cfg.d_ff % lay.slice != 0) return;
   const std::string what = gc.name + " [" + groups->describe() + describe(how) +
@@ -286,6 +287,15 @@ void check_layer(const Layout& lay, const std::shared_ptr<moka::ProcessGroups>& 
     }
     if (groups->config().exchange_direct != "auto")
       EXPECT_EQ(dist.exchange_direct(), groups->config().exchange_direct == "on") << at;
+    if (batched) {
+      // Padded where the rows stay on their rank (no exchange) and it kept
+      // any (capacity may drop a rank's few tokens), else not.
+      double kept = 0;
+      for (double c : moka_test::to_vec(dist.expert_counts())) kept += c;
+      const bool pads = groups->ep_size() == 1 && groups->slice_size() == 1 && how != Placed::replicated && kept > 0;
+      EXPECT_EQ(dist.padded_rows() > 0, pads) << at;
+      EXPECT_GT(ref.padded_rows(), 0) << at;
+    }
     EXPECT_EQ(dist.tokens_global(), T_global) << at;
     EXPECT_EQ(dist.token_offset(), t0) << at;
     if (how == Placed::replicated && groups->edp_size() == 1 && groups->slice_size() == 1) {
@@ -333,10 +343,11 @@ void check_layer(const Layout& lay, const std::shared_ptr<moka::ProcessGroups>& 
 /// \p direct: comm.exchange_direct ("on" only where it can run: EP > 1,
 /// NCCL symmetric windows usable or MOKA_TEST_REQUIRE_DIRECT=1, which makes
 /// their absence an error; "auto" elsewhere); \p how: the experts placed
-/// contiguously, by permuted_placement() or by replicated_placement().
+/// contiguously, by permuted_placement() or by replicated_placement();
+/// \p batched: expert.gemm_batched = true in both layers.
 template <class M>
 void check_all_layouts(const std::string& backend, double coalesce_mb, double max_message_mb = 0,
-                       const std::string& direct = "off", Placed how = Placed::contiguous) {
+                       const std::string& direct = "off", Placed how = Placed::contiguous, bool batched = false) {
   const moka::MoEConfig base = base_config();
   const bool device = !Kokkos::SpaceAccessibility<Kokkos::HostSpace, M>::accessible;
   for (const Layout& lay : layouts(base.num_experts, base.d_ff)) {
@@ -365,7 +376,7 @@ void check_all_layouts(const std::string& backend, double coalesce_mb, double ma
       gc.set(cfg);
       for (int T : {13, 3}) {
         g_max_rel = 0;
-        check_layer<M>(lay, groups, gc, T, 2, how);
+        check_layer<M>(lay, groups, gc, T, 2, how, batched);
         if (world_rank() == 0 && T == 13)
           std::cout << gc.name << " " << describe(lay) << ": largest relative difference " << g_max_rel << "\n";
         // Every rank leaves together (a rank alone leaving hangs the others).
@@ -378,6 +389,12 @@ void check_all_layouts(const std::string& backend, double coalesce_mb, double ma
 }  // namespace
 
 TEST(Distributed, LayerEqualsOneRankHost) { check_all_layouts<Kokkos::HostSpace>("mpi", 32); }
+// expert.gemm_batched = true: the one-rank reference pads its expert rows;
+// the distributed layer pads where no exchange moves them (EDP only) and
+// runs packed under EP or slicing: all equal within round-off.
+TEST(Distributed, LayerEqualsOneRankHostPadded) {
+  check_all_layouts<Kokkos::HostSpace>("mpi", 32, 0, "off", Placed::contiguous, true);
+}
 TEST(Distributed, LayerEqualsOneRankHostBlocks) { check_all_layouts<Kokkos::HostSpace>("mpi", 0); }
 TEST(Distributed, LayerEqualsOneRankHostPieces) { check_all_layouts<Kokkos::HostSpace>("mpi", 0, 1e-4); }
 // The placement seam: experts on other ranks and in another order than the
