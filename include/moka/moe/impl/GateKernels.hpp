@@ -321,17 +321,21 @@ void transpose_gate_weights(const Exec& space, const gmat<S, M>& w, const gmat<S
       KOKKOS_LAMBDA(long e, long c) { wt(e, c) = w(c, e); });
 }
 
-/// out(t, e) = x(t, :) . wt(e, :), E <= EM, TPT tokens per thread: on
-/// CUDA a thread is a warp (vector length 32) whose lanes take the columns
+/// out(t, e) = x(t, :) . wt(e, :), E <= EM, TPT tokens per thread, the
+/// columns in packs of W (one 16-byte load each where the rows allow): on
+/// CUDA a thread is a warp (vector length 32) whose lanes take the packs
 /// (x read once, coalesced; wt from cache, reused by the TPT tokens), and
 /// one warp reduction (shuffles) sums its TPT x EM dot products; four
 /// warps a team. Host backends: a thread per TPT tokens.
-template <int TPT, int EM, class Exec, class S, class M>
+template <int TPT, int EM, int W, class Exec, class S, class M>
 void gate_logits_teams(const Exec& space, const gmat<S, M>& x, const gmat<S, M>& wt, const gmat<S, M>& out) {
   using team_policy = Kokkos::TeamPolicy<Exec>;
   using sums        = GateSums<S, TPT * EM>;
   const int T = static_cast<int>(x.extent(0)), d = static_cast<int>(x.extent(1));
   const int E = static_cast<int>(wt.extent(0));
+  const long lx = static_cast<long>(x.stride(0)), lw = static_cast<long>(wt.stride(0));
+  const S* X  = x.data();
+  const S* WT = wt.data();
   int team = 1, lanes = 1;
 #ifdef KOKKOS_ENABLE_CUDA
   if (std::is_same<Exec, Kokkos::Cuda>::value) team = 4, lanes = 32;
@@ -345,13 +349,14 @@ void gate_logits_teams(const Exec& space, const gmat<S, M>& x, const gmat<S, M>&
         const int nt = T - t0 < TPT ? T - t0 : TPT;
         sums acc;
         Kokkos::parallel_reduce(
-            Kokkos::ThreadVectorRange(m, d),
-            [&](int c, sums& a) {
-              S w[EM];
-              for (int e = 0; e < EM; ++e) w[e] = wt(e < E ? e : E - 1, c);
+            Kokkos::ThreadVectorRange(m, d / W),
+            [&](int cw, sums& a) {
+              Pack<S, W> w[EM];
+              for (int e = 0; e < EM; ++e) w[e] = load_pack<W>(WT + (e < E ? e : E - 1) * lw + long(cw) * W);
               for (int i = 0; i < TPT; ++i) {
-                const S xv = x(i < nt ? t0 + i : t0, c);
-                for (int e = 0; e < EM; ++e) a.v[i * EM + e] += xv * w[e];
+                const auto xv = load_pack<W>(X + long(i < nt ? t0 + i : t0) * lx + long(cw) * W);
+                for (int e = 0; e < EM; ++e)
+                  for (int q = 0; q < W; ++q) a.v[i * EM + e] += xv.v[q] * w[e].v[q];
               }
             },
             acc);
@@ -362,14 +367,25 @@ void gate_logits_teams(const Exec& space, const gmat<S, M>& x, const gmat<S, M>&
 
 /// out = x w for gates of at most gate_small_experts experts, given wt =
 /// w^T (transpose_gate_weights), in one pass over x; false (nothing done)
-/// for more experts. On an H200, for 16384 x 2048 x 8: 99 us (and 3 us for
+/// for more experts. On an H200, for 16384 x 2048 x 8: 67 us (and 3 us for
 /// the transpose) against 122 us of cuBLAS's SGEMM and its split-K pass.
 template <class Exec, class S, class M>
 bool gate_logits(const Exec& space, const gmat<S, M>& x, const gmat<S, M>& wt, const gmat<S, M>& out) {
   const int E = static_cast<int>(wt.extent(0));
-  if (E <= 8) gate_logits_teams<4, 8>(space, x, wt, out);
-  else if (E <= gate_small_experts) gate_logits_teams<2, gate_small_experts>(space, x, wt, out);
-  else return false;
+  if (E > gate_small_experts) return false;
+  // 16-byte packs where the rows allow: one float per lane and load left
+  // too few bytes in flight (99 us for 16384 x 2048 x 8 on an H200, a third
+  // of its memory bandwidth; 67 us in packs).
+  constexpr int W = 16 / sizeof(S) > 1 ? int(16 / sizeof(S)) : 1;
+  const long d    = static_cast<long>(x.extent(1));
+  const bool pk   = packs_fit(x, d, W) && packs_fit(wt, d, W);
+  if (E <= 8) {
+    if (pk) gate_logits_teams<4, 8, W>(space, x, wt, out);
+    else gate_logits_teams<4, 8, 1>(space, x, wt, out);
+  } else {
+    if (pk) gate_logits_teams<2, gate_small_experts, W>(space, x, wt, out);
+    else gate_logits_teams<2, gate_small_experts, 1>(space, x, wt, out);
+  }
   return true;
 }
 
