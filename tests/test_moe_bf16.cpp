@@ -9,6 +9,7 @@
 #include "MoETestUtils.hpp"
 
 #include <cmath>
+#include <initializer_list>
 #include <sstream>
 #include <tuple>
 
@@ -200,6 +201,22 @@ moka::MoEConfig small_bf16_config(moka::Activation act, int experts) {
   return cfg;
 }
 
+// Layers a and b (d_model d) on the same tokens, step after step of T in
+// \p Ts from one random stream (seed 4): the routing must agree, then
+// check(ra, rb) compares the two runs.
+template <class Layer, class Check>
+void run_on_same_tokens(Layer& a, Layer& b, int d, std::initializer_list<int> Ts, const Check& check) {
+  std::mt19937_64 rng(4);
+  for (const int T : Ts) {
+    const auto x  = random_vec(T * d, rng);
+    const auto G  = random_vec(T * d, rng);
+    const auto ra = run_layer(a, T, x, G);
+    const auto rb = run_layer(b, T, x, G);
+    ASSERT_EQ(ra.routing.idx, rb.routing.idx) << "T " << T;
+    check(ra, rb);
+  }
+}
+
 // expert.gemm_streams: the expert GEMMs spread over 4 streams give bitwise
 // what one stream gives (each expert's GEMMs are the same calls; only
 // their order between experts changes).
@@ -214,14 +231,8 @@ TEST(Bf16, GemmStreamsMatchOneStream) {
     ASSERT_EQ(Ls.gemm_streams(), 4);
     L1.init_parameters(9);
     Ls.init_parameters(9);
-    std::mt19937_64 rng(4);
-    const int T = 300;  // uneven, odd row counts per expert
-    const auto x = random_vec(T * cfg.d_model, rng);
-    const auto G = random_vec(T * cfg.d_model, rng);
-    const auto r1 = run_layer(L1, T, x, G);
-    const auto rs = run_layer(Ls, T, x, G);
-    ASSERT_EQ(r1.routing.idx, rs.routing.idx);
-    expect_same_run(r1, rs);
+    // 300 tokens: uneven, odd row counts per expert.
+    run_on_same_tokens(L1, Ls, cfg.d_model, {300}, [](const auto& r1, const auto& rs) { expect_same_run(r1, rs); });
   }
 }
 
@@ -238,17 +249,12 @@ TEST(Bf16, GroupedGemmsMatchTheLoop) {
     moka::MoELayer<float, Kokkos::CudaSpace> L1(cfg), Lg(cfg_g);
     L1.init_parameters(9);
     Lg.init_parameters(9);
-    std::mt19937_64 rng(4);
-    for (const int T : {300, 5}) {  // uneven rows per expert; then most experts empty
-      const auto x = random_vec(T * cfg.d_model, rng);
-      const auto G = random_vec(T * cfg.d_model, rng);
-      const auto r1 = run_layer(L1, T, x, G);
-      const auto rg = run_layer(Lg, T, x, G);
-      ASSERT_EQ(r1.routing.idx, rg.routing.idx);
+    // Uneven rows per expert; then most experts empty.
+    run_on_same_tokens(L1, Lg, cfg.d_model, {300, 5}, [&](const auto& r1, const auto& rg) {
       EXPECT_FALSE(L1.last_expert_gemms().grouped);
       EXPECT_TRUE(Lg.last_expert_gemms().grouped);
       expect_close_run(r1, rg);
-    }
+    });
     std::cout << "grouped GEMM kinds refused by cuBLAS: '" << Lg.gemm_grouped_refused() << "'\n";
   }
 }
@@ -330,20 +336,15 @@ TEST(Bf16, BatchedGemmsMatchTheLoop) {
         set_params(L1, p);
         set_params(Lb, p);
       }
-      std::mt19937_64 rng(4);
-      for (const int T : {300, 5, 200}) {  // uneven rows; most experts empty; fewer rows than the first step
-        const auto x  = random_vec(T * cfg.d_model, rng);
-        const auto G  = random_vec(T * cfg.d_model, rng);
-        const auto r1 = run_layer(L1, T, x, G);
-        const auto rb = run_layer(Lb, T, x, G);
-        ASSERT_EQ(r1.routing.idx, rb.routing.idx);
+      // Uneven rows; most experts empty; fewer rows than the first step.
+      run_on_same_tokens(L1, Lb, cfg.d_model, {300, 5, 200}, [&](const auto& r1, const auto& rb) {
         EXPECT_FALSE(L1.last_expert_gemms().batched);
         EXPECT_TRUE(Lb.last_expert_gemms().batched);
         long most = 0;
         for (int n : rb.counts) most = std::max<long>(most, n);
         EXPECT_EQ(Lb.padded_rows(), (most + 7) / 8 * 8);
         expect_close_run(r1, rb);
-      }
+      });
     }
   // auto: a gate that spreads the tokens evenly (token t to experts t and
   // t + 1 mod 16 through a diagonal gate weight) pads 16 experts by less

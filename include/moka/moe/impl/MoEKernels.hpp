@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace moka {
@@ -391,6 +392,22 @@ KOKKOS_INLINE_FUNCTION int chunk_expert(const V& chunk_start, int L, long q) {
 template <class T>
 constexpr int pack_of = 16 / sizeof(T) > 1 ? int(16 / sizeof(T)) : 1;
 
+/// The pack width of a row kernel that reads rows of TS and writes rows of
+/// S: f(std::integral_constant<int, P>) with P the widest that \p fit(P)
+/// accepts of 16 bytes of the narrower type (bf16 rows into fp32: 8 columns
+/// a thread, two 16-byte stores of S), 16 bytes of S, and 1. With 8-byte
+/// bf16 loads the combine and the undispatch left too few bytes in flight:
+/// on an H200 (A: 16384 tokens, d 2048, top-2) the combine went 88 -> 77 us
+/// and the undispatch with the gate's part 129 -> 107 us at 8 columns.
+template <class TS, class S, class Fit, class F>
+void with_row_packs(const Fit& fit, F&& f) {
+  constexpr int W  = pack_of<TS> > pack_of<S> ? pack_of<TS> : pack_of<S>;
+  constexpr int W2 = pack_of<S>;  // rows that fit only 16-byte packs of S (bf16 d = 36: 4 columns)
+  if (fit(W)) f(std::integral_constant<int, W>{});
+  else if (W2 != W && fit(W2)) f(std::integral_constant<int, W2>{});
+  else f(std::integral_constant<int, 1>{});
+}
+
 template <int W, class Exec, class S, class D, class M>
 void gather_rows_packs(const Exec& space, const mat<S, M>& x, const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot,
                        const mat<D, M>& xs) {
@@ -530,13 +547,7 @@ void sum_slot_rows(const Exec& space, const char* label, const mat<TS, M>& src,
                    const mat<S, M>& out, const mat<S, M>& bias = {}, const Kokkos::View<int*, M>& row_group = {},
                    const mat<S, M>& gd = {}, const mat<S, M>& gwt = {}) {
   const long d = static_cast<long>(out.extent(1));
-  // 16 bytes of the narrower type per load (bf16 rows into fp32: 8 columns
-  // a thread, two 16-byte stores): with 8-byte bf16 loads the combine and
-  // the undispatch left too few bytes in flight. On an H200 (A: 16384
-  // tokens, d 2048, top-2) the combine went 88 -> 77 us, the undispatch with
-  // the gate's part 129 -> 107 us.
-  constexpr int W = pack_of<TS> > pack_of<S> ? pack_of<TS> : pack_of<S>;
-  const int E     = gd.data() ? static_cast<int>(gd.extent(1)) : 0;
+  const int E  = gd.data() ? static_cast<int>(gd.extent(1)) : 0;
   MOKA_REQUIRE(E <= gate_small_experts, "moka::impl::sum_slot_rows: a gate part of ", E, " experts (at most ",
                gate_small_experts, ")");
   // The gate's loop only in the kernel instance that has one: compiled into
@@ -549,11 +560,10 @@ void sum_slot_rows(const Exec& space, const char* label, const mat<TS, M>& src,
       return packs_fit(src, d, p) && packs_fit(out, d, p) && (!bias.data() || packs_fit(bias, d, p)) &&
              (!gwt.data() || packs_fit(gwt, d, p));
     };
-    constexpr int W2 = pack_of<S>;  // rows that fit only 16-byte packs of S (bf16 d = 36: 4 columns)
-    if (fit(W)) sum_slot_rows_packs<W, Gate>(space, label, src, slot, w, accumulate, out, bias, row_group, gd, gwt);
-    else if (W2 != W && fit(W2))
-      sum_slot_rows_packs<W2, Gate>(space, label, src, slot, w, accumulate, out, bias, row_group, gd, gwt);
-    else sum_slot_rows_packs<1, Gate>(space, label, src, slot, w, accumulate, out, bias, row_group, gd, gwt);
+    with_row_packs<TS, S>(fit, [&](auto p) {
+      sum_slot_rows_packs<decltype(p)::value, Gate>(space, label, src, slot, w, accumulate, out, bias, row_group,
+                                                    gd, gwt);
+    });
   };
   if (E == 0) run(std::false_type{});
   else run(std::true_type{});
@@ -640,16 +650,13 @@ void combine_backward(const Exec& space, const mat<S, M>& dy, const mat<TY, M>& 
                       const mat<S, M>& dscore, const mat<S, M>& dys, const mat<bf16, M>& dys_b,
                       const mat<S, M>& bias = {}, const Kokkos::View<int*, M>& row_group = {}) {
   const long d = static_cast<long>(dy.extent(1));
-  constexpr int W = pack_of<TY> > pack_of<S> ? pack_of<TY> : pack_of<S>;  // as in sum_slot_rows
-  auto fit = [&](int p) {
+  auto fit     = [&](int p) {
     return packs_fit(dy, d, p) && packs_fit(ys, d, p) && (!dys.data() || packs_fit(dys, d, p)) &&
            (!dys_b.data() || packs_fit(dys_b, d, p)) && (!bias.data() || packs_fit(bias, d, p));
   };
-  constexpr int W2 = pack_of<S>;
-  if (fit(W)) combine_backward_packs<W>(space, dy, ys, slot, score, dscore, dys, dys_b, bias, row_group);
-  else if (W2 != W && fit(W2))
-    combine_backward_packs<W2>(space, dy, ys, slot, score, dscore, dys, dys_b, bias, row_group);
-  else combine_backward_packs<1>(space, dy, ys, slot, score, dscore, dys, dys_b, bias, row_group);
+  with_row_packs<TY, S>(fit, [&](auto p) {
+    combine_backward_packs<decltype(p)::value>(space, dy, ys, slot, score, dscore, dys, dys_b, bias, row_group);
+  });
 }
 
 template <int W, class Exec, class S, class M>
