@@ -1161,7 +1161,8 @@ TEST(MoEKernels, PackedRowKernelsMatchLoops) {
 // logits in one pass over the tokens, and the gate's part of dx summed in
 // the undispatch pass, against double sums; token counts that do not fill
 // the last team, expert counts below and at both register widths, and one
-// gate too large for them (the GEMM's, reported by returning false).
+// gate too large for them (the GEMM's, reported by returning false);
+// model widths that change how many lanes share a token group.
 template <class S>
 void check_small_gate(int T, int d, int E) {
   using M   = moka::memory_space;
@@ -1193,9 +1194,14 @@ void check_small_gate(int T, int d, int E) {
   ASSERT_EQ(small, E <= moka::impl::gate_small_experts) << "E " << E;
   if (!small) return;
   moka::impl::scatter_add_rows(space, src, slot, dx, gd, wt);
+  // The 2-tokens-a-thread undispatch that scatter_add_rows picks on CUDA,
+  // called directly so that host builds run it too (odd T: a half pair).
+  dm dx2("dx2", T, d);
+  moka::impl::undispatch_gate_packs<1, 2>(space, "undispatch2", src, slot, dx2, gd, wt);
   space.fence();
   auto hl = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), logits);
   auto hdx = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), dx);
+  auto hdx2 = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), dx2);
   const double tol = std::is_same<S, float>::value ? 2e-6 : 1e-14;
   for (int t = 0; t < T; ++t) {
     for (int e = 0; e < E; ++e) {
@@ -1209,6 +1215,7 @@ void check_small_gate(int T, int d, int E) {
       for (int j = 0; j < k; ++j)
         if (hslot(t, j) >= 0) ref += double(hs(hslot(t, j), c)), mag += std::abs(double(hs(hslot(t, j), c)));
       ASSERT_NEAR(double(hdx(t, c)), ref, tol * mag) << "dx t " << t << " c " << c << " E " << E;
+      ASSERT_NEAR(double(hdx2(t, c)), ref, tol * mag) << "dx (2 tokens) t " << t << " c " << c << " E " << E;
     }
   }
 }
@@ -1219,4 +1226,10 @@ TEST(MoEKernels, SmallGateLogitsAndUndispatchGatePart) {
     check_small_gate<double>(37, 13, E);  // and not
   }
   check_small_gate<float>(1000, 256, 8);
+  // Widths that give the CUDA kernel 8, 16 and 32 lanes a token group
+  // (4 above); token counts that leave the last group part full.
+  check_small_gate<float>(45, 1024, 16);
+  check_small_gate<float>(45, 2048, 8);
+  check_small_gate<float>(45, 4096, 13);
+  check_small_gate<double>(45, 2048, 16);
 }

@@ -323,10 +323,15 @@ void transpose_gate_weights(const Exec& space, const gmat<S, M>& w, const gmat<S
 
 /// out(t, e) = x(t, :) . wt(e, :), E <= EM, TPT tokens per thread, the
 /// columns in packs of W (one 16-byte load each where the rows allow): on
-/// CUDA a thread is a warp (vector length 32) whose lanes take the packs
-/// (x read once, coalesced; wt from cache, reused by the TPT tokens), and
-/// one warp reduction (shuffles) sums its TPT x EM dot products; four
-/// warps a team. Host backends: a thread per TPT tokens.
+/// CUDA a thread is a group of lanes (vector length 4 to 32) that take the
+/// packs (x read once, coalesced; wt from cache, reused by the TPT tokens),
+/// and one reduction over the lanes (shuffles) sums its TPT x EM dot
+/// products; 128 lanes a team. The lanes are as many as give each about 32
+/// packs: the reduction costs TPT EM log2(lanes) shuffles per lane, which
+/// 32 lanes on 8 packs each paid more for than the loads (H200, ncu: D's
+/// 32768 x 1024 x 16 took 121 us at 32 lanes and 2 tokens, 87 at 8 lanes
+/// and 8 tokens; A's 16384 x 2048 x 8, 4 tokens, 67 at 32 lanes, 58 at 16,
+/// 80 at 8). Host backends: a thread per TPT tokens.
 template <int TPT, int EM, int W, class Exec, class S, class M>
 void gate_logits_teams(const Exec& space, const gmat<S, M>& x, const gmat<S, M>& wt, const gmat<S, M>& out) {
   using team_policy = Kokkos::TeamPolicy<Exec>;
@@ -338,7 +343,12 @@ void gate_logits_teams(const Exec& space, const gmat<S, M>& x, const gmat<S, M>&
   const S* WT = wt.data();
   int team = 1, lanes = 1;
 #ifdef KOKKOS_ENABLE_CUDA
-  if (std::is_same<Exec, Kokkos::Cuda>::value) team = 4, lanes = 32;
+  if (std::is_same<Exec, Kokkos::Cuda>::value) {
+    const int packs = d / W;
+    lanes = 4;
+    while (lanes < 32 && packs / (2 * lanes) >= 32) lanes *= 2;
+    team = 128 / lanes;
+  }
 #endif
   const int per_team = TPT * team;
   Kokkos::parallel_for(
@@ -351,12 +361,14 @@ void gate_logits_teams(const Exec& space, const gmat<S, M>& x, const gmat<S, M>&
         Kokkos::parallel_reduce(
             Kokkos::ThreadVectorRange(m, d / W),
             [&](int cw, sums& a) {
-              Pack<S, W> w[EM];
-              for (int e = 0; e < EM; ++e) w[e] = load_pack<W>(WT + (e < E ? e : E - 1) * lw + long(cw) * W);
-              for (int i = 0; i < TPT; ++i) {
-                const auto xv = load_pack<W>(X + long(i < nt ? t0 + i : t0) * lx + long(cw) * W);
-                for (int e = 0; e < EM; ++e)
-                  for (int q = 0; q < W; ++q) a.v[i * EM + e] += xv.v[q] * w[e].v[q];
+              // The TPT tokens' packs held, each expert's weights loaded once
+              // for all of them (registers: TPT W + TPT EM + W).
+              Pack<S, W> xv[TPT];
+              for (int i = 0; i < TPT; ++i) xv[i] = load_pack<W>(X + long(i < nt ? t0 + i : t0) * lx + long(cw) * W);
+              for (int e = 0; e < EM; ++e) {
+                const auto w = load_pack<W>(WT + (e < E ? e : E - 1) * lw + long(cw) * W);
+                for (int i = 0; i < TPT; ++i)
+                  for (int q = 0; q < W; ++q) a.v[i * EM + e] += xv[i].v[q] * w.v[q];
               }
             },
             acc);
@@ -382,9 +394,9 @@ bool gate_logits(const Exec& space, const gmat<S, M>& x, const gmat<S, M>& wt, c
   if (E <= 8) {
     if (pk) gate_logits_teams<4, 8, W>(space, x, wt, out);
     else gate_logits_teams<4, 8, 1>(space, x, wt, out);
-  } else {
-    if (pk) gate_logits_teams<2, gate_small_experts, W>(space, x, wt, out);
-    else gate_logits_teams<2, gate_small_experts, 1>(space, x, wt, out);
+  } else {  // 8 tokens a thread (2: 149 us for D at 8 lanes, 4: 113, 8: 87)
+    if (pk) gate_logits_teams<8, gate_small_experts, W>(space, x, wt, out);
+    else gate_logits_teams<8, gate_small_experts, 1>(space, x, wt, out);
   }
   return true;
 }

@@ -185,6 +185,7 @@ KOKKOS_INLINE_FUNCTION void activation_grad_row(const S* g, const S* x, const S*
 template <class M>
 struct SlotWork {
   Kokkos::View<int*, M> total, start;                 // per expert [E], offsets [E + 1]
+  Kokkos::View<int*, M> base, end;                    // per expert [E]: the rank scan's bounds
   Kokkos::View<int*, M> rank, keep, group;            // per assignment [N]
   Kokkos::View<int**, Kokkos::LayoutRight, M> hist;   // per (chunk, expert)
   int chunk = 16;                                     // assignments per chunk
@@ -198,6 +199,8 @@ struct SlotWork {
         v = Kokkos::View<int*, M>(Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string(label)), n);
     };
     grow(total, E, "moka::slots::total");
+    grow(base, E, "moka::slots::base");
+    grow(end, E, "moka::slots::end");
     grow(start, E + 1, "moka::slots::start");
     grow(rank, N, "moka::slots::rank");
     grow(keep, N, "moka::slots::keep");
@@ -212,48 +215,53 @@ struct SlotWork {
 /// same expert and pass \p mask (every routed one when \p use_mask is
 /// false); total(e) = how many pass per expert. Assignments that do not
 /// pass get rank -1. A histogram per chunk of assignments (one thread per
-/// chunk), an exclusive scan of the chunks per expert (one team per
-/// expert), then one thread per chunk hands out the ranks: the same
-/// result as a sequential count, in O(N) work.
+/// chunk), an exclusive scan of the chunks per expert (one scan over all
+/// (expert, chunk) pairs, each expert's base taken off after), then one
+/// thread per chunk hands out the ranks: the same result as a sequential
+/// count, in O(N) work.
 template <class Exec, class M>
 void rank_within_expert(const Exec& space, const Kokkos::View<int**, Kokkos::LayoutRight, M>& idx, bool use_mask,
                         const Kokkos::View<int*, M>& mask, SlotWork<M>& work, const Kokkos::View<int*, M>& rank,
                         const Kokkos::View<int*, M>& total) {
-  using team_policy = Kokkos::TeamPolicy<Exec>;
-  using member      = typename team_policy::member_type;
   const int k = static_cast<int>(idx.extent(1));
   const int N = static_cast<int>(idx.extent(0)) * k;
   const int E = static_cast<int>(work.hist.extent(1));
   const int chunk = work.chunk, chunks = (N + chunk - 1) / chunk;
   auto hist = work.hist;
+  auto base = work.base, end = work.end;
   Kokkos::parallel_for(
       "moka::rank_histogram", Kokkos::RangePolicy<Exec>(space, 0, chunks), KOKKOS_LAMBDA(int q) {
         for (int e = 0; e < E; ++e) hist(q, e) = 0;
-        const int end = (q + 1) * chunk < N ? (q + 1) * chunk : N;
-        for (int i = q * chunk; i < end; ++i) {
+        const int last = (q + 1) * chunk < N ? (q + 1) * chunk : N;
+        for (int i = q * chunk; i < last; ++i) {
           const int e = idx(i / k, i % k);
           if (e >= 0 && (!use_mask || mask(i))) ++hist(q, e);
         }
       });
-  Kokkos::parallel_for(
-      "moka::rank_scan", team_policy(space, E, Kokkos::AUTO), KOKKOS_LAMBDA(const member& team) {
-        const int e = team.league_rank();
-        Kokkos::parallel_scan(Kokkos::TeamThreadRange(team, chunks), [&](int q, int& partial, bool final) {
-          const int c = hist(q, e);
-          if (final) {
-            hist(q, e) = partial;
-            if (q == chunks - 1) total(e) = partial + c;
-          }
-          partial += c;
-        });
-        if (chunks == 0) Kokkos::single(Kokkos::PerTeam(team), [&]() { total(e) = 0; });
+  // The chunks of expert e are i = e chunks + q of one scan (a team per
+  // expert scanning its chunks left E one-block teams: 64 us for 16 x 4096
+  // chunks on an H200, at 0.1% of its memory bandwidth).
+  Kokkos::parallel_scan(
+      "moka::rank_scan", Kokkos::RangePolicy<Exec>(space, 0, long(E) * chunks),
+      KOKKOS_LAMBDA(long i, int& partial, bool final) {
+        const int e = static_cast<int>(i / chunks), q = static_cast<int>(i % chunks);
+        const int c = hist(q, e);
+        if (final) {
+          if (q == 0) base(e) = partial;
+          if (q == chunks - 1) end(e) = partial + c;
+          hist(q, e) = partial;
+        }
+        partial += c;
       });
   Kokkos::parallel_for(
+      "moka::rank_totals", Kokkos::RangePolicy<Exec>(space, 0, E),
+      KOKKOS_LAMBDA(int e) { total(e) = chunks > 0 ? end(e) - base(e) : 0; });
+  Kokkos::parallel_for(
       "moka::rank_assign", Kokkos::RangePolicy<Exec>(space, 0, chunks), KOKKOS_LAMBDA(int q) {
-        const int end = (q + 1) * chunk < N ? (q + 1) * chunk : N;
-        for (int i = q * chunk; i < end; ++i) {
+        const int last = (q + 1) * chunk < N ? (q + 1) * chunk : N;
+        for (int i = q * chunk; i < last; ++i) {
           const int e = idx(i / k, i % k);
-          rank(i)     = (e >= 0 && (!use_mask || mask(i))) ? hist(q, e)++ : -1;
+          rank(i)     = (e >= 0 && (!use_mask || mask(i))) ? hist(q, e)++ - base(e) : -1;
         }
       });
 }
@@ -541,6 +549,62 @@ void sum_slot_rows_packs(const Exec& space, const char* label, const mat<TS, M>&
       });
 }
 
+/// The undispatch with the gate's part of dx: out(t,:) = gd(t,:) gwt +
+/// sum_j [slot >= 0] src(slot(t,j),:), TT tokens a thread, so that each
+/// pack of the gate weights loaded serves TT tokens (one token a thread
+/// read E packs of gwt from cache per pack written). H200, ncu, bf16 rows
+/// into fp32 dx: D's 16 experts 170 us one token a thread
+/// (sum_slot_rows_packs), 126 at TT = 2, 173 at TT = 4; A's 8: 107, 101,
+/// 160. The same sums in the same order as sum_slot_rows_packs<W, true>.
+#ifdef KOKKOS_ENABLE_CUDA
+template <class Exec>
+constexpr bool two_tokens_undispatch = std::is_same<Exec, Kokkos::Cuda>::value;
+#else
+template <class Exec>
+constexpr bool two_tokens_undispatch = false;
+#endif
+
+template <int W, int TT, class Exec, class TS, class S, class M>
+void undispatch_gate_packs(const Exec& space, const char* label, const mat<TS, M>& src,
+                           const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& out,
+                           const mat<S, M>& gd, const mat<S, M>& gwt) {
+  const long T = static_cast<long>(out.extent(0)), d = static_cast<long>(out.extent(1));
+  const int k  = static_cast<int>(slot.extent(1));
+  const int E  = static_cast<int>(gd.extent(1));
+  const long ls = src.stride(0), lo = out.stride(0), lgw = gwt.stride(0);
+  const TS* SRC = src.data();
+  const S* GW   = gwt.data();
+  S* O          = out.data();
+  Kokkos::parallel_for(
+      label, impl::row_major_2d(space, (T + TT - 1) / TT, d / W), KOKKOS_LAMBDA(long tb, long cw) {
+        const long t0 = tb * TT;
+        const int nt  = T - t0 < TT ? static_cast<int>(T - t0) : TT;
+        Pack<S, W> acc[TT];
+        for (int u = 0; u < TT; ++u)
+          for (int i = 0; i < W; ++i) acc[u].v[i] = 0;
+        for (int e = 0; e < E; ++e) {
+          const auto v = load_pack<W>(GW + e * lgw + cw * W);
+          for (int u = 0; u < TT; ++u) {
+            const S g = gd(u < nt ? t0 + u : t0, e);
+            for (int i = 0; i < W; ++i) acc[u].v[i] += g * v.v[i];
+          }
+        }
+        // The TT tokens' rows of choice j are loaded together (no store in
+        // between for the compiler to order them after); stored at the end.
+        for (int j = 0; j < k; ++j) {
+          int r[TT];
+          for (int u = 0; u < TT; ++u) r[u] = u < nt ? slot(t0 + u, j) : -1;
+          Pack<TS, W> v[TT];
+          for (int u = 0; u < TT; ++u)
+            if (r[u] >= 0) v[u] = load_pack<W>(SRC + r[u] * ls + cw * W);
+          for (int u = 0; u < TT; ++u)
+            if (r[u] >= 0)
+              for (int i = 0; i < W; ++i) acc[u].v[i] += static_cast<S>(v[u].v[i]);
+        }
+        for (int u = 0; u < nt; ++u) store_pack<W>(O + (t0 + u) * lo + cw * W, acc[u]);
+      });
+}
+
 template <class Exec, class TS, class S, class M>
 void sum_slot_rows(const Exec& space, const char* label, const mat<TS, M>& src,
                    const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& w, bool accumulate,
@@ -560,6 +624,16 @@ void sum_slot_rows(const Exec& space, const char* label, const mat<TS, M>& src,
       return packs_fit(src, d, p) && packs_fit(out, d, p) && (!bias.data() || packs_fit(bias, d, p)) &&
              (!gwt.data() || packs_fit(gwt, d, p));
     };
+    // The undispatch with the gate's part, 2 tokens a thread on CUDA (see
+    // undispatch_gate_packs); host backends keep one token a thread (2 cores,
+    // OpenMP, bench_cpu.deck: 0.98 ms a step at 2 tokens, 1.14 at 4, 0.67-0.84 at 1).
+    if constexpr (Gate && impl::two_tokens_undispatch<Exec>) {
+      if (!w.data() && !bias.data() && !accumulate) {
+        with_row_packs<TS, S>(
+            fit, [&](auto p) { undispatch_gate_packs<decltype(p)::value, 2>(space, label, src, slot, out, gd, gwt); });
+        return;
+      }
+    }
     with_row_packs<TS, S>(fit, [&](auto p) {
       sum_slot_rows_packs<decltype(p)::value, Gate>(space, label, src, slot, w, accumulate, out, bias, row_group,
                                                     gd, gwt);
