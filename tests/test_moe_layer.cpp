@@ -938,11 +938,11 @@ TEST(MoEKernels, SlotAssignmentMatchesSequentialCounting) {
 }
 
 template <class S>
-void check_row_kernels(int d) {
+void check_row_kernels(int d, int k) {
   using mat = Kokkos::View<S**, Kokkos::LayoutRight, Kokkos::HostSpace>;
   constexpr int W = 16 / sizeof(S);
-  const int T = 9, k = 2, E = 3;
-  std::mt19937_64 rng(17 + d);
+  const int T = 9, E = 3;
+  std::mt19937_64 rng(17 + d + 100 * k);
   // Slots: every (t, j) gets a distinct row except a few dropped ones.
   imat slot("slot", T, k);
   std::vector<int> perm(T * k);
@@ -1151,10 +1151,13 @@ TEST(MoEKernels, GrowRowsExactFirstThenSpare) {
 }
 
 TEST(MoEKernels, PackedRowKernelsMatchLoops) {
-  for (int d : {13, 16}) {
-    check_row_kernels<float>(d);
-    check_row_kernels<double>(d);
-  }
+  // Top-2, and top-6: more choices than the combine backward takes in one
+  // pass over dy (4), so two passes, the second part full.
+  for (int k : {2, 6})
+    for (int d : {13, 16}) {
+      check_row_kernels<float>(d, k);
+      check_row_kernels<double>(d, k);
+    }
 }
 
 // The small gates' kernels (up to impl::gate_small_experts experts): the

@@ -665,7 +665,7 @@ void scatter_add_rows(const Exec& space, const mat<TS, M>& dxs,
   sum_slot_rows(space, "moka::undispatch", dxs, slot, mat<S, M>(), gd.data() == nullptr, dx, mat<S, M>(), {}, gd, gwt);
 }
 
-template <int W, class Exec, class TY, class S, class M>
+template <int W, int KC, class Exec, class TY, class S, class M>
 void combine_backward_packs(const Exec& space, const mat<S, M>& dy, const mat<TY, M>& ys,
                             const Kokkos::View<int**, Kokkos::LayoutRight, M>& slot, const mat<S, M>& score,
                             const mat<S, M>& dscore, const mat<S, M>& dys, const mat<bf16, M>& dys_b,
@@ -673,45 +673,69 @@ void combine_backward_packs(const Exec& space, const mat<S, M>& dy, const mat<TY
   using team_policy = Kokkos::TeamPolicy<Exec>;
   const int T = static_cast<int>(dy.extent(0)), k = static_cast<int>(slot.extent(1));
   const long d = static_cast<long>(dy.extent(1));
-  const long lg = dy.stride(0), ly = ys.stride(0), lo = dys.stride(0);
+  const long lg = dy.stride(0), ly = ys.stride(0), lo = dys.data() ? long(dys.stride(0)) : 0;
   const long lb = dys_b.data() ? long(dys_b.stride(0)) : 0, lbi = bias.data() ? long(bias.stride(0)) : 0;
   const S* G   = dy.data();
   const TY* YS = ys.data();
   const S* BI  = bias.data();
   S* O         = dys.data();
   bf16* OB     = dys_b.data();
+  int team = 1, lanes = 1;
+#ifdef KOKKOS_ENABLE_CUDA
+  if (std::is_same<Exec, Kokkos::Cuda>::value) {  // about 8 packs a lane
+    const long packs = d / W;
+    lanes            = 4;
+    while (lanes < 32 && packs / (2 * lanes) >= 8) lanes *= 2;
+    team = 128 / lanes;
+  }
+#endif
   Kokkos::parallel_for(
-      "moka::combine_backward", team_policy(space, T * k, Kokkos::AUTO),
-      KOKKOS_LAMBDA(const typename team_policy::member_type& team) {
-        const int i = team.league_rank();
-        const int t = i / k, j = i % k, r = slot(t, j);
-        S acc = 0;
-        if (r >= 0) {
-          const S w    = score(t, j);
-          const long e = BI ? long(row_group(r)) : 0;
+      "moka::combine_backward", team_policy(space, (T + team - 1) / team, team, lanes),
+      KOKKOS_LAMBDA(const typename team_policy::member_type& m) {
+        const int t = m.league_rank() * m.team_size() + m.team_rank();
+        if (t >= T) return;  // a whole thread (all its lanes)
+        for (int j0 = 0; j0 < k; j0 += KC) {
+          const int nj = k - j0 < KC ? k - j0 : KC;
+          int r[KC];
+          S w[KC];
+          long e[KC];
+          for (int u = 0; u < KC; ++u) {
+            r[u] = u < nj ? slot(t, j0 + u) : -1;
+            w[u] = r[u] >= 0 ? score(t, j0 + u) : S(0);
+            e[u] = BI && r[u] >= 0 ? long(row_group(r[u])) : 0;
+          }
+          GateSums<S, KC> acc;
           Kokkos::parallel_reduce(
-              Kokkos::TeamThreadRange(team, d / W),
-              [&](long cw, S& a) {
+              Kokkos::ThreadVectorRange(m, d / W),
+              [&](long cw, GateSums<S, KC>& a) {
                 const auto g = load_pack<W>(G + t * lg + cw * W);
-                const auto y = load_pack<W>(YS + r * ly + cw * W);
-                Pack<S, W> o, bv;
-                if (BI) bv = load_pack<W>(BI + e * lbi + cw * W);
-                Pack<bf16, W> ob;
-                for (int q = 0; q < W; ++q) {
-                  a += g.v[q] * (BI ? static_cast<S>(y.v[q]) + bv.v[q] : static_cast<S>(y.v[q]));
-                  o.v[q]  = w * g.v[q];
-                  ob.v[q] = bf16(float(o.v[q]));
+                Pack<TY, W> y[KC];  // the choices' rows loaded together
+                for (int u = 0; u < KC; ++u)
+                  if (r[u] >= 0) y[u] = load_pack<W>(YS + r[u] * ly + cw * W);
+                for (int u = 0; u < KC; ++u) {
+                  if (r[u] < 0) continue;
+                  Pack<S, W> o, bv;
+                  if (BI) bv = load_pack<W>(BI + e[u] * lbi + cw * W);
+                  Pack<bf16, W> ob;
+                  for (int q = 0; q < W; ++q) {
+                    a.v[u] += g.v[q] * (BI ? static_cast<S>(y[u].v[q]) + bv.v[q] : static_cast<S>(y[u].v[q]));
+                    o.v[q]  = w[u] * g.v[q];
+                    ob.v[q] = bf16(float(o.v[q]));
+                  }
+                  if (O) store_pack<W>(O + r[u] * lo + cw * W, o);
+                  if (OB) store_pack<W>(OB + r[u] * lb + cw * W, ob);
                 }
-                if (O) store_pack<W>(O + r * lo + cw * W, o);
-                if (OB) store_pack<W>(OB + r * lb + cw * W, ob);
               },
               acc);
+          Kokkos::parallel_for(Kokkos::ThreadVectorRange(m, nj),
+                               [&](int u) { dscore(t, j0 + u) = r[u] >= 0 ? acc.v[u] : S(0); });
         }
-        Kokkos::single(Kokkos::PerTeam(team), [&]() { dscore(t, j) = acc; });
       });
 }
 
-/// Combine backward in one pass, one team per (token, choice) reading dy(t,:)
+/// Combine backward in one pass, a thread per token (on CUDA a group of
+/// 4-32 lanes over the row's packs, the choices' dot products summed by
+/// shuffles; up to 4 choices a pass over dy(t,:)), reading dy(t,:) once
 /// and ys(r,:) coalesced: dscore(t,j) = dy(t,:) . (ys(r,:) [+ bias(row_group(r),:)])
 /// (ys fp32 / fp64 or bf16, as in combine_rows) and the gradient
 /// of the expert row, dys(r,:) = score(t,j) dy(t,:) (and its bf16 copy
@@ -729,7 +753,7 @@ void combine_backward(const Exec& space, const mat<S, M>& dy, const mat<TY, M>& 
            (!dys_b.data() || packs_fit(dys_b, d, p)) && (!bias.data() || packs_fit(bias, d, p));
   };
   with_row_packs<TY, S>(fit, [&](auto p) {
-    combine_backward_packs<decltype(p)::value>(space, dy, ys, slot, score, dscore, dys, dys_b, bias, row_group);
+    combine_backward_packs<decltype(p)::value, 4>(space, dy, ys, slot, score, dscore, dys, dys_b, bias, row_group);
   });
 }
 

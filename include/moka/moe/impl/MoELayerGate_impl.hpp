@@ -303,7 +303,10 @@ bool MoELayer<Scalar, MemorySpace>::gate_backward(const execution_space& space, 
         });
   }
   // The weights' gradient stays cuBLAS's: a chunked kernel of partial sums
-  // (one thread per 128 tokens and column) took 134 us against 75 (A, H200).
+  // (one thread per 128 tokens and column) took 134 us against 75 (A, H200);
+  // one with a thread per 128 tokens and 8 columns, all experts in
+  // registers, 112 us against 74 on A and 211 against 80 on D (eighth
+  // session, docs/performance.md).
   impl::gemm(space, "T", "N", Scalar(1), m_gin, dclean, Scalar(1), m_grads.gate_w);
   if (m_gate_wt.data() && type != GateType::noisy && !m_gate_jittered) {
     // dx's gate part, dlogits W_gate^T, is summed by the undispatch pass
