@@ -1152,7 +1152,7 @@ TEST(MoEKernels, GrowRowsExactFirstThenSpare) {
 
 TEST(MoEKernels, PackedRowKernelsMatchLoops) {
   // Top-2, and top-6: more choices than the combine backward takes in one
-  // pass over dy (4), so two passes, the second part full.
+  // pass over dy (4), so two passes, the second only partly filled (2).
   for (int k : {2, 6})
     for (int d : {13, 16}) {
       check_row_kernels<float>(d, k);
