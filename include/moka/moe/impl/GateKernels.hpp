@@ -19,6 +19,15 @@ using gmat = Kokkos::View<S**, Kokkos::LayoutRight, M>;
 template <class M>
 using imat = Kokkos::View<int**, Kokkos::LayoutRight, M>;
 
+/// Lanes (4 to 32, powers of two) for a CUDA row pass whose threads each
+/// walk a row of \p packs loads: doubled while every lane keeps at least
+/// \p packs_per_lane of them. Teams of 128 / lanes threads.
+inline int row_lanes(long packs, long packs_per_lane) {
+  int lanes = 4;
+  while (lanes < 32 && packs / (2 * lanes) >= packs_per_lane) lanes *= 2;
+  return lanes;
+}
+
 // ------------------------------------------------------------ randomness
 /// A counter-based generator: the same (seed, counter) gives the same
 /// number on every backend and thread count. Uniform in (0, 1).
@@ -344,10 +353,8 @@ void gate_logits_teams(const Exec& space, const gmat<S, M>& x, const gmat<S, M>&
   int team = 1, lanes = 1;
 #ifdef KOKKOS_ENABLE_CUDA
   if (std::is_same<Exec, Kokkos::Cuda>::value) {
-    const int packs = d / W;
-    lanes = 4;
-    while (lanes < 32 && packs / (2 * lanes) >= 32) lanes *= 2;
-    team = 128 / lanes;
+    lanes = row_lanes(d / W, 32);
+    team  = 128 / lanes;
   }
 #endif
   const int per_team = TPT * team;

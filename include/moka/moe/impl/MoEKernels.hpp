@@ -683,10 +683,8 @@ void combine_backward_packs(const Exec& space, const mat<S, M>& dy, const mat<TY
   int team = 1, lanes = 1;
 #ifdef KOKKOS_ENABLE_CUDA
   if (std::is_same<Exec, Kokkos::Cuda>::value) {  // about 8 packs a lane
-    const long packs = d / W;
-    lanes            = 4;
-    while (lanes < 32 && packs / (2 * lanes) >= 8) lanes *= 2;
-    team = 128 / lanes;
+    lanes = row_lanes(d / W, 8);
+    team  = 128 / lanes;
   }
 #endif
   Kokkos::parallel_for(
