@@ -1096,7 +1096,8 @@ TEST(MoEKernels, GrowRowsZeroFills) {
 
 // The bf16 activation backward of a one-input activation runs in place in
 // the layer (dh is dhpre's buffer): each element of dh is read before its
-// dhpre is written, so in place gives bitwise what a separate output gives.
+// dhpre is written, so in place gives bitwise what a separate output gives;
+// the chunk kernel (biases, column sums) and the row kernel (no biases).
 TEST(MoEKernels, Bf16ActivationBackwardInPlace) {
   using bmat = Kokkos::View<moka::bf16**, Kokkos::LayoutRight, Kokkos::HostSpace>;
   using fmat = Kokkos::View<float**, Kokkos::LayoutRight, Kokkos::HostSpace>;
@@ -1130,6 +1131,22 @@ TEST(MoEKernels, Bf16ActivationBackwardInPlace) {
       }
     for (int q = 0; q < 3; ++q)
       for (int c = 0; c < dff; ++c) ASSERT_EQ(work_a(q, c), work_b(q, c));
+    // Without biases, by rows (4 a thread: 20 rows, then 19 with a partial
+    // last group), apart and in place.
+    for (const int n : {rows, rows - 1}) {
+      Kokkos::deep_copy(out, moka::bf16(7.f));
+      Kokkos::deep_copy(inplace, dh);
+      moka::impl::activation_backward_bf16_rows(HostExec(), act, n, dff, dh, hpre, out);
+      moka::impl::activation_backward_bf16_rows(HostExec(), act, n, dff, inplace, hpre, inplace);
+      HostExec().fence();
+      for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < dff; ++c) {
+          const float want = r < n ? float(moka::bf16(float(dh(r, c)) * moka::impl::activate_grad(act, float(hpre(r, c)))))
+                                   : 7.f;
+          ASSERT_EQ(float(out(r, c)), want) << n << ": " << r << " " << c;
+          ASSERT_EQ(float(inplace(r, c)), r < n ? want : float(dh(r, c))) << n << ": " << r << " " << c;
+        }
+    }
   }
 }
 

@@ -556,12 +556,15 @@ void MoELayer<Scalar, MemorySpace>::backward(const execution_space& space, const
     if (m_fused) {
       expert_bias_grad(space, m_dhpre_b, m_grads.b1);
     } else if (bf16) {
-      // Fused with the first pass of the b1 gradient (the same chunks and
-      // order as expert_column_sums).
-      const bool bias = m_cfg.expert_bias;
-      impl::activation_backward_bf16(space, act, bias, chunks, bias_chunk, dff, m_chunk_start, m_e_offsets, m_dh_b,
-                                     m_hpre_b, m_params.b1, m_dhpre_b, m_colsum_work);
-      if (bias) impl::expert_column_sums_finish(space, m_chunk_start, m_colsum_work, m_grads.b1);
+      // With biases fused with the first pass of the b1 gradient (the same
+      // chunks and order as expert_column_sums); without, by rows.
+      if (m_cfg.expert_bias) {
+        impl::activation_backward_bf16(space, act, true, chunks, bias_chunk, dff, m_chunk_start, m_e_offsets, m_dh_b,
+                                       m_hpre_b, m_params.b1, m_dhpre_b, m_colsum_work);
+        impl::expert_column_sums_finish(space, m_chunk_start, m_colsum_work, m_grads.b1);
+      } else {
+        impl::activation_backward_bf16_rows(space, act, rows_e, dff, m_dh_b, m_hpre_b, m_dhpre_b);
+      }
     } else {
       activation_backward_rows(space, 0, rows_e);
     }
