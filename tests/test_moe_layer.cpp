@@ -1103,8 +1103,9 @@ TEST(MoEKernels, Bf16ActivationBackwardInPlace) {
   using fmat = Kokkos::View<float**, Kokkos::LayoutRight, Kokkos::HostSpace>;
   const int rows = 20, dff = 16, chunk = 8;
   ivec offsets("offsets", 3), chunk_start("chunk_start", 3);
-  offsets(0) = 0, offsets(1) = 12, offsets(2) = rows;
-  chunk_start(0) = 0, chunk_start(1) = 2, chunk_start(2) = 3;  // chunks: rows 0-7, 8-11 | 12-19
+  offsets(0) = 0, offsets(1) = 13, offsets(2) = rows;
+  // chunks: rows 0-7, 8-12 | 13-19 (walked 4 rows at a time: 8 + 5 | 7, partial groups)
+  chunk_start(0) = 0, chunk_start(1) = 2, chunk_start(2) = 3;
   std::mt19937_64 rng(5);
   std::uniform_real_distribution<float> u(-2, 2);
   bmat dh("dh", rows, dff), hpre("hpre", rows, dff), out("out", rows, dff), inplace("inplace", rows, dff);
@@ -1123,14 +1124,22 @@ TEST(MoEKernels, Bf16ActivationBackwardInPlace) {
     HostExec().fence();
     for (int r = 0; r < rows; ++r)
       for (int c = 0; c < dff; ++c) {
-        const int e = r < 12 ? 0 : 1;
+        const int e = r < 13 ? 0 : 1;
         const float want =
             float(moka::bf16(float(dh(r, c)) * moka::impl::activate_grad(act, float(hpre(r, c)) + b1(e, c))));
         ASSERT_EQ(float(out(r, c)), want) << r << " " << c;
         ASSERT_EQ(float(inplace(r, c)), want) << r << " " << c;
       }
+    // The b1 gradient's first pass: each chunk's column sums of what was
+    // written, in row order (float sums).
+    const int chunk_rows[4] = {0, 8, 13, rows};
     for (int q = 0; q < 3; ++q)
-      for (int c = 0; c < dff; ++c) ASSERT_EQ(work_a(q, c), work_b(q, c));
+      for (int c = 0; c < dff; ++c) {
+        float sum = 0.f;
+        for (int r = chunk_rows[q]; r < chunk_rows[q + 1]; ++r) sum += float(out(r, c));
+        ASSERT_EQ(work_a(q, c), sum) << q << " " << c;
+        ASSERT_EQ(work_b(q, c), sum) << q << " " << c;
+      }
     // Without biases, by rows (4 a thread: 20 rows, then 19 with a partial
     // last group), apart and in place.
     for (const int n : {rows, rows - 1}) {
