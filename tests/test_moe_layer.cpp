@@ -1104,7 +1104,7 @@ TEST(MoEKernels, Bf16ActivationBackwardInPlace) {
   const int rows = 20, dff = 16, chunk = 8;
   ivec offsets("offsets", 3), chunk_start("chunk_start", 3);
   offsets(0) = 0, offsets(1) = 13, offsets(2) = rows;
-  // chunks: rows 0-7, 8-12 | 13-19 (walked 4 rows at a time: 8 + 5 | 7, partial groups)
+  // chunks: rows 0-7, 8-12 | 13-19
   chunk_start(0) = 0, chunk_start(1) = 2, chunk_start(2) = 3;
   std::mt19937_64 rng(5);
   std::uniform_real_distribution<float> u(-2, 2);
@@ -1157,6 +1157,36 @@ TEST(MoEKernels, Bf16ActivationBackwardInPlace) {
         }
     }
   }
+}
+
+// SwiGLU's backward by rows (no biases): both halves of the pre-activation
+// gradient from dh and the two halves of hpre, apart and in place into
+// hpre's buffer (as the layer runs it), a partial last group of rows.
+TEST(MoEKernels, Bf16SwigluBackwardByRows) {
+  using bmat = Kokkos::View<moka::bf16**, Kokkos::LayoutRight, Kokkos::HostSpace>;
+  const int rows = 11, dff = 16;
+  const auto act = moka::Activation::swiglu;
+  std::mt19937_64 rng(6);
+  std::uniform_real_distribution<float> u(-2, 2);
+  bmat dh("dh", rows, dff), hpre("hpre", rows, 2 * dff), out("out", rows, 2 * dff), inplace("inplace", rows, 2 * dff);
+  for (int r = 0; r < rows; ++r) {
+    for (int c = 0; c < dff; ++c) dh(r, c) = moka::bf16(u(rng));
+    for (int c = 0; c < 2 * dff; ++c) hpre(r, c) = moka::bf16(u(rng));
+  }
+  Kokkos::deep_copy(inplace, hpre);
+  moka::impl::activation_backward_bf16_rows(HostExec(), act, rows, dff, dh, hpre, out);
+  moka::impl::activation_backward_bf16_rows(HostExec(), act, rows, dff, dh, inplace, inplace);
+  HostExec().fence();
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < dff; ++c) {
+      const float g = float(dh(r, c)), a = float(hpre(r, c)), v = float(hpre(r, dff + c));
+      const float want_a = float(moka::bf16(g * v * moka::impl::activate_grad(act, a)));
+      const float want_v = float(moka::bf16(g * moka::impl::activate(act, a)));
+      ASSERT_EQ(float(out(r, c)), want_a) << r << " " << c;
+      ASSERT_EQ(float(out(r, dff + c)), want_v) << r << " " << c;
+      ASSERT_EQ(float(inplace(r, c)), want_a) << r << " " << c;
+      ASSERT_EQ(float(inplace(r, dff + c)), want_v) << r << " " << c;
+    }
 }
 
 // Row buffers: exact the first time, 1/8 spare rows when they grow again,
