@@ -102,6 +102,11 @@ int run(const moka::InputDeck& deck, int rank) {
     layer.backward(space, dy, dx);
   };
   for (long it = 0; it < std::max(warmup, 1L); ++it) time_ms(layer_step);  // at least one: the row count
+  if (deck.get<bool>("bench.profile_step")) {  // one step for the profiler (ncu --profile-from-start off)
+    moka::profiler_capture(true);
+    layer_step();
+    moka::profiler_capture(false);
+  }
   auto hc = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), layer.expert_counts());
   long rows = 0;
   for (std::size_t e = 0; e < hc.extent(0); ++e) rows += hc(e);

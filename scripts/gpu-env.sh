@@ -22,3 +22,28 @@ build_from_bundle() {
     || { tail -60 "$logs/build.log"; echo "BUILD FAILED"; exit 1; }
   b=$root/build-gpu
 }
+# Configures MoKA (CUDA, sm_90, NCCL; MOKA_CMAKE_ARGS added) in
+# $root/build-gpu and builds only the targets named after the log file's
+# name (log: $logs/<name>); sets b to the build; stops the script when the
+# build fails.
+#   build_targets perf-build.log moka-bench test_moe_bf16
+build_targets() {
+  local log=$logs/$1
+  shift
+  stamp "build $* (CUDA, sm_90)"
+  cmake -S "$root" -B "$root/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_CXX_COMPILER="$kokkos/bin/nvcc_wrapper" -DKokkos_ROOT="$kokkos" -DKokkosKernels_ROOT="$kokkos" \
+    -DMOKA_ENABLE_NCCL=ON ${MOKA_CMAKE_ARGS:-} > "$log" 2>&1 &&
+    cmake --build "$root/build-gpu" -j "$jobs" --target "$@" >> "$log" 2>&1 \
+    || { tail -40 "$log"; echo "BUILD FAILED"; exit 1; }
+  b=$root/build-gpu
+}
+# Runs $b/tests/test_moe_bf16 (log: $logs/test_moe_bf16.txt) and prints
+# "passed", or the failures; returns its exit status.
+run_bf16_tests() {
+  stamp "test_moe_bf16"
+  if "$b/tests/test_moe_bf16" > "$logs/test_moe_bf16.txt" 2>&1; then echo "  passed"; return 0; fi
+  echo "  FAILED"
+  grep -E "FAILED|Failure|Expected|Which is" "$logs/test_moe_bf16.txt" | head -30
+  return 1
+}

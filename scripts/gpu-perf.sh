@@ -13,18 +13,12 @@ set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/gpu-env.sh"
 nvidia-smi --query-gpu=index,name --format=csv,noheader
 ngpu=$(nvidia-smi -L | wc -l)
-stamp "build (CUDA, sm_90)"
 # MOKA_PERF_LAYER_ONLY=1: only the bf16 layer tests and the one-layer
 # benchmarks (one GPU is enough).
 layer_only=${MOKA_PERF_LAYER_ONLY:-0}
 targets="moka-train moka-bench test_moe_bf16 test_distributed test_comm"
 [ "$layer_only" = 1 ] && targets="moka-bench test_moe_bf16"
-cmake -S "$root" -B "$root/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DCMAKE_CXX_COMPILER="$kokkos/bin/nvcc_wrapper" -DKokkos_ROOT="$kokkos" -DKokkosKernels_ROOT="$kokkos" \
-  -DMOKA_ENABLE_NCCL=ON ${MOKA_CMAKE_ARGS:-} > "$logs/perf-build.log" 2>&1 &&
-  cmake --build "$root/build-gpu" -j "$jobs" --target $targets >> "$logs/perf-build.log" 2>&1 \
-  || { tail -40 "$logs/perf-build.log"; echo "BUILD FAILED"; exit 1; }
-b="$root/build-gpu"
+build_targets perf-build.log $targets
 fails=0
 check() { local name=$1; shift; stamp "$name"; if "$@" > "$logs/$name.txt" 2>&1; then echo "  passed"; else
   echo "  FAILED (exit $?)"; fails=$((fails + 1)); tail -30 "$logs/$name.txt"; fi; }

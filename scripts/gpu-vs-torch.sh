@@ -17,18 +17,10 @@
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/gpu-env.sh"
 nvidia-smi --query-gpu=index,name,clocks.max.sm --format=csv,noheader | tee "$logs/gpus.txt"
-stamp "build moka-bench (CUDA, sm_90)"
-cmake -S "$root" -B "$root/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DCMAKE_CXX_COMPILER="$kokkos/bin/nvcc_wrapper" -DKokkos_ROOT="$kokkos" -DKokkosKernels_ROOT="$kokkos" \
-  -DMOKA_ENABLE_NCCL=ON ${MOKA_CMAKE_ARGS:-} > "$logs/vs-build.log" 2>&1 &&
-  cmake --build "$root/build-gpu" -j "$jobs" --target moka-bench test_moe_bf16 >> "$logs/vs-build.log" 2>&1 \
-  || { tail -40 "$logs/vs-build.log"; echo "BUILD FAILED"; exit 1; }
-b="$root/build-gpu"
+build_targets vs-build.log moka-bench test_moe_bf16
 # The code the figures time, checked first: the bf16 layer against the
 # double reference, the epilogues, the GEMM streams against one stream.
-stamp "test_moe_bf16"
-"$b/tests/test_moe_bf16" > "$logs/test_moe_bf16.txt" 2>&1 && echo "  passed" \
-  || { echo "  FAILED"; grep -E "FAILED|Failure|Expected|Which is" "$logs/test_moe_bf16.txt" | head -30; }
+run_bf16_tests
 declare -A shape=(
   [A]="16384 2048 8192 8 2 gelu"
   [C]="16384 2048 1408 64 6 gelu"

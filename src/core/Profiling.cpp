@@ -1,8 +1,14 @@
 #include <moka/core/Profiling.hpp>
+#include <moka/core/Error.hpp>
+
+#ifdef KOKKOS_ENABLE_CUDA
+#include <cuda_profiler_api.h>
+#endif
 
 #include <algorithm>
 #include <iomanip>
 #include <sstream>
+#include <string>
 
 namespace moka {
 
@@ -70,6 +76,20 @@ bool g_fence_regions = false;
 }
 void set_fence_regions(bool on) { g_fence_regions = on; }
 bool fence_regions() { return g_fence_regions; }
+
+void profiler_capture(bool on) {
+  Kokkos::fence();
+#ifdef KOKKOS_ENABLE_CUDA
+  const cudaError_t rc = on ? cudaProfilerStart() : cudaProfilerStop();
+  if (rc != cudaSuccess) {
+    (void)cudaGetLastError();
+    throw Error(std::string("moka::profiler_capture: ") + (on ? "cudaProfilerStart" : "cudaProfilerStop") +
+                " failed: " + cudaGetErrorString(rc));
+  }
+#else
+  (void)on;
+#endif
+}
 
 ScopedRegion::ScopedRegion(std::string name)
     : m_name(std::move(name)), m_start() {

@@ -39,6 +39,10 @@ DeckSchema bench_schema() {
       .set_doc("Layer mode: untimed steps for at least this long before the layer's and the dense GEMMs' timed "
                "iterations, besides bench.warmup (an H200 reaches its power cap, and lower clocks, after a few "
                "tenths of a second of load).");
+  s.add("bench.profile_step", DeckType::boolean).set_default("false")
+      .set_doc("Layer mode: one more untimed layer step (zero_grad, forward, backward) after the first ones, inside "
+               "moka::profiler_capture, so that `ncu --profile-from-start off` records that step only "
+               "(scripts/gpu-kernels.sh).");
   s.add("bench.print_steps", DeckType::boolean).set_default("false")
       .set_doc("Layer mode: also print every timed iteration's layer and dense time in order (the spread behind "
                "the medians).");

@@ -58,6 +58,15 @@ void set_fence_regions(bool on);
 /// \brief Whether regions fence (see set_fence_regions).
 bool fence_regions();
 
+/// \brief Starts (\p on) or stops the device profiler's capture: on CUDA
+/// builds cudaProfilerStart / cudaProfilerStop, which `ncu
+/// --profile-from-start off` and `nsys profile --capture-range=cudaProfilerApi`
+/// follow, recording only the work launched in between (run without a
+/// profiler, the calls do nothing); nothing on host builds. Fences all
+/// execution spaces first, so that a range holds exactly the work launched
+/// inside it. Throws moka::Error when the CUDA call fails.
+void profiler_capture(bool on);
+
 /// \brief RAII profiling region: a Kokkos region plus a wall-clock timer.
 class ScopedRegion {
  public:
