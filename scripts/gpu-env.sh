@@ -23,9 +23,9 @@ build_from_bundle() {
   b=$root/build-gpu
 }
 # Configures MoKA (CUDA, sm_90, NCCL; MOKA_CMAKE_ARGS added) in
-# $root/build-gpu and builds only the targets named after the log file's
-# name (log: $logs/<name>); sets b to the build; stops the script when the
-# build fails.
+# $root/build-gpu and builds only the given targets; the first argument is
+# the log's file name in $logs. Sets b to the build; stops the script when
+# the build fails.
 #   build_targets perf-build.log moka-bench test_moe_bf16
 build_targets() {
   local log=$logs/$1
