@@ -1023,12 +1023,21 @@ void activation_backward_bf16_packs(const Exec& space, long chunks, int chunk, i
       });
 }
 
+/// Whether the bf16 activation backward's rows (dh, and hpre and dhpre of
+/// one or two halves) fit packs of 8 columns; the chunk and row kernels run
+/// 8-column packs then, one column a thread otherwise.
+template <class M>
+bool activation_backward_packs_fit(int dff, const mat<bf16, M>& dh, const mat<bf16, M>& hpre,
+                                   const mat<bf16, M>& dhpre) {
+  return packs_fit(dh, dff, 8) && packs_fit(hpre, hpre.extent(1), 8) && packs_fit(dhpre, dhpre.extent(1), 8);
+}
+
 template <class Exec, class S, class M>
 void activation_backward_bf16(const Exec& space, Activation act, bool bias, long chunks, int chunk, int dff,
                               const Kokkos::View<int*, M>& chunk_start, const Kokkos::View<int*, M>& offsets,
                               const mat<bf16, M>& dh, const mat<bf16, M>& hpre, const mat<S, M>& b1,
                               const mat<bf16, M>& dhpre, const mat<S, M>& work) {
-  const bool packs = packs_fit(dh, dff, 8) && packs_fit(hpre, hpre.extent(1), 8) && packs_fit(dhpre, dhpre.extent(1), 8);
+  const bool packs = activation_backward_packs_fit(dff, dh, hpre, dhpre);
   with_activation(act, bias, [&](auto a, auto b) {
     constexpr Activation Act = decltype(a)::value;
     constexpr bool Bias      = decltype(b)::value;
@@ -1081,7 +1090,7 @@ void activation_backward_bf16_rows_packs(const Exec& space, long rows, int dff, 
 template <class Exec, class M>
 void activation_backward_bf16_rows(const Exec& space, Activation act, long rows, int dff, const mat<bf16, M>& dh,
                                    const mat<bf16, M>& hpre, const mat<bf16, M>& dhpre) {
-  const bool packs = packs_fit(dh, dff, 8) && packs_fit(hpre, hpre.extent(1), 8) && packs_fit(dhpre, dhpre.extent(1), 8);
+  const bool packs = activation_backward_packs_fit(dff, dh, hpre, dhpre);
   with_activation(act, false, [&](auto a, auto) {
     constexpr Activation Act = decltype(a)::value;
     if (packs) activation_backward_bf16_rows_packs<Act, 8>(space, rows, dff, dh, hpre, dhpre);
