@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <iomanip>
 #include <sstream>
-#include <string>
 
 namespace moka {
 
@@ -81,11 +80,8 @@ void profiler_capture(bool on) {
   Kokkos::fence();
 #ifdef KOKKOS_ENABLE_CUDA
   const cudaError_t rc = on ? cudaProfilerStart() : cudaProfilerStop();
-  if (rc != cudaSuccess) {
-    (void)cudaGetLastError();
-    throw Error(std::string("moka::profiler_capture: ") + (on ? "cudaProfilerStart" : "cudaProfilerStop") +
-                " failed: " + cudaGetErrorString(rc));
-  }
+  if (rc != cudaSuccess) (void)cudaGetLastError();  // not left for the next CUDA call to report
+  MOKA_REQUIRE(rc == cudaSuccess, on ? "cudaProfilerStart" : "cudaProfilerStop", " failed: ", cudaGetErrorString(rc));
 #else
   (void)on;
 #endif
