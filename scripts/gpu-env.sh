@@ -47,3 +47,12 @@ run_bf16_tests() {
   grep -E "FAILED|Failure|Expected|Which is" "$logs/test_moe_bf16.txt" | head -30
   return 1
 }
+# Issue 16's shapes, "T d d_ff E k activation" (experts without biases in
+# the scripts that use them): A, C (fine-grained), D, and C with SwiGLU
+# experts or top-1.
+declare -A moe_shapes=(
+  [A]="16384 2048 8192 8 2 gelu"
+  [C]="16384 2048 1408 64 6 gelu"
+  [D]="32768 1024 4096 16 2 gelu"
+  [C-swiglu]="16384 2048 1408 64 6 swiglu"
+  [C-top1]="16384 2048 1408 64 1 gelu")

@@ -13,10 +13,10 @@
 #
 #   scripts/gpu-kernels.sh [bundle] [log-dir]
 #
-# Shapes (issue 16): A d2048 f8192 E8 top-2 T16384; C d2048 f1408 E64
-# top-6 T16384; D d1024 f4096 E16 top-2 T32768; experts without biases (the
-# PyTorch reference's layer). MOKA_KERNELS_SHAPES="A D" picks shapes (default:
-# A D); MOKA_KERNELS_ARGS adds moka-bench overrides (e.g. "expert.bias=true").
+# Shapes: gpu-env.sh's moe_shapes (issue 16's A, C, D, C-swiglu, C-top1),
+# experts without biases (the PyTorch reference's layer).
+# MOKA_KERNELS_SHAPES="A D" picks shapes (default: A D); MOKA_KERNELS_ARGS
+# adds moka-bench overrides (e.g. "expert.bias=true").
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/gpu-env.sh"
 command -v ncu > /dev/null || { echo "gpu-kernels.sh: ncu (Nsight Compute) not on PATH"; exit 2; }
@@ -25,21 +25,17 @@ targets="moka-bench"
 [ "${MOKA_KERNELS_SKIP_TESTS:-0}" = 1 ] || targets="$targets test_moe_bf16"
 build_targets kernels-build.log $targets
 [ "${MOKA_KERNELS_SKIP_TESTS:-0}" = 1 ] || run_bf16_tests
-declare -A shape=(
-  [A]="16384 2048 8192 8 2"
-  [C]="16384 2048 1408 64 6"
-  [D]="32768 1024 4096 16 2")
 metrics=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed
 metrics=$metrics,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active
 mkdir -p "$logs/kernels"
 for name in ${MOKA_KERNELS_SHAPES:-A D}; do
-  [ -n "${shape[$name]:-}" ] || { echo "unknown shape $name (A, C or D)"; exit 2; }
-  read -r T d f E k <<< "${shape[$name]}"
-  stamp "shape $name: T=$T d=$d d_ff=$f E=$E top-$k"
+  [ -n "${moe_shapes[$name]:-}" ] || { echo "unknown shape $name (${!moe_shapes[*]})"; exit 2; }
+  read -r T d f E k act <<< "${moe_shapes[$name]}"
+  stamp "shape $name: T=$T d=$d d_ff=$f E=$E top-$k $act"
   ncu --profile-from-start off --clock-control none --kernel-name-base demangled --metrics "$metrics" --csv \
     "$b/drivers/moka-bench" "$root/input_decks/bench_layer.deck" bench.tokens=$T moe.d_model=$d moe.d_ff=$f \
-    moe.num_experts=$E moe.top_k=$k expert.bias=false bench.profile_step=true bench.warmup=1 bench.iters=1 \
-    bench.warmup_seconds=0 ${MOKA_KERNELS_ARGS:-} > "$logs/kernels/$name.csv" 2> "$logs/kernels/$name.err" \
+    moe.num_experts=$E moe.top_k=$k expert.activation=$act expert.bias=false bench.profile_step=true \
+    bench.warmup=1 bench.iters=1 bench.warmup_seconds=0 ${MOKA_KERNELS_ARGS:-} > "$logs/kernels/$name.csv" 2> "$logs/kernels/$name.err" \
     || { echo "  ncu failed:"; tail -5 "$logs/kernels/$name.err"; continue; }
   python3 "$here/ncu-table.py" "$logs/kernels/$name.csv" --label "$name"
 done

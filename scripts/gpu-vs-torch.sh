@@ -21,15 +21,9 @@ build_targets vs-build.log moka-bench test_moe_bf16
 # The code the figures time, checked first: the bf16 layer against the
 # double reference, the epilogues, the GEMM streams against one stream.
 run_bf16_tests
-declare -A shape=(
-  [A]="16384 2048 8192 8 2 gelu"
-  [C]="16384 2048 1408 64 6 gelu"
-  [D]="32768 1024 4096 16 2 gelu"
-  [C-swiglu]="16384 2048 1408 64 6 swiglu"
-  [C-top1]="16384 2048 1408 64 1 gelu")
 for name in ${MOKA_VS_SHAPES:-A C D C-swiglu C-top1}; do
-  [ -n "${shape[$name]:-}" ] || { echo "unknown shape $name"; exit 2; }
-  read -r T d f E k act <<< "${shape[$name]}"
+  [ -n "${moe_shapes[$name]:-}" ] || { echo "unknown shape $name (${!moe_shapes[*]})"; exit 2; }
+  read -r T d f E k act <<< "${moe_shapes[$name]}"
   stamp "shape $name: T=$T d=$d d_ff=$f E=$E top-$k $act"
   IFS=';' read -r -a variants <<< "${MOKA_VS_VARIANTS:-expert.bias=false;expert.bias=true}"
   v=0

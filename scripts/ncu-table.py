@@ -49,7 +49,7 @@ def short_name(name):
     return m.group(1) if m else bare[:60]
 
 
-def part(short, name):
+def part(short):
     if "f32f32_f32f32" in short or "sgemm" in short or "splitKreduce" in short:
         return "gate weight gradient (fp32 GEMM)"
     if short.startswith(("nvjet", "cutlass")) or "xmma" in short or "gemm" in short:
@@ -80,12 +80,12 @@ def main():
     for (i, name), m in sorted(kernels.items()):
         s = short_name(name)
         us = (number(m.get(TIME, "")) or 0.0) / 1000.0
-        p = part(s, name)
+        p = part(s)
         parts[p] = parts.get(p, 0.0) + us
         total += us
-        dram = number(m.get(DRAM, "")) if DRAM in m else None
+        dram = number(m.get(DRAM, ""))
         regs = m.get(REGS, "")
-        warps = number(m.get(WARPS, "")) if WARPS in m else None
+        warps = number(m.get(WARPS, ""))
         print(f"{i:5d}  {s[:40]:40s} {us:8.1f} {'' if dram is None else f'{dram:.1f}':>7} {regs:>5} "
               f"{'' if warps is None else f'{warps:.1f}':>8}  {p}")
     print(f"{'total':>5}  {'':40s} {total:8.1f} us")
